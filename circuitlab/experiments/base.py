@@ -1,0 +1,111 @@
+"""Experiment base class and the registry every experiment joins by decorator.
+
+Contract (checked by tests/test_conformance.py for every registered experiment):
+parameters only in ``__init__`` (a dataclass), data and model only in
+``run(model, harmful, harmless, *, store=None) -> Result``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Callable
+
+from ..datasets import PromptSet
+from ..model import HookedModel
+from ..results import Result, run_config
+
+__all__ = ["Experiment", "register", "get", "names", "describe", "coerce_params"]
+
+_REGISTRY: dict[str, type["Experiment"]] = {}
+
+
+class Experiment:
+    """Base class: subclasses are dataclasses of parameters with a ``run`` method."""
+
+    name: typing.ClassVar[str] = ""
+    seed: int = 0
+
+    def run(self, model: HookedModel, harmful: PromptSet, harmless: PromptSet, *, store=None) -> Result:
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+    def config(self, model: HookedModel, **datasets) -> dict:
+        """Provenance record for this run (see ``results.run_config``)."""
+        return run_config(self.name, self.params(), model, datasets, seed=getattr(self, "seed", None))
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: make an experiment findable by ``name``; duplicate names are refused."""
+    def decorate(cls: type) -> type:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"experiment name {name!r} is already registered by {_REGISTRY[name].__module__}")
+        if not issubclass(cls, Experiment):
+            raise TypeError(f"{cls.__name__} must subclass circuitlab.experiments.Experiment")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return decorate
+
+
+def get(name: str) -> type[Experiment]:
+    """The experiment class registered as ``name`` (error lists the nearest names)."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"no experiment named {name!r}.{hint} Registered: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def describe(name: str) -> str:
+    """First line of the experiment's docstring."""
+    doc = get(name).__doc__ or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def coerce_params(cls: type[Experiment], raw: dict[str, str]) -> dict:
+    """Turn ``key=value`` strings (from the CLI) into typed parameters of ``cls``."""
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    hints = typing.get_type_hints(cls) if fields else {}
+    out = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ValueError(f"{cls.name} has no parameter {key!r}; parameters: {', '.join(fields) or 'none'}")
+        out[key] = _coerce(value, hints.get(key, str), key)
+    return out
+
+
+def _coerce(value: str, hint, key: str):
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value.lower() in ("none", "null") and type(None) in typing.get_args(hint):
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        for a in args:
+            try:
+                return _coerce(value, a, key)
+            except ValueError:
+                continue
+        raise ValueError(f"parameter {key}: cannot read {value!r} as {hint}")
+    if origin in (list, tuple):
+        inner = args[0] if args else str
+        return (list if origin is list else tuple)(_coerce(v.strip(), inner, key) for v in value.split(",") if v.strip())
+    try:
+        if hint is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hint in (int, float, str):
+            return hint(value)
+    except ValueError:
+        raise ValueError(f"parameter {key}: {value!r} is not a valid {hint.__name__}") from None
+    return value

@@ -1,0 +1,57 @@
+"""refusal-scores: how strongly the model refuses each prompt, by logits and by generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from .. import metrics, plots
+from ..results import Result
+from .base import Experiment, register
+
+
+@register("refusal-scores")
+@dataclass
+class RefusalScores(Experiment):
+    """Refusal score (logit log-odds) and generation-judge verdict per prompt, harmful vs harmless."""
+
+    judge: bool = True
+    max_new_tokens: int = 24
+    batch_size: int = 16
+    seed: int = 0
+
+    def run(self, model, harmful, harmless, *, store=None) -> Result:
+        rows = []
+        for set_name, prompts in (("harmful", harmful), ("harmless", harmless)):
+            scores = metrics.refusal_score(model, list(prompts), batch_size=self.batch_size, progress=True)
+            judged = (metrics.judge_refusals(model, list(prompts), max_new_tokens=self.max_new_tokens,
+                                             batch_size=self.batch_size, progress=True)
+                      if self.judge else [None] * len(prompts))
+            for i, (s, j) in enumerate(zip(scores.tolist(), judged)):
+                rows.append({"set": set_name, "prompt_id": i, "refusal_score": s, "judged_refusal": j})
+        table = pd.DataFrame(rows)
+        summary = _summarise(table)
+        fig = plots.score_histogram(
+            {s: table.loc[table.set == s, "refusal_score"].to_numpy() for s in ("harmful", "harmless")},
+            title=f"Refusal score, {model.name}")
+        return Result(table, self.config(model, harmful=harmful, harmless=harmless),
+                      figures={"refusal_scores": fig}, summary=summary)
+
+
+def _summarise(table: pd.DataFrame) -> dict:
+    """Means per set, AUROC of harmful-vs-harmless, and score/judge agreement."""
+    out = {f"mean_score_{s}": float(table.loc[table.set == s, "refusal_score"].mean()) for s in ("harmful", "harmless")}
+    labels = (table.set == "harmful").to_numpy()
+    out["auroc_harmful_vs_harmless"] = float(roc_auc_score(labels, table.refusal_score))
+    if table.judged_refusal.notna().all():
+        judged = table.judged_refusal.astype(bool).to_numpy()
+        for s in ("harmful", "harmless"):
+            out[f"judge_refusal_rate_{s}"] = float(judged[table.set == s].mean())
+        predicted = table.refusal_score.to_numpy() > 0
+        out["score_judge_agreement"] = float((predicted == judged).mean())
+        if 0 < judged.sum() < len(judged):
+            out["score_judge_auroc"] = float(roc_auc_score(judged, table.refusal_score))
+    return {k: round(v, 4) for k, v in out.items()}

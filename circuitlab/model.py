@@ -1,0 +1,354 @@
+"""HookedModel: a TransformerLens ``TransformerBridge`` plus what refusal experiments need.
+
+Loading (embedded / tiny / Hugging Face id / local directory), chat formatting, left-padded
+length-sorted batching, position-selective activation caching, temporary hooks, last-position
+logits that unembed only what is read, and greedy KV-cached generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from . import hooks as hk
+from .progress import progress_bar
+
+__all__ = ["HookedModel", "load_model", "MODEL_NAMES", "Positions", "resolve_positions"]
+
+MODEL_NAMES = {
+    "embedded": "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF shipped on PyPI, dequantized once)",
+    "tiny": "2-layer Qwen2-architecture model built locally with a fixed seed (tests)",
+    "planted": "hand-set tiny model with a known refusal circuit (circuitlab.planted)",
+}
+
+HookFn = Callable[[torch.Tensor, object], torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Which token positions to read. ``offsets`` are negative (left padding right-aligns prompts).
+
+    ``spec`` is the canonical string used in cache keys: ``last``, ``post``, ``mean`` or ``-3,-1``.
+    """
+
+    spec: str
+    offsets: tuple[int, ...] | None  # None means: mean over all real tokens
+
+    @property
+    def is_mean(self) -> bool:
+        return self.offsets is None
+
+    def __len__(self) -> int:
+        return 1 if self.offsets is None else len(self.offsets)
+
+
+def resolve_positions(spec, n_post: int) -> Positions:
+    """Turn ``"last"``, ``"post"``, ``"mean"``, an int or a list of negative ints into Positions.
+
+    ``post`` = the chat-template tokens after the user's text (``n_post`` of them), as in
+    Arditi et al. 2024's post-instruction positions.
+    """
+    if isinstance(spec, Positions):
+        return spec
+    if spec == "last":
+        return Positions("last", (-1,))
+    if spec == "mean":
+        return Positions("mean", None)
+    if spec == "post":
+        if n_post < 1:
+            raise ValueError("positions='post' needs chat formatting (the template tokens after the prompt)")
+        return Positions("post", tuple(range(-n_post, 0)))
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = [spec]
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(p, int) and p < 0 for p in spec):
+        offsets = tuple(sorted(set(spec)))
+        return Positions(",".join(map(str, offsets)), offsets)
+    raise ValueError(
+        f"positions={spec!r} is not understood. Use 'last', 'post', 'mean', or negative offsets "
+        "from the end of the prompt such as [-3, -2, -1]."
+    )
+
+
+class HookedModel:
+    """A TransformerBridge with chat formatting, batching, caching and intervention helpers."""
+
+    def __init__(self, bridge, tokenizer, name: str):
+        self.bridge = bridge
+        self.tokenizer = tokenizer
+        self.name = name
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        cfg = bridge.cfg
+        self.n_layers: int = cfg.n_layers
+        self.d_model: int = cfg.d_model
+        self.d_mlp: int = cfg.d_mlp
+        self.n_heads: int = cfg.n_heads
+        self.d_head: int = cfg.d_head
+        self._hook_names = frozenset(bridge.hook_dict.keys())
+        self._fingerprint_cache: tuple | None = None
+        self.n_post = self._count_post_instruction_tokens()
+
+    # ---- identity -------------------------------------------------------------------------
+
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        return self.bridge.original_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over every weight's name, shape, dtype and bytes; recomputed after any edit."""
+        params = list(self.hf_model.state_dict().items())
+        # In-place edits bump a tensor's _version; replaced tensors change data_ptr.
+        state = tuple((n, p.data_ptr(), p._version) for n, p in params)
+        if self._fingerprint_cache is None or self._fingerprint_cache[0] != state:
+            digest = hashlib.sha256()
+            for n, p in params:
+                digest.update(f"{n}:{tuple(p.shape)}:{p.dtype};".encode())
+                digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint_cache = (state, digest.hexdigest()[:32])
+        return self._fingerprint_cache[1]
+
+    def __repr__(self) -> str:
+        return (f"HookedModel({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
+                f"n_heads={self.n_heads}, d_mlp={self.d_mlp})")
+
+    # ---- text -----------------------------------------------------------------------------
+
+    def format(self, prompt: str, chat: bool = True) -> str:
+        """The prompt as the model sees it: in the chat template (default) or raw."""
+        if not chat:
+            return prompt
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+
+    def _count_post_instruction_tokens(self) -> int:
+        """Template tokens after the user's text (e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return 0
+        marker = "zq"
+        text = self.format(marker)
+        suffix = text[text.rindex(marker) + len(marker):]
+        return len(self.tokenizer(suffix, add_special_tokens=False).input_ids)
+
+    def tokenize(self, prompts: Sequence[str], chat: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ``(input_ids, attention_mask)`` for ``prompts``."""
+        texts = [self.format(p, chat) for p in prompts]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+
+    def token_lengths(self, prompts: Sequence[str], chat: bool = True) -> list[int]:
+        texts = [self.format(p, chat) for p in prompts]
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False).input_ids]
+
+    def batches(self, prompts: Sequence[str], batch_size: int = 16, chat: bool = True
+                ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """Yield ``(indices, input_ids, attention_mask)``; prompts sorted by length to cut padding."""
+        lengths = self.token_lengths(prompts, chat)
+        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, mask = self.tokenize([prompts[i] for i in idx], chat)
+            yield idx, ids, mask
+
+    def to_single_token(self, text: str) -> int:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"{text!r} is {len(ids)} tokens for this tokenizer, not one")
+        return ids[0]
+
+    # ---- hooks ----------------------------------------------------------------------------
+
+    def check_hooks(self, names) -> list[str]:
+        """Validate hook names against this model (nearest names in the error)."""
+        return hk.validate(names, self._hook_names, self.n_layers)
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Iterable[tuple[str, HookFn]] = (), bwd_hooks: Iterable[tuple[str, HookFn]] = ()):
+        """Temporarily add hooks; they are removed on exit, whatever happens inside."""
+        fwd_hooks, bwd_hooks = list(fwd_hooks), list(bwd_hooks)
+        self.check_hooks([n for n, _ in fwd_hooks + bwd_hooks])
+        with self.bridge.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
+            yield self
+
+    # ---- forward passes -------------------------------------------------------------------
+
+    def forward(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        return self.bridge(input_ids, attention_mask=attention_mask, **kwargs)
+
+    def final_logits(self, resid: torch.Tensor) -> torch.Tensor:
+        """Apply the final norm and unembedding to residual vectors ``[..., d_model]``."""
+        return self.bridge.unembed(self.bridge.ln_final(resid))
+
+    def last_logits(self, prompts: Sequence[str], *, chat: bool = True, batch_size: int = 16,
+                    fwd_hooks: Iterable[tuple[str, HookFn]] = (), progress: bool = False,
+                    desc: str = "logits") -> torch.Tensor:
+        """Next-token logits at the last prompt position, ``[n_prompts, vocab]`` (float32).
+
+        Only the last position is unembedded: the unembedding is a large share of the FLOPs.
+        """
+        out = torch.empty(len(prompts), self.bridge.cfg.d_vocab)
+        with torch.no_grad(), self.hooks(fwd_hooks):
+            for idx, ids, mask in progress_bar(self.batches(prompts, batch_size, chat), progress,
+                                               total=-(-len(prompts) // batch_size), desc=desc):
+                resid = self.final_residual(ids, mask)
+                out[idx] = self.final_logits(resid[:, -1]).float().cpu()
+        return out
+
+    def final_residual(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """Residual stream after the last block ``[batch, seq, d_model]``; skips the unembedding."""
+        captured = {}
+
+        def grab(act, hook):
+            captured["resid"] = act
+            raise _StopForward
+
+        with self.bridge.hooks(fwd_hooks=[(hk.final_resid(), grab)]):
+            try:
+                self.forward(input_ids, attention_mask)
+            except _StopForward:
+                pass
+        return captured["resid"]
+
+    def run_with_cache(self, prompts: Sequence[str], names, positions="last", *, chat: bool = True,
+                       batch_size: int = 16, progress: bool = False, desc: str = "activations",
+                       fwd_hooks: Iterable[tuple[str, HookFn]] = ()) -> dict[str, torch.Tensor]:
+        """Activations at ``names`` for ``prompts``, only at the requested positions.
+
+        Returns ``{name: tensor}`` with prompts in input order, shape ``[n_prompts, n_positions, ...]``
+        (``[n_prompts, ...]`` for ``positions='mean'``). Runs only the layers the names need.
+        """
+        names = self.check_hooks(names)
+        pos = resolve_positions(positions, self.n_post if chat else 0)
+        if any(n.endswith("hook_pattern") or n.endswith("hook_attn_scores") for n in names):
+            raise ValueError("attention patterns have a ragged key dimension; read them with model.hooks()")
+        layers = [hk.layer_of(n) for n in names]
+        stop = None if any(l is None for l in layers) else max(layers) + 1
+        results: dict[str, list] = {n: [None] * len(prompts) for n in names}
+        current: dict = {}
+
+        def make_saver(name):
+            def save(act, hook):
+                current[name] = _select_positions(act, pos, current["mask"])
+            return save
+
+        total = -(-len(prompts) // batch_size)
+        with torch.no_grad(), self.hooks(list(fwd_hooks) + [(n, make_saver(n)) for n in names]):
+            for idx, ids, mask in progress_bar(self.batches(prompts, batch_size, chat), progress,
+                                               total=total, desc=desc):
+                current["mask"] = mask
+                self.forward(ids, mask, stop_at_layer=stop if stop is not None and stop < self.n_layers else None)
+                for n in names:
+                    for row, i in enumerate(idx):
+                        results[n][i] = current[n][row]
+        return {n: torch.stack(v) for n, v in results.items()}
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 24, *, chat: bool = True,
+                 batch_size: int = 16, fwd_hooks: Iterable[tuple[str, HookFn]] = (),
+                 progress: bool = False, desc: str = "generate") -> list[str]:
+        """Greedy completions (KV-cached, batched), with ``fwd_hooks`` active at every step."""
+        eos = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        outputs: list[str] = [""] * len(prompts)
+        with torch.no_grad(), self.hooks(fwd_hooks):
+            for idx, ids, mask in progress_bar(self.batches(prompts, batch_size, chat), progress,
+                                               total=-(-len(prompts) // batch_size), desc=desc):
+                tokens = _greedy(self.bridge, ids, mask, max_new_tokens, eos, self.tokenizer.pad_token_id)
+                for row, i in enumerate(idx):
+                    outputs[i] = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
+        return outputs
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once what is needed has been read."""
+
+
+def _select_positions(act: torch.Tensor, pos: Positions, mask: torch.Tensor) -> torch.Tensor:
+    """Pick positions from ``[batch, seq, ...]`` activations (float32, on CPU)."""
+    if pos.is_mean:
+        m = mask.to(act.dtype).view(*mask.shape, *([1] * (act.dim() - 2)))
+        return ((act * m).sum(1) / m.sum(1)).float().cpu()
+    return act[:, list(pos.offsets)].float().cpu()
+
+
+def _greedy(bridge, ids, mask, max_new_tokens: int, eos: set, pad_id: int) -> list[list[int]]:
+    """Greedy decoding with the bridge's KV cache, so hooks see every step."""
+    logits, cache = bridge(ids, attention_mask=mask, return_type="logits_and_cache")
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    generated = []
+    for step in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        generated.append(nxt)
+        done |= torch.tensor([t.item() in eos for t in nxt], device=ids.device)
+        if done.all() or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits, cache = bridge(nxt[:, None], attention_mask=mask, past_key_values=cache,
+                               return_type="logits_and_cache")
+    tokens = torch.stack(generated, 1).tolist()
+    return [[t for t in row if t not in eos] for row in tokens]
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+def _boot(hf_model, tokenizer, arch_id: str, name: str, device, dtype) -> HookedModel:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    bridge = TransformerBridge.boot_transformers(arch_id, hf_model=hf_model, tokenizer=tokenizer,
+                                                 device=device, dtype=dtype)
+    bridge.eval()
+    for p in bridge.parameters():
+        p.requires_grad_(False)
+    return HookedModel(bridge, tokenizer, name)
+
+
+def load_model(name: str = "embedded", *, device=None, dtype=None) -> HookedModel:
+    """Load a model by name: ``embedded`` (default), ``tiny``, ``planted``, a HF id or a local dir.
+
+    Nothing is downloaded: HF ids must already be in the local Hugging Face cache.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or torch.float32
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == "tiny":
+        from .tiny import build_tiny
+        hf, tok = build_tiny()
+        return _boot(hf, tok, "Qwen/Qwen2.5-0.5B-Instruct", "tiny", device, dtype)
+    if name == "planted":
+        from .planted import build_planted
+        hf, tok = build_planted()
+        return _boot(hf, tok, "Qwen/Qwen2.5-0.5B-Instruct", "planted", device, dtype)
+    if name == "embedded":
+        from .embedded import HF_ARCHITECTURE_ID, embedded_model_dir
+        path = embedded_model_dir()
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(path)
+        return _boot(hf, tok, HF_ARCHITECTURE_ID, "embedded", device, dtype)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        where = "local directory" if Path(name).exists() else "Hugging Face id (must be in the local HF cache; nothing is downloaded)"
+        raise ValueError(
+            f"Could not load model {name!r} as a {where}: {err}. Built-in names: {', '.join(MODEL_NAMES)}."
+        ) from err
+    return _boot(hf, tok, name, name, device, dtype)

@@ -1,0 +1,73 @@
+"""Figures (matplotlib, headless). One function per figure kind; each returns a Figure."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+__all__ = ["score_histogram", "heatmap", "bars"]
+
+
+def score_histogram(scores: dict[str, np.ndarray], title: str, xlabel: str = "refusal score (log-odds)"):
+    """Overlaid histograms of a score per prompt set."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    values = np.concatenate([np.asarray(v) for v in scores.values()])
+    bins = np.linspace(values.min(), values.max(), 30)
+    for name, v in scores.items():
+        ax.hist(np.asarray(v), bins=bins, alpha=0.6, label=f"{name} (mean {np.mean(v):.2f})")
+    ax.axvline(0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("prompts")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def heatmap(table: pd.DataFrame, index: str, columns: str, values: str, title: str,
+            cmap: str = "RdBu_r", center: float | None = 0.0, fmt_labels=None):
+    """A ``index`` × ``columns`` heatmap of ``values`` (mean over duplicates)."""
+    grid = table.pivot_table(index=index, columns=columns, values=values, aggfunc="mean")
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * grid.shape[1] + 2), max(3, 0.28 * grid.shape[0] + 1.5)))
+    data = grid.to_numpy(dtype=float)
+    if center is not None:
+        lim = np.nanmax(np.abs(data - center)) or 1.0
+        im = ax.imshow(data, aspect="auto", cmap=cmap, vmin=center - lim, vmax=center + lim, origin="lower")
+    else:
+        im = ax.imshow(data, aspect="auto", cmap=cmap, origin="lower")
+    ax.set_yticks(range(grid.shape[0]), grid.index)
+    labels = [fmt_labels(c) for c in grid.columns] if fmt_labels else list(grid.columns)
+    ax.set_xticks(range(grid.shape[1]), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(index)
+    ax.set_xlabel(columns)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=values)
+    fig.tight_layout()
+    return fig
+
+
+def bars(table: pd.DataFrame, x: str, y: str, hue: str | None, title: str, yerr: tuple[str, str] | None = None):
+    """Grouped bar chart; ``yerr`` names (low, high) columns for error bars."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    groups = [None] if hue is None else list(dict.fromkeys(table[hue]))
+    xs = list(dict.fromkeys(table[x]))
+    width = 0.8 / len(groups)
+    for gi, g in enumerate(groups):
+        sub = table if g is None else table[table[hue] == g]
+        sub = sub.set_index(x).reindex(xs)
+        pos = np.arange(len(xs)) + gi * width - 0.4 + width / 2
+        err = None
+        if yerr is not None:
+            err = np.vstack([sub[y] - sub[yerr[0]], sub[yerr[1]] - sub[y]]).clip(min=0)
+        ax.bar(pos, sub[y], width, label=None if g is None else str(g), yerr=err, capsize=3)
+    ax.set_xticks(range(len(xs)), [str(v) for v in xs], rotation=30, ha="right")
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    if hue is not None:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

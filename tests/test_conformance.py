@@ -1,0 +1,52 @@
+"""Every registered experiment must pass this on the tiny model (the framework's one contract)."""
+
+import dataclasses
+import inspect
+import json
+
+import pytest
+
+from circuitlab import ActivationStore, experiments
+from circuitlab.results import SHARED_COLUMNS, Result, load_result
+
+# Small settings so each experiment runs in seconds on the tiny model.
+FAST_PARAMS: dict[str, dict] = {}
+
+
+def test_registry_refuses_duplicates():
+    with pytest.raises(ValueError, match="already registered"):
+        @experiments.register("refusal-scores")
+        @dataclasses.dataclass
+        class Clash(experiments.Experiment):
+            pass
+
+
+def test_get_suggests_nearest():
+    with pytest.raises(KeyError, match="refusal-scores"):
+        experiments.get("refusal-score")
+
+
+@pytest.mark.parametrize("name", experiments.names())
+def test_experiment_conforms(name, tiny, harmful, harmless, tmp_path):
+    cls = experiments.get(name)
+    assert dataclasses.is_dataclass(cls), "parameters live in a dataclass __init__"
+    assert experiments.describe(name), "first docstring line is the CLI description"
+    sig = inspect.signature(cls.run)
+    assert list(sig.parameters)[:4] == ["self", "model", "harmful", "harmless"]
+    assert sig.parameters["store"].kind is inspect.Parameter.KEYWORD_ONLY
+    exp = cls(**FAST_PARAMS.get(name, {}))
+    result = exp.run(tiny, harmful, harmless, store=ActivationStore(tmp_path / "store"))
+    assert isinstance(result, Result) and len(result.table) > 0
+    for col in result.table.columns:
+        assert col not in ("layer_idx", "head_idx", "neuron_idx", "pos"), f"use shared name, not {col}"
+    assert set(SHARED_COLUMNS) & set(result.table.columns) or "set" in result.table.columns
+    out = result.save(tmp_path / "run")
+    config = json.loads((out / "config.json").read_text())
+    assert config["experiment"] == name
+    assert config["model"]["fingerprint"] == tiny.fingerprint
+    assert {d["hash"] for d in config["datasets"].values()} >= {harmful.hash, harmless.hash}
+    assert "torch" in config["versions"] and "parameters" in config
+    for f in ("table.parquet", "table.csv"):
+        assert (out / f).is_file()
+    back = load_result(out)
+    assert list(back.table.columns) == list(result.table.columns) and len(back.table) == len(result.table)

@@ -1,0 +1,55 @@
+import math
+
+import torch
+
+from circuitlab import metrics
+
+
+def test_refusal_score_is_log_odds():
+    logits = torch.log(torch.tensor([[0.2, 0.3, 0.5]]))
+    score = metrics.refusal_score_from_logits(logits, [0, 1])
+    assert math.isclose(score.item(), 0.0, abs_tol=1e-5)  # p = 0.5
+    score = metrics.refusal_score_from_logits(logits, [2])
+    assert math.isclose(score.item(), 0.0, abs_tol=1e-5)
+    score = metrics.refusal_score_from_logits(torch.log(torch.tensor([[0.9, 0.1]])), [0])
+    assert math.isclose(score.item(), math.log(9), rel_tol=1e-4)
+
+
+def test_refusal_score_is_stable_at_extremes():
+    logits = torch.tensor([[100.0, -100.0]])
+    assert torch.isfinite(metrics.refusal_score_from_logits(logits, [0])).all()
+    assert torch.isfinite(metrics.refusal_score_from_logits(logits, [1])).all()
+
+
+def test_kl_zero_for_same_and_positive_otherwise():
+    a = torch.randn(4, 10)
+    assert torch.allclose(metrics.kl_divergence(a, a), torch.zeros(4), atol=1e-6)
+    assert (metrics.kl_divergence(a, a.flip(-1)) > 0).all()
+
+
+def test_judge_phrases():
+    assert metrics.is_refusal("I'm sorry, but I can't help with that.")
+    assert metrics.is_refusal("As an AI developed by Alibaba, I cannot")
+    assert not metrics.is_refusal("Sure! Here is a recipe for bread.")
+
+
+def test_refusal_tokens_and_score_on_model(tiny, harmful):
+    ids = metrics.refusal_tokens(tiny)
+    assert len(ids) >= 1
+    scores = metrics.refusal_score(tiny, list(harmful)[:4])
+    assert scores.shape == (4,) and torch.isfinite(scores).all()
+
+
+def test_cross_entropy_is_positive_and_finite(tiny, harmless):
+    ce = metrics.cross_entropy(tiny, list(harmless)[:4])
+    assert 0 < ce < 20
+
+
+def test_hooks_change_the_metric(tiny, harmful):
+    from circuitlab import hooks
+
+    prompts = list(harmful)[:3]
+    base = metrics.refusal_score(tiny, prompts)
+    zeroed = metrics.refusal_score(tiny, prompts, fwd_hooks=[(hooks.resid_post(1), lambda a, hook: a * 0)])
+    assert not torch.allclose(base, zeroed)
+    assert torch.allclose(metrics.refusal_score(tiny, prompts), base)  # hooks gone afterwards
