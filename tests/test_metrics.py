@@ -30,6 +30,7 @@ def test_kl_zero_for_same_and_positive_otherwise():
 def test_judge_phrases():
     assert metrics.is_refusal("I'm sorry, but I can't help with that.")
     assert metrics.is_refusal("As an AI developed by Alibaba, I cannot")
+    assert not metrics.is_refusal("As an AI language model, I don't have personal preferences, but")
     assert not metrics.is_refusal("Sure! Here is a recipe for bread.")
 
 
