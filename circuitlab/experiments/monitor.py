@@ -1,0 +1,111 @@
+"""monitor: a request monitor (probe / refusal direction before generation) and its detection rates."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import datasets
+from ..monitor import detection_metrics, fit_request_monitor
+from ..results import Result
+from ..store import ActivationStore
+from .base import Experiment, register
+
+
+@register("monitor")
+@dataclass
+class Monitor(Experiment):
+    """Request monitor: AUROC and TPR@1%/5% FPR on held-out harmful vs harmless and an unseen harmful set."""
+
+    method: str = "probe"  # probe | direction
+    layers: list[int] | None = None  # candidate layers (None: all of 1..n_layers-1)
+    fpr: float = 0.01  # target false-positive rate on the harmless validation split
+    ood: str | None = "jbb"  # a harmful set never used for fitting (None: skip)
+    n_ood: int = 32
+    batch_size: int = 16
+    seed: int = 0
+
+    def run(self, model, harmful, harmless, *, store=None) -> Result:
+        store = store if store is not None else ActivationStore()
+        split = {f"{kind}_{s}": prompts.split(s, seed=self.seed)
+                 for kind, prompts in (("harmful", harmful), ("harmless", harmless)) for s in ("train", "val", "test")}
+        monitor = fit_request_monitor(model, split["harmful_train"], split["harmless_train"], split["harmful_val"],
+                                      split["harmless_val"], layers=self.layers, method=self.method, fpr=self.fpr,
+                                      store=store, batch_size=self.batch_size, seed=self.seed)
+        eval_sets = {"harmful_test": split["harmful_test"], "harmless_test": split["harmless_test"]}
+        ood = datasets.load(self.ood, n=self.n_ood, seed=self.seed) if self.ood else None
+        if ood is not None:
+            eval_sets[self.ood] = ood
+        rows, scores = [], {}
+        for set_name, prompts in eval_sets.items():
+            check = monitor.check(model, list(prompts), batch_size=self.batch_size)
+            scores[set_name] = check.scores.numpy()
+            rows += [{"layer": monitor.layer, "component": "resid_pre", "position": -1, "set": set_name,
+                      "prompt_id": i, "score": float(s), "flagged": bool(f)}
+                     for i, (s, f) in enumerate(zip(check.scores.tolist(), check.flagged.tolist()))]
+        table = pd.DataFrame(rows)
+        detection = [dict(positives=name, negatives="harmless_test",
+                          **detection_metrics(scores[name], scores["harmless_test"], monitor.threshold))
+                     for name in eval_sets if name != "harmless_test"]
+        layers = pd.DataFrame([{"layer": l, "component": "resid_pre", "val_auroc": a, "selected": l == monitor.layer}
+                               for l, a in monitor.layer_scores.items()])
+        overhead = measure_overhead(model, monitor, list(split["harmless_test"]) + list(split["harmful_test"]),
+                                    self.batch_size)
+        summary = {"method": self.method, "layer": monitor.layer, "threshold": monitor.threshold,
+                   "target_fpr": self.fpr, "val_auroc": monitor.val_auroc, **overhead}
+        for d in detection:
+            for key in ("auroc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "tpr_at_threshold", "fpr_at_threshold"):
+                summary[f"{d['positives']}_{key}"] = d[key]
+        datasets_used = dict(harmful=harmful, harmless=harmless, **({"ood": ood} if ood is not None else {}))
+        return Result(table, self.config(model, **datasets_used),
+                      tables={"detection": pd.DataFrame(detection), "layers": layers},
+                      figures={"request_monitor": _figure(scores, monitor, layers, model.name)},
+                      summary={k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
+
+
+def measure_overhead(model, monitor, prompts, batch_size: int, repeats: int = 2) -> dict:
+    """Seconds for ``monitor.check`` vs a plain full forward pass over the same prompts (best of ``repeats``)."""
+    def plain():
+        with torch.no_grad():
+            for _, ids, mask in model.batches(prompts, batch_size):
+                model.forward(ids, mask)
+
+    def timed(fn):
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    forward_s = timed(plain)
+    check_s = timed(lambda: monitor.check(model, prompts, batch_size=batch_size))
+    return {"overhead_prompts": len(prompts), "forward_seconds": forward_s, "check_seconds": check_s,
+            "check_over_forward": check_s / forward_s,
+            "monitored_layer_fraction": monitor.layer / model.n_layers}
+
+
+def _figure(scores: dict, monitor, layers: pd.DataFrame, model_name: str):
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(layers.layer, layers.val_auroc, marker="o")
+    ax1.axvline(monitor.layer, color="k", ls="--", lw=0.8)
+    ax1.set_xlabel("layer (resid_pre, last position)")
+    ax1.set_ylabel("validation AUROC")
+    ax1.set_title(f"{monitor.method} read-out by layer")
+    values = np.concatenate(list(scores.values()))
+    bins = np.linspace(values.min(), values.max(), 30)
+    for name, v in scores.items():
+        ax2.hist(v, bins=bins, alpha=0.55, label=name)
+    ax2.axvline(monitor.threshold, color="k", ls="--", lw=0.8, label=f"threshold (FPR {monitor.target_fpr:g})")
+    ax2.set_xlabel("monitor score")
+    ax2.set_ylabel("prompts")
+    ax2.set_title(f"Request monitor, {model_name}, layer {monitor.layer}")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,150 @@
+"""Request monitor: flag harmful requests from the residual stream before any token is generated.
+
+A linear probe (logistic regression, as in Alain & Bengio 2016, "Understanding intermediate layers
+using linear classifier probes") or the difference-in-means refusal direction (Arditi et al. 2024,
+"Refusal in LMs is mediated by a single direction") reads ``resid_pre`` at the last prompt position
+of the best layer. The threshold is calibrated on harmless validation prompts to a chosen
+false-positive rate. ``check`` runs the model only up to the monitored layer (``stop_at_layer``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from .. import hooks as hk
+from ..model import HookedModel
+from ..store import ActivationStore
+
+__all__ = ["RequestMonitor", "RequestCheck", "fit_request_monitor", "detection_metrics", "METHODS"]
+
+METHODS = ("probe", "direction")
+
+
+@dataclass
+class RequestCheck:
+    """Per-prompt scores (higher: more harmful) and flags (score > threshold)."""
+
+    scores: torch.Tensor
+    flagged: torch.Tensor
+    threshold: float
+    layer: int
+    seconds: float
+
+
+@dataclass
+class RequestMonitor:
+    """A linear read-out ``w·x + b`` of ``resid_pre(layer)`` at the last prompt position."""
+
+    layer: int
+    method: str
+    weight: torch.Tensor  # [d_model]
+    bias: float
+    threshold: float
+    target_fpr: float
+    val_auroc: float
+    layer_scores: dict = field(default_factory=dict)  # layer -> validation AUROC (selection record)
+
+    def score_activations(self, acts: torch.Tensor) -> torch.Tensor:
+        """Scores for residual vectors ``[n, d_model]``."""
+        return acts.float() @ self.weight.to(acts.device) + self.bias
+
+    def residuals(self, model: HookedModel, prompts: Sequence[str], *, batch_size: int = 16) -> torch.Tensor:
+        """``resid_pre(layer)`` at the last position, computing only layers ``< layer``."""
+        prompts = list(getattr(prompts, "prompts", prompts))
+        out = torch.empty(len(prompts), model.d_model)
+        with torch.no_grad():
+            for idx, ids, mask in model.batches(prompts, batch_size):
+                resid = model.forward(ids, mask, stop_at_layer=self.layer)
+                out[idx] = resid[:, -1].float().cpu()
+        return out
+
+    def check(self, model: HookedModel, prompts: Sequence[str], *, batch_size: int = 16) -> RequestCheck:
+        """Score and flag ``prompts``: one forward pass up to the monitored layer, nothing more."""
+        start = time.perf_counter()
+        scores = self.score_activations(self.residuals(model, prompts, batch_size=batch_size))
+        return RequestCheck(scores, scores > self.threshold, self.threshold, self.layer,
+                            time.perf_counter() - start)
+
+
+def _direction_readout(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, float]:
+    """Unit difference-in-means direction; bias centres the midpoint of the two means at 0."""
+    diff = pos.mean(0) - neg.mean(0)
+    w = diff / (np.linalg.norm(diff) + 1e-12)
+    return w, -float(w @ (pos.mean(0) + neg.mean(0)) / 2)
+
+
+def _probe_readout(pos: np.ndarray, neg: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+    """Standardised L2 logistic regression, folded back to raw-residual weights."""
+    x = np.concatenate([pos, neg])
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    clf = LogisticRegression(C=0.1, max_iter=2000, random_state=seed).fit((x - mu) / sd, y)
+    w = clf.coef_[0] / sd
+    return w, float(clf.intercept_[0] - w @ mu)
+
+
+def calibrate_threshold(negative_scores: np.ndarray, fpr: float) -> float:
+    """Smallest threshold with at most ``fpr`` of ``negative_scores`` strictly above it."""
+    if not 0 <= fpr < 1:
+        raise ValueError(f"fpr must be in [0, 1), got {fpr}")
+    s = np.sort(np.asarray(negative_scores, dtype=float))[::-1]
+    allowed = int(np.floor(fpr * len(s)))  # how many harmless prompts may be flagged
+    return float(s[allowed]) if allowed < len(s) else float(s[-1] - 1e-6)
+
+
+def detection_metrics(pos_scores, neg_scores, threshold: float | None = None) -> dict:
+    """AUROC, TPR at 1 % and 5 % FPR (from the ROC curve of these scores) and rates at ``threshold``."""
+    pos, neg = np.asarray(pos_scores, float), np.asarray(neg_scores, float)
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    s = np.r_[pos, neg]
+    fpr, tpr, _ = roc_curve(y, s)
+    out = {"auroc": float(roc_auc_score(y, s)), "n_pos": len(pos), "n_neg": len(neg)}
+    for target in (0.01, 0.05):
+        out[f"tpr_at_{round(target * 100)}pct_fpr"] = float(tpr[fpr <= target + 1e-12].max())
+    if threshold is not None:
+        out["tpr_at_threshold"] = float((pos > threshold).mean())
+        out["fpr_at_threshold"] = float((neg > threshold).mean())
+    return out
+
+
+def fit_request_monitor(model: HookedModel, harmful_train, harmless_train, harmful_val, harmless_val, *,
+                        layers: Sequence[int] | None = None, method: str = "probe", fpr: float = 0.01,
+                        store: ActivationStore | None = None, batch_size: int = 16,
+                        seed: int = 0) -> RequestMonitor:
+    """Fit a read-out at each candidate layer, keep the best by validation AUROC, calibrate the threshold.
+
+    Ties go to the earliest layer (the cheapest ``check``). Layer 0 is excluded: its input is the
+    embedding, which carries no context.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; use one of {', '.join(METHODS)}")
+    layers = list(layers) if layers is not None else list(range(1, model.n_layers))
+    bad = [l for l in layers if not 1 <= l < model.n_layers]
+    if bad:
+        raise ValueError(f"monitored layers must be in 1..{model.n_layers - 1}; got {bad}")
+    store = store if store is not None else ActivationStore()
+    names = [hk.resid_pre(l) for l in layers]
+    sets = [list(getattr(p, "prompts", p)) for p in (harmful_train, harmless_train, harmful_val, harmless_val)]
+    for label, s in zip(("harmful_train", "harmless_train", "harmful_val", "harmless_val"), sets):
+        if len(s) < 2:
+            raise ValueError(f"{label} needs at least 2 prompts, got {len(s)}")
+    acts = [store.get(model, s, names, "last", batch_size=batch_size, progress=False) for s in sets]
+    best, layer_scores = None, {}
+    for layer, name in zip(layers, names):
+        hp, hn, vp, vn = (a[name][:, 0].double().numpy() for a in acts)
+        w, b = _direction_readout(hp, hn) if method == "direction" else _probe_readout(hp, hn, seed)
+        auc = float(roc_auc_score(np.r_[np.ones(len(vp)), np.zeros(len(vn))], np.r_[vp @ w, vn @ w]))
+        layer_scores[layer] = auc
+        if best is None or auc > best[1] + 1e-9:
+            best = (layer, auc, w, b, vn @ w + b)
+    layer, auc, w, b, neg_val = best
+    return RequestMonitor(layer=layer, method=method, weight=torch.tensor(w, dtype=torch.float32), bias=b,
+                          threshold=calibrate_threshold(neg_val, fpr), target_fpr=fpr, val_auroc=auc,
+                          layer_scores=layer_scores)
