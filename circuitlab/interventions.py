@@ -15,6 +15,7 @@ Mean and resample ablation follow Wang et al. 2022 (IOI, mean ablation) and Chan
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -28,7 +29,7 @@ from .model import HookedModel
 
 __all__ = [
     "directional_ablation_hooks", "activation_addition_hooks", "orthogonalize_weights", "export_hf",
-    "ablation_hooks", "reference_activations", "unit", "project_out", "ABLATION_METHODS",
+    "ablation_hooks", "reference_activations", "unit", "project_out", "ABLATION_METHODS", "orthogonalized",
 ]
 
 ABLATION_METHODS = ("zero", "mean", "resample")
@@ -139,6 +140,36 @@ def orthogonalize_weights(model: HookedModel, direction: torch.Tensor) -> None:
                 w -= torch.outer(rr, rr @ w)
                 if getattr(proj, "bias", None) is not None:
                     proj.bias -= (proj.bias @ rr) * rr
+
+
+def _written_weights(model: HookedModel) -> list[torch.nn.Parameter]:
+    hf = model.hf_model
+    params = [_orig(hf.get_input_embeddings()).weight]
+    for layer in _decoder_layers(hf):
+        for proj in (_orig(_orig(layer.self_attn).o_proj), _orig(_orig(layer.mlp).down_proj)):
+            params += [p for p in (proj.weight, getattr(proj, "bias", None)) if p is not None]
+    return params
+
+
+@contextlib.contextmanager
+def orthogonalized(model: HookedModel, direction: torch.Tensor):
+    """Temporarily orthogonalize ``model``'s weights against ``direction``; restored on exit."""
+    hf = model.hf_model
+    head = hf.get_output_embeddings()
+    head = _orig(head) if head is not None else None
+    tied = getattr(hf.config, "tie_word_embeddings", False)
+    saved = [(p, p.detach().clone()) for p in _written_weights(model)]
+    head_weight = None if head is None else head.weight
+    try:
+        orthogonalize_weights(model, direction)
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, original in saved:
+                p.copy_(original)
+            if head is not None:
+                head.weight = head_weight
+            hf.config.tie_word_embeddings = tied
 
 
 def export_hf(model: HookedModel, path) -> Path:

@@ -10,7 +10,9 @@ from circuitlab import ActivationStore, experiments
 from circuitlab.results import SHARED_COLUMNS, Result, load_result
 
 # Small settings so each experiment runs in seconds on the tiny model.
-FAST_PARAMS: dict[str, dict] = {}
+FAST_PARAMS: dict[str, dict] = {
+    "refusal-direction": {"max_new_tokens": 4, "plaintext_n": 4, "n_boot": 100},
+}
 
 
 def test_registry_refuses_duplicates():

@@ -204,3 +204,12 @@ def test_bad_inputs_fail_clearly(tiny):
         iv.directional_ablation_hooks(tiny, torch.zeros(tiny.d_model))
     with pytest.raises(ValueError, match="negative offsets"):
         iv.activation_addition_hooks(tiny, torch.ones(tiny.d_model), 0, positions=[2])
+
+
+def test_orthogonalized_context_restores_weights(fresh_tiny):
+    r = _direction(fresh_tiny, 7)
+    base, fp = fresh_tiny.last_logits(PROMPTS), fresh_tiny.fingerprint
+    hooked = fresh_tiny.last_logits(PROMPTS, fwd_hooks=iv.directional_ablation_hooks(fresh_tiny, r))
+    with iv.orthogonalized(fresh_tiny, r):
+        assert torch.allclose(fresh_tiny.last_logits(PROMPTS), hooked, atol=1e-3)
+    assert torch.equal(fresh_tiny.last_logits(PROMPTS), base) and fresh_tiny.fingerprint == fp

@@ -1,0 +1,241 @@
+"""refusal-direction: difference-in-means refusal direction, selected and evaluated as in
+Arditi et al. 2024, "Refusal in Language Models Is Mediated by a Single Direction".
+
+1. Candidates (§2.3): ``mean(harmful) - mean(harmless)`` of ``resid_pre(l)`` on the train split, for
+   every layer l and every post-instruction position (read through the ActivationStore).
+2. Selection (§2.4, App. C): on the val split, for each candidate r: ``bypass_score`` = mean refusal
+   score on harmful prompts with r̂ ablated everywhere (lower is better); ``kl`` = KL on harmless
+   prompts after ablation (must be < ``kl_threshold``); ``induce_score`` = mean refusal score on
+   harmless prompts with r added at ``resid_pre(l)`` (must exceed ``induce_threshold``); layers in
+   the last ``prune_layer_frac`` are excluded. The filtered candidate with the lowest bypass score wins.
+3. Evaluation on the test split (``direction_eval.evaluate_direction``) and direct attribution of
+   heads / MLPs / neurons onto the direction (``direction_eval.direction_components``).
+
+Splits: each given set is shuffled with ``seed`` and cut into train / val / test by
+``train_frac`` / ``val_frac`` / the rest (at least one prompt each).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import hooks as hk
+from .. import interventions as iv
+from .. import metrics
+from ..datasets import PromptSet
+from ..direction_eval import direction_components, evaluate_direction
+from ..progress import progress_bar
+from ..results import Result
+from ..store import ActivationStore
+from .base import Experiment, register
+
+__all__ = ["RefusalDirection", "split_three", "select_candidate"]
+
+
+def split_three(prompts: PromptSet, train_frac: float, val_frac: float, seed: int) -> tuple[PromptSet, ...]:
+    """Shuffle with ``seed`` and cut into (train, val, test); each part keeps at least one prompt."""
+    if len(prompts) < 3:
+        raise ValueError(f"{prompts.name}: need at least 3 prompts for train/val/test, got {len(prompts)}")
+    if not (0 < train_frac < 1 and 0 < val_frac < 1 and train_frac + val_frac < 1):
+        raise ValueError(f"train_frac={train_frac}, val_frac={val_frac}: both in (0,1) with sum < 1")
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    n_train = min(max(1, round(n * train_frac)), n - 2)
+    n_val = min(max(1, round(n * val_frac)), n - n_train - 1)
+    parts = (order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:])
+    return tuple(PromptSet(f"{prompts.name}:{name}", tuple(prompts.prompts[i] for i in sorted(idx)))
+                 for name, idx in zip(("train", "val", "test"), parts))
+
+
+def select_candidate(table: pd.DataFrame, kl_threshold: float, induce_threshold: float | None,
+                     baseline_harmful: float) -> tuple[pd.DataFrame, str]:
+    """Mark the selected candidate; returns (table, rule used).
+
+    Paper rule: induce_score > ``induce_threshold`` (0 = refusal token likelier than not). If no
+    candidate reaches it, fall back to the paper's idea relative to this model's baseline: addition
+    must raise harmless prompts at least to the harmful baseline score. If nothing passes at all,
+    the eligible candidate with the lowest bypass score is taken and the rule says so.
+    """
+    t = table.copy()
+    t["passes_kl"] = t["kl"] < kl_threshold
+    eligible = ~t["excluded"] & t["bypass_score"].notna()
+    rule = f"kl<{kl_threshold} & induce_score>{induce_threshold}"
+    t["passes_induce"] = t["induce_score"] > (induce_threshold if induce_threshold is not None else -np.inf)
+    if not (eligible & t.passes_kl & t.passes_induce).any() and induce_threshold is not None:
+        t["passes_induce"] = t["induce_score"] > baseline_harmful
+        rule = f"kl<{kl_threshold} & induce_score>baseline harmful score ({baseline_harmful:.3f}) [fallback]"
+    pool = eligible & t.passes_kl & t.passes_induce
+    if not pool.any():
+        pool, rule = eligible, "no candidate passed the filters: lowest bypass score among eligible layers [fallback]"
+    t["selected"] = False
+    t.loc[t.loc[pool, "bypass_score"].idxmin(), "selected"] = True
+    return t, rule
+
+
+@register("refusal-direction")
+@dataclass
+class RefusalDirection(Experiment):
+    """Refusal direction (Arditi et al. 2024): diff-in-means candidates, selection, ablation/addition evaluation."""
+
+    train_frac: float = 0.5
+    val_frac: float = 0.25
+    layers: list[int] | None = None  # candidate layers to evaluate (None: all layers)
+    positions: list[int] | None = None  # post-instruction offsets to evaluate (None: all n_post)
+    kl_threshold: float = 0.1
+    induce_threshold: float | None = 0.0
+    prune_layer_frac: float = 0.2
+    evaluate_excluded: bool = False  # also score candidates in the pruned last layers (costly)
+    judge: bool = True
+    max_new_tokens: int = 24
+    plaintext: str | None = "plaintext"
+    plaintext_n: int = 16
+    top_neurons: int = 20
+    batch_size: int = 16
+    n_boot: int = 1000
+    progress: bool = True
+    seed: int = 0
+    direction_: torch.Tensor | None = field(default=None, init=False, repr=False)
+    layer_: int | None = field(default=None, init=False, repr=False)
+
+    def params(self) -> dict:
+        return {k: v for k, v in super().params().items() if not k.endswith("_")}
+
+    def run(self, model, harmful, harmless, *, store=None) -> Result:
+        store = store if store is not None else ActivationStore()
+        harmful, harmless = _as_set(harmful, "harmful"), _as_set(harmless, "harmless")
+        h_train, h_val, h_test = split_three(harmful, self.train_frac, self.val_frac, self.seed)
+        s_train, s_val, s_test = split_three(harmless, self.train_frac, self.val_frac, self.seed)
+        directions = self._candidates(model, h_train, s_train, store)
+        table, rule, baseline = self._score_candidates(model, directions, h_val, s_val)
+        best = table[table.selected].iloc[0]
+        layer, offset = int(best.layer), int(best.position)
+        self.direction_, self.layer_ = directions[(layer, offset)], layer
+        plain = _plaintext(self.plaintext, self.plaintext_n, self.seed)
+        evaluation = evaluate_direction(
+            model, self.direction_, layer, list(h_test), list(s_test), plain, judge=self.judge,
+            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, n_boot=self.n_boot,
+            seed=self.seed, progress=self.progress)
+        components = direction_components(model, self.direction_, list(h_test), list(s_test), store,
+                                          top_neurons=self.top_neurons, batch_size=self.batch_size)
+        summary = _summary(table, evaluation, rule, baseline)
+        figures = {"candidates": candidate_heatmap(table, model.name)}
+        if self.judge:
+            figures["refusal_rates"] = refusal_bars(evaluation, model.name)
+        return Result(table, self.config(model, harmful=harmful, harmless=harmless),
+                      tables={"evaluation": evaluation, "components": components, "candidates": table},
+                      figures=figures, summary=summary)
+
+    def _candidates(self, model, harmful, harmless, store) -> dict[tuple[int, int], torch.Tensor]:
+        """Difference in means of resid_pre at every (layer, post position), train split (§2.3)."""
+        names = [hk.resid_pre(l) for l in range(model.n_layers)]
+        acts = {s: store.get(model, list(p), names, "post", batch_size=self.batch_size, progress=self.progress)
+                for s, p in (("harmful", harmful), ("harmless", harmless))}
+        offsets = range(-model.n_post, 0)
+        return {(l, o): acts["harmful"][hk.resid_pre(l)][:, j].mean(0) - acts["harmless"][hk.resid_pre(l)][:, j].mean(0)
+                for l in range(model.n_layers) for j, o in enumerate(offsets)}
+
+    def _score_candidates(self, model, directions, harmful, harmless):
+        """Bypass score, KL and induce score per candidate on the val split (§2.4)."""
+        harmful, harmless = list(harmful), list(harmless)
+        tok = metrics.refusal_tokens(model)
+        base = model.last_logits(harmful + harmless, batch_size=self.batch_size)
+        base_scores = metrics.refusal_score_from_logits(base, tok)
+        base_harmful, base_harmless = base_scores[:len(harmful)].mean().item(), base_scores[len(harmful):].mean().item()
+        cutoff = model.n_layers * (1 - self.prune_layer_frac)
+        layers = set(range(model.n_layers) if self.layers is None else self.layers)
+        offsets = set(range(-model.n_post, 0) if self.positions is None else self.positions)
+        post_tokens = model.tokenizer(model.format("zq"), add_special_tokens=False).input_ids[-model.n_post:]
+        rows = []
+        for (l, o), d in progress_bar(list(directions.items()), self.progress, desc="candidates"):
+            excluded = l >= cutoff
+            row = {"layer": l, "component": "direction", "position": o,
+                   "token": model.tokenizer.decode([post_tokens[o]]), "direction_norm": float(d.norm()),
+                   "excluded": excluded, "bypass_score": np.nan, "induce_score": np.nan, "kl": np.nan}
+            # layer 0 at template tokens: identical embeddings, so a zero difference (nothing to test)
+            if l in layers and o in offsets and (self.evaluate_excluded or not excluded) and d.norm() > 1e-6:
+                ablated = model.last_logits(harmful + harmless, batch_size=self.batch_size,
+                                            fwd_hooks=iv.directional_ablation_hooks(model, d))
+                added = model.last_logits(harmless, batch_size=self.batch_size,
+                                          fwd_hooks=iv.activation_addition_hooks(model, d, l))
+                row["bypass_score"] = metrics.refusal_score_from_logits(ablated[:len(harmful)], tok).mean().item()
+                row["kl"] = metrics.kl_divergence(base[len(harmful):], ablated[len(harmful):]).mean().item()
+                row["induce_score"] = metrics.refusal_score_from_logits(added, tok).mean().item()
+            rows.append(row)
+        table = pd.DataFrame(rows)
+        if table["bypass_score"].isna().all():
+            raise ValueError("no candidate was evaluated: layers/positions select nothing outside the pruned "
+                             f"last {self.prune_layer_frac:.0%} of layers; widen layers= or set evaluate_excluded=True")
+        table, rule = select_candidate(table, self.kl_threshold, self.induce_threshold, base_harmful)
+        table["baseline_harmful_score"], table["baseline_harmless_score"] = base_harmful, base_harmless
+        return table, rule, {"harmful": base_harmful, "harmless": base_harmless}
+
+
+def _as_set(prompts, name) -> PromptSet:
+    return prompts if isinstance(prompts, PromptSet) else PromptSet(name, tuple(prompts))
+
+
+def _plaintext(name, n, seed):
+    if not name:
+        return None
+    from .. import datasets
+
+    return list(datasets.load(name, n=n, seed=seed + 1))
+
+
+def _summary(table, evaluation, rule, baseline) -> dict:
+    best = table[table.selected].iloc[0]
+    out = {"selected_layer": int(best.layer), "selected_position": int(best.position), "selection_rule": rule,
+           "selected_bypass_score": float(best.bypass_score), "selected_kl": float(best.kl),
+           "selected_induce_score": float(best.induce_score), "val_baseline_harmful_score": baseline["harmful"],
+           "val_baseline_harmless_score": baseline["harmless"]}
+    for r in evaluation.itertuples():
+        for col in ("refusal_rate", "refusal_score"):
+            if hasattr(r, col):
+                out[f"{r.condition}_{r.split}_{col}"] = float(getattr(r, col))
+        if r.split == "harmless":
+            out[f"{r.condition}_kl_harmless"] = float(r.kl_harmless)
+            out[f"{r.condition}_cross_entropy"] = float(r.cross_entropy)
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def candidate_heatmap(table: pd.DataFrame, model_name: str):
+    """Layer × position heatmap of the refusal score after ablation (Arditi et al. 2024, Fig. 9 style)."""
+    from .. import plots
+
+    fig = plots.heatmap(table, "layer", "position", "bypass_score", center=None, cmap="viridis",
+                        title=f"Refusal score on harmful (val) after ablating each candidate, {model_name}")
+    ax = fig.axes[0]
+    best = table[table.selected].iloc[0]
+    cols = sorted(table.position.unique())
+    rows = sorted(table.layer.unique())
+    ax.scatter([cols.index(best.position)], [rows.index(best.layer)], marker="*", s=160, c="red", label="selected")
+    ax.legend(loc="upper right", fontsize=7)
+    return fig
+
+
+def refusal_bars(evaluation: pd.DataFrame, model_name: str):
+    """Refusal rate with 95% CI: baseline vs ablation (harmful), baseline vs addition (harmless) (Fig. 1)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    picks = [("harmful", "baseline"), ("harmful", "ablation"), ("harmful", "orthogonalized"),
+             ("harmless", "baseline"), ("harmless", "addition")]
+    ev = evaluation.set_index(["split", "condition"])
+    picks = [p for p in picks if p in ev.index]
+    rate = [ev.loc[p, "refusal_rate"] for p in picks]
+    err = np.array([[r - ev.loc[p, "refusal_rate_ci_low"], ev.loc[p, "refusal_rate_ci_high"] - r]
+                    for p, r in zip(picks, rate)]).T.clip(min=0)
+    colors = ["tab:gray" if c == "baseline" else ("tab:blue" if s == "harmful" else "tab:orange") for s, c in picks]
+    ax.bar(range(len(picks)), rate, yerr=err, color=colors, capsize=4)
+    ax.set_xticks(range(len(picks)), [f"{s}\n{c}" for s, c in picks], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("refusal rate (judge, 95% CI)")
+    ax.set_title(f"Refusal direction, {model_name} (test split)")
+    fig.tight_layout()
+    return fig
