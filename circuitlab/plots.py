@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-__all__ = ["score_histogram", "heatmap", "bars"]
+__all__ = ["score_histogram", "heatmap", "bars", "fragility"]
 
 
 def score_histogram(scores: dict[str, np.ndarray], title: str, xlabel: str = "refusal score (log-odds)"):
@@ -69,5 +69,44 @@ def bars(table: pd.DataFrame, x: str, y: str, hue: str | None, title: str, yerr:
     ax.set_title(title)
     if hue is not None:
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def fragility(table: pd.DataFrame, kind: str, model_name: str):
+    """Refusal vs number of ablated units: top-k against random-k (mean and min–max band over seeds),
+    with the side effects (KL on harmless prompts, cross-entropy on text) in a second panel."""
+    measure = "refusal_rate" if table["refusal_rate"].notna().any() else "refusal_score"
+    base = table[table.selection == "baseline"].iloc[0]
+    top = table[table.selection == "top"].sort_values("k")
+    rnd = table[table.selection == "random"].groupby("k")[measure].agg(["mean", "min", "max"]).reset_index()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax.plot(top.k, top[measure], "o-", color="C3", label=f"top-k ranked {kind}s")
+    if measure == "refusal_rate" and top["refusal_rate_ci_low"].notna().all():
+        ax.fill_between(top.k, top.refusal_rate_ci_low, top.refusal_rate_ci_high, color="C3", alpha=0.15)
+    if len(rnd):
+        ax.plot(rnd.k, rnd["mean"], "s--", color="C0", label=f"random-k {kind}s (mean over seeds)")
+        ax.fill_between(rnd.k, rnd["min"], rnd["max"], color="C0", alpha=0.2, label="random: min–max over seeds")
+    ax.axhline(base[measure], color="k", lw=0.8, ls=":", label="no ablation")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{kind}s ablated (k)")
+    ax.set_ylabel(measure.replace("_", " ") + " on harmful prompts")
+    ax.set_title(f"Fragility of refusal, {model_name}")
+    ax.legend(fontsize=7)
+    rnd_side = table[table.selection == "random"].groupby("k")[["kl_harmless", "cross_entropy"]].mean().reset_index()
+    ax2.plot(top.k, top.kl_harmless, "o-", color="C3", label="KL harmless, top-k")
+    if len(rnd_side):
+        ax2.plot(rnd_side.k, rnd_side.kl_harmless, "s--", color="C0", label="KL harmless, random-k")
+    ax2.set_xscale("log")
+    ax2.set_xlabel(f"{kind}s ablated (k)")
+    ax2.set_ylabel("KL (nats)")
+    ax3 = ax2.twinx()
+    ax3.plot(top.k, top.cross_entropy, "^:", color="C2", label="cross-entropy, top-k")
+    ax3.axhline(base.cross_entropy, color="C2", lw=0.8, ls=":")
+    ax3.set_ylabel("cross-entropy on text (nats/token)")
+    lines = ax2.get_legend_handles_labels()[0] + ax3.get_legend_handles_labels()[0]
+    labels = ax2.get_legend_handles_labels()[1] + ax3.get_legend_handles_labels()[1]
+    ax2.legend(lines, labels, fontsize=7)
+    ax2.set_title("Side effects")
     fig.tight_layout()
     return fig

@@ -1,0 +1,78 @@
+"""Ablation experiment and fragility curve, checked on the planted-circuit model (known answer)."""
+
+import pandas as pd
+import pytest
+import torch
+
+from circuitlab import load_model, metrics
+from circuitlab.components import Component
+from circuitlab.experiments import get
+from circuitlab.experiments.ablation import matched_random, top_components
+from circuitlab.interventions import ablation_hooks
+from circuitlab.planted import PLANTED_NEURON, planted_prompts
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return load_model("planted")
+
+
+@pytest.fixture(scope="module")
+def planted_sets():
+    return planted_prompts(16)
+
+
+def test_matched_random_keeps_layer_counts_and_avoids_top():
+    top = [Component("neuron", 2, 37), Component("neuron", 2, 5), Component("neuron", 0, 1)]
+    rnd = matched_random(top, width=64, n_layers=3, seed=0)
+    assert sorted(c.layer for c in rnd) == sorted(c.layer for c in top)
+    assert not set(rnd) & set(top)
+    assert rnd == matched_random(top, width=64, n_layers=3, seed=0)
+    assert rnd != matched_random(top, width=64, n_layers=3, seed=1)
+
+
+def test_top_components_reads_rank_order():
+    table = pd.DataFrame({"layer": [1, 0, 2], "component": ["neuron"] * 3, "neuron": [4, 9, 7], "rank": [2, 3, 1]})
+    assert top_components(table, "neuron", 2) == [Component("neuron", 2, 7), Component("neuron", 1, 4)]
+    with pytest.raises(ValueError, match="fewer than k"):
+        top_components(table, "neuron", 5)
+
+
+def test_ablating_the_planted_neuron_removes_refusal_a_random_one_does_not(planted, planted_sets):
+    harmful, harmless = planted_sets
+    base = metrics.refusal_score(planted, list(harmful))
+    benign = metrics.refusal_score(planted, list(harmless))
+    assert base.mean() - benign.mean() > 5
+    hooks = ablation_hooks(planted, [Component("neuron", *PLANTED_NEURON)], "zero")
+    ablated = metrics.refusal_score(planted, list(harmful), fwd_hooks=hooks)
+    assert (ablated - benign).abs().max() < 1.0  # back to the harmless level
+    for seed in range(3):
+        other = matched_random([Component("neuron", *PLANTED_NEURON)], planted.d_mlp, planted.n_layers, seed)
+        kept = metrics.refusal_score(planted, list(harmful), fwd_hooks=ablation_hooks(planted, other, "zero"))
+        assert (kept - base).abs().max() < 0.5
+
+
+def test_fragility_curve_top_beats_random_on_planted(planted, planted_sets):
+    harmful, harmless = planted_sets
+    exp = get("ablation")(k_grid=[1, 4], method="zero", random_seeds=2, judge=False, judge_harmless=False, n_text=4)
+    result = exp.run(planted, harmful, harmless)
+    t = result.table
+    assert set(t.selection) == {"baseline", "top", "random"}
+    assert len(t[t.selection == "random"]) == 2 * 2
+    ranking = result.tables["ranking_used"]
+    assert (int(ranking.iloc[0].layer), int(ranking.iloc[0].neuron)) == PLANTED_NEURON
+    base = t[t.selection == "baseline"].refusal_score.iloc[0]
+    top1 = t[(t.selection == "top") & (t.k == 1)].refusal_score.iloc[0]
+    rnd1 = t[(t.selection == "random") & (t.k == 1)].refusal_score.mean()
+    assert base - top1 > 5 and abs(base - rnd1) < 0.5
+    assert (t[t.selection == "top"].kl_harmless >= 0).all()
+    assert result.summary["k_to_halve_refusal"] == 1
+    assert "fragility_neuron" in result.figures
+
+
+def test_bad_parameters_are_clear(planted, planted_sets):
+    harmful, harmless = planted_sets
+    with pytest.raises(ValueError, match="kind="):
+        get("ablation")(kind="layer").run(planted, harmful, harmless)
+    with pytest.raises(ValueError, match="k_grid"):
+        get("ablation")(k_grid=[0]).run(planted, harmful, harmless)
