@@ -6,7 +6,10 @@ import torch
 
 from circuitlab import ActivationStore
 from circuitlab import hooks as hk
-from circuitlab.monitor import detection_metrics, fit_request_monitor
+from circuitlab.components import Component
+from circuitlab.monitor import (IntegrityMonitor, SafetyMonitor, apply_change, detection_metrics, fit_request_monitor,
+                                mean_difference, weights_restored)
+from circuitlab.monitor.weights import canonical_parameters, component_slices, slice_masks
 from circuitlab.monitor.request import calibrate_threshold
 from tests.conftest import HARMFUL, HARMLESS
 
@@ -73,3 +76,84 @@ def test_bad_input_is_explained(tiny, tmp_path):
         fit_request_monitor(tiny, HARMFUL, HARMLESS, HARMFUL, HARMLESS, layers=[0], store=store)
     with pytest.raises(ValueError, match="at least 2"):
         fit_request_monitor(tiny, HARMFUL, HARMLESS, HARMFUL[:1], HARMLESS, store=store)
+
+
+# ---- integrity monitor ---------------------------------------------------------------------------
+
+COMPONENTS = [Component("neuron", 1, 5), Component("neuron", 0, 7), Component("head", 1, 2)]
+
+
+@pytest.fixture(scope="module")
+def direction(tiny, tmp_path_factory):
+    return mean_difference(tiny, HARMFUL, HARMLESS, 1, store=ActivationStore(tmp_path_factory.mktemp("dir")))
+
+
+@pytest.fixture(scope="module")
+def integrity(tiny, direction):
+    return IntegrityMonitor.fit(tiny, COMPONENTS, HARMFUL[:4] + HARMLESS[:4], direction=direction, layer=1)
+
+
+def test_component_slices_address_the_right_weights(tiny):
+    slices = dict(component_slices(tiny, [Component("neuron", 1, 5)]))
+    assert slices["model.layers.1.mlp.gate_proj.weight"] == (slice(5, 6),)
+    assert slices["model.layers.1.mlp.down_proj.weight"] == (slice(None), slice(5, 6))
+    head = dict(component_slices(tiny, [Component("head", 1, 3)]))  # 4 heads, 2 kv heads: head 3 -> kv group 1
+    d = tiny.d_head
+    assert head["model.layers.1.self_attn.q_proj.weight"] == (slice(3 * d, 4 * d),)
+    assert head["model.layers.1.self_attn.k_proj.weight"] == (slice(d, 2 * d),)
+    assert head["model.layers.1.self_attn.o_proj.weight"] == (slice(None), slice(3 * d, 4 * d))
+    masks = slice_masks(tiny, component_slices(tiny, [Component("neuron", 0, 2)]))
+    assert int(masks["model.layers.0.mlp.up_proj.weight"].sum()) == tiny.d_model
+    with pytest.raises(ValueError, match="outside"):
+        component_slices(tiny, [Component("neuron", 0, 10_000)])
+
+
+def test_untouched_model_passes(tiny, integrity):
+    report = integrity.check(tiny)
+    assert not report.tampered and report.exact_match
+    assert report.weight_drift == 0 and report.act_drift == 0 and report.write_drift == 0
+
+
+@pytest.mark.parametrize("kind,strength,signal", [
+    ("neuron_ablation", 1.0, "activations"), ("head_ablation", 1.0, "activations"),
+    ("directional_ablation", 1.0, "activations"), ("orthogonalization", 1.0, "write_profile"),
+    ("orthogonalization", 0.05, "weights"), ("finetune", 2.0, "weights")])
+def test_tampering_is_detected_and_undone(tiny, integrity, direction, kind, strength, signal):
+    before = tiny.fingerprint
+    with apply_change(tiny, kind, strength, components=COMPONENTS, direction=direction,
+                      finetune_texts=HARMLESS[:4]):
+        report = integrity.check(tiny)
+    assert signal in report.alarms, report
+    assert tiny.fingerprint == before, "the tampering must be fully undone on exit"
+    assert not integrity.check(tiny).tampered
+
+
+def test_planted_neuron_zeroing_in_weights_is_caught(tiny, integrity):
+    """A 'tiny' tampering baked into weights: one watched neuron's down_proj column set to zero."""
+    with weights_restored(tiny), torch.no_grad():
+        canonical_parameters(tiny)["model.layers.1.mlp.down_proj.weight"][:, 5] = 0
+        report = integrity.check(tiny)
+    assert "weights" in report.alarms and not report.exact_match
+
+
+@pytest.mark.parametrize("kind,strength", [("bf16_round_trip", 1.0), ("unrelated_noise", 1e-4), ("none", 0.0)])
+def test_benign_changes_do_not_alarm(tiny, integrity, direction, kind, strength):
+    with apply_change(tiny, kind, strength, components=COMPONENTS, direction=direction):
+        report = integrity.check(tiny)
+    assert not report.tampered, report
+    if kind == "bf16_round_trip":
+        assert not report.exact_match  # the weights did change, within numerical tolerance
+
+
+def test_reloaded_model_does_not_alarm(integrity):
+    from circuitlab import load_model
+
+    assert not integrity.check(load_model("tiny")).tampered
+
+
+def test_safety_monitor_bundles_both(tiny, request_monitor, integrity):
+    monitor = SafetyMonitor(tiny, request_monitor, integrity)
+    assert monitor.check(HARMFUL[:3]).scores.shape == (3,)
+    assert not monitor.verify().tampered
+    with pytest.raises(ValueError, match="integrity"):
+        SafetyMonitor(tiny, request_monitor).verify()
