@@ -13,6 +13,7 @@ averages ``attn_z`` over the prompt's tokens first, so the score is the norm of 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
@@ -49,7 +50,8 @@ def unit_statistics(harmful: np.ndarray, harmless: np.ndarray, rel_tol: float = 
     constant = pooled <= rel_tol * scale
     diff = m1 - m2
     effect = np.where(constant, 0.0, diff / np.where(constant, 1.0, pooled))
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # constant units: handled just below
         p = stats.ttest_ind(a, b, axis=0, equal_var=False).pvalue
     p = np.where(constant | ~np.isfinite(p), 1.0, p)
     return {"mean_harmful": m1, "mean_harmless": m2, "diff": diff, "effect_size": effect, "p_value": p}
