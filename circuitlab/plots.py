@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-__all__ = ["score_histogram", "heatmap", "bars", "fragility"]
+__all__ = ["score_histogram", "heatmap", "bars", "fragility", "circuit_diagram"]
 
 
 def score_histogram(scores: dict[str, np.ndarray], title: str, xlabel: str = "refusal score (log-odds)"):
@@ -108,5 +108,39 @@ def fragility(table: pd.DataFrame, kind: str, model_name: str):
     labels = ax2.get_legend_handles_labels()[1] + ax3.get_legend_handles_labels()[1]
     ax2.legend(lines, labels, fontsize=7)
     ax2.set_title("Side effects")
+    fig.tight_layout()
+    return fig
+
+
+def circuit_diagram(table: pd.DataFrame, layers: pd.DataFrame, first_readable: int, direction_layer: int,
+                    model_name: str):
+    """Layer-by-stage diagram of a circuit map: one marker per candidate (filled = verified,
+    size = patch effect), probe accuracy per layer above, readable and direction layers marked."""
+    stages = ["detection", "evaluation", "decision", "production"]
+    fig, (top, ax) = plt.subplots(2, 1, figsize=(9, 5.2), sharex=True, gridspec_kw={"height_ratios": [1, 2.4]})
+    top.plot(layers.layer, layers.probe_accuracy, "k.-")
+    top.set_ylabel("probe acc.")
+    top.set_ylim(0.0, 1.05)
+    top.axhline(0.5, color="grey", lw=0.6, ls=":")
+    top.set_title(f"Refusal circuit map, {model_name}")
+    for a in (top, ax):
+        a.axvline(first_readable - 0.5, color="C2", ls="--", lw=0.8)
+        a.axvline(direction_layer, color="C3", ls=":", lw=0.8)
+    rng = np.random.default_rng(0)
+    for kind, marker in (("neuron", "o"), ("head", "^")):
+        part = table[table.component == kind]
+        if not len(part):
+            continue
+        y = part.stage.map({s: i for i, s in enumerate(stages)}).to_numpy() + rng.uniform(-0.25, 0.25, len(part))
+        size = 20 + 400 * part.patch_effect.clip(lower=0, upper=1).to_numpy()
+        colors = np.where(part.verified, "C3" if kind == "neuron" else "C0", "none")
+        ax.scatter(part.layer, y, s=size, marker=marker, facecolors=colors,
+                   edgecolors="C3" if kind == "neuron" else "C0", label=f"{kind}s (filled = verified)")
+    ax.set_yticks(range(len(stages)), stages)
+    ax.set_xlabel("layer   (green dashes: harmfulness becomes readable; red dots: direction layer)")
+    n_layers = len(layers)
+    ax.set_xlim(-0.5, n_layers - 0.5)
+    ax.set_xticks(range(n_layers))
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig

@@ -1,0 +1,196 @@
+"""circuit-map: the refusal circuit by stage — probe, rank, verify causally, then assign stages.
+
+1. **Probing** (Li et al. 2023 style) finds where harmful vs harmless is linearly readable in the
+   residual stream; the first layer whose best probe reaches ``probe_threshold`` is where
+   harmfulness becomes readable.
+2. **Ranking** (diff-ranking) proposes candidate neurons and heads in the layers that write into
+   the readable stream (a component in layer l writes resid_pre of l + 1).
+3. **Verification** by activation patching (Meng et al. 2022): each candidate's activation at the
+   post-instruction positions of harmful prompts is replaced by its mean over harmless prompts at
+   the same positions; ``patch_effect`` is the resulting drop of the refusal score as a fraction
+   of the harmful-minus-harmless score gap (1 = the patch alone removes the gap). Candidates with
+   ``patch_effect >= verify_threshold`` are ``verified``.
+4. **Stages**, by depth and by what a component writes (direct attribution, harmful minus
+   harmless mean at the last position): ``direction_attribution`` is its write along the refusal
+   direction (difference in means at ``direction_layer``) as a fraction of that direction's
+   norm; ``logit_attribution`` its direct effect on the refusal-token logit as a fraction of the
+   total harmful-minus-harmless refusal logit gap. Rules, in order:
+   production (promotes refusal tokens: layer >= direction layer and logit fraction >= ``tau``),
+   detection (reads harmful content: layer below the first readable layer), decision (writes the
+   refusal direction: direction fraction >= ``tau``), else evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import hooks as hk
+from .. import metrics, plots
+from ..components import Component, hook_name
+from ..progress import progress_bar
+from ..results import Result
+from ..store import ActivationStore
+from .base import Experiment, register
+from .diff_ranking import DiffRanking
+from .probing import Probing
+
+__all__ = ["CircuitMap", "write_vector", "assign_stage", "STAGES"]
+
+STAGES = ("detection", "evaluation", "decision", "production")
+
+
+def _orig(module):
+    return getattr(module, "_original_component", module)
+
+
+def write_vector(model, c: Component) -> torch.Tensor:
+    """What one unit of the component writes into the residual stream: ``[d_model]`` for a neuron
+    (its W_down column), ``[d_head, d_model]`` for a head (its W_O slice)."""
+    layer = _orig(model.hf_model.model.layers[c.layer])
+    if c.kind == "neuron":
+        return _orig(_orig(layer.mlp).down_proj).weight[:, c.index].detach().float().cpu()
+    w = _orig(_orig(layer.self_attn).o_proj).weight.detach().float().cpu()  # [d_model, heads*d_head]
+    return w[:, c.index * model.d_head:(c.index + 1) * model.d_head].T
+
+
+def assign_stage(layer: int, first_readable: int, direction_layer: int, direction_frac: float,
+                 logit_frac: float, tau: float) -> str:
+    """Stage rule of the module docstring (production, detection, decision, evaluation)."""
+    if layer >= direction_layer and logit_frac >= tau:
+        return "production"
+    if layer < first_readable:
+        return "detection"
+    if direction_frac >= tau:
+        return "decision"
+    return "evaluation"
+
+
+@register("circuit-map")
+@dataclass
+class CircuitMap(Experiment):
+    """Refusal circuit by stage: probing picks layers, ranking proposes units, patching verifies them."""
+
+    probe_threshold: float = 0.9  # accuracy at which harmfulness counts as linearly readable
+    n_neurons: int = 20  # neuron candidates (best-ranked within the candidate layers)
+    n_heads: int = 10  # head candidates
+    verify_threshold: float = 0.02  # patch effect (fraction of the refusal-score gap) to count as verified
+    tau: float = 0.1  # attribution fraction that counts as "writes" for stage assignment
+    direction_layer: int | None = None  # None: the best probe layer within the first 80% of layers
+    n_verify: int = 16  # harmful prompts used for verification patching
+    batch_size: int = 16
+    seed: int = 0
+
+    def run(self, model, harmful, harmless, *, store=None) -> Result:
+        store = store if store is not None else ActivationStore()
+        probe = Probing(positions="post", heads=False, batch_size=self.batch_size, seed=self.seed)
+        probes = probe.run(model, harmful, harmless, store=store).table
+        layer_acc = probes.groupby("layer")["accuracy_mean"].max().reindex(range(model.n_layers)).to_numpy()
+        readable = np.flatnonzero(layer_acc >= self.probe_threshold)
+        first_readable = int(readable[0]) if len(readable) else int(np.argmax(layer_acc))
+        direction_layer = self._direction_layer(model, layer_acc)
+        cand_layers = [l for l in range(model.n_layers) if l + 1 >= first_readable]
+        ranking = DiffRanking(top_k=model.d_mlp * model.n_layers, batch_size=self.batch_size,
+                              seed=self.seed).run(model, harmful, harmless, store=store).table
+        candidates = self._candidates(ranking, cand_layers)
+        if not candidates:
+            raise ValueError("no candidate components: lower probe_threshold or raise n_neurons / n_heads")
+        attribution = self._attribution(model, candidates, harmful, harmless, direction_layer, store)
+        patch = self._patch_effects(model, candidates, harmful, harmless, store)
+        rows = []
+        for c in candidates:
+            r = ranking[(ranking.component == c.kind) & (ranking.layer == c.layer) &
+                        (ranking["neuron" if c.kind == "neuron" else "head"] == c.index)].iloc[0]
+            dir_frac, logit_frac = attribution[c]
+            stage = assign_stage(c.layer, first_readable, direction_layer, dir_frac, logit_frac, self.tau)
+            rows.append({"stage": stage, "layer": c.layer, "component": c.kind,
+                         "head": c.index if c.kind == "head" else None,
+                         "neuron": c.index if c.kind == "neuron" else None,
+                         "probe_accuracy": float(layer_acc[min(c.layer + 1, model.n_layers - 1)]),
+                         "effect_size": float(r.effect_size), "patch_effect": patch[c],
+                         "direction_attribution": dir_frac, "logit_attribution": logit_frac,
+                         "verified": bool(patch[c] >= self.verify_threshold)})
+        table = pd.DataFrame(rows)
+        for col in ("head", "neuron"):
+            table[col] = pd.array(table[col], dtype="Int64")
+        table["stage"] = pd.Categorical(table["stage"], STAGES, ordered=True)
+        table = table.sort_values(["stage", "layer", "patch_effect"], ascending=[True, True, False]).reset_index(drop=True)
+        table["stage"] = table["stage"].astype(str)
+        layers = pd.DataFrame({"layer": range(model.n_layers), "probe_accuracy": layer_acc})
+        summary = {"first_readable_layer": first_readable, "direction_layer": direction_layer,
+                   "n_candidates": len(table), "n_verified": int(table.verified.sum()),
+                   **{f"verified_{s}": int(((table.stage == s) & table.verified).sum()) for s in STAGES}}
+        return Result(table, self.config(model, harmful=harmful, harmless=harmless), tables={"layers": layers},
+                      figures={"circuit": plots.circuit_diagram(table, layers, first_readable, direction_layer, model.name)},
+                      summary=summary)
+
+    def _direction_layer(self, model, layer_acc) -> int:
+        if self.direction_layer is not None:
+            if not 0 <= self.direction_layer < model.n_layers:
+                raise ValueError(f"direction_layer must be in 0..{model.n_layers - 1}, got {self.direction_layer}")
+            return self.direction_layer
+        limit = max(1, int(np.ceil(0.8 * model.n_layers)))  # Arditi et al. exclude the last 20% of layers
+        return int(np.argmax(layer_acc[:limit]))
+
+    def _candidates(self, ranking: pd.DataFrame, layers) -> list[Component]:
+        out = []
+        for kind, n in (("neuron", self.n_neurons), ("head", self.n_heads)):
+            part = ranking[(ranking.component == kind) & ranking.layer.isin(layers)].sort_values("rank", kind="stable")
+            col = "neuron" if kind == "neuron" else "head"
+            out += [Component(kind, int(r.layer), int(getattr(r, col))) for r in part.head(n).itertuples(index=False)]
+        return out
+
+    def _attribution(self, model, comps, harmful, harmless, direction_layer, store) -> dict:
+        """(direction fraction, logit fraction) per component: its harmful-minus-harmless direct write."""
+        names = sorted({hook_name(c) for c in comps} | {hk.resid_pre(direction_layer), hk.final_resid()})
+        acts = [store.get(model, list(s), names, "last", batch_size=self.batch_size, progress=False)
+                for s in (harmful, harmless)]
+        mean_diff = {n: acts[0][n][:, 0].mean(0) - acts[1][n][:, 0].mean(0) for n in names}
+        direction = mean_diff[hk.resid_pre(direction_layer)]
+        r_hat = direction / direction.norm().clamp(min=1e-12)
+        # Linearised final norm: refusal-logit direction scaled by gamma / mean RMS of harmful final states.
+        final = acts[0][hk.final_resid()][:, 0]
+        rms = final.pow(2).mean(-1).add(1e-6).sqrt().mean()
+        gamma = _orig(model.hf_model.model.norm).weight.detach().float().cpu()
+        unembed = _orig(model.hf_model.get_output_embeddings()).weight.detach().float().cpu()
+        tokens = metrics.refusal_tokens(model)
+        u = (unembed[tokens].mean(0) - unembed.mean(0)) * gamma / rms
+        logit_gap = float(mean_diff[hk.final_resid()] @ u)
+        out = {}
+        for c in comps:
+            diff = mean_diff[hook_name(c)]
+            unit_diff = diff[c.index]  # scalar for a neuron, [d_head] for a head
+            write = unit_diff * write_vector(model, c) if c.kind == "neuron" else unit_diff @ write_vector(model, c)
+            dir_frac = float(write @ r_hat) / float(direction.norm().clamp(min=1e-12))
+            logit_frac = float(write @ u) / logit_gap if abs(logit_gap) > 1e-9 else 0.0
+            out[c] = (dir_frac, logit_frac)
+        return out
+
+    def _patch_effects(self, model, comps, harmful, harmless, store) -> dict:
+        """Exact patch of each candidate at the post positions to its harmless mean (see docstring)."""
+        h_prompts = list(harmful)[:self.n_verify]
+        names = sorted({hook_name(c) for c in comps})
+        harmless_mean = {n: t.mean(0) for n, t in store.get(model, list(harmless), names, "post",
+                                                            batch_size=self.batch_size, progress=False).items()}
+        base = metrics.refusal_score(model, h_prompts, batch_size=self.batch_size).mean().item()
+        benign = metrics.refusal_score(model, list(harmless)[:self.n_verify], batch_size=self.batch_size).mean().item()
+        gap = base - benign
+        if abs(gap) < 1e-6:
+            raise ValueError("harmful and harmless prompts have the same mean refusal score: nothing to verify")
+        n_post = model.n_post
+        out = {}
+        for c in progress_bar(comps, True, desc="verifying candidates"):
+            name = hook_name(c)
+            target = harmless_mean[name][:, c.index]  # [n_post] or [n_post, d_head]
+
+            def patch(act, hook, c=c, target=target):
+                act = act.clone()
+                act[:, -n_post:, c.index] = target.to(act)
+                return act
+
+            patched = metrics.refusal_score(model, h_prompts, fwd_hooks=[(name, patch)], batch_size=self.batch_size)
+            out[c] = float((base - patched.mean().item()) / gap)
+        return out
