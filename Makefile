@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python experiments/demo.py
+	$(BIN)/python experiments/refusal_circuit.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

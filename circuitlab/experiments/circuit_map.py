@@ -86,6 +86,7 @@ class CircuitMap(Experiment):
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
         store = store if store is not None else ActivationStore()
+        self._prefetch(model, harmful, harmless, store)
         probe = Probing(positions="post", heads=False, batch_size=self.batch_size, seed=self.seed)
         probes = probe.run(model, harmful, harmless, store=store).table
         layer_acc = probes.groupby("layer")["accuracy_mean"].max().reindex(range(model.n_layers)).to_numpy()
@@ -126,6 +127,14 @@ class CircuitMap(Experiment):
         return Result(table, self.config(model, harmful=harmful, harmless=harmless), tables={"layers": layers},
                       figures={"circuit": plots.circuit_diagram(table, layers, first_readable, direction_layer, model.name)},
                       summary=summary)
+
+    def _prefetch(self, model, harmful, harmless, store) -> None:
+        """One batched pass per position spec for every hook the steps below read (then all hits)."""
+        layers = range(model.n_layers)
+        per_layer = [f(l) for l in layers for f in (hk.resid_pre, hk.mlp_post, hk.attn_z)]
+        prompts = list(harmful) + list(harmless)
+        store.get(model, prompts, per_layer, "post", batch_size=self.batch_size)
+        store.get(model, prompts, per_layer + [hk.final_resid()], "last", batch_size=self.batch_size)
 
     def _direction_layer(self, model, layer_acc) -> int:
         if self.direction_layer is not None:

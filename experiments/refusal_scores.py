@@ -1,7 +1,7 @@
-"""make demo: the main job on the embedded model.
+"""Refusal metric check on the embedded model (issue 2): logit score vs generation judge.
 
 Runs refusal-scores on 32 AdvBench vs 32 harmless prompts (train split): logit refusal score
-per prompt, the generation judge's verdict, and their agreement. Writes results/demo/.
+per prompt, the generation judge's verdict, and their agreement. Writes results/refusal_scores/.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main() -> None:
     harmful = cl.datasets.load("advbench", split="train", n=N, seed=0)
     harmless = cl.datasets.load("harmless", split="train", n=N, seed=0)
     result = get("refusal-scores")().run(model, harmful, harmless)
-    out = result.save(Path(__file__).resolve().parent.parent / "results" / "demo")
+    out = result.save(Path(__file__).resolve().parent.parent / "results" / "refusal_scores")
     print(f"\nsaved {out} ({time.time() - t0:.0f} s)")
     for key, value in result.summary.items():
         print(f"  {key}: {value}")
