@@ -101,7 +101,10 @@ def run(
     except (ValueError, RuntimeError) as err:
         _fail(str(err))
     typer.echo(f"running {name} on {loaded.name}: {len(harmful_set)} harmful vs {len(harmless_set)} harmless prompts")
-    result = experiment.run(loaded, harmful_set, harmless_set, store=ActivationStore())
+    try:
+        result = experiment.run(loaded, harmful_set, harmless_set, store=ActivationStore())
+    except ValueError as err:  # bad parameter combinations surface here, after the data is known
+        _fail(f"{name}: {err}")
     directory = result.save(out or Path("results") / name)
     typer.echo(f"saved {directory}")
     for key, value in result.summary.items():

@@ -33,6 +33,7 @@ def test_bad_arguments_exit_nonzero_without_traceback():
         (["run", "refusal-scores", "--set", "max_new_tokens=abc"], "not a valid int"),
         (["run", "refusal-scores", "--n", "0"], "at least 1"),
         (["run", "refusal-scores", "--model", "/no/such/dir", "--n", "2"], "Could not load model"),
+        (["run", "ablation", "--model", "tiny", "--n", "6", "--set", "kind=layer"], "kind="),
     ]
     for args, message in cases:
         res = runner.invoke(app, args)
