@@ -15,6 +15,7 @@ FAST_PARAMS: dict[str, dict] = {
     "ablation": {"k_grid": [1, 3], "random_seeds": 1, "max_new_tokens": 2, "n_text": 4},
     "refusal-direction": {"max_new_tokens": 4, "plaintext_n": 4, "n_boot": 100},
     "monitor": {"quick": True, "reload": False, "n_canary": 4, "finetune_texts": 2, "ood": None},
+    "targeted-finetune": {"steps": 2, "n_neurons": 4, "n_heads": 1, "max_new_tokens": 2, "n_text": 2, "n_eval": 4},
 }
 
 
