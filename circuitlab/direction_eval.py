@@ -39,8 +39,9 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0, lev
 
 def _measure(model, prompts, hooks, judge, max_new_tokens, batch_size, progress):
     logits = model.last_logits(prompts, fwd_hooks=hooks, batch_size=batch_size, progress=progress)
+    # generation pays a per-step cost per batch: bigger batches amortise it
     judged = (metrics.judge_refusals(model, prompts, max_new_tokens=max_new_tokens, fwd_hooks=hooks,
-                                     batch_size=batch_size, progress=progress) if judge else None)
+                                     batch_size=max(batch_size, 32), progress=progress) if judge else None)
     return logits, judged
 
 
@@ -48,14 +49,15 @@ def evaluate_direction(model: HookedModel, direction: torch.Tensor, layer: int, 
                        harmless: Sequence[str], plaintext: Sequence[str] | None = None, *,
                        conditions: Sequence[str] = CONDITIONS, coeff: float = 1.0, judge: bool = True,
                        max_new_tokens: int = 24, batch_size: int = 16, n_boot: int = 1000, seed: int = 0,
-                       progress: bool = False) -> pd.DataFrame:
+                       judge_only: Sequence[str] | None = None, progress: bool = False) -> pd.DataFrame:
     """One row per ``condition`` × ``split`` (Arditi et al. 2024, Fig. 1 and Table 4).
 
     ``ablation``: the unit direction projected out everywhere; ``orthogonalized``: the same, folded
     into the weights (restored afterwards); ``addition``: ``coeff * direction`` added at
     ``resid_pre(layer)`` at every position. ``kl_harmless`` (KL(baseline || condition) at the
     last position of the harmless prompts) and ``cross_entropy`` (on ``plaintext``) are
-    per-condition, repeated on both rows of a condition.
+    per-condition, repeated on both rows of a condition. ``judge_only`` (e.g. ``["baseline:harmful",
+    "ablation:harmful"]``) limits the costly generation judge to those rows; others get NaN rates.
     """
     unknown = set(conditions) - set(CONDITIONS)
     if unknown:
@@ -69,7 +71,8 @@ def evaluate_direction(model: HookedModel, direction: torch.Tensor, layer: int, 
         hooks = hook_sets[cond]
         ctx = iv.orthogonalized(model, direction) if cond == "orthogonalized" else _nullcontext()
         with ctx:
-            measured = {s: _measure(model, p, hooks, judge, max_new_tokens, batch_size, progress)
+            measured = {s: _measure(model, p, hooks, judge and (judge_only is None or f"{cond}:{s}" in judge_only),
+                                    max_new_tokens, batch_size, progress)
                         for s, p in splits.items() if p}
             ce = (metrics.cross_entropy(model, list(plaintext), fwd_hooks=hooks, batch_size=batch_size)
                   if plaintext else float("nan"))
@@ -86,8 +89,8 @@ def evaluate_direction(model: HookedModel, direction: torch.Tensor, layer: int, 
                    "refusal_score_ci_low": bootstrap_ci(scores, n_boot, seed)[0],
                    "refusal_score_ci_high": bootstrap_ci(scores, n_boot, seed)[1],
                    "kl_harmless": kl, "cross_entropy": ce}
-            if judged is not None:
-                rate = np.asarray(judged, dtype=float)
+            if judge:
+                rate = np.asarray(judged if judged is not None else [np.nan], dtype=float)
                 low, high = bootstrap_ci(rate, n_boot, seed)
                 row.update(refusal_rate=float(rate.mean()), refusal_rate_ci_low=low, refusal_rate_ci_high=high)
             rows.append(row)

@@ -92,6 +92,9 @@ class RefusalDirection(Experiment):
     prune_layer_frac: float = 0.2
     evaluate_excluded: bool = False  # also score candidates in the pruned last layers (costly)
     judge: bool = True
+    judge_only: list[str] | None = None  # "condition:split" rows to judge by generation (None: all)
+    conditions: list[str] | None = None  # evaluation conditions (None: baseline, ablation, orthogonalized, addition)
+    component_prompts: int | None = None  # test prompts per side for the attribution table (None: all)
     max_new_tokens: int = 24
     plaintext: str | None = "plaintext"
     plaintext_n: int = 16
@@ -120,8 +123,10 @@ class RefusalDirection(Experiment):
         evaluation = evaluate_direction(
             model, self.direction_, layer, list(h_test), list(s_test), plain, judge=self.judge,
             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, n_boot=self.n_boot,
-            seed=self.seed, progress=self.progress)
-        components = direction_components(model, self.direction_, list(h_test), list(s_test), store,
+            seed=self.seed, judge_only=self.judge_only, progress=self.progress,
+            **({"conditions": self.conditions} if self.conditions else {}))
+        k = self.component_prompts
+        components = direction_components(model, self.direction_, list(h_test)[:k], list(s_test)[:k], store,
                                           top_neurons=self.top_neurons, batch_size=self.batch_size)
         summary = _summary(table, evaluation, rule, baseline)
         figures = {"candidates": candidate_heatmap(table, model.name)}
@@ -196,7 +201,7 @@ def _summary(table, evaluation, rule, baseline) -> dict:
            "val_baseline_harmless_score": baseline["harmless"]}
     for r in evaluation.itertuples():
         for col in ("refusal_rate", "refusal_score"):
-            if hasattr(r, col):
+            if hasattr(r, col) and not np.isnan(getattr(r, col)):
                 out[f"{r.condition}_{r.split}_{col}"] = float(getattr(r, col))
         if r.split == "harmless":
             out[f"{r.condition}_kl_harmless"] = float(r.kl_harmless)
@@ -227,7 +232,7 @@ def refusal_bars(evaluation: pd.DataFrame, model_name: str):
     picks = [("harmful", "baseline"), ("harmful", "ablation"), ("harmful", "orthogonalized"),
              ("harmless", "baseline"), ("harmless", "addition")]
     ev = evaluation.set_index(["split", "condition"])
-    picks = [p for p in picks if p in ev.index]
+    picks = [p for p in picks if p in ev.index and not np.isnan(ev.loc[p, "refusal_rate"])]
     rate = [ev.loc[p, "refusal_rate"] for p in picks]
     err = np.array([[r - ev.loc[p, "refusal_rate_ci_low"], ev.loc[p, "refusal_rate_ci_high"] - r]
                     for p, r in zip(picks, rate)]).T.clip(min=0)

@@ -1,0 +1,139 @@
+"""Reproduce Arditi et al. 2024 ("Refusal in Language Models Is Mediated by a Single Direction",
+Fig. 1) on the embedded model: refusal rate baseline vs directional ablation on harmful prompts and
+baseline vs activation addition on harmless prompts, the candidate heatmap, a second harmful set
+(JailbreakBench) the direction was not selected on, and an exported orthogonalized model.
+
+    .venv/bin/python experiments/arditi_2024.py            # ~25-40 min on the shared 2-core CPU
+
+Subsampling, to fit a 2-core CPU (all said in config.json): candidates are scored only at
+``--layers`` (every post-instruction position) on ``--n-val`` prompts per side; generation judges
+use ``--max-new-tokens`` tokens and only the rows of the figure; the orthogonalized condition is
+checked on the exported, reloaded model (its equality with hook ablation is a unit test); the
+attribution table uses 32 test prompts per side. Writes results/arditi_2024/. No completions
+are saved; the exported weights go to a temporary folder and are deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from circuitlab import ActivationStore, datasets, load_model, metrics
+from circuitlab import interventions as iv
+from circuitlab.direction_eval import evaluate_direction
+from circuitlab.experiments.direction import RefusalDirection, split_three
+
+# Numbers quoted by issue 4 for Arditi et al.'s Qwen-1.8B-chat (not re-derived here).
+PAPER = {"model": "Qwen-1.8B-chat", "compliance_baseline": 0.30, "compliance_ablation": 0.99}
+JUDGED = ["baseline:harmful", "ablation:harmful", "baseline:harmless", "addition:harmless"]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-train", type=int, default=64)
+    ap.add_argument("--n-val", type=int, default=8)
+    ap.add_argument("--n-test", type=int, default=64)
+    ap.add_argument("--n-jbb", type=int, default=64)
+    ap.add_argument("--layers", default="9,12,15,18")
+    ap.add_argument("--max-new-tokens", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="results/arditi_2024")
+    args = ap.parse_args(argv)
+    start = time.time()
+    model = load_model("embedded")
+    store = ActivationStore()
+    n = args.n_train + args.n_val + args.n_test
+    harmful = datasets.load("advbench").sample(n, seed=args.seed)
+    harmless = datasets.load("harmless").sample(n, seed=args.seed)
+    exp = RefusalDirection(train_frac=args.n_train / n, val_frac=args.n_val / n,
+                           layers=[int(x) for x in args.layers.split(",")], judge_only=JUDGED,
+                           conditions=["baseline", "ablation", "addition"], component_prompts=32,
+                           max_new_tokens=args.max_new_tokens, plaintext_n=16, seed=args.seed)
+    sizes = [len(p) for p in split_three(harmful, exp.train_frac, exp.val_frac, args.seed)]
+    print(f"split sizes (train/val/test) per side: {sizes}", flush=True)
+    result = exp.run(model, harmful, harmless, store=store)
+    print(f"[{time.time() - start:.0f}s] selected layer {exp.layer_}, position {result.summary['selected_position']}",
+          flush=True)
+
+    jbb = datasets.load("jbb").sample(args.n_jbb, seed=args.seed)
+    jbb_eval = evaluate_direction(model, exp.direction_, exp.layer_, list(jbb), [], None,
+                                  conditions=("baseline", "ablation"), max_new_tokens=args.max_new_tokens,
+                                  seed=args.seed, progress=True)
+    evaluation = result.tables["evaluation"].assign(
+        dataset=lambda t: np.where(t.split == "harmful", "advbench", "harmless"))
+    evaluation = pd.concat([evaluation, jbb_eval.assign(dataset="jbb")], ignore_index=True)
+    result.tables["evaluation"] = evaluation
+    print(f"[{time.time() - start:.0f}s] jbb done", flush=True)
+
+    export = check_export(model, exp.direction_, list(split_three(harmful, exp.train_frac, exp.val_frac,
+                                                                   args.seed)[2])[:16], args.max_new_tokens)
+    print(f"[{time.time() - start:.0f}s] export check: {export}", flush=True)
+    result.summary.update({f"jbb_{r.condition}_refusal_rate": round(r.refusal_rate, 4)
+                           for r in jbb_eval.itertuples()})
+    result.summary.update(export=export, paper=PAPER, seconds=round(time.time() - start))
+    result.config["script"] = {"argv": vars(args), "judged_rows": JUDGED, "split_sizes": sizes,
+                               "subsampling": "candidates scored at --layers only, all post positions, "
+                                              "on --n-val prompts per side"}
+    result.figures["refusal_rates"] = main_figure(evaluation)
+    out = result.save(args.out)
+    (out / "table.parquet").unlink(missing_ok=True)  # the csv carries the same candidates table
+    print(json.dumps(result.summary, indent=1))
+
+
+def check_export(model, direction, harmful_test, max_new_tokens) -> dict:
+    """Export the orthogonalized model to a temp dir, reload it, and check it refuses less."""
+    base_scores = metrics.refusal_score(model, harmful_test)
+    hooked = model.last_logits(harmful_test, fwd_hooks=iv.directional_ablation_hooks(model, direction))
+    base_judged = metrics.judge_refusals(model, harmful_test, max_new_tokens=max_new_tokens, batch_size=32)
+    with tempfile.TemporaryDirectory() as tmp:
+        with iv.orthogonalized(model, direction):
+            iv.export_hf(model, Path(tmp) / "orthogonalized")
+        reloaded = load_model(str(Path(tmp) / "orthogonalized"))
+        logits = reloaded.last_logits(harmful_test)
+        judged = metrics.judge_refusals(reloaded, harmful_test, max_new_tokens=max_new_tokens, batch_size=32)
+        token_ids = metrics.refusal_tokens(model)
+        out = {"n": len(harmful_test),
+               "max_abs_logit_diff_vs_hooks": float((logits - hooked).abs().max()),
+               "refusal_score_baseline": float(base_scores.mean()),
+               "refusal_score_reloaded": float(metrics.refusal_score_from_logits(logits, token_ids).mean()),
+               "refusal_rate_baseline": float(np.mean(base_judged)), "refusal_rate_reloaded": float(np.mean(judged))}
+        del reloaded
+        gc.collect()
+    return out
+
+
+def main_figure(evaluation: pd.DataFrame):
+    """Fig. 1 of the paper: refusal rate (95% CI) for each intervention, per prompt set."""
+    import matplotlib.pyplot as plt
+
+    picks = [("advbench", "baseline"), ("advbench", "ablation"), ("jbb", "baseline"), ("jbb", "ablation"),
+             ("harmless", "baseline"), ("harmless", "addition")]
+    ev = evaluation.set_index(["dataset", "condition"])
+    picks = [p for p in picks if p in ev.index and not np.isnan(ev.loc[p, "refusal_rate"])]
+    rate = np.array([ev.loc[p, "refusal_rate"] for p in picks])
+    err = np.array([[ev.loc[p, "refusal_rate"] - ev.loc[p, "refusal_rate_ci_low"],
+                     ev.loc[p, "refusal_rate_ci_high"] - ev.loc[p, "refusal_rate"]] for p in picks]).T.clip(min=0)
+    colors = ["tab:gray" if c == "baseline" else ("tab:orange" if d == "harmless" else "tab:blue") for d, c in picks]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.bar(range(len(picks)), rate, yerr=err, color=colors, capsize=4)
+    for i, r in enumerate(rate):
+        ax.text(i, r + 0.03, f"{r:.0%}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(picks)), [f"{d}\n{c}" for d, c in picks], fontsize=8)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("refusal rate (judge, 95% CI)")
+    ax.set_title("Refusal direction on the embedded model (test prompts)")
+    fig.tight_layout()
+    return fig
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
