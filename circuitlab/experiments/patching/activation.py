@@ -84,7 +84,7 @@ def _positions(which: str, length: int, n_post: int) -> list[int]:
 
 
 def patch_pairs(model, pairs, make_sweeps, metric, *, mode="denoise", fast=True, batch_size=32,
-                progress=False, prepare=None) -> pd.DataFrame:
+                progress=False, prepare=None, capture_names=()) -> pd.DataFrame:
     """Run ``make_sweeps(pair)`` on every pair; tidy rows with ``pair_id`` and ``normalized``."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {MODES}")
@@ -93,7 +93,8 @@ def patch_pairs(model, pairs, make_sweeps, metric, *, mode="denoise", fast=True,
         harmful, harmless = pair.harmful_ids, pair.harmless_ids
         target, source = (harmless, harmful) if mode == "denoise" else (harmful, harmless)
         rows, ctx = run_sweeps(model, target, source, make_sweeps(pair), metric, fast=fast,
-                               batch_size=batch_size, progress=progress, prepare=prepare)
+                               batch_size=batch_size, progress=progress, prepare=prepare,
+                               capture_names=capture_names)
         clean, corrupted = ((ctx.source_metric, ctx.target_metric) if mode == "denoise"
                             else (ctx.target_metric, ctx.source_metric))
         df = pd.DataFrame(rows)

@@ -179,16 +179,18 @@ def _run_plain(model, name, cells, sweep, ctx, metric):
 
 def run_sweeps(model, target_ids: torch.Tensor, source_ids: torch.Tensor, sweeps: Sequence[Sweep],
                metric: Metric, *, fast: bool = True, batch_size: int = 32, progress: bool = False,
-               prepare: Callable[[PairContext], None] | None = None) -> tuple[list[dict], PairContext]:
+               prepare: Callable[[PairContext], None] | None = None,
+               capture_names: Sequence[str] = ()) -> tuple[list[dict], PairContext]:
     """Patch every cell of every sweep from ``source_ids`` into ``target_ids`` (both ``[T]``).
 
     Returns rows ``{component, <cell columns>, metric, skipped}`` and the pair context (with the
-    unpatched ``target_metric`` / ``source_metric``). ``prepare(ctx)`` may add ``ctx.extra`` tensors.
+    unpatched ``target_metric`` / ``source_metric``). ``prepare(ctx)`` may add ``ctx.extra`` tensors
+    computed from the activations at the sweep hooks and ``capture_names`` (both runs).
     """
     if target_ids.shape != source_ids.shape or target_ids.dim() != 1:
         raise ValueError(f"target and source must be 1-D token tensors of equal length, got "
                          f"{tuple(target_ids.shape)} and {tuple(source_ids.shape)}; see patching.pairs")
-    names = {s.hook(c) for s in sweeps for c in s.cells}
+    names = {s.hook(c) for s in sweeps for c in s.cells} | set(capture_names)
     model.check_hooks(sorted(names))
     base = [hk.resid_pre(l) for l in range(model.n_layers)] + [hk.final_resid()]
     t_acts, t_logits, kv = capture(model, target_ids, sorted(names) + base, with_kv=True)
