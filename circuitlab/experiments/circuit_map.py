@@ -36,6 +36,7 @@ from ..results import Result
 from ..store import ActivationStore
 from .base import Experiment, register
 from .diff_ranking import DiffRanking
+from .patching.engine import Sweep, run_sweeps
 from .probing import Probing
 
 __all__ = ["CircuitMap", "write_vector", "assign_stage", "STAGES"]
@@ -179,27 +180,40 @@ class CircuitMap(Experiment):
         return out
 
     def _patch_effects(self, model, comps, harmful, harmless, store) -> dict:
-        """Exact patch of each candidate at the post positions to its harmless mean (see docstring)."""
+        """Exact patch of each candidate at the post positions to its harmless mean (see docstring).
+
+        Runs on the patching engine: per harmful prompt, one capture pass, then all candidates of a
+        hook in one batch that recomputes only the post positions from the candidate's layer on.
+        """
         h_prompts = list(harmful)[:self.n_verify]
         names = sorted({hook_name(c) for c in comps})
-        harmless_mean = {n: t.mean(0) for n, t in store.get(model, list(harmless), names, "post",
-                                                            batch_size=self.batch_size, progress=False).items()}
-        base = metrics.refusal_score(model, h_prompts, batch_size=self.batch_size).mean().item()
+        means = {n: t.mean(0) for n, t in store.get(model, list(harmless), names, "post",
+                                                    batch_size=self.batch_size, progress=False).items()}
         benign = metrics.refusal_score(model, list(harmless)[:self.n_verify], batch_size=self.batch_size).mean().item()
-        gap = base - benign
+        tokens = metrics.refusal_tokens(model)
+        n_post = model.n_post
+
+        def set_to_harmless_mean(act, name, cells, ctx, offset):
+            first = ctx.target_ids.shape[0] - n_post  # first post-instruction position
+            lo = max(first, offset)
+            for row, (_, _, index) in enumerate(cells):
+                act[row, lo - offset:, index] = means[name][lo - first:, index].to(act)
+            return act
+
+        sweeps = [Sweep(component=kind, cells=[(c.layer, None, c.index) for c in comps if c.kind == kind],
+                        hook=lambda cell, kind=kind: hook_name(Component(kind, cell[0], cell[2])),
+                        setter=set_to_harmless_mean, index_name=kind)
+                  for kind in ("neuron", "head") if any(c.kind == kind for c in comps)]
+        drops = {c: [] for c in comps}
+        bases = []
+        for prompt in progress_bar(h_prompts, True, desc="verifying candidates"):
+            ids = model.tokenize([prompt])[0][0]
+            rows, ctx = run_sweeps(model, ids, ids, sweeps, lambda logits: metrics.refusal_score_from_logits(logits, tokens),
+                                   batch_size=self.batch_size)
+            bases.append(ctx.target_metric)
+            for row in rows:
+                drops[Component(row["component"], row["layer"], row[row["component"]])].append(ctx.target_metric - row["metric"])
+        gap = float(np.mean(bases)) - benign
         if abs(gap) < 1e-6:
             raise ValueError("harmful and harmless prompts have the same mean refusal score: nothing to verify")
-        n_post = model.n_post
-        out = {}
-        for c in progress_bar(comps, True, desc="verifying candidates"):
-            name = hook_name(c)
-            target = harmless_mean[name][:, c.index]  # [n_post] or [n_post, d_head]
-
-            def patch(act, hook, c=c, target=target):
-                act = act.clone()
-                act[:, -n_post:, c.index] = target.to(act)
-                return act
-
-            patched = metrics.refusal_score(model, h_prompts, fwd_hooks=[(name, patch)], batch_size=self.batch_size)
-            out[c] = float((base - patched.mean().item()) / gap)
-        return out
+        return {c: float(np.mean(d) / gap) for c, d in drops.items()}
