@@ -114,6 +114,9 @@ def main(argv=None):
     ap.add_argument("--length", default="30,40", help="token-length range of the pair")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--baseline-sample", type=int, default=0,
+                    help="run TransformerLens on N random cells only and scale its time to the grid "
+                         "(every TL cell is one full forward, so its cost per cell is constant)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/bench")
     args = ap.parse_args(argv)
@@ -141,19 +144,27 @@ def main(argv=None):
         from transformer_lens import patching as tlp
         _, cache = model.bridge.run_with_cache(clean[None])
         tl_metric = lambda logits: metric(logits[:, -1].float()).mean()  # noqa: E731
-        if len(layers) == model.n_layers and len(positions) == T:
+        cells = [(l, p) for l in layers for p in positions]
+        if args.baseline_sample and args.baseline_sample < len(cells):
+            rng = np.random.default_rng(args.seed)
+            sample = sorted(rng.choice(len(cells), args.baseline_sample, replace=False).tolist())
+        else:
+            sample = list(range(len(cells)))
+        if len(sample) == len(cells) and len(layers) == model.n_layers and len(positions) == T:
             fn = lambda: tlp.get_act_patch_resid_pre(model.bridge, corrupted[None], cache, tl_metric)  # noqa: E731
         else:
-            index = pd.DataFrame([(l, p) for l in layers for p in positions], columns=["layer", "pos"])
+            index = pd.DataFrame([cells[i] for i in sample], columns=["layer", "pos"])
             fn = lambda: tlp.generic_activation_patch(  # noqa: E731
                 model.bridge, corrupted[None], cache, tl_metric, patch_setter=tlp.layer_pos_patch_setter,
                 activation_name="resid_pre", index_df=index)
         with torch.no_grad():
             out, wall, rss, _ = timed(fn)
         base = out.cpu().reshape(-1) if out.dim() == 1 else out.cpu()[layers][:, positions].reshape(-1)
-        flops = flops_per_forward * n_cells
-        rows.append({"method": "transformer_lens", "component": "resid_pre", "runs": n_cells, "wall_s": wall,
-                     "flops": flops, "mfu": flops / wall / peak, "peak_rss_mb": rss / 2 ** 20})
+        flops = flops_per_forward * len(sample)
+        rows.append({"method": "transformer_lens", "component": "resid_pre", "runs": n_cells,
+                     "runs_measured": len(sample), "wall_s": wall * n_cells / len(sample),
+                     "wall_measured_s": wall, "flops": flops * n_cells / len(sample), "mfu": flops / wall / peak,
+                     "peak_rss_mb": rss / 2 ** 20})
         del cache
     else:
         base = None
@@ -161,12 +172,14 @@ def main(argv=None):
     for comp in ("resid_pre", "attn_out", "mlp_out", "head"):
         sweeps = layer_sweeps(model, [comp], layers, positions)
         res, wall, rss, flops = timed(lambda: run_sweeps(model, corrupted, clean, sweeps, metric,
-                                                         batch_size=args.batch_size)[0], count_flops=True)
+                                                         batch_size=args.batch_size)[0],
+                                      count_flops=comp == "resid_pre")
         values = np.array([r["metric"] for r in res])
         grids[comp] = values
         n = len(values)
         row = {"method": "circuitlab_exact", "component": comp, "runs": n, "wall_s": wall,
-               "skipped": int(sum(r["skipped"] for r in res)), "flops": flops, "mfu": flops / wall / peak,
+               "skipped": int(sum(r["skipped"] for r in res)), "flops": flops,
+               "mfu": flops / wall / peak if flops else None,
                "peak_rss_mb": rss / 2 ** 20}
         if base is not None:
             per_run = rows[0]["wall_s"] / rows[0]["runs"]  # TL cost of one patched forward (any component)
@@ -174,7 +187,7 @@ def main(argv=None):
             row["baseline_measured"] = comp == "resid_pre"
             row["speedup"] = row["baseline_s"] / wall
             if comp == "resid_pre":
-                row["max_abs_diff"] = float(np.abs(values - base.numpy()).max())
+                row["max_abs_diff"] = float(np.abs(values[sample] - base.numpy()).max())
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
@@ -208,7 +221,7 @@ def main(argv=None):
         "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(model.device),
         "matmul_peak_gflops": peak / 1e9, "pair_tokens": T, "layers": layers, "n_positions": len(positions),
-        "flops_per_forward": flops_per_forward, "argv": sys.argv[1:]}, indent=2))
+        "flops_per_forward": flops_per_forward, "load_average": os.getloadavg(), "argv": sys.argv[1:]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""pattern-patching: patch one head's whole attention pattern (the worked "new variant" example).
+
+Where does a head's *routing* (whom it attends to), rather than what it moves, carry refusal?
+Patch head ``h``'s attention probabilities ``[query, key]`` at every query position from the source
+run into the target run, values untouched (TransformerLens ``get_act_patch_attn_head_pattern_all_pos``
+semantics; Wang et al. 2022 §3 use pattern patching to separate routing from content).
+
+This file is the whole variant: a grid of cells, a setter, a registration. The engine supplies
+batching, no-op skipping, prefix and causal reuse, and the tidy table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ... import hooks as hk
+from ...results import Result
+from ..base import Experiment, register
+from .activation import MODES, average_over_pairs, patch_pairs, refusal_metric
+from .engine import Sweep
+from .pairs import make_pairs
+
+__all__ = ["PatternPatching", "pattern_sweep"]
+
+
+def _set_pattern(act, name, cells, ctx, offset):
+    """Row i: head ``cells[i][2]`` gets the source pattern for query positions ``>= offset``.
+
+    ``act`` is ``[batch, head, query, key]``: queries start at ``offset`` (causal reuse), keys
+    cover the whole prompt.
+    """
+    src = ctx.source[name]  # [head, query, key]
+    for row, (_, _, head) in enumerate(cells):
+        act[row, head] = src[head, offset:]
+    return act
+
+
+def pattern_sweep(model, layers) -> Sweep:
+    """One cell per (layer, head); ``pos_dim=2``: the query axis of ``[batch, head, query, key]``."""
+    cells = [(l, None, h) for l in layers for h in range(model.n_heads)]
+    return Sweep("head", cells, lambda c: hk.attn_pattern(c[0]), setter=_set_pattern, index_name="head", pos_dim=2)
+
+
+@register("pattern-patching")
+@dataclass
+class PatternPatching(Experiment):
+    """Attention-pattern patching per head (all query positions): does a head's routing carry refusal?"""
+
+    layers: list[int] | None = None
+    mode: str = "denoise"
+    n_pairs: int = 4
+    pairing: str = "length"
+    batch_size: int = 32
+    fast: bool = True
+    seed: int = 0
+
+    def run(self, model, harmful, harmless, *, store=None) -> Result:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
+        layers = range(model.n_layers) if self.layers is None else self.layers
+        sweep = pattern_sweep(model, layers)
+        pairs = make_pairs(model, harmful, harmless, n_pairs=self.n_pairs, pairing=self.pairing)
+        table = patch_pairs(model, pairs, lambda pair: [sweep], refusal_metric(model), mode=self.mode,
+                            fast=self.fast, batch_size=self.batch_size, progress=True)
+        table["mode"] = self.mode
+        return Result(table, self.config(model, harmful=harmful, harmless=harmless),
+                      tables={"average": average_over_pairs(table)}, summary={"n_pairs": len(pairs)})
