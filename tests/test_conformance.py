@@ -16,6 +16,10 @@ FAST_PARAMS: dict[str, dict] = {
     "refusal-direction": {"max_new_tokens": 4, "plaintext_n": 4, "n_boot": 100},
     "monitor": {"quick": True, "reload": False, "n_canary": 4, "finetune_texts": 2, "ood": None},
     "targeted-finetune": {"steps": 2, "n_neurons": 4, "n_heads": 1, "max_new_tokens": 2, "n_text": 2, "n_eval": 4},
+    "activation-patching": {"n_pairs": 2},
+    "attribution-patching": {"n_pairs": 2},
+    "path-patching": {"n_pairs": 1},
+    "pattern-patching": {"n_pairs": 2},
 }
 
 
