@@ -65,11 +65,11 @@ def _shuffle_labels(y: np.ndarray, seed: int, groups=None) -> np.ndarray:
     return out
 
 
-def _fit_score(X, y, folds, C, max_iter) -> tuple[np.ndarray, np.ndarray]:
+def _fit_score(X, y, folds, C, max_iter, solver) -> tuple[np.ndarray, np.ndarray]:
     """Per-fold accuracy and AUROC of a standardised logistic-regression probe."""
     acc, auc = [], []
     for train, test in folds:
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, solver=solver))
         probe.fit(X[train], y[train])
         acc.append(probe.score(X[test], y[test]))
         auc.append(roc_auc_score(y[test], probe.decision_function(X[test])))
@@ -77,7 +77,8 @@ def _fit_score(X, y, folds, C, max_iter) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cross_validated_probe(X: np.ndarray, y: np.ndarray, *, groups=None, n_splits: int = 5, C: float = 1.0,
-                          max_iter: int = 1000, seed: int = 0, control_repeats: int = 1) -> dict:
+                          max_iter: int = 1000, seed: int = 0, control_repeats: int = 1,
+                          solver: str = "liblinear") -> dict:
     """Cross-validated probe accuracy/AUROC on ``X [n, d]``, labels ``y``, and its shuffled-label control.
 
     ``groups`` (e.g. a pair id for matched prompt pairs) keeps each group inside one fold, so a
@@ -87,11 +88,11 @@ def cross_validated_probe(X: np.ndarray, y: np.ndarray, *, groups=None, n_splits
     y = np.asarray(y)
     groups = None if groups is None else np.asarray(groups)
     folds = _folds(y, n_splits, seed, groups)
-    acc, auc = _fit_score(X, y, folds, C, max_iter)
+    acc, auc = _fit_score(X, y, folds, C, max_iter, solver)
     control = []
     for repeat in range(control_repeats):  # more repeats: less noise in the control accuracy
         shuffled = _shuffle_labels(y, seed + repeat, groups)
-        control.append(_fit_score(X, shuffled, _folds(shuffled, n_splits, seed, groups), C, max_iter)[0].mean())
+        control.append(_fit_score(X, shuffled, _folds(shuffled, n_splits, seed, groups), C, max_iter, solver)[0].mean())
     control = np.array(control)
     return {"accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std()), "auroc_mean": float(np.mean(auc)),
             "control_accuracy": float(control.mean()), "selectivity": float(acc.mean() - control.mean()),
@@ -112,6 +113,9 @@ class Probing(Experiment):
     control_repeats: int = 1  # shuffled-label probes averaged into control_accuracy
     C: float = 1.0  # inverse L2 strength of the logistic regression
     max_iter: int = 1000
+    # liblinear: the same L2 logistic loss (it also penalises the intercept), 25-60x faster than
+    # lbfgs on these small-n problems here (0.004 s vs 0.25 s per 128x64 fit)
+    solver: str = "liblinear"
     batch_size: int = 16
     seed: int = 0
 
@@ -131,7 +135,7 @@ class Probing(Experiment):
         y = np.r_[np.ones(len(harmful), dtype=int), np.zeros(len(harmless), dtype=int)]
         groups = self._pair_ids(harmful, harmless)
         probe = dict(groups=groups, n_splits=n_splits, C=self.C, max_iter=self.max_iter, seed=self.seed,
-                     control_repeats=self.control_repeats)
+                     control_repeats=self.control_repeats, solver=self.solver)
         rows = []
         for layer in progress_bar(layers, True, total=model.n_layers, desc="probing layers"):
             resid = _stack(acts, hk.resid_pre(layer))
