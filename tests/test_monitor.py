@@ -143,6 +143,8 @@ def test_benign_changes_do_not_alarm(tiny, integrity, direction, kind, strength)
     assert not report.tampered, report
     if kind == "bf16_round_trip":
         assert not report.exact_match  # the weights did change, within numerical tolerance
+    if kind == "unrelated_noise":
+        assert report.exact_match  # the watched slices are bit-identical
 
 
 def test_reloaded_model_does_not_alarm(integrity):

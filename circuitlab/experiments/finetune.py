@@ -57,6 +57,7 @@ class TargetedFinetune(Experiment):
     judge: bool = True
     max_new_tokens: int = 16
     attack_layer: int | None = None  # directional-ablation attack direction's layer (None: n_layers // 2)
+    n_attack: int = 24  # train prompts per class the attacker uses for the direction
     seed: int = 0
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
@@ -128,7 +129,8 @@ class TargetedFinetune(Experiment):
                ("harmless_test", "kl_from_original"): metrics.kl_divergence(base["harmless_logits"], harmless_logits).mean(),
                ("plaintext", "cross_entropy"): metrics.cross_entropy(model, texts)}
         layer = self.attack_layer if self.attack_layer is not None else model.n_layers // 2
-        direction = mean_difference(model, h_train, s_train, layer, store=store)
+        direction = mean_difference(model, list(h_train)[: self.n_attack], list(s_train)[: self.n_attack], layer,
+                                    store=store)
         attack = directional_ablation_hooks(model, direction)
         ablated = model.last_logits(list(h_test), fwd_hooks=attack)
         out[("harmful_test", "refusal_score_ablated")] = metrics.refusal_score_from_logits(ablated, tokens).mean()

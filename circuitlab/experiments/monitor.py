@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from .. import datasets
+from ..interventions import reference_activations
 from ..model import load_model
 from ..monitor import (DEFAULT_CHANGES, IntegrityMonitor, detection_metrics, evaluate_integrity,
                        fit_request_monitor, locate_components, mean_difference)
@@ -40,6 +41,7 @@ class Monitor(Experiment):
     n_canary: int = 8  # canary prompts per class (from the validation split)
     finetune_texts: int = 8  # harmless plain texts for the fine-tuning tampering
     reload: bool = True  # also check a freshly re-loaded copy (benign: must not alarm)
+    n_overhead: int = 16  # prompts timed for check() vs a plain forward pass
     quick: bool = False  # one strength per tampering (full strength) instead of the sweep
     weight_tol: float = 5e-3
     act_tol: float = 5e-2
@@ -70,8 +72,8 @@ class Monitor(Experiment):
                      for name in eval_sets if name != "harmless_test"]
         layers = pd.DataFrame([{"layer": l, "component": "resid_pre", "val_auroc": a, "selected": l == monitor.layer}
                                for l, a in monitor.layer_scores.items()])
-        overhead = measure_overhead(model, monitor, list(split["harmless_test"]) + list(split["harmful_test"]),
-                                    self.batch_size)
+        timed = (list(split["harmless_test"]) + list(split["harmful_test"]))[: self.n_overhead]
+        overhead = measure_overhead(model, monitor, timed, self.batch_size)
         summary = {"method": self.method, "layer": monitor.layer, "threshold": monitor.threshold,
                    "target_fpr": self.fpr, "val_auroc": monitor.val_auroc, **overhead}
         for d in detection:
@@ -100,7 +102,8 @@ class Monitor(Experiment):
         texts = list(datasets.load("plaintext", n=self.finetune_texts, seed=self.seed)) if self.finetune_texts else []
         reload = (lambda: load_model(model.name, device=model.device)) if self.reload else None
         table = evaluate_integrity(model, monitor, components=components, direction=direction,
-                                   reference=list(split["harmless_train"]), finetune_texts=texts,
+                                   reference=reference_activations(model, components, list(split["harmless_train"]), store),
+                                   finetune_texts=texts,
                                    changes=QUICK_CHANGES if self.quick else DEFAULT_CHANGES, reload=reload,
                                    seed=self.seed)
         table.insert(0, "components", ",".join(map(str, components)))

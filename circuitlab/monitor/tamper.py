@@ -74,10 +74,9 @@ def _noise_outside(model: HookedModel, components: Sequence[Component], rel_std:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in canonical_parameters(model).items():
-            noise = torch.randn(p.shape, generator=gen) * (rel_std * p.float().std())
-            if name in masks:
-                noise[masks[name]] = 0
-            p += noise.to(p)
+            noisy = p + (torch.randn(p.shape, generator=gen) * (rel_std * p.float().std())).to(p)
+            # where() rather than adding zeros: 0.0 + -0.0 would flip the sign bit of watched weights
+            p.copy_(torch.where(masks[name], p, noisy) if name in masks else noisy)
 
 
 @contextlib.contextmanager
