@@ -3,8 +3,10 @@
 1. **Probing** (Li et al. 2023 style) finds where harmful vs harmless is linearly readable in the
    residual stream; the first layer whose best probe reaches ``probe_threshold`` is where
    harmfulness becomes readable.
-2. **Ranking** (diff-ranking) proposes candidate neurons and heads in the layers that write into
-   the readable stream (a component in layer l writes resid_pre of l + 1).
+2. **Candidates**: diff-ranking proposes neurons and heads in the layers that write into the
+   readable stream (a component in layer l writes resid_pre of l + 1); attribution patching
+   (Nanda 2023; Kramár et al. 2024) of the verification patch below adds the units with the
+   largest estimated refusal drop in any layer (``atp_estimate``, same scale as ``patch_effect``).
 3. **Verification** by activation patching (Meng et al. 2022): each candidate's activation at the
    post-instruction positions of harmful prompts is replaced by its mean over harmless prompts at
    the same positions; ``patch_effect`` is the resulting drop of the refusal score as a fraction
@@ -76,8 +78,10 @@ class CircuitMap(Experiment):
     """Refusal circuit by stage: probing picks layers, ranking proposes units, patching verifies them."""
 
     probe_threshold: float = 0.9  # accuracy at which harmfulness counts as linearly readable
-    n_neurons: int = 20  # neuron candidates (best-ranked within the candidate layers)
-    n_heads: int = 10  # head candidates
+    n_neurons: int = 10  # neuron candidates from the ranking (best |d| within the candidate layers)
+    n_heads: int = 5  # head candidates from the ranking
+    n_atp_neurons: int = 10  # further neuron candidates: largest attribution-patching estimates, any layer
+    n_atp_heads: int = 5  # further head candidates from attribution patching
     verify_threshold: float = 0.02  # patch effect (fraction of the refusal-score gap) to count as verified
     tau: float = 0.1  # attribution fraction that counts as "writes" for stage assignment
     direction_layer: int | None = None  # None: the best probe layer within the first 80% of layers
@@ -97,11 +101,15 @@ class CircuitMap(Experiment):
         cand_layers = [l for l in range(model.n_layers) if l + 1 >= first_readable]
         ranking = DiffRanking(top_k=model.d_mlp * model.n_layers, batch_size=self.batch_size,
                               seed=self.seed).run(model, harmful, harmless, store=store).table
-        candidates = self._candidates(ranking, cand_layers)
+        means = {n: t.mean(0) for n, t in store.get(
+            model, list(harmless), [f(l) for l in range(model.n_layers) for f in (hk.mlp_post, hk.attn_z)], "post",
+            batch_size=self.batch_size, progress=False).items()}
+        atp = self._atp_estimates(model, list(harmful)[:self.n_verify], means)
+        candidates = self._candidates(ranking, cand_layers, atp)
         if not candidates:
             raise ValueError("no candidate components: lower probe_threshold or raise n_neurons / n_heads")
         attribution = self._attribution(model, candidates, harmful, harmless, direction_layer, store)
-        patch = self._patch_effects(model, candidates, harmful, harmless, store)
+        patch, gap = self._patch_effects(model, candidates, harmful, harmless, means)
         rows = []
         for c in candidates:
             r = ranking[(ranking.component == c.kind) & (ranking.layer == c.layer) &
@@ -112,7 +120,8 @@ class CircuitMap(Experiment):
                          "head": c.index if c.kind == "head" else None,
                          "neuron": c.index if c.kind == "neuron" else None,
                          "probe_accuracy": float(layer_acc[min(c.layer + 1, model.n_layers - 1)]),
-                         "effect_size": float(r.effect_size), "patch_effect": patch[c],
+                         "effect_size": float(r.effect_size), "atp_estimate": atp[c.kind][c.layer, c.index].item() / gap,
+                         "patch_effect": patch[c],
                          "direction_attribution": dir_frac, "logit_attribution": logit_frac,
                          "verified": bool(patch[c] >= self.verify_threshold)})
         table = pd.DataFrame(rows)
@@ -145,12 +154,56 @@ class CircuitMap(Experiment):
         limit = max(1, int(np.ceil(0.8 * model.n_layers)))  # Arditi et al. exclude the last 20% of layers
         return int(np.argmax(layer_acc[:limit]))
 
-    def _candidates(self, ranking: pd.DataFrame, layers) -> list[Component]:
+    def _candidates(self, ranking: pd.DataFrame, layers, atp: dict) -> list[Component]:
+        """Best-ranked units in the candidate layers, then the largest attribution estimates anywhere."""
         out = []
         for kind, n in (("neuron", self.n_neurons), ("head", self.n_heads)):
             part = ranking[(ranking.component == kind) & ranking.layer.isin(layers)].sort_values("rank", kind="stable")
             col = "neuron" if kind == "neuron" else "head"
             out += [Component(kind, int(r.layer), int(getattr(r, col))) for r in part.head(n).itertuples(index=False)]
+        for kind, n in (("neuron", self.n_atp_neurons), ("head", self.n_atp_heads)):
+            flat = atp[kind].flatten()
+            for i in flat.argsort(descending=True)[:n].tolist():
+                c = Component(kind, i // atp[kind].shape[1], i % atp[kind].shape[1])
+                if c not in out and flat[i] > 0:
+                    out.append(c)
+        return out
+
+    def _atp_estimates(self, model, prompts, means) -> dict[str, torch.Tensor]:
+        """Attribution patching (Nanda 2023; Kramár et al. 2024) of the verification patch, for every
+        neuron and head at once: ``(act - harmless mean) · ∂score/∂act`` summed over the post positions,
+        averaged over prompts — the first-order estimate of the refusal-score drop (positive = drop)."""
+        names = [f(l) for l in range(model.n_layers) for f in (hk.mlp_post, hk.attn_z)]
+        acts, grads = {}, {}
+        n_post = model.n_post
+
+        def keep(name):
+            def save(act, hook):
+                acts[name] = act[:, -n_post:].detach()
+            return save
+
+        def keep_grad(name):
+            def save(grad, hook):
+                grads[name] = grad[:, -n_post:].detach()
+            return save
+
+        def leaf(act, hook):  # weights are frozen: the graph grows from the embeddings
+            return act.detach().requires_grad_(True)
+
+        tokens = metrics.refusal_tokens(model)
+        totals = {n: 0.0 for n in names}
+        for start in range(0, len(prompts), self.batch_size):
+            ids, mask = model.tokenize(prompts[start:start + self.batch_size])
+            fwd = [(hk.embed(), leaf)] + [(n, keep(n)) for n in names]
+            with torch.enable_grad(), model.hooks(fwd, [(n, keep_grad(n)) for n in names]):
+                resid = model.final_residual(ids, mask)
+                metrics.refusal_score_from_logits(model.final_logits(resid[:, -1]), tokens).sum().backward()
+            for n in names:
+                est = (acts[n] - means[n].to(acts[n])) * grads[n]
+                totals[n] = totals[n] + est.sum(1).float().cpu()  # [batch, d_mlp] or [batch, head, d_head]
+        out = {}
+        for kind, hook, reduce in (("neuron", hk.mlp_post, lambda t: t), ("head", hk.attn_z, lambda t: t.sum(-1))):
+            out[kind] = torch.stack([reduce(totals[hook(l)]).sum(0) / len(prompts) for l in range(model.n_layers)])
         return out
 
     def _attribution(self, model, comps, harmful, harmless, direction_layer, store) -> dict:
@@ -179,16 +232,14 @@ class CircuitMap(Experiment):
             out[c] = (dir_frac, logit_frac)
         return out
 
-    def _patch_effects(self, model, comps, harmful, harmless, store) -> dict:
-        """Exact patch of each candidate at the post positions to its harmless mean (see docstring).
+    def _patch_effects(self, model, comps, harmful, harmless, means) -> tuple[dict, float]:
+        """Exact patch of each candidate at the post positions to its harmless mean (see docstring);
+        returns the normalized effects and the harmful-minus-harmless score gap they are fractions of.
 
         Runs on the patching engine: per harmful prompt, one capture pass, then all candidates of a
         hook in one batch that recomputes only the post positions from the candidate's layer on.
         """
         h_prompts = list(harmful)[:self.n_verify]
-        names = sorted({hook_name(c) for c in comps})
-        means = {n: t.mean(0) for n, t in store.get(model, list(harmless), names, "post",
-                                                    batch_size=self.batch_size, progress=False).items()}
         benign = metrics.refusal_score(model, list(harmless)[:self.n_verify], batch_size=self.batch_size).mean().item()
         tokens = metrics.refusal_tokens(model)
         n_post = model.n_post
@@ -216,4 +267,4 @@ class CircuitMap(Experiment):
         gap = float(np.mean(bases)) - benign
         if abs(gap) < 1e-6:
             raise ValueError("harmful and harmless prompts have the same mean refusal score: nothing to verify")
-        return {c: float(np.mean(d) / gap) for c, d in drops.items()}
+        return {c: float(np.mean(d) / gap) for c, d in drops.items()}, gap
