@@ -49,3 +49,19 @@ def embedded():
     from circuitlab import load_model
 
     return load_model("embedded")
+
+
+@pytest.fixture(scope="session")
+def planted():
+    """The planted-circuit model (circuitlab.planted): the known answer every locating method must find."""
+    from circuitlab import load_model
+
+    return load_model("planted")
+
+
+@pytest.fixture(scope="session")
+def planted_sets():
+    """16 harmful / 16 harmless planted prompts, pairwise equal length, differing in one keyword."""
+    from circuitlab.planted import planted_prompts
+
+    return planted_prompts(16, seed=0)

@@ -2,24 +2,13 @@
 
 import pandas as pd
 import pytest
-import torch
 
-from circuitlab import load_model, metrics
+from circuitlab import metrics
 from circuitlab.components import Component
 from circuitlab.experiments import get
 from circuitlab.experiments.ablation import matched_random, top_components
 from circuitlab.interventions import ablation_hooks
-from circuitlab.planted import PLANTED_NEURON, planted_prompts
-
-
-@pytest.fixture(scope="module")
-def planted():
-    return load_model("planted")
-
-
-@pytest.fixture(scope="module")
-def planted_sets():
-    return planted_prompts(16)
+from circuitlab.planted import PLANTED_NEURON
 
 
 def test_matched_random_keeps_layer_counts_and_avoids_top():

@@ -6,21 +6,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from circuitlab import ActivationStore, load_model
+from circuitlab import ActivationStore
 from circuitlab import hooks as hk
 from circuitlab.experiments import get
 from circuitlab.experiments.diff_ranking import benjamini_hochberg, rank_units, unit_statistics
-from circuitlab.planted import PLANTED_HEAD, PLANTED_NEURON, planted_prompts
-
-
-@pytest.fixture(scope="module")
-def planted():
-    return load_model("planted")
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return planted_prompts(16, seed=0)
+from circuitlab.planted import PLANTED_HEAD, PLANTED_NEURON
 
 
 def test_statistics_match_scipy_and_handle_constant_units():
@@ -53,8 +43,8 @@ def test_ties_are_broken_deterministically():
 
 
 @pytest.mark.parametrize("positions", ["last", "mean"])
-def test_planted_neuron_and_head_rank_first(planted, prompts, positions, tmp_path):
-    result = get("diff-ranking")(top_k=5, positions=positions).run(planted, *prompts,
+def test_planted_neuron_and_head_rank_first(planted, planted_sets, positions, tmp_path):
+    result = get("diff-ranking")(top_k=5, positions=positions).run(planted, *planted_sets,
                                                                    store=ActivationStore(tmp_path))
     table = result.table
     neurons, heads = table[table.component == "neuron"], table[table.component == "head"]
@@ -68,15 +58,15 @@ def test_planted_neuron_and_head_rank_first(planted, prompts, positions, tmp_pat
     assert result.summary["top_neuron"] == "L{}N{}".format(*PLANTED_NEURON)
 
 
-def test_reads_the_right_units_and_reuses_the_store(planted, prompts, tmp_path):
+def test_reads_the_right_units_and_reuses_the_store(planted, planted_sets, tmp_path):
     store = ActivationStore(tmp_path)
-    first = get("diff-ranking")(top_k=3).run(planted, *prompts, store=store)
+    first = get("diff-ranking")(top_k=3).run(planted, *planted_sets, store=store)
     batches = store.forward_batches
-    second = get("diff-ranking")(top_k=3).run(planted, *prompts, store=store)
+    second = get("diff-ranking")(top_k=3).run(planted, *planted_sets, store=store)
     assert store.forward_batches == batches  # second run: no forward pass
     assert first.table.equals(second.table)
     layer, neuron = PLANTED_NEURON
-    direct = planted.run_with_cache(list(prompts[0]), [hk.mlp_post(layer), hk.attn_z(PLANTED_HEAD[0])], "last")
+    direct = planted.run_with_cache(list(planted_sets[0]), [hk.mlp_post(layer), hk.attn_z(PLANTED_HEAD[0])], "last")
     row = first.table[first.table.component == "neuron"].iloc[0]
     assert row["mean_harmful"] == pytest.approx(direct[hk.mlp_post(layer)][:, 0, neuron].mean().item(), rel=1e-5)
     head_norm = direct[hk.attn_z(PLANTED_HEAD[0])][:, 0, PLANTED_HEAD[1]].norm(dim=-1).mean().item()

@@ -6,19 +6,9 @@ import pytest
 import torch
 
 from circuitlab import hooks as hk
-from circuitlab import load_model, metrics
+from circuitlab import metrics
 from circuitlab.planted import (FEATURE_LAYER, HARMFUL_WORDS, HARMLESS_WORDS, PLANTED_HEAD, PLANTED_NEURON,
                                 build_planted, planted_prompts)
-
-
-@pytest.fixture(scope="module")
-def planted():
-    return load_model("planted")
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return planted_prompts(16, seed=0)
 
 
 def test_keywords_and_refusal_token_are_single_tokens(planted):
@@ -27,8 +17,8 @@ def test_keywords_and_refusal_token_are_single_tokens(planted):
     assert metrics.refusal_tokens(planted) == [planted.to_single_token(" sorry")]
 
 
-def test_prompts_are_pairs_differing_in_one_token(planted, prompts):
-    harmful, harmless = prompts
+def test_prompts_are_pairs_differing_in_one_token(planted, planted_sets):
+    harmful, harmless = planted_sets
     assert len(harmful) == len(harmless) == 16 and len(set(harmful)) == 16
     for bad, good in zip(harmful, harmless):
         a, b = planted.tokenize([bad])[0][0], planted.tokenize([good])[0][0]
@@ -45,15 +35,15 @@ def test_build_is_deterministic():
         assert torch.equal(p, q), name
 
 
-def test_refusal_score_separates_the_sets(planted, prompts):
-    harmful, harmless = prompts
+def test_refusal_score_separates_the_sets(planted, planted_sets):
+    harmful, harmless = planted_sets
     assert (metrics.refusal_score(planted, list(harmful)) > 2).all()
     assert (metrics.refusal_score(planted, list(harmless)) < -2).all()
 
 
-def test_planted_head_attends_to_the_keyword(planted, prompts):
+def test_planted_head_attends_to_the_keyword(planted, planted_sets):
     layer, head = PLANTED_HEAD
-    ids, mask = planted.tokenize(list(prompts[0]))
+    ids, mask = planted.tokenize(list(planted_sets[0]))
     keyword_ids = torch.tensor([planted.to_single_token(" " + w) for w in HARMFUL_WORDS])
     captured = {}
     with torch.no_grad(), planted.hooks([(hk.attn_pattern(layer), lambda a, hook: captured.update(p=a))]):
@@ -62,9 +52,9 @@ def test_planted_head_attends_to_the_keyword(planted, prompts):
     assert (on_keyword > 0.99).all()
 
 
-def test_last_position_is_identical_for_twins_before_the_feature_layer(planted, prompts):
+def test_last_position_is_identical_for_twins_before_the_feature_layer(planted, planted_sets):
     names = [hk.resid_pre(l) for l in range(planted.n_layers)]
-    bad, good = (planted.run_with_cache(list(s), names, "post") for s in prompts)
+    bad, good = (planted.run_with_cache(list(s), names, "post") for s in planted_sets)
     for layer in range(planted.n_layers):
         gap = (bad[hk.resid_pre(layer)] - good[hk.resid_pre(layer)]).abs().max().item()
         if layer < FEATURE_LAYER:
@@ -73,9 +63,9 @@ def test_last_position_is_identical_for_twins_before_the_feature_layer(planted, 
             assert gap > 1e-2, layer
 
 
-def test_neuron_fires_only_on_harmful_and_causes_the_refusal(planted, prompts):
+def test_neuron_fires_only_on_harmful_and_causes_the_refusal(planted, planted_sets):
     layer, neuron = PLANTED_NEURON
-    harmful, harmless = (list(s) for s in prompts)
+    harmful, harmless = (list(s) for s in planted_sets)
     bad, good = (planted.run_with_cache(s, [hk.mlp_post(layer)], "last")[hk.mlp_post(layer)][:, 0, neuron]
                  for s in (harmful, harmless))
     assert (bad > 1).all() and (good.abs() < 1e-6).all()

@@ -5,20 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from circuitlab import ActivationStore, load_model
+from circuitlab import ActivationStore
 from circuitlab.experiments import get
 from circuitlab.experiments.probing import cross_validated_probe, parse_positions
-from circuitlab.planted import FEATURE_LAYER, PLANTED_HEAD, planted_prompts
-
-
-@pytest.fixture(scope="module")
-def planted():
-    return load_model("planted")
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return planted_prompts(16, seed=0)
+from circuitlab.planted import FEATURE_LAYER, PLANTED_HEAD
 
 
 def test_probe_on_separable_and_on_random_data():
@@ -34,8 +24,8 @@ def test_probe_on_separable_and_on_random_data():
     assert 0.25 < noise["accuracy_mean"] < 0.75 and 0.25 < noise["control_accuracy"] < 0.75
 
 
-def test_accuracy_is_chance_before_the_feature_layer_and_high_from_it(planted, prompts, tmp_path):
-    result = get("probing")(paired=True).run(planted, *prompts, store=ActivationStore(tmp_path))
+def test_accuracy_is_chance_before_the_feature_layer_and_high_from_it(planted, planted_sets, tmp_path):
+    result = get("probing")(paired=True).run(planted, *planted_sets, store=ActivationStore(tmp_path))
     table = result.table
     resid = table[table.component == "resid_pre"]
     assert sorted(set(resid.position)) == list(range(-planted.n_post, 0))
@@ -51,11 +41,11 @@ def test_accuracy_is_chance_before_the_feature_layer_and_high_from_it(planted, p
     assert set(result.figures) == {"resid_layer_position", "head_layer_head"}
 
 
-def test_second_run_does_no_forward_pass(planted, prompts, tmp_path):
+def test_second_run_does_no_forward_pass(planted, planted_sets, tmp_path):
     store = ActivationStore(tmp_path)
-    first = get("probing")(positions="last", heads=False).run(planted, *prompts, store=store)
+    first = get("probing")(positions="last", heads=False).run(planted, *planted_sets, store=store)
     batches = store.forward_batches
-    second = get("probing")(positions="last", heads=False).run(planted, *prompts, store=store)
+    second = get("probing")(positions="last", heads=False).run(planted, *planted_sets, store=store)
     assert store.forward_batches == batches
     assert first.table.equals(second.table)
     assert first.table.iloc[0]["layer"] == FEATURE_LAYER
