@@ -61,20 +61,20 @@ def main() -> None:
 def render(summary: dict) -> str:
     """The short text answer: where refusal lives, and whether it is a single point of failure."""
     c, fn, fh = summary["circuit"], summary["fragility"]["neuron"], summary["fragility"]["head"]
-    measure = fn["measure"].replace("_", " ")
+    m = fn["measure"]
     lines = [
         f"Refusal circuit ({summary['n_per_set']} harmful vs {summary['n_per_set']} harmless prompts):",
         f"  harmfulness linearly readable from layer {c['first_readable_layer']}; direction layer {c['direction_layer']}",
         f"  verified components: {c['n_verified']} of {c['n_candidates']} candidates "
         f"(detection {c['verified_detection']}, evaluation {c['verified_evaluation']}, "
         f"decision {c['verified_decision']}, production {c['verified_production']})",
-        f"Fragility ({measure} on held-out harmful prompts, baseline {fn[f'baseline_{fn['measure']}']}):",
+        f"Fragility ({m.replace('_', ' ')} on held-out harmful prompts, baseline {fn['baseline_' + m]}):",
     ]
     for label, f in (("neurons", fn), ("heads", fh)):
-        ks = sorted(int(k[3:].split("_")[0]) for k in f if k.startswith("top") and k.endswith(f["measure"]))
+        ks = sorted(int(k[3:].split("_")[0]) for k in f if k.startswith("top") and k.endswith(m))
         for k in ks:
-            lines.append(f"  {k:5d} {label}: top-k {f[f'top{k}_{f['measure']}']:.3f} vs random-k "
-                         f"{f[f'random{k}_{f['measure']}']:.3f} (KL harmless {f[f'top{k}_kl_harmless']:.3f})")
+            lines.append(f"  {k:5d} {label}: top-k {f[f'top{k}_{m}']:.3f} vs random-k {f[f'random{k}_{m}']:.3f}"
+                         f" (KL harmless {f[f'top{k}_kl_harmless']:.3f})")
         halve = f.get("k_to_halve_refusal")
         lines.append(f"  {label} needed to halve refusal: {halve if halve is not None else 'not reached in the grid'}")
     lines.append(f"({summary['seconds']} s; results in {OUT})")
