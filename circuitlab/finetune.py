@@ -50,7 +50,8 @@ def count_trainable(masks: dict, model: HookedModel) -> int:
 def random_components(model: HookedModel, components: Sequence[Component], seed: int = 0) -> list[Component]:
     """As many neurons / heads / layers as ``components`` holds, drawn at random, none of the originals.
 
-    Same kinds and counts give exactly the same number of trainable parameters.
+    Same kinds and counts give the same number of trainable parameters, except that heads sharing a
+    grouped-query key/value group share those slices, so the counts then differ (reported by ``train``).
     """
     rng = random.Random(seed)
     taken, out = set(components), []
