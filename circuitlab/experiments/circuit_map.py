@@ -15,7 +15,9 @@
 4. **Stages**, by depth and by what a component writes (direct attribution, harmful minus
    harmless mean at the last position): ``direction_attribution`` is its write along the refusal
    direction (difference in means at ``direction_layer``) as a fraction of that direction's
-   norm; ``logit_attribution`` its direct effect on the refusal-token logit as a fraction of the
+   norm (the refusal direction's layer is chosen where ablating that layer's direction is estimated,
+   by the same attribution pass, to lower the refusal score most, within the first 80 % of layers
+   as in Arditi et al. 2024); ``logit_attribution`` its direct effect on the refusal-token logit as a fraction of the
    total harmful-minus-harmless refusal logit gap. Rules, in order:
    production (promotes refusal tokens: layer >= direction layer and logit fraction >= ``tau``),
    detection (reads harmful content: layer below the first readable layer), decision (writes the
@@ -84,7 +86,7 @@ class CircuitMap(Experiment):
     n_atp_heads: int = 5  # further head candidates from attribution patching
     verify_threshold: float = 0.02  # patch effect (fraction of the refusal-score gap) to count as verified
     tau: float = 0.1  # attribution fraction that counts as "writes" for stage assignment
-    direction_layer: int | None = None  # None: the best probe layer within the first 80% of layers
+    direction_layer: int | None = None  # None: largest estimated bypass within the first 80% of layers
     n_verify: int = 16  # harmful prompts used for verification patching
     batch_size: int = 16
     seed: int = 0
@@ -97,14 +99,18 @@ class CircuitMap(Experiment):
         layer_acc = probes.groupby("layer")["accuracy_mean"].max().reindex(range(model.n_layers)).to_numpy()
         readable = np.flatnonzero(layer_acc >= self.probe_threshold)
         first_readable = int(readable[0]) if len(readable) else int(np.argmax(layer_acc))
-        direction_layer = self._direction_layer(model, layer_acc)
         cand_layers = [l for l in range(model.n_layers) if l + 1 >= first_readable]
         ranking = DiffRanking(top_k=model.d_mlp * model.n_layers, batch_size=self.batch_size,
                               seed=self.seed).run(model, harmful, harmless, store=store).table
         means = {n: t.mean(0) for n, t in store.get(
             model, list(harmless), [f(l) for l in range(model.n_layers) for f in (hk.mlp_post, hk.attn_z)], "post",
             batch_size=self.batch_size, progress=False).items()}
-        atp = self._atp_estimates(model, list(harmful)[:self.n_verify], means)
+        last = [store.get(model, list(s), [hk.resid_pre(l) for l in range(model.n_layers)], "last",
+                          batch_size=self.batch_size, progress=False) for s in (harmful, harmless)]
+        directions = {l: last[0][hk.resid_pre(l)][:, 0].mean(0) - last[1][hk.resid_pre(l)][:, 0].mean(0)
+                      for l in range(model.n_layers)}
+        atp = self._atp_estimates(model, list(harmful)[:self.n_verify], means, directions)
+        direction_layer = self._direction_layer(model, atp["direction"].numpy())
         candidates = self._candidates(ranking, cand_layers, atp)
         if not candidates:
             raise ValueError("no candidate components: lower probe_threshold or raise n_neurons / n_heads")
@@ -130,7 +136,8 @@ class CircuitMap(Experiment):
         table["stage"] = pd.Categorical(table["stage"], STAGES, ordered=True)
         table = table.sort_values(["stage", "layer", "patch_effect"], ascending=[True, True, False]).reset_index(drop=True)
         table["stage"] = table["stage"].astype(str)
-        layers = pd.DataFrame({"layer": range(model.n_layers), "probe_accuracy": layer_acc})
+        layers = pd.DataFrame({"layer": range(model.n_layers), "probe_accuracy": layer_acc,
+                               "direction_bypass_atp": atp["direction"].numpy() / gap})
         summary = {"first_readable_layer": first_readable, "direction_layer": direction_layer,
                    "n_candidates": len(table), "n_verified": int(table.verified.sum()),
                    **{f"verified_{s}": int(((table.stage == s) & table.verified).sum()) for s in STAGES}}
@@ -146,13 +153,13 @@ class CircuitMap(Experiment):
         store.get(model, prompts, per_layer, "post", batch_size=self.batch_size)
         store.get(model, prompts, per_layer + [hk.final_resid()], "last", batch_size=self.batch_size)
 
-    def _direction_layer(self, model, layer_acc) -> int:
+    def _direction_layer(self, model, bypass) -> int:
         if self.direction_layer is not None:
             if not 0 <= self.direction_layer < model.n_layers:
                 raise ValueError(f"direction_layer must be in 0..{model.n_layers - 1}, got {self.direction_layer}")
             return self.direction_layer
         limit = max(1, int(np.ceil(0.8 * model.n_layers)))  # Arditi et al. exclude the last 20% of layers
-        return int(np.argmax(layer_acc[:limit]))
+        return int(np.argmax(bypass[:limit]))
 
     def _candidates(self, ranking: pd.DataFrame, layers, atp: dict) -> list[Component]:
         """Best-ranked units in the candidate layers, then the largest attribution estimates anywhere."""
@@ -169,11 +176,13 @@ class CircuitMap(Experiment):
                     out.append(c)
         return out
 
-    def _atp_estimates(self, model, prompts, means) -> dict[str, torch.Tensor]:
+    def _atp_estimates(self, model, prompts, means, directions) -> dict[str, torch.Tensor]:
         """Attribution patching (Nanda 2023; Kramár et al. 2024) of the verification patch, for every
         neuron and head at once: ``(act - harmless mean) · ∂score/∂act`` summed over the post positions,
-        averaged over prompts — the first-order estimate of the refusal-score drop (positive = drop)."""
-        names = [f(l) for l in range(model.n_layers) for f in (hk.mlp_post, hk.attn_z)]
+        averaged over prompts — the first-order estimate of the refusal-score drop (positive = drop).
+        ``direction``: per layer, the estimated drop from projecting that layer's difference-in-means
+        direction r̂ out of resid_pre at the post positions, ``(a · r̂)(∂score/∂a · r̂)``."""
+        names = [f(l) for l in range(model.n_layers) for f in (hk.mlp_post, hk.attn_z, hk.resid_pre)]
         acts, grads = {}, {}
         n_post = model.n_post
 
@@ -199,9 +208,14 @@ class CircuitMap(Experiment):
                 resid = model.final_residual(ids, mask)
                 metrics.refusal_score_from_logits(model.final_logits(resid[:, -1]), tokens).sum().backward()
             for n in names:
-                est = (acts[n] - means[n].to(acts[n])) * grads[n]
-                totals[n] = totals[n] + est.sum(1).float().cpu()  # [batch, d_mlp] or [batch, head, d_head]
-        out = {}
+                layer = hk.layer_of(n)
+                if n == hk.resid_pre(layer):
+                    r_hat = (directions[layer] / directions[layer].norm().clamp(min=1e-12)).to(acts[n])
+                    est = (acts[n] @ r_hat) * (grads[n] @ r_hat)  # [batch, post]
+                else:
+                    est = (acts[n] - means[n].to(acts[n])) * grads[n]
+                totals[n] = totals[n] + est.sum(1).float().cpu()  # [batch, ...] summed over post positions
+        out = {"direction": torch.stack([totals[hk.resid_pre(l)].sum(0) / len(prompts) for l in range(model.n_layers)])}
         for kind, hook, reduce in (("neuron", hk.mlp_post, lambda t: t), ("head", hk.attn_z, lambda t: t.sum(-1))):
             out[kind] = torch.stack([reduce(totals[hook(l)]).sum(0) / len(prompts) for l in range(model.n_layers)])
         return out
