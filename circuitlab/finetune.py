@@ -5,7 +5,12 @@ a boolean mask, and Adam without weight decay then leaves every masked-out entry
 (zero gradient → zero first moment → zero update). Training runs through ``model.hf_model``'s
 parameters, which the bridge wraps, so the trained model is the one every experiment reads.
 Loss: next-token cross-entropy on the target tokens only (teacher forcing), unembedding only
-those positions. Wrap calls in ``monitor.tamper.weights_restored(model)`` to undo them.
+those positions. Against side effects (over-refusal after hardening), an optional *retain set* —
+harmless prompts paired with the model's own greedy answers, generated at run time by
+``greedy_targets`` — is mixed into every batch (self-distillation), and an optional KL penalty keeps
+the next-token distribution at the end of each retain prompt close to the model's before training
+(the KL-to-reference term of RLHF / "learning without forgetting", Li & Hoiem 2016). Wrap calls in
+``monitor.tamper.weights_restored(model)`` to undo them.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from .monitor.weights import canonical_parameters, component_slices, slice_masks
 from .progress import progress_bar
 
 __all__ = ["train", "train_components", "component_masks", "full_masks", "random_components", "load_pairs",
-           "count_trainable", "REFUSAL_TARGETS"]
+           "count_trainable", "greedy_targets", "REFUSAL_TARGETS"]
 
 # Short refusals the project writes itself: the hardening demo's only targets.
 REFUSAL_TARGETS = ("I'm sorry, but I can't help with that.", "I'm sorry, but I can't assist with that request.",
@@ -48,32 +53,86 @@ def count_trainable(masks: dict, model: HookedModel) -> int:
 
 
 def random_components(model: HookedModel, components: Sequence[Component], seed: int = 0) -> list[Component]:
-    """As many neurons / heads / layers as ``components`` holds, drawn at random, none of the originals.
+    """A random control set with the same kinds, the same counts and exactly as many trainable parameters.
 
-    Same kinds and counts give the same number of trainable parameters, except that heads sharing a
-    grouped-query key/value group share those slices, so the counts then differ (reported by ``train``).
+    Neurons and whole-layer kinds: as many drawn at random (none of the originals). Heads: grouped-query
+    attention shares the k/v slices among the heads of a key/value group, so heads are drawn group by
+    group — for every (layer, kv group) the originals occupy with k heads, an unused random (layer, kv
+    group) gets k random heads of its own. Overlaps (a drawn neuron inside a drawn whole layer) change the
+    count, so draws are repeated until the count is exactly equal; raises if that never happens.
     """
     rng = random.Random(seed)
+    group = _kv_group_size(model)
+    head_groups: dict[tuple[int, int], int] = {}
+    for c in components:
+        if c.kind == "head":
+            key = (c.layer, c.index // group)
+            head_groups[key] = head_groups.get(key, 0) + 1
+    n_free = model.n_layers * (model.n_heads // group) - len(head_groups)
+    if n_free < len(head_groups):
+        raise ValueError(f"{len(head_groups)} key/value groups hold the chosen heads but only {n_free} other groups "
+                         "exist: choose fewer heads for a random control")
+    want = count_trainable(component_masks(model, components), model)
+    for _ in range(200):
+        out = _draw_control(model, components, head_groups, group, rng)
+        if count_trainable(component_masks(model, out), model) == want:
+            return out
+    raise ValueError(f"no random set with exactly {want} trainable parameters found in 200 draws: the chosen "
+                     "components overlap (e.g. a whole layer plus units inside it) in a way random draws do not")
+
+
+def _draw_control(model, components, head_groups, group, rng) -> list[Component]:
     taken, out = set(components), []
     for c in components:
-        limit = {"neuron": model.d_mlp, "head": model.n_heads}.get(c.kind)
+        if c.kind == "head":
+            continue
+        limit = model.d_mlp if c.kind == "neuron" else None
         while True:
             cand = Component(c.kind, rng.randrange(model.n_layers), None if limit is None else rng.randrange(limit))
             if cand not in taken:
                 break
         taken.add(cand)
         out.append(cand)
+    free = [(l, g) for l in range(model.n_layers) for g in range(model.n_heads // group) if (l, g) not in head_groups]
+    for k in head_groups.values():
+        layer, g = free.pop(rng.randrange(len(free)))
+        out += [Component("head", layer, h) for h in sorted(rng.sample(range(g * group, (g + 1) * group), k))]
     return out
 
 
-def _batch(model: HookedModel, pairs, chat: bool):
-    """Left-padded ids and mask, plus a bool mask of the target positions (the tokens to predict)."""
+def _kv_group_size(model: HookedModel) -> int:
+    """Query heads per key/value head (1 without grouped-query attention)."""
+    n_kv = getattr(model.hf_model.config, "num_key_value_heads", model.n_heads) or model.n_heads
+    return model.n_heads // n_kv
+
+
+def greedy_targets(model: HookedModel, prompts: Sequence[str], max_new_tokens: int = 16,
+                   batch_size: int = 16) -> list[tuple[str, str]]:
+    """Retain pairs ``(prompt, the model's own greedy answer)``, made now from the current weights.
+
+    An answer that ended within ``max_new_tokens`` keeps its end-of-turn token (the model learns to stop
+    there too); a truncated one does not. Meant for harmless prompts: nothing is written to disk.
+    """
+    eos = model.tokenizer.eos_token or ""
+    answers = model.generate(list(prompts), max_new_tokens, batch_size=batch_size)
     tok = model.tokenizer
-    end = tok.eos_token or ""
+    return [(p, a + eos if len(tok(a, add_special_tokens=False).input_ids) < max_new_tokens else a)
+            for p, a in zip(prompts, answers)]
+
+
+def _batch(model: HookedModel, pairs, chat: bool, add_end: Sequence[bool] | None = None):
+    """Left-padded ids and mask, plus a bool mask of the target positions (the tokens to predict).
+
+    ``add_end[i]``: append the end-of-turn token to target i (default: every target).
+    """
+    tok = model.tokenizer
+    add_end = [True] * len(pairs) if add_end is None else add_end
     seqs, n_target = [], []
-    for prompt, target in pairs:
+    for (prompt, target), end in zip(pairs, add_end):
         head = tok(model.format(prompt, chat), add_special_tokens=False).input_ids
-        tail = tok(target + end, add_special_tokens=False).input_ids if chat else []
+        tail = tok(target + (tok.eos_token or "" if end else ""), add_special_tokens=False).input_ids if chat else []
+        if chat and not tail:
+            raise ValueError(f"empty target for prompt {prompt[:40]!r}: give at least one token to learn")
         if not chat:
             n_target.append(len(head) - 1)
             seqs.append(head)
@@ -92,25 +151,42 @@ def _batch(model: HookedModel, pairs, chat: bool):
 
 def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequence[tuple[str, str]], *,
           steps: int, lr: float = 1e-4, batch_size: int = 4, chat: bool = True, raw_text: bool = False,
-          seed: int = 0, progress: bool = False) -> dict:
+          retain: Sequence[tuple[str, str]] = (), retain_per_batch: int | None = None, retain_weight: float = 1.0,
+          kl_weight: float = 0.0, seed: int = 0, progress: bool = False) -> dict:
     """Adam on the masked parameters for ``steps`` steps over ``pairs`` (cycled, shuffled with ``seed``).
 
     ``raw_text=True``: ``pairs`` are ``(text, "")`` and the loss covers every token of the raw text.
-    Returns losses per step, seconds, and the number of trainable parameters.
+    ``retain``: ``(prompt, answer)`` pairs (e.g. ``greedy_targets`` on harmless prompts); each step adds
+    ``retain_per_batch`` of them (default ``batch_size``) and the loss becomes
+    ``CE(pairs) + retain_weight · CE(retain answers) + kl_weight · KL(before ‖ now)``, the KL taken on the
+    next-token distribution at the end of each retain prompt against the weights at the call's start.
+    Retain answers get no extra end-of-turn token (``greedy_targets`` keeps the model's own).
+    Returns losses per step (total, target, retain, kl), seconds, and the number of trainable parameters.
     """
     if not pairs:
         raise ValueError("no training pairs given")
     if steps < 0 or lr <= 0:
         raise ValueError(f"steps must be >= 0 and lr > 0, got steps={steps}, lr={lr}")
+    if retain_weight < 0 or kl_weight < 0:
+        raise ValueError(f"retain_weight and kl_weight must be >= 0, got {retain_weight}, {kl_weight}")
+    if retain and (raw_text or not chat):
+        raise ValueError("a retain set needs chat prompts (chat=True, raw_text=False)")
+    if kl_weight and not retain:
+        raise ValueError("kl_weight > 0 needs a retain set: the KL is measured on the retain prompts")
     params = canonical_parameters(model)
     unknown = [n for n in masks if n not in params]
     if unknown:
         raise ValueError(f"no parameter named {unknown[0]!r}; names look like {next(iter(params))!r}")
     chosen = [params[n] for n in masks]
     was = {id(p): p.requires_grad for p in params.values()}
-    order = list(range(len(pairs)))
+    order, keep = list(range(len(pairs))), list(range(len(retain)))
     random.Random(seed).shuffle(order)
-    losses, start = [], time.perf_counter()
+    random.Random(seed + 1).shuffle(keep)
+    n_keep = (batch_size if retain_per_batch is None else retain_per_batch) if retain else 0
+    # the reference distribution: next token after each retain prompt, before any update
+    reference = (torch.log_softmax(model.last_logits([p for p, _ in retain]), -1) if kl_weight else None)
+    log = {"losses": [], "target_loss": [], "retain_loss": [], "kl": []}
+    start = time.perf_counter()
     opt = torch.optim.Adam(chosen, lr=lr, weight_decay=0.0)
     try:
         for p in params.values():
@@ -119,13 +195,30 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
             p.requires_grad_(True)
         for step in progress_bar(range(steps), progress, total=steps, desc="fine-tune"):
             rows = [pairs[order[(step * batch_size + i) % len(order)]] for i in range(batch_size)]
-            ids, mask, target = _batch(model, rows, chat and not raw_text)
+            kept = [keep[(step * n_keep + i) % len(keep)] for i in range(n_keep)]
+            ids, mask, target = _batch(model, rows + [retain[i] for i in kept], chat and not raw_text,
+                                       [True] * len(rows) + [False] * len(kept))
             resid = model.final_residual(ids, mask)
             # the token at t+1 is predicted from position t: read positions shifted left by one
             pred_pos = torch.roll(target, -1, dims=1)
             pred_pos[:, -1] = False
             logits = model.final_logits(resid[pred_pos]).float()
-            loss = torch.nn.functional.cross_entropy(logits, ids[target])
+            token_loss = torch.nn.functional.cross_entropy(logits, ids[target], reduction="none")
+            is_retain = pred_pos.nonzero()[:, 0] >= len(rows)
+            target_loss = token_loss[~is_retain].mean()
+            loss, parts = target_loss, {"target_loss": float(target_loss.detach())}
+            if kept:
+                retain_loss = token_loss[is_retain].mean()
+                loss = loss + retain_weight * retain_loss
+                parts["retain_loss"] = float(retain_loss.detach())
+            if kl_weight:
+                # first prediction position of a row = its prompt's last token
+                first = (pred_pos & ~torch.roll(pred_pos, 1, dims=1))[pred_pos] & is_retain
+                now = torch.log_softmax(logits[first], -1)
+                ref = reference[kept].to(now.device)
+                kl = (ref.exp() * (ref - now)).sum(-1).mean()
+                loss = loss + kl_weight * kl
+                parts["kl"] = float(kl.detach())
             opt.zero_grad(set_to_none=False)
             loss.backward()
             with torch.no_grad():
@@ -133,12 +226,14 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
                     if masks[name] is not None:
                         p.grad.mul_(masks[name])
             opt.step()
-            losses.append(float(loss.detach()))
+            log["losses"].append(float(loss.detach()))
+            for key in ("target_loss", "retain_loss", "kl"):
+                log[key].append(parts.get(key, float("nan")))
     finally:
         for p in params.values():
             p.requires_grad_(was[id(p)])
             p.grad = None
-    return {"losses": losses, "seconds": time.perf_counter() - start, "n_params": count_trainable(masks, model)}
+    return {**log, "seconds": time.perf_counter() - start, "n_params": count_trainable(masks, model)}
 
 
 def train_components(model: HookedModel, components: Sequence[Component], pairs, **kwargs) -> dict:

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from circuitlab.components import Component
-from circuitlab.finetune import (component_masks, count_trainable, full_masks, load_pairs, random_components,
-                                 train, train_components)
+from circuitlab import metrics
+from circuitlab.finetune import (REFUSAL_TARGETS, component_masks, count_trainable, full_masks, greedy_targets,
+                                 load_pairs, random_components, train, train_components)
 from circuitlab.monitor import weights_restored
 from circuitlab.monitor.weights import canonical_parameters
-from tests.conftest import HARMFUL
+from tests.conftest import HARMFUL, HARMLESS
 
 PAIRS = [(p, "sorry i cannot help with that") for p in HARMFUL[:4]]
 CHOSEN = [Component("neuron", 1, 5), Component("neuron", 0, 9), Component("head", 0, 3)]
@@ -61,10 +62,55 @@ def test_loss_is_cross_entropy_of_the_target_tokens_only(tiny):
     assert log["losses"][0] == pytest.approx(float(expected), rel=1e-4)
 
 
-def test_random_control_matches_kinds_and_parameter_count(tiny):
-    rand = random_components(tiny, CHOSEN, seed=1)
-    assert [c.kind for c in rand] == [c.kind for c in CHOSEN] and not set(rand) & set(CHOSEN)
-    assert count_trainable(component_masks(tiny, rand), tiny) == count_trainable(component_masks(tiny, CHOSEN), tiny)
+@pytest.mark.parametrize("seed", range(6))
+def test_random_control_has_exactly_the_same_parameter_count(tiny, seed):
+    """Tiny has 2 query heads per k/v head: heads 0 and 1 of layer 0 share k/v, head 2 of layer 1 does not."""
+    chosen = CHOSEN + [Component("head", 0, 2), Component("head", 1, 1), Component("mlp_out", 1)]
+    rand = random_components(tiny, chosen, seed=seed)
+    assert sorted(c.kind for c in rand) == sorted(c.kind for c in chosen) and not set(rand) & set(chosen)
+    assert len(set(rand)) == len(rand)
+    assert count_trainable(component_masks(tiny, rand), tiny) == count_trainable(component_masks(tiny, chosen), tiny)
+
+
+def test_random_control_needs_free_key_value_groups(tiny):
+    """Tiny has 2 layers x 2 k/v groups: heads in 3 groups leave 1 free group for the control."""
+    with pytest.raises(ValueError, match="fewer heads"):
+        random_components(tiny, [Component("head", 0, 0), Component("head", 0, 2), Component("head", 1, 0)])
+
+
+def test_greedy_targets_are_the_models_own_answers(tiny):
+    pairs = greedy_targets(tiny, HARMLESS[:3], max_new_tokens=4)
+    answers = tiny.generate(HARMLESS[:3], 4)
+    eos = tiny.tokenizer.eos_token
+    assert [p for p, _ in pairs] == HARMLESS[:3]
+    assert [a.removesuffix(eos) for _, a in pairs] == answers
+
+
+def test_kl_term_starts_at_zero_and_retain_loss_is_mixed_in(tiny):
+    retain = greedy_targets(tiny, HARMLESS[:4], max_new_tokens=6)
+    with weights_restored(tiny):
+        log = train(tiny, full_masks(tiny), PAIRS, steps=2, lr=1e-3, retain=retain, retain_per_batch=2, kl_weight=1.0)
+    assert log["kl"][0] == pytest.approx(0.0, abs=1e-5), "reference logits must be the model's before training"
+    assert log["losses"][0] == pytest.approx(log["target_loss"][0] + log["retain_loss"][0], rel=1e-5)
+    with pytest.raises(ValueError, match="retain set"):
+        train(tiny, full_masks(tiny), PAIRS, steps=1, kl_weight=1.0)
+
+
+@pytest.mark.parametrize("lr", [1e-3, 1e-2])
+def test_retain_set_and_kl_reduce_drift_on_held_out_harmless_prompts(tiny, lr):
+    """The over-refusal fix on a small lr grid (4 steps): hardening pairs alone vs + retain set + KL."""
+    pairs = [(p, REFUSAL_TARGETS[i % 3]) for i, p in enumerate(HARMFUL[:6])]
+    retain = greedy_targets(tiny, HARMLESS[:5], max_new_tokens=8)
+    held_out = HARMLESS[5:]
+    base = tiny.last_logits(held_out)
+    drift, learned = {}, {}
+    for name, kw in (("plain", {}), ("retain", {"retain": retain, "kl_weight": 1.0})):
+        with weights_restored(tiny):
+            log = train(tiny, full_masks(tiny), pairs, steps=4, lr=lr, **kw)
+            drift[name] = metrics.kl_divergence(base, tiny.last_logits(held_out)).mean().item()
+        learned[name] = log["target_loss"][0] - log["target_loss"][-1]
+    assert drift["retain"] < 0.8 * drift["plain"], drift
+    assert learned["retain"] > 0.3 * learned["plain"] > 0, learned  # the targets are still learned
 
 
 def test_whole_layer_and_full_masks(tiny):
@@ -101,3 +147,21 @@ def test_bad_training_input(tiny):
         train(tiny, {}, [], steps=1)
     with pytest.raises(ValueError, match="no parameter named"):
         train(tiny, {"nope": None}, PAIRS, steps=1)
+
+
+def test_experiment_equal_parameter_control_and_attack_chosen_on_the_original(tiny, harmful, harmless):
+    from circuitlab.experiments import get
+
+    result = get("targeted-finetune")(steps=1, n_neurons=3, n_heads=3, max_new_tokens=2, n_text=2, n_eval=3,
+                                      n_retain=3, retain_tokens=3, attack_layers=[0, 1], attack_positions=[-2, -1]
+                                      ).run(tiny, harmful, harmless)
+    training = result.tables["training"].set_index("variant")
+    assert training.loc["targeted", "n_params"] == training.loc["random", "n_params"]
+    candidates = result.tables["attack_candidates"]
+    assert len(candidates) == 4 and candidates.selected.sum() == 1
+    assert (result.summary["attack_layer"], result.summary["attack_position"]) in set(
+        zip(candidates.layer, candidates.position))
+    wide = result.tables["comparison"].set_index("variant")
+    original = wide.loc["original"]
+    assert original["harmful_test_refusal_score_ablated"] == original["harmful_test_refusal_score_ablated_fixed"]
+    assert training["kl_first"].abs().max() < 1e-5 and (training["n_retain"] == 3).all()
