@@ -15,9 +15,9 @@
 4. **Stages**, by depth and by what a component writes (direct attribution, harmful minus
    harmless mean at the last position): ``direction_attribution`` is its write along the refusal
    direction (difference in means at ``direction_layer``) as a fraction of that direction's
-   norm (the refusal direction's layer is chosen where ablating that layer's direction is estimated,
-   by the same attribution pass, to lower the refusal score most, within the first 80 % of layers
-   as in Arditi et al. 2024); ``logit_attribution`` its direct effect on the refusal-token logit as a fraction of the
+   norm (the refusal direction's layer is the one whose difference-in-means direction, projected
+   out of the stream at every layer, is estimated by the same attribution pass to lower the refusal
+   score most, within the first 80 % of layers as in Arditi et al. 2024); ``logit_attribution`` its direct effect on the refusal-token logit as a fraction of the
    total harmful-minus-harmless refusal logit gap. Rules, in order:
    production (promotes refusal tokens: layer >= direction layer and logit fraction >= ``tau``),
    detection (reads harmful content: layer below the first readable layer), decision (writes the
@@ -180,8 +180,9 @@ class CircuitMap(Experiment):
         """Attribution patching (Nanda 2023; Kramár et al. 2024) of the verification patch, for every
         neuron and head at once: ``(act - harmless mean) · ∂score/∂act`` summed over the post positions,
         averaged over prompts — the first-order estimate of the refusal-score drop (positive = drop).
-        ``direction``: per layer, the estimated drop from projecting that layer's difference-in-means
-        direction r̂ out of resid_pre at the post positions, ``(a · r̂)(∂score/∂a · r̂)``."""
+        ``direction``: per layer l, the estimated drop from projecting layer l's difference-in-means
+        direction r̂ out of the residual stream at every layer (Arditi et al.'s directional ablation,
+        here at resid_pre and the post positions): ``Σ_l' (a_l' · r̂)(∂score/∂a_l' · r̂)``."""
         names = [f(l) for l in range(model.n_layers) for f in (hk.mlp_post, hk.attn_z, hk.resid_pre)]
         acts, grads = {}, {}
         n_post = model.n_post
@@ -201,6 +202,8 @@ class CircuitMap(Experiment):
 
         tokens = metrics.refusal_tokens(model)
         totals = {n: 0.0 for n in names}
+        r_hats = torch.stack([directions[l] / directions[l].norm().clamp(min=1e-12) for l in range(model.n_layers)])
+        bypass = torch.zeros(model.n_layers)
         for start in range(0, len(prompts), self.batch_size):
             ids, mask = model.tokenize(prompts[start:start + self.batch_size])
             fwd = [(hk.embed(), leaf)] + [(n, keep(n)) for n in names]
@@ -208,14 +211,13 @@ class CircuitMap(Experiment):
                 resid = model.final_residual(ids, mask)
                 metrics.refusal_score_from_logits(model.final_logits(resid[:, -1]), tokens).sum().backward()
             for n in names:
-                layer = hk.layer_of(n)
-                if n == hk.resid_pre(layer):
-                    r_hat = (directions[layer] / directions[layer].norm().clamp(min=1e-12)).to(acts[n])
-                    est = (acts[n] @ r_hat) * (grads[n] @ r_hat)  # [batch, post]
-                else:
-                    est = (acts[n] - means[n].to(acts[n])) * grads[n]
+                if n == hk.resid_pre(hk.layer_of(n)):  # every candidate direction, ablated at this layer
+                    r = r_hats.to(acts[n])
+                    bypass += ((acts[n] @ r.T) * (grads[n] @ r.T)).sum((0, 1)).float().cpu()
+                    continue
+                est = (acts[n] - means[n].to(acts[n])) * grads[n]
                 totals[n] = totals[n] + est.sum(1).float().cpu()  # [batch, ...] summed over post positions
-        out = {"direction": torch.stack([totals[hk.resid_pre(l)].sum(0) / len(prompts) for l in range(model.n_layers)])}
+        out = {"direction": bypass / len(prompts)}
         for kind, hook, reduce in (("neuron", hk.mlp_post, lambda t: t), ("head", hk.attn_z, lambda t: t.sum(-1))):
             out[kind] = torch.stack([reduce(totals[hook(l)]).sum(0) / len(prompts) for l in range(model.n_layers)])
         return out
