@@ -29,8 +29,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64, help="prompts per set")
     parser.add_argument("--quick", action="store_true", help="smaller grids (a smoke run, not the committed numbers)")
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--circuit-only", action="store_true",
-                        help="rerun the circuit map only; reuse the saved fragility summaries")
+    parser.add_argument("--reuse-fragility", action="store_true",
+                        help="reuse fragility runs already saved under --out; compute only the missing ones")
     args = parser.parse_args()
     t0 = time.time()
     model = cl.load_model("embedded")
@@ -49,7 +49,7 @@ def main() -> None:
     fragility = {}
     for kind, grid in (("neuron", neuron_grid), ("head", head_grid)):
         saved = args.out / f"fragility_{kind}" / "config.json"
-        if args.circuit_only and saved.is_file():
+        if args.reuse_fragility and saved.is_file():
             fragility[kind] = json.loads(saved.read_text())["summary"]
             continue
         result = get("ablation")(kind=kind, k_grid=grid, **common).run(model, harmful, harmless, store=store)

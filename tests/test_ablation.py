@@ -20,6 +20,15 @@ def test_matched_random_keeps_layer_counts_and_avoids_top():
     assert rnd != matched_random(top, width=64, n_layers=3, seed=1)
 
 
+def test_matched_random_borrows_from_nearest_layer_when_a_layer_is_full():
+    top = [Component("head", 1, h) for h in range(3)] + [Component("head", 0, 0)]
+    rnd = matched_random(top, width=4, n_layers=3, seed=0)
+    assert len(rnd) == 4 and not set(rnd) & set(top)
+    assert sum(c.layer == 1 for c in rnd) == 1  # the one head left in layer 1; two come from layers 0 and 2
+    with pytest.raises(ValueError, match="impossible"):
+        matched_random([Component("head", 0, h) for h in range(3)], width=3, n_layers=1, seed=0)
+
+
 def test_top_components_reads_rank_order():
     table = pd.DataFrame({"layer": [1, 0, 2], "component": ["neuron"] * 3, "neuron": [4, 9, 7], "rank": [2, 3, 1]})
     assert top_components(table, "neuron", 2) == [Component("neuron", 2, 7), Component("neuron", 1, 4)]

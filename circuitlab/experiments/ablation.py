@@ -50,18 +50,26 @@ def top_components(ranking: pd.DataFrame, kind: str, k: int) -> list[Component]:
 
 
 def matched_random(top: list[Component], width: int, n_layers: int, seed: int) -> list[Component]:
-    """``len(top)`` random units of the same kind, same count per layer as ``top``, none of them in ``top``."""
+    """``len(top)`` random units of the same kind, none of them in ``top``, with the same count per
+    layer as ``top``; where a layer has too few units left, the rest come from the nearest layers."""
     rng = random.Random(seed)
     kind = top[0].kind
     taken = {(c.layer, c.index) for c in top}
+    pools = {l: [i for i in range(width) if (l, i) not in taken] for l in range(n_layers)}
+    if sum(map(len, pools.values())) < len(top):
+        raise ValueError(f"only {sum(map(len, pools.values()))} {kind}s lie outside the top set; "
+                         f"a random control of {len(top)} is impossible")
     out = []
     for layer in range(n_layers):
         need = sum(c.layer == layer for c in top)
-        pool = [i for i in range(width) if (layer, i) not in taken]
-        if need > len(pool):
-            raise ValueError(f"layer {layer} has too few {kind}s outside the top set for a matched control")
-        out += [Component(kind, layer, i) for i in sorted(rng.sample(pool, need))]
-    return out
+        for near in sorted(range(n_layers), key=lambda l: (abs(l - layer), l)):
+            if need == 0:
+                break
+            picks = rng.sample(pools[near], min(need, len(pools[near])))
+            pools[near] = [i for i in pools[near] if i not in picks]
+            out += [Component(kind, near, i) for i in picks]
+            need -= len(picks)
+    return sorted(out)
 
 
 @register("ablation")
