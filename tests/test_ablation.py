@@ -3,12 +3,12 @@
 import pandas as pd
 import pytest
 
-from circuitlab import metrics
+from circuitlab import ActivationStore, metrics
 from circuitlab.components import Component
 from circuitlab.experiments import get
-from circuitlab.experiments.ablation import matched_random, top_components
+from circuitlab.experiments.ablation import attribution_ranking, matched_random, top_components
 from circuitlab.interventions import ablation_hooks
-from circuitlab.planted import PLANTED_NEURON
+from circuitlab.planted import PLANTED_HEAD, PLANTED_NEURON
 
 
 def test_matched_random_keeps_layer_counts_and_avoids_top():
@@ -68,9 +68,21 @@ def test_fragility_curve_top_beats_random_on_planted(planted, planted_sets):
     assert "fragility_neuron" in result.figures
 
 
+def test_attribution_ranking_puts_planted_units_first(planted, planted_sets):
+    harmful, harmless = planted_sets
+    store = ActivationStore(memory=True, disk=False)
+    neurons = attribution_ranking(planted, harmful, harmless, "neuron", store)
+    heads = attribution_ranking(planted, harmful, harmless, "head", store)
+    assert (int(neurons.iloc[0].layer), int(neurons.iloc[0].neuron)) == PLANTED_NEURON
+    assert (int(heads.iloc[0]["layer"]), int(heads.iloc[0]["head"])) == PLANTED_HEAD
+    assert len(neurons) == planted.n_layers * planted.d_mlp
+
+
 def test_bad_parameters_are_clear(planted, planted_sets):
     harmful, harmless = planted_sets
     with pytest.raises(ValueError, match="kind="):
         get("ablation")(kind="layer").run(planted, harmful, harmless)
+    with pytest.raises(ValueError, match="rank_by"):
+        get("ablation")(rank_by="magic", k_grid=[1]).run(planted, harmful, harmless)
     with pytest.raises(ValueError, match="k_grid"):
         get("ablation")(k_grid=[0]).run(planted, harmful, harmless)

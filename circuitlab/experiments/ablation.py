@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .. import datasets, metrics, plots
+from .. import hooks as hk
 from ..components import Component
 from ..direction_eval import bootstrap_ci
 from ..interventions import ablation_hooks, reference_activations
@@ -24,9 +25,10 @@ from ..progress import progress_bar
 from ..results import Result
 from ..store import ActivationStore
 from .base import Experiment, register
+from .circuit_map import attribution_estimates
 from .diff_ranking import DiffRanking
 
-__all__ = ["Ablation", "halve_split", "matched_random", "top_components"]
+__all__ = ["Ablation", "attribution_ranking", "halve_split", "matched_random", "top_components"]
 
 
 def halve_split(prompts, seed: int) -> tuple[list[str], list[str]]:
@@ -72,6 +74,22 @@ def matched_random(top: list[Component], width: int, n_layers: int, seed: int) -
     return sorted(out)
 
 
+def attribution_ranking(model, harmful, harmless, kind: str, store, batch_size: int = 16) -> pd.DataFrame:
+    """Every unit of ``kind`` ranked by its attribution-patching estimate (Nanda 2023) of how much
+    replacing it by its harmless mean at the post positions lowers the harmful refusal score."""
+    hook = hk.mlp_post if kind == "neuron" else hk.attn_z
+    names = [hook(l) for l in range(model.n_layers)]
+    other = hk.attn_z if kind == "neuron" else hk.mlp_post  # estimates come for both kinds; keep one
+    acts = store.get(model, list(harmless), names + [other(l) for l in range(model.n_layers)], "post",
+                     batch_size=batch_size, progress=False)
+    est = attribution_estimates(model, list(harmful), {n: t.mean(0) for n, t in acts.items()},
+                                batch_size=batch_size)[kind]
+    layer, index = np.divmod(np.arange(est.numel()), est.shape[1])
+    table = pd.DataFrame({"layer": layer, "component": kind, kind: index, "attribution": est.flatten().numpy()})
+    table["rank"] = table["attribution"].rank(ascending=False, method="first").astype(int)
+    return table.sort_values("rank").reset_index(drop=True)
+
+
 @register("ablation")
 @dataclass
 class Ablation(Experiment):
@@ -81,7 +99,8 @@ class Ablation(Experiment):
     k_grid: list[int] = field(default_factory=lambda: [1, 5, 10, 50])
     method: str = "mean"  # zero | mean | resample (reference = the ranking half of both sets)
     random_seeds: int = 3
-    ranking: str | None = None  # csv of a diff-ranking table; None: rank on the held-apart half
+    ranking: str | None = None  # csv of a ranking table; None: rank on the held-apart half (rank_by)
+    rank_by: str = "effect_size"  # effect_size (diff-ranking's Cohen's d) | attribution (AtP refusal drop)
     judge: bool = True  # generation judge on harmful prompts (top-k and the first random seed)
     judge_harmless: bool = True  # over-refusal judged on harmless prompts under top-k ablation
     max_new_tokens: int = 16
@@ -132,6 +151,10 @@ class Ablation(Experiment):
             if missing:
                 raise ValueError(f"{self.ranking}: not a diff-ranking table (missing columns {sorted(missing)})")
             return table
+        if self.rank_by == "attribution":
+            return attribution_ranking(model, rank_h, rank_b, self.kind, store, self.batch_size)
+        if self.rank_by != "effect_size":
+            raise ValueError(f"rank_by={self.rank_by!r}: use 'effect_size' or 'attribution'")
         ranker = DiffRanking(top_k=k_max, neurons=self.kind == "neuron", heads=self.kind == "head",
                              batch_size=self.batch_size, seed=self.seed)
         return ranker.run(model, datasets.PromptSet("rank-harmful", tuple(rank_h)),

@@ -43,7 +43,7 @@ from .diff_ranking import DiffRanking
 from .patching.engine import Sweep, run_sweeps
 from .probing import Probing
 
-__all__ = ["CircuitMap", "write_vector", "assign_stage", "STAGES"]
+__all__ = ["CircuitMap", "write_vector", "assign_stage", "attribution_estimates", "STAGES"]
 
 STAGES = ("detection", "evaluation", "decision", "production")
 
@@ -109,7 +109,7 @@ class CircuitMap(Experiment):
                           batch_size=self.batch_size, progress=False) for s in (harmful, harmless)]
         directions = {l: last[0][hk.resid_pre(l)][:, 0].mean(0) - last[1][hk.resid_pre(l)][:, 0].mean(0)
                       for l in range(model.n_layers)}
-        atp = self._atp_estimates(model, list(harmful)[:self.n_verify], means, directions)
+        atp = attribution_estimates(model, list(harmful)[:self.n_verify], means, directions, self.batch_size)
         direction_layer = self._direction_layer(model, atp["direction"].numpy())
         candidates = self._candidates(ranking, cand_layers, atp)
         if not candidates:
@@ -176,52 +176,6 @@ class CircuitMap(Experiment):
                     out.append(c)
         return out
 
-    def _atp_estimates(self, model, prompts, means, directions) -> dict[str, torch.Tensor]:
-        """Attribution patching (Nanda 2023; Kramár et al. 2024) of the verification patch, for every
-        neuron and head at once: ``(act - harmless mean) · ∂score/∂act`` summed over the post positions,
-        averaged over prompts — the first-order estimate of the refusal-score drop (positive = drop).
-        ``direction``: per layer l, the estimated drop from projecting layer l's difference-in-means
-        direction r̂ out of the residual stream at every layer (Arditi et al.'s directional ablation,
-        here at resid_pre and the post positions): ``Σ_l' (a_l' · r̂)(∂score/∂a_l' · r̂)``."""
-        names = [f(l) for l in range(model.n_layers) for f in (hk.mlp_post, hk.attn_z, hk.resid_pre)]
-        acts, grads = {}, {}
-        n_post = model.n_post
-
-        def keep(name):
-            def save(act, hook):
-                acts[name] = act[:, -n_post:].detach()
-            return save
-
-        def keep_grad(name):
-            def save(grad, hook):
-                grads[name] = grad[:, -n_post:].detach()
-            return save
-
-        def leaf(act, hook):  # weights are frozen: the graph grows from the embeddings
-            return act.detach().requires_grad_(True)
-
-        tokens = metrics.refusal_tokens(model)
-        totals = {n: 0.0 for n in names}
-        r_hats = torch.stack([directions[l] / directions[l].norm().clamp(min=1e-12) for l in range(model.n_layers)])
-        bypass = torch.zeros(model.n_layers)
-        for start in range(0, len(prompts), self.batch_size):
-            ids, mask = model.tokenize(prompts[start:start + self.batch_size])
-            fwd = [(hk.embed(), leaf)] + [(n, keep(n)) for n in names]
-            with torch.enable_grad(), model.hooks(fwd, [(n, keep_grad(n)) for n in names]):
-                resid = model.final_residual(ids, mask)
-                metrics.refusal_score_from_logits(model.final_logits(resid[:, -1]), tokens).sum().backward()
-            for n in names:
-                if n == hk.resid_pre(hk.layer_of(n)):  # every candidate direction, ablated at this layer
-                    r = r_hats.to(acts[n])
-                    bypass += ((acts[n] @ r.T) * (grads[n] @ r.T)).sum((0, 1)).float().cpu()
-                    continue
-                est = (acts[n] - means[n].to(acts[n])) * grads[n]
-                totals[n] = totals[n] + est.sum(1).float().cpu()  # [batch, ...] summed over post positions
-        out = {"direction": bypass / len(prompts)}
-        for kind, hook, reduce in (("neuron", hk.mlp_post, lambda t: t), ("head", hk.attn_z, lambda t: t.sum(-1))):
-            out[kind] = torch.stack([reduce(totals[hook(l)]).sum(0) / len(prompts) for l in range(model.n_layers)])
-        return out
-
     def _attribution(self, model, comps, harmful, harmless, direction_layer, store) -> dict:
         """(direction fraction, logit fraction) per component: its harmful-minus-harmless direct write."""
         names = sorted({hook_name(c) for c in comps} | {hk.resid_pre(direction_layer), hk.final_resid()})
@@ -284,3 +238,53 @@ class CircuitMap(Experiment):
         if abs(gap) < 1e-6:
             raise ValueError("harmful and harmless prompts have the same mean refusal score: nothing to verify")
         return {c: float(np.mean(d) / gap) for c, d in drops.items()}, gap
+
+
+def attribution_estimates(model, prompts, means, directions=None, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Attribution patching (Nanda 2023; Kramár et al. 2024) of the verification patch, for every
+    neuron and head at once: ``(act - harmless mean) · ∂score/∂act`` summed over the post positions,
+    averaged over prompts — the first-order estimate of the refusal-score drop (positive = drop).
+    ``means``: ``{hook: [n_post, ...]}`` replacement values for every layer's mlp_post and attn_z.
+    ``direction``: per layer l, the estimated drop from projecting layer l's difference-in-means
+    direction r̂ out of the residual stream at every layer (Arditi et al.'s directional ablation,
+    here at resid_pre and the post positions): ``Σ_l' (a_l' · r̂)(∂score/∂a_l' · r̂)``."""
+    kinds = (hk.mlp_post, hk.attn_z) + ((hk.resid_pre,) if directions is not None else ())
+    names = [f(l) for l in range(model.n_layers) for f in kinds]
+    acts, grads = {}, {}
+    n_post = model.n_post
+
+    def keep(name):
+        def save(act, hook):
+            acts[name] = act[:, -n_post:].detach()
+        return save
+
+    def keep_grad(name):
+        def save(grad, hook):
+            grads[name] = grad[:, -n_post:].detach()
+        return save
+
+    def leaf(act, hook):  # weights are frozen: the graph grows from the embeddings
+        return act.detach().requires_grad_(True)
+
+    tokens = metrics.refusal_tokens(model)
+    totals = {n: 0.0 for n in names}
+    r_hats = None if directions is None else torch.stack(
+        [directions[l] / directions[l].norm().clamp(min=1e-12) for l in range(model.n_layers)])
+    bypass = torch.zeros(model.n_layers)
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = model.tokenize(prompts[start:start + batch_size])
+        fwd = [(hk.embed(), leaf)] + [(n, keep(n)) for n in names]
+        with torch.enable_grad(), model.hooks(fwd, [(n, keep_grad(n)) for n in names]):
+            resid = model.final_residual(ids, mask)
+            metrics.refusal_score_from_logits(model.final_logits(resid[:, -1]), tokens).sum().backward()
+        for n in names:
+            if n == hk.resid_pre(hk.layer_of(n)):  # every candidate direction, ablated at this layer
+                r = r_hats.to(acts[n])
+                bypass += ((acts[n] @ r.T) * (grads[n] @ r.T)).sum((0, 1)).float().cpu()
+                continue
+            est = (acts[n] - means[n].to(acts[n])) * grads[n]
+            totals[n] = totals[n] + est.sum(1).float().cpu()  # [batch, ...] summed over post positions
+    out = {"direction": bypass / len(prompts)}
+    for kind, hook, reduce in (("neuron", hk.mlp_post, lambda t: t), ("head", hk.attn_z, lambda t: t.sum(-1))):
+        out[kind] = torch.stack([reduce(totals[hook(l)]).sum(0) / len(prompts) for l in range(model.n_layers)])
+    return out
