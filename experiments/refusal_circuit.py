@@ -2,9 +2,11 @@
 
 One command, embedded model, shared activation store:
 1. circuit-map on N AdvBench vs N harmless prompts (train split): probe, rank, verify, stage.
-2. ablation fragility curves for neurons and for heads: top-k ranked vs layer-matched random-k
-   (ranked on one half of the prompts, evaluated on the other half).
-Writes results/refusal_circuit/{circuit,fragility_neuron,fragility_head}/ and summary.json,
+2. ablation fragility curves for neurons and for heads: top-k ranked (by attribution-estimated
+   refusal drop; neurons also by diff-ranking effect size) vs layer-matched random-k, ranked on
+   one half of the prompts and evaluated on the other half.
+Writes results/refusal_circuit/{circuit,fragility_neuron,fragility_head,fragility_neuron_effect_size}/
+and summary.json,
 then prints a short text summary. Subsampling (to keep this under ~15 min on 2 cores): N = 64
 prompts per set, 2 random seeds, the generation judge reads 12 new tokens.
 
@@ -43,19 +45,25 @@ def main() -> None:
     circuit.save(args.out / "circuit")
     print(f"[{time.time() - t0:5.0f} s] circuit map: {circuit.summary}")
 
-    neuron_grid = [1, 10, 50] if args.quick else [1, 10, 50, 200, 1000, 5000]
+    neuron_grid = [1, 10, 50] if args.quick else [1, 10, 50, 200, 1000]
     head_grid = [1, 5] if args.quick else [1, 5, 20, 50]
     common = dict(random_seeds=1 if args.quick else 2, max_new_tokens=12, method="mean")
+    # Most safety-relevant first: units ranked by their attribution-estimated refusal drop; the
+    # effect-size (diff-ranking) neuron ranking is the comparison that shows why causal ranking matters.
+    runs = [("neuron", "attribution", neuron_grid, "fragility_neuron"),
+            ("head", "attribution", head_grid, "fragility_head"),
+            ("neuron", "effect_size", neuron_grid + [5000], "fragility_neuron_effect_size")]
     fragility = {}
-    for kind, grid in (("neuron", neuron_grid), ("head", head_grid)):
-        saved = args.out / f"fragility_{kind}" / "config.json"
+    for kind, rank_by, grid, name in runs:
+        saved = args.out / name / "config.json"
         if args.reuse_fragility and saved.is_file():
-            fragility[kind] = json.loads(saved.read_text())["summary"]
+            fragility[name] = json.loads(saved.read_text())["summary"]
             continue
-        result = get("ablation")(kind=kind, k_grid=grid, **common).run(model, harmful, harmless, store=store)
-        result.save(args.out / f"fragility_{kind}")
-        fragility[kind] = result.summary
-        print(f"[{time.time() - t0:5.0f} s] fragility ({kind}s): {result.summary}")
+        result = get("ablation")(kind=kind, k_grid=grid, rank_by=rank_by, **common).run(
+            model, harmful, harmless, store=store)
+        result.save(args.out / name)
+        fragility[name] = result.summary
+        print(f"[{time.time() - t0:5.0f} s] {name}: {result.summary}")
 
     summary = {"circuit": circuit.summary, "fragility": fragility, "n_per_set": args.n,
                "seconds": round(time.time() - t0), "store": store.stats()}
@@ -66,7 +74,8 @@ def main() -> None:
 
 def render(summary: dict) -> str:
     """The short text answer: where refusal lives, and whether it is a single point of failure."""
-    c, fn, fh = summary["circuit"], summary["fragility"]["neuron"], summary["fragility"]["head"]
+    c = summary["circuit"]
+    fn, fh = summary["fragility"]["fragility_neuron"], summary["fragility"]["fragility_head"]
     m = fn["measure"]
     lines = [
         f"Refusal circuit ({summary['n_per_set']} harmful vs {summary['n_per_set']} harmless prompts):",

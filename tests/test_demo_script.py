@@ -20,7 +20,7 @@ def test_render_summary_from_planted_runs():
     model = load_model("planted")
     harmful, harmless = planted_prompts(8)
     circuit = get("circuit-map")(n_neurons=3, n_heads=2, n_verify=4).run(model, harmful, harmless)
-    fragility = {kind: get("ablation")(kind=kind, k_grid=[1, 2], random_seeds=1, judge=False,
+    fragility = {f"fragility_{kind}": get("ablation")(kind=kind, k_grid=[1, 2], random_seeds=1, judge=False,
                                        judge_harmless=False, n_text=2, method="zero")
                  .run(model, harmful, harmless).summary for kind in ("neuron", "head")}
     text = _script().render({"circuit": circuit.summary, "fragility": fragility, "n_per_set": 8, "seconds": 1})
