@@ -73,31 +73,44 @@ def bars(table: pd.DataFrame, x: str, y: str, hue: str | None, title: str, yerr:
     return fig
 
 
-def fragility(table: pd.DataFrame, kind: str, model_name: str):
-    """Refusal vs number of ablated units: top-k against random-k (mean and min–max band over seeds),
-    with the side effects (KL on harmless prompts, cross-entropy on text) in a second panel."""
-    measure = "refusal_rate" if table["refusal_rate"].notna().any() else "refusal_score"
+def fragility(table: pd.DataFrame, kind: str, model_name: str, broken_kl: float = 1.0):
+    """Refusal vs number of ablated units, top-k against layer-matched random-k: judged refusal rate
+    (top-k with its bootstrap CI; the judged random seed), refusal score (random: mean and min–max
+    over seeds), and side effects. Conditions whose harmless KL exceeds ``broken_kl`` are marked ×:
+    there the model is broken, so a low refusal rate is not compliance."""
     base = table[table.selection == "baseline"].iloc[0]
     top = table[table.selection == "top"].sort_values("k")
-    rnd = table[table.selection == "random"].groupby("k")[measure].agg(["mean", "min", "max"]).reset_index()
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax.plot(top.k, top[measure], "o-", color="C3", label=f"top-k ranked {kind}s")
-    if measure == "refusal_rate" and top["refusal_rate_ci_low"].notna().all():
-        ax.fill_between(top.k, top.refusal_rate_ci_low, top.refusal_rate_ci_high, color="C3", alpha=0.15)
-    if len(rnd):
-        ax.plot(rnd.k, rnd["mean"], "s--", color="C0", label=f"random-k {kind}s (mean over seeds)")
-        ax.fill_between(rnd.k, rnd["min"], rnd["max"], color="C0", alpha=0.2, label="random: min–max over seeds")
-    ax.axhline(base[measure], color="k", lw=0.8, ls=":", label="no ablation")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"{kind}s ablated (k)")
-    ax.set_ylabel(measure.replace("_", " ") + " on harmful prompts")
-    ax.set_title(f"Fragility of refusal, {model_name}")
-    ax.legend(fontsize=7)
-    rnd_side = table[table.selection == "random"].groupby("k")[["kl_harmless", "cross_entropy"]].mean().reset_index()
+    rnd = table[table.selection == "random"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.9))
+    panels = [("refusal_rate", "refusal rate (judge)"), ("refusal_score", "refusal score (log-odds)")]
+    for ax, (measure, label) in zip(axes[:2], panels):
+        ax.plot(top.k, top[measure], "o-", color="C3", label=f"top-k ranked {kind}s")
+        if measure == "refusal_rate" and top["refusal_rate_ci_low"].notna().all():
+            ax.fill_between(top.k, top.refusal_rate_ci_low, top.refusal_rate_ci_high, color="C3", alpha=0.15,
+                            label="top-k 95% CI")
+        r = rnd.dropna(subset=[measure]).groupby("k")[measure].agg(["mean", "min", "max", "count"]).reset_index()
+        if len(r):
+            ax.plot(r.k, r["mean"], "s--", color="C0", label=f"random-k {kind}s (mean of {int(r['count'].max())} seeds)")
+            ax.fill_between(r.k, r["min"], r["max"], color="C0", alpha=0.2, label="random: min–max over seeds")
+        broken = table[(table.kl_harmless > broken_kl) & table[measure].notna()]
+        if len(broken):
+            ax.scatter(broken.k, broken[measure], marker="x", s=80, color="k", zorder=5,
+                       label=f"model broken (KL > {broken_kl:g})")
+        if not np.isnan(base[measure]):
+            ax.axhline(base[measure], color="k", lw=0.8, ls=":", label="no ablation")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{kind}s ablated (k)")
+        ax.set_ylabel(label + ", harmful prompts")
+        ax.legend(fontsize=6)
+    axes[0].set_title(f"Fragility of refusal, {model_name}")
+    ax2 = axes[2]
+    rnd_side = rnd.groupby("k")[["kl_harmless", "cross_entropy"]].median().reset_index()
     ax2.plot(top.k, top.kl_harmless, "o-", color="C3", label="KL harmless, top-k")
     if len(rnd_side):
-        ax2.plot(rnd_side.k, rnd_side.kl_harmless, "s--", color="C0", label="KL harmless, random-k")
+        ax2.plot(rnd_side.k, rnd_side.kl_harmless, "s--", color="C0", label="KL harmless, random-k (median)")
     ax2.set_xscale("log")
+    ax2.set_yscale("symlog", linthresh=0.01)
+    ax2.set_ylim(bottom=0)
     ax2.set_xlabel(f"{kind}s ablated (k)")
     ax2.set_ylabel("KL (nats)")
     ax3 = ax2.twinx()
@@ -106,7 +119,7 @@ def fragility(table: pd.DataFrame, kind: str, model_name: str):
     ax3.set_ylabel("cross-entropy on text (nats/token)")
     lines = ax2.get_legend_handles_labels()[0] + ax3.get_legend_handles_labels()[0]
     labels = ax2.get_legend_handles_labels()[1] + ax3.get_legend_handles_labels()[1]
-    ax2.legend(lines, labels, fontsize=7)
+    ax2.legend(lines, labels, fontsize=6)
     ax2.set_title("Side effects")
     fig.tight_layout()
     return fig
