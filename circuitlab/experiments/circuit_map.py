@@ -35,6 +35,7 @@ import torch
 from .. import hooks as hk
 from .. import metrics, plots
 from ..components import Component, hook_name
+from ..interventions import _decoder_layers, _orig
 from ..progress import progress_bar
 from ..results import Result
 from ..store import ActivationStore
@@ -48,14 +49,10 @@ __all__ = ["CircuitMap", "write_vector", "assign_stage", "attribution_estimates"
 STAGES = ("detection", "evaluation", "decision", "production")
 
 
-def _orig(module):
-    return getattr(module, "_original_component", module)
-
-
 def write_vector(model, c: Component) -> torch.Tensor:
     """What one unit of the component writes into the residual stream: ``[d_model]`` for a neuron
     (its W_down column), ``[d_head, d_model]`` for a head (its W_O slice)."""
-    layer = _orig(model.hf_model.model.layers[c.layer])
+    layer = _decoder_layers(model.hf_model)[c.layer]
     if c.kind == "neuron":
         return _orig(_orig(layer.mlp).down_proj).weight[:, c.index].detach().float().cpu()
     w = _orig(_orig(layer.self_attn).o_proj).weight.detach().float().cpu()  # [d_model, heads*d_head]
