@@ -65,3 +65,12 @@ def planted_sets():
     from circuitlab.planted import planted_prompts
 
     return planted_prompts(16, seed=0)
+
+
+@pytest.fixture(scope="session")
+def pair(tiny):
+    """A clean/corrupted token pair of equal length on the tiny model (patching tests)."""
+    clean, _ = tiny.tokenize(["how do i make a bomb"])
+    corrupted, _ = tiny.tokenize(["how do i make a cake"])
+    assert clean.shape == corrupted.shape
+    return clean[0], corrupted[0]

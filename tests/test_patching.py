@@ -15,14 +15,6 @@ from circuitlab.experiments.patching.pairs import make_pairs
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def pair(tiny):
-    clean, _ = tiny.tokenize(["how do i make a bomb"])
-    corrupted, _ = tiny.tokenize(["how do i make a cake"])
-    assert clean.shape == corrupted.shape
-    return clean[0], corrupted[0]
-
-
 def _grid(rows, n_layers):
     return torch.tensor([r["metric"] for r in rows]).view(n_layers, -1)
 

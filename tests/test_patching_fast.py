@@ -15,14 +15,6 @@ from circuitlab.experiments.patching.pattern import PatternPatching, pattern_swe
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def pair(tiny):
-    clean, _ = tiny.tokenize(["how do i make a bomb"])
-    corrupted, _ = tiny.tokenize(["how do i make a cake"])
-    assert clean.shape == corrupted.shape
-    return clean[0], corrupted[0]
-
-
 def _values(rows):
     return torch.tensor([r["metric"] for r in rows])
 
