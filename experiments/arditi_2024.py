@@ -3,13 +3,12 @@ Fig. 1) on the embedded model: refusal rate baseline vs directional ablation on 
 baseline vs activation addition on harmless prompts, the candidate heatmap, a second harmful set
 (JailbreakBench) the direction was not selected on, and an exported orthogonalized model.
 
-    .venv/bin/python experiments/arditi_2024.py            # ~25-40 min on the shared 2-core CPU
+    .venv/bin/python experiments/arditi_2024.py            # ~45 min on an idle 2-core CPU
 
-Subsampling, to fit a 2-core CPU (all said in config.json): candidates are scored only at
-``--layers`` (every post-instruction position) on ``--n-val`` prompts per side; generation judges
-use ``--max-new-tokens`` tokens and only the rows of the figure; the orthogonalized condition is
-checked on the exported, reloaded model (its equality with hook ablation is a unit test); the
-attribution table uses 32 test prompts per side. Writes results/arditi_2024/. No completions
+Every candidate (all layers outside the pruned last 20%, every post-instruction position) is
+scored on ``--n-val`` prompts per side (``--layers 9,12,15`` subsamples); generation judges use
+``--max-new-tokens`` tokens; the attribution table uses 32 test prompts per side; the exported,
+reloaded orthogonalized model is checked on 16 test prompts. All said in config.json. Writes results/arditi_2024/. No completions
 are saved; the exported weights go to a temporary folder and are deleted.
 """
 
@@ -33,17 +32,18 @@ from circuitlab.experiments.direction import RefusalDirection, split_three
 
 # Numbers quoted by issue 4 for Arditi et al.'s Qwen-1.8B-chat (not re-derived here).
 PAPER = {"model": "Qwen-1.8B-chat", "compliance_baseline": 0.30, "compliance_ablation": 0.99}
-JUDGED = ["baseline:harmful", "ablation:harmful", "baseline:harmless", "addition:harmless"]
+JUDGED = ["baseline:harmful", "ablation:harmful", "orthogonalized:harmful", "baseline:harmless",
+          "addition:harmless"]
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-train", type=int, default=64)
-    ap.add_argument("--n-val", type=int, default=8)
+    ap.add_argument("--n-val", type=int, default=32)
     ap.add_argument("--n-test", type=int, default=64)
     ap.add_argument("--n-jbb", type=int, default=64)
-    ap.add_argument("--layers", default="9,12,15,18")
-    ap.add_argument("--max-new-tokens", type=int, default=12)
+    ap.add_argument("--layers", default="", help="comma-separated candidate layers (default: all)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/arditi_2024")
     args = ap.parse_args(argv)
@@ -54,8 +54,8 @@ def main(argv=None) -> None:
     harmful = datasets.load("advbench").sample(n, seed=args.seed)
     harmless = datasets.load("harmless").sample(n, seed=args.seed)
     exp = RefusalDirection(train_frac=args.n_train / n, val_frac=args.n_val / n,
-                           layers=[int(x) for x in args.layers.split(",")], judge_only=JUDGED,
-                           conditions=["baseline", "ablation", "addition"], component_prompts=32,
+                           layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
+                           judge_only=JUDGED, component_prompts=32,
                            max_new_tokens=args.max_new_tokens, plaintext_n=16, seed=args.seed)
     sizes = [len(p) for p in split_three(harmful, exp.train_frac, exp.val_frac, args.seed)]
     print(f"split sizes (train/val/test) per side: {sizes}", flush=True)
@@ -80,8 +80,8 @@ def main(argv=None) -> None:
                            for r in jbb_eval.itertuples()})
     result.summary.update(export=export, paper=PAPER, seconds=round(time.time() - start))
     result.config["script"] = {"argv": vars(args), "judged_rows": JUDGED, "split_sizes": sizes,
-                               "subsampling": "candidates scored at --layers only, all post positions, "
-                                              "on --n-val prompts per side"}
+                               "subsampling": f"candidates scored at layers {args.layers or 'all'}, all post "
+                                              "positions, on --n-val prompts per side"}
     result.figures["refusal_rates"] = main_figure(evaluation)
     out = result.save(args.out)
     (out / "table.parquet").unlink(missing_ok=True)  # the csv carries the same candidates table
@@ -114,7 +114,8 @@ def main_figure(evaluation: pd.DataFrame):
     """Fig. 1 of the paper: refusal rate (95% CI) for each intervention, per prompt set."""
     import matplotlib.pyplot as plt
 
-    picks = [("advbench", "baseline"), ("advbench", "ablation"), ("jbb", "baseline"), ("jbb", "ablation"),
+    picks = [("advbench", "baseline"), ("advbench", "ablation"), ("advbench", "orthogonalized"),
+             ("jbb", "baseline"), ("jbb", "ablation"),
              ("harmless", "baseline"), ("harmless", "addition")]
     ev = evaluation.set_index(["dataset", "condition"])
     picks = [p for p in picks if p in ev.index and not np.isnan(ev.loc[p, "refusal_rate"])]

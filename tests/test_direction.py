@@ -56,6 +56,12 @@ def test_selection_falls_back_to_baseline_relative_induction():
     assert t.loc[t.selected, "layer"].item() == 1 and "no candidate passed" in rule
 
 
+def test_selection_keeps_kl_filter_when_nothing_induces_refusal():
+    table = _candidates_table().assign(induce_score=[-5.0, -5.0, -5.0, np.nan, 1.0])
+    t, rule = select_candidate(table, 0.1, 0.0, baseline_harmful=-1.3)
+    assert t.loc[t.selected, "layer"].item() == 2 and "no candidate induced" in rule  # layer 1 fails KL
+
+
 def test_head_and_neuron_attributions_sum_to_layer_outputs(tiny, harmful, harmless, tmp_path):
     r = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(0))
     table = direction_components(tiny, r, list(harmful), list(harmless), ActivationStore(tmp_path),

@@ -59,8 +59,9 @@ def select_candidate(table: pd.DataFrame, kl_threshold: float, induce_threshold:
 
     Paper rule: induce_score > ``induce_threshold`` (0 = refusal token likelier than not). If no
     candidate reaches it, fall back to the paper's idea relative to this model's baseline: addition
-    must raise harmless prompts at least to the harmful baseline score. If nothing passes at all,
-    the eligible candidate with the lowest bypass score is taken and the rule says so.
+    must raise harmless prompts at least to the harmful baseline score. If still nothing passes, the
+    induce filter is dropped (KL kept); if nothing passes KL either, the eligible candidate with the
+    lowest bypass score is taken. ``rule`` names the step used.
     """
     t = table.copy()
     t["passes_kl"] = t["kl"] < kl_threshold
@@ -71,6 +72,9 @@ def select_candidate(table: pd.DataFrame, kl_threshold: float, induce_threshold:
         t["passes_induce"] = t["induce_score"] > baseline_harmful
         rule = f"kl<{kl_threshold} & induce_score>baseline harmful score ({baseline_harmful:.3f}) [fallback]"
     pool = eligible & t.passes_kl & t.passes_induce
+    if not pool.any() and (eligible & t.passes_kl).any():
+        # KL guards the side effects the user sees, so it is the last filter to give up
+        pool, rule = eligible & t.passes_kl, f"kl<{kl_threshold}; no candidate induced refusal [fallback]"
     if not pool.any():
         pool, rule = eligible, "no candidate passed the filters: lowest bypass score among eligible layers [fallback]"
     t["selected"] = False
