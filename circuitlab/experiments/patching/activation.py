@@ -39,7 +39,7 @@ from ..base import Experiment, register
 from .engine import Sweep, run_sweeps
 from .pairs import make_pairs
 
-__all__ = ["ActivationPatching", "layer_sweeps", "refusal_metric", "patch_pairs", "MODES", "LAYER_COMPONENTS"]
+__all__ = ["ActivationPatching", "PairPatchingExperiment", "layer_sweeps", "refusal_metric", "patch_pairs", "MODES", "LAYER_COMPONENTS"]
 
 MODES = ("denoise", "noise")
 LAYER_COMPONENTS = ("resid_pre", "attn_out", "mlp_out")
@@ -122,30 +122,44 @@ def average_over_pairs(table: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns="normalized_std")
 
 
-@register("activation-patching")
 @dataclass
-class ActivationPatching(Experiment):
-    """Exact activation patching (Meng et al. 2022) of harmful/harmless pairs: where refusal is carried."""
+class PairPatchingExperiment(Experiment):
+    """Parameters and checks shared by the experiments that patch harmful/harmless prompt pairs."""
 
-    components: list[str] = field(default_factory=lambda: ["resid_pre", "attn_out", "mlp_out", "head"])
     mode: str = "denoise"
-    positions: str = "all"  # all | post | last: positions swept one at a time
-    per_position: bool = True
-    head_positions: bool = False  # heads per position too (n_layers * n_heads * n_positions runs)
-    layers: list[int] | None = None
     n_pairs: int = 4
     pairing: str = "length"
     batch_size: int = 32
     fast: bool = True
     seed: int = 0
 
-    def run(self, model, harmful, harmless, *, store=None) -> Result:
+    def checked_layers(self, model, layers) -> list[int]:
+        """``layers`` (all when None), refused with a clear error if out of range; checks ``mode`` too."""
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
-        layers = list(range(model.n_layers)) if self.layers is None else list(self.layers)
+        layers = list(range(model.n_layers)) if layers is None else list(layers)
         if any(not 0 <= l < model.n_layers for l in layers):
             raise ValueError(f"layers {layers} out of range 0..{model.n_layers - 1}")
-        pairs = make_pairs(model, harmful, harmless, n_pairs=self.n_pairs, pairing=self.pairing)
+        return layers
+
+    def pairs(self, model, harmful, harmless):
+        return make_pairs(model, harmful, harmless, n_pairs=self.n_pairs, pairing=self.pairing)
+
+
+@register("activation-patching")
+@dataclass
+class ActivationPatching(PairPatchingExperiment):
+    """Exact activation patching (Meng et al. 2022) of harmful/harmless pairs: where refusal is carried."""
+
+    components: list[str] = field(default_factory=lambda: ["resid_pre", "attn_out", "mlp_out", "head"])
+    positions: str = "all"  # all | post | last: positions swept one at a time
+    per_position: bool = True
+    head_positions: bool = False  # heads per position too (n_layers * n_heads * n_positions runs)
+    layers: list[int] | None = None
+
+    def run(self, model, harmful, harmless, *, store=None) -> Result:
+        layers = self.checked_layers(model, self.layers)
+        pairs = self.pairs(model, harmful, harmless)
 
         def sweeps(pair):
             pos = _positions(self.positions, pair.length, model.n_post)

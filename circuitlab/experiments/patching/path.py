@@ -28,10 +28,9 @@ import torch
 
 from ... import hooks as hk
 from ...results import Result
-from ..base import Experiment, register
-from .activation import MODES, patch_pairs, refusal_metric
+from ..base import register
+from .activation import PairPatchingExperiment, patch_pairs, refusal_metric
 from .engine import Sweep
-from .pairs import make_pairs
 
 __all__ = ["PathPatching", "path_sweep", "split_qkv_input", "RECEIVERS"]
 
@@ -114,25 +113,18 @@ def sender_deltas(model, senders):
 
 @register("path-patching")
 @dataclass
-class PathPatching(Experiment):
+class PathPatching(PairPatchingExperiment):
     """Path patching (Wang et al. 2022): effect of each sender head on later heads' queries, MLPs, logits."""
 
     receivers: list[str] = field(default_factory=lambda: ["logits", "mlp"])
     sender_layers: list[int] | None = None
-    mode: str = "denoise"
     n_pairs: int = 2
-    pairing: str = "length"
-    batch_size: int = 32
-    fast: bool = True
-    seed: int = 0
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
-        if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
-        layers = range(model.n_layers) if self.sender_layers is None else self.sender_layers
+        layers = self.checked_layers(model, self.sender_layers)
         senders = [(l, h) for l in layers for h in range(model.n_heads)]
         sweep = path_sweep(model, senders, self.receivers)
-        pairs = make_pairs(model, harmful, harmless, n_pairs=self.n_pairs, pairing=self.pairing)
+        pairs = self.pairs(model, harmful, harmless)
         with split_qkv_input(model, "q" in self.receivers), torch.no_grad():
             table = patch_pairs(model, pairs, lambda pair: [sweep], refusal_metric(model), mode=self.mode,
                                 fast=self.fast, batch_size=self.batch_size, progress=True,

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 from ... import hooks as hk
 from ...results import Result
-from ..base import Experiment, register
-from .activation import MODES, average_over_pairs, patch_pairs, refusal_metric
+from ..base import register
+from .activation import PairPatchingExperiment, average_over_pairs, patch_pairs, refusal_metric
 from .engine import Sweep
-from .pairs import make_pairs
 
 __all__ = ["PatternPatching", "pattern_sweep"]
 
@@ -43,23 +42,14 @@ def pattern_sweep(model, layers) -> Sweep:
 
 @register("pattern-patching")
 @dataclass
-class PatternPatching(Experiment):
+class PatternPatching(PairPatchingExperiment):
     """Attention-pattern patching per head (all query positions): does a head's routing carry refusal?"""
 
     layers: list[int] | None = None
-    mode: str = "denoise"
-    n_pairs: int = 4
-    pairing: str = "length"
-    batch_size: int = 32
-    fast: bool = True
-    seed: int = 0
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
-        if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
-        layers = range(model.n_layers) if self.layers is None else self.layers
-        sweep = pattern_sweep(model, layers)
-        pairs = make_pairs(model, harmful, harmless, n_pairs=self.n_pairs, pairing=self.pairing)
+        sweep = pattern_sweep(model, self.checked_layers(model, self.layers))
+        pairs = self.pairs(model, harmful, harmless)
         table = patch_pairs(model, pairs, lambda pair: [sweep], refusal_metric(model), mode=self.mode,
                             fast=self.fast, batch_size=self.batch_size, progress=True)
         table["mode"] = self.mode
