@@ -106,6 +106,7 @@ def test_experiment_runs_and_selects_one(tiny, harmful, harmless, tmp_path):
     assert best.layer < tiny.n_layers * 0.8 and not best.excluded
     assert exp.layer_ == best.layer and exp.direction_.shape == (tiny.d_model,)
     assert set(result.tables) >= {"evaluation", "components"}
+    assert set(result.figures) >= {"candidates", "tradeoff", "refusal_rates"}
     assert "selection_rule" in result.summary
 
 

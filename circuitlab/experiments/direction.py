@@ -133,7 +133,8 @@ class RefusalDirection(Experiment):
         components = direction_components(model, self.direction_, list(h_test)[:k], list(s_test)[:k], store,
                                           top_neurons=self.top_neurons, batch_size=self.batch_size)
         summary = _summary(table, evaluation, rule, baseline)
-        figures = {"candidates": candidate_heatmap(table, model.name)}
+        figures = {"candidates": candidate_heatmap(table, model.name),
+                   "tradeoff": candidate_tradeoff(table, self.kl_threshold, model.name)}
         if self.judge:
             figures["refusal_rates"] = refusal_bars(evaluation, model.name)
         return Result(table, self.config(model, harmful=harmful, harmless=harmless),
@@ -225,6 +226,30 @@ def candidate_heatmap(table: pd.DataFrame, model_name: str):
     rows = sorted(table.layer.unique())
     ax.scatter([cols.index(best.position)], [rows.index(best.layer)], marker="*", s=160, c="red", label="selected")
     ax.legend(loc="upper right", fontsize=7)
+    return fig
+
+
+def candidate_tradeoff(table: pd.DataFrame, kl_threshold: float, model_name: str):
+    """Bypass score against KL on harmless for every scored candidate: what the KL filter costs."""
+    import matplotlib.pyplot as plt
+
+    t = table[table.bypass_score.notna()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = ax.scatter(t.kl, t.bypass_score, c=t.layer, cmap="viridis", s=22)
+    for r in t.itertuples():
+        ax.annotate(f"{r.layer}/{r.position}", (r.kl, r.bypass_score), fontsize=5, alpha=0.7)
+    best = t[t.selected]
+    ax.scatter(best.kl, best.bypass_score, marker="*", s=200, c="red", label="selected")
+    ax.axvline(kl_threshold, color="gray", ls="--", lw=1, label=f"KL threshold {kl_threshold}")
+    ax.axhline(float(t.baseline_harmful_score.iloc[0]), color="tab:blue", ls=":", lw=1, label="harmful baseline")
+    ax.axhline(float(t.baseline_harmless_score.iloc[0]), color="tab:orange", ls=":", lw=1, label="harmless baseline")
+    ax.set_xscale("log")
+    ax.set_xlabel("KL on harmless (val) after ablation, nats (log)")
+    ax.set_ylabel("refusal score on harmful (val) after ablation")
+    ax.set_title(f"Candidates (layer/position), {model_name}", fontsize=9)
+    fig.colorbar(points, ax=ax, label="layer")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
     return fig
 
 
