@@ -3,10 +3,11 @@ Fig. 1) on the embedded model: refusal rate baseline vs directional ablation on 
 baseline vs activation addition on harmless prompts, the candidate heatmap, a second harmful set
 (JailbreakBench) the direction was not selected on, and an exported orthogonalized model.
 
-    .venv/bin/python experiments/arditi_2024.py            # ~45 min on an idle 2-core CPU
+    .venv/bin/python experiments/arditi_2024.py            # ~35 min on an idle 2-core CPU
 
-Every candidate (all layers outside the pruned last 20%, every post-instruction position) is
-scored on ``--n-val`` prompts per side (``--layers 9,12,15`` subsamples); generation judges use
+Train and val keep only refused harmful / answered harmless prompts (refusal score > 0 / < 0, as
+in the reference code; kept counts in the summary). Every candidate (all layers outside the pruned
+last 20%, every post-instruction position) is scored on the kept val prompts (``--layers 9,12,15`` subsamples); generation judges use
 ``--max-new-tokens`` tokens; the attribution table uses 32 test prompts per side; the exported,
 reloaded orthogonalized model is checked on 16 test prompts. All said in config.json. Writes results/arditi_2024/. No completions
 are saved; the exported weights go to a temporary folder and are deleted.
@@ -38,7 +39,7 @@ JUDGED = ["baseline:harmful", "ablation:harmful", "orthogonalized:harmful", "bas
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-train", type=int, default=64)
+    ap.add_argument("--n-train", type=int, default=96)
     ap.add_argument("--n-val", type=int, default=32)
     ap.add_argument("--n-test", type=int, default=64)
     ap.add_argument("--n-jbb", type=int, default=64)
@@ -84,6 +85,9 @@ def main(argv=None) -> None:
                                               "positions, on --n-val prompts per side"}
     result.figures["refusal_rates"] = main_figure(evaluation)
     out = result.save(args.out)
+    # 896 floats: lets anyone re-apply this exact direction without rerunning the search
+    torch.save({"direction": exp.direction_, "layer": exp.layer_,
+                "position": result.summary["selected_position"]}, out / "direction.pt")
     (out / "table.parquet").unlink(missing_ok=True)  # the csv carries the same candidates table
     print(json.dumps(result.summary, indent=1))
 

@@ -13,7 +13,8 @@ from circuitlab.results import SHARED_COLUMNS, Result, load_result
 FAST_PARAMS: dict[str, dict] = {
     "circuit-map": {"n_neurons": 3, "n_heads": 2, "n_atp_neurons": 2, "n_atp_heads": 1, "n_verify": 4, "probe_threshold": 0.6},
     "ablation": {"k_grid": [1, 3], "random_seeds": 1, "max_new_tokens": 2, "n_text": 4},
-    "refusal-direction": {"max_new_tokens": 4, "plaintext_n": 4, "n_boot": 100},
+    "refusal-direction": {"max_new_tokens": 4, "plaintext_n": 4, "n_boot": 100, "filter_train": False,
+                          "filter_val": False},  # the random tiny model refuses nothing
     "monitor": {"quick": True, "reload": False, "n_canary": 4, "finetune_texts": 2, "ood": None},
     "targeted-finetune": {"steps": 2, "n_neurons": 4, "n_heads": 1, "max_new_tokens": 2, "n_text": 2, "n_eval": 4},
     "activation-patching": {"n_pairs": 2},

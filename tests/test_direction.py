@@ -62,6 +62,21 @@ def test_selection_keeps_kl_filter_when_nothing_induces_refusal():
     assert t.loc[t.selected, "layer"].item() == 2 and "no candidate induced" in rule  # layer 1 fails KL
 
 
+def test_filter_keeps_refused_harmful_and_answered_harmless(tiny, harmful, harmless):
+    from circuitlab import metrics
+
+    h_scores, s_scores = metrics.refusal_score(tiny, list(harmful)), metrics.refusal_score(tiny, list(harmless))
+    threshold = float(torch.cat([h_scores, s_scores]).median())  # the random model needs a threshold that splits
+    exp = RefusalDirection(progress=False, filter_threshold=threshold)
+    kept = {}
+    h, s = exp._filter(tiny, harmful, harmless, kept, "train")
+    assert list(h) == [p for p, x in zip(harmful, h_scores.tolist()) if x > threshold]
+    assert list(s) == [p for p, x in zip(harmless, s_scores.tolist()) if x < threshold]
+    assert kept["train_harmful_kept"] == f"{len(h)}/{len(harmful)}"
+    with pytest.raises(ValueError, match="filter_val=False"):
+        RefusalDirection(progress=False, filter_threshold=1e9)._filter(tiny, harmful, harmless, {}, "val")
+
+
 def test_head_and_neuron_attributions_sum_to_layer_outputs(tiny, harmful, harmless, tmp_path):
     r = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(0))
     table = direction_components(tiny, r, list(harmful), list(harmless), ActivationStore(tmp_path),
@@ -99,7 +114,8 @@ def test_bootstrap_ci_brackets_the_mean():
 
 
 def test_experiment_runs_and_selects_one(tiny, harmful, harmless, tmp_path):
-    exp = RefusalDirection(progress=False, max_new_tokens=4, plaintext=None, n_boot=50)
+    exp = RefusalDirection(progress=False, max_new_tokens=4, plaintext=None, n_boot=50,
+                           filter_train=False, filter_val=False)  # the random tiny model refuses nothing
     result = exp.run(tiny, harmful, harmless, store=ActivationStore(tmp_path))
     assert result.table.selected.sum() == 1
     best = result.table[result.table.selected].iloc[0]

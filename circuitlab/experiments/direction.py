@@ -12,7 +12,11 @@ Arditi et al. 2024, "Refusal in Language Models Is Mediated by a Single Directio
    heads / MLPs / neurons onto the direction (``direction_eval.direction_components``).
 
 Splits: each given set is shuffled with ``seed`` and cut into train / val / test by
-``train_frac`` / ``val_frac`` / the rest (at least one prompt each).
+``train_frac`` / ``val_frac`` / the rest (at least one prompt each). As in the reference code
+(andyrdt/refusal_direction, ``filter_train`` / ``filter_val``), train and val keep only the harmful
+prompts the model refuses (refusal score > ``filter_threshold``) and the harmless ones it does not
+(score < threshold): a model that answers half of AdvBench would otherwise dilute the direction
+with prompts that carry no refusal. The test split is never filtered.
 """
 
 from __future__ import annotations
@@ -94,6 +98,9 @@ class RefusalDirection(Experiment):
     kl_threshold: float = 0.1
     induce_threshold: float | None = 0.0
     prune_layer_frac: float = 0.2
+    filter_train: bool = True  # keep refused harmful / non-refused harmless prompts (reference code)
+    filter_val: bool = True
+    filter_threshold: float = 0.0
     evaluate_excluded: bool = False  # also score candidates in the pruned last layers (costly)
     judge: bool = True
     judge_only: list[str] | None = None  # "condition:split" rows to judge by generation (None: all)
@@ -118,6 +125,11 @@ class RefusalDirection(Experiment):
         harmful, harmless = _as_set(harmful, "harmful"), _as_set(harmless, "harmless")
         h_train, h_val, h_test = split_three(harmful, self.train_frac, self.val_frac, self.seed)
         s_train, s_val, s_test = split_three(harmless, self.train_frac, self.val_frac, self.seed)
+        kept = {}
+        if self.filter_train:
+            h_train, s_train = self._filter(model, h_train, s_train, kept, "train")
+        if self.filter_val:
+            h_val, s_val = self._filter(model, h_val, s_val, kept, "val")
         directions = self._candidates(model, h_train, s_train, store)
         table, rule, baseline = self._score_candidates(model, directions, h_val, s_val)
         best = table[table.selected].iloc[0]
@@ -132,7 +144,7 @@ class RefusalDirection(Experiment):
         k = self.component_prompts
         components = direction_components(model, self.direction_, list(h_test)[:k], list(s_test)[:k], store,
                                           top_neurons=self.top_neurons, batch_size=self.batch_size)
-        summary = _summary(table, evaluation, rule, baseline)
+        summary = {**_summary(table, evaluation, rule, baseline), **kept}
         figures = {"candidates": candidate_heatmap(table, model.name),
                    "tradeoff": candidate_tradeoff(table, self.kl_threshold, model.name)}
         if self.judge:
@@ -140,6 +152,23 @@ class RefusalDirection(Experiment):
         return Result(table, self.config(model, harmful=harmful, harmless=harmless),
                       tables={"evaluation": evaluation, "components": components, "candidates": table},
                       figures=figures, summary=summary)
+
+    def _filter(self, model, harmful, harmless, kept: dict, split: str) -> tuple[PromptSet, PromptSet]:
+        """Refused harmful and non-refused harmless prompts of one split; counts go into ``kept``."""
+        scores = metrics.refusal_score(model, list(harmful) + list(harmless), batch_size=self.batch_size)
+        h_scores, s_scores = scores[:len(harmful)], scores[len(harmful):]
+        out = []
+        for side, prompts, keep in (("harmful", harmful, h_scores > self.filter_threshold),
+                                    ("harmless", harmless, s_scores < self.filter_threshold)):
+            chosen = tuple(p for p, k in zip(prompts.prompts, keep.tolist()) if k)
+            kept[f"{split}_{side}_kept"] = f"{len(chosen)}/{len(prompts)}"
+            if len(chosen) < 2:
+                raise ValueError(
+                    f"only {len(chosen)} of {len(prompts)} {side} {split} prompts pass the refusal filter "
+                    f"(score {'>' if side == 'harmful' else '<'} {self.filter_threshold}): give more prompts, "
+                    f"change filter_threshold, or set filter_{split}=False")
+            out.append(PromptSet(f"{prompts.name}:filtered", chosen))
+        return out[0], out[1]
 
     def _candidates(self, model, harmful, harmless, store) -> dict[tuple[int, int], torch.Tensor]:
         """Difference in means of resid_pre at every (layer, post position), train split (§2.3)."""
