@@ -131,7 +131,7 @@ def test_embedded_direction_bypasses_and_induces_refusal(embedded):
     from conftest import HARMFUL, HARMLESS
     from circuitlab import metrics
 
-    layer = 18  # the layer experiments/arditi_2024.py selected (results/arditi_2024)
+    layer = 18  # its last-position candidate bypasses strongly (val score -2.97, results/arditi_2024/candidates.csv)
     name = hk.resid_pre(layer)
     mean = {k: embedded.run_with_cache(p[:6], [name], "last")[name][:, 0].mean(0)
             for k, p in (("harmful", HARMFUL), ("harmless", HARMLESS))}

@@ -1,0 +1,123 @@
+"""How much refusal can one direction remove, and at what side-effect cost? (beyond Arditi et al. 2024)
+
+Takes the candidates table of ``experiments/arditi_2024.py`` (run that first), rebuilds the same
+directions (same prompts, split, filter and seed; checked against the table's direction norms),
+and evaluates on the TEST split the selected direction and the ``--top`` candidates with the lowest
+validation bypass score, whatever their KL: judged refusal rate on harmful prompts after ablation
+(95% CI), refusal score, KL on harmless next-token distributions, cross-entropy on plain text.
+
+    .venv/bin/python experiments/arditi_2024_tradeoff.py     # ~10 min on an idle 2-core CPU
+
+Writes results/arditi_2024_tradeoff/ (table + figure). No completions are saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from circuitlab import ActivationStore, datasets, load_model, metrics
+from circuitlab import interventions as iv
+from circuitlab.direction_eval import bootstrap_ci
+from circuitlab.experiments.direction import RefusalDirection, split_three
+from circuitlab.results import Result, run_config
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", default="results/arditi_2024", help="output folder of arditi_2024.py")
+    ap.add_argument("--top", type=int, default=6, help="lowest-bypass candidates to evaluate besides the selected one")
+    ap.add_argument("--out", default="results/arditi_2024_tradeoff")
+    args = ap.parse_args(argv)
+    start = time.time()
+    source = json.load(open(f"{args.source}/config.json"))
+    run = source["script"]["argv"]
+    candidates = pd.read_csv(f"{args.source}/candidates.csv")
+    scored = candidates[candidates.bypass_score.notna() & ~candidates.excluded]
+    picks = pd.concat([scored[scored.selected], scored.nsmallest(args.top, "bypass_score")]).drop_duplicates(
+        ["layer", "position"])
+
+    model = load_model("embedded")
+    store = ActivationStore()
+    n = run["n_train"] + run["n_val"] + run["n_test"]
+    harmful = datasets.load("advbench").sample(n, seed=run["seed"])
+    harmless = datasets.load("harmless").sample(n, seed=run["seed"])
+    exp = RefusalDirection(train_frac=run["n_train"] / n, val_frac=run["n_val"] / n, progress=False)
+    h_train, _, h_test = split_three(harmful, exp.train_frac, exp.val_frac, run["seed"])
+    s_train, _, s_test = split_three(harmless, exp.train_frac, exp.val_frac, run["seed"])
+    h_train, s_train = exp._filter(model, h_train, s_train, {}, "train")
+    directions = exp._candidates(model, h_train, s_train, store)
+    plain = list(datasets.load("plaintext", n=16, seed=run["seed"] + 1))
+
+    h_test, s_test = list(h_test), list(s_test)
+    token_ids = metrics.refusal_tokens(model)
+    base_harmless = model.last_logits(s_test)
+    rows = [measure(model, [], h_test, s_test, plain, base_harmless, token_ids, run["max_new_tokens"])
+            | {"layer": None, "position": None, "candidate": "baseline"}]
+    for c in picks.itertuples():
+        d = directions[(int(c.layer), int(c.position))]
+        if not np.isclose(float(d.norm()), c.direction_norm, rtol=1e-4):
+            raise RuntimeError(f"direction {c.layer}/{c.position} differs from {args.source} "
+                               f"(norm {float(d.norm()):.4f} vs {c.direction_norm:.4f}): rerun arditi_2024.py first")
+        hooks = iv.directional_ablation_hooks(model, d)
+        row = measure(model, hooks, h_test, s_test, plain, base_harmless, token_ids, run["max_new_tokens"])
+        rows.append(row | {"layer": int(c.layer), "position": int(c.position),
+                           "candidate": "selected" if c.selected else "lowest val bypass",
+                           "val_bypass_score": c.bypass_score, "val_kl": c.kl})
+        print(f"[{time.time() - start:.0f}s] {c.layer}/{c.position}: {row}", flush=True)
+    table = pd.DataFrame(rows)
+    table.insert(0, "component", "direction")
+    table[["layer", "position"]] = table[["layer", "position"]].astype("Int64")  # baseline row: no direction
+    config = run_config("arditi-2024-tradeoff", {"source": args.source, "top": args.top, "source_argv": run},
+                        model, {"harmful": harmful, "harmless": harmless}, seed=run["seed"])
+    summary = {"seconds": round(time.time() - start)}
+    out = Result(table, config, figures={"tradeoff_test": figure(table)}, summary=summary).save(args.out)
+    (out / "table.parquet").unlink(missing_ok=True)  # the csv carries the same table
+    print(table.round(3).to_string())
+
+
+def measure(model, hooks, harmful, harmless, plain, base_harmless, token_ids, max_new_tokens) -> dict:
+    """Refusal on harmful (judge + score) and side effects on harmless / plain text under ``hooks``."""
+    judged = np.asarray(metrics.judge_refusals(model, harmful, max_new_tokens=max_new_tokens, fwd_hooks=hooks,
+                                               batch_size=32), dtype=float)
+    low, high = bootstrap_ci(judged)
+    scores = metrics.refusal_score_from_logits(model.last_logits(harmful, fwd_hooks=hooks), token_ids)
+    kl = metrics.kl_divergence(base_harmless, model.last_logits(harmless, fwd_hooks=hooks)).mean()
+    return {"refusal_rate": float(judged.mean()), "refusal_rate_ci_low": low, "refusal_rate_ci_high": high,
+            "refusal_score": float(scores.mean()), "kl_harmless": float(kl),
+            "cross_entropy": metrics.cross_entropy(model, plain, fwd_hooks=hooks)}
+
+
+def figure(table: pd.DataFrame):
+    """Test refusal rate after ablation against KL on harmless, one point per direction."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    base = table[table.candidate == "baseline"].iloc[0]
+    ax.axhline(base.refusal_rate, color="gray", ls=":", label=f"baseline {base.refusal_rate:.0%}")
+    for r in table[table.candidate != "baseline"].itertuples():
+        color = "red" if r.candidate == "selected" else "tab:blue"
+        ax.errorbar(r.kl_harmless, r.refusal_rate, yerr=[[r.refusal_rate - r.refusal_rate_ci_low],
+                                                          [r.refusal_rate_ci_high - r.refusal_rate]],
+                    fmt="o", color=color, capsize=3)
+        ax.annotate(f"L{r.layer}/{r.position}", (r.kl_harmless, r.refusal_rate), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.axvline(0.1, color="gray", ls="--", lw=1, label="KL threshold 0.1")
+    ax.set_xscale("log")
+    ax.set_xlabel("KL on harmless (test), nats (log)")
+    ax.set_ylabel("refusal rate on AdvBench test\nafter ablation (judge, 95% CI)")
+    ax.set_ylim(-0.02, 1)
+    ax.set_title("One direction: refusal removed vs side effect (red: selected)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
