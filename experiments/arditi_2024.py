@@ -3,14 +3,15 @@ Fig. 1) on the embedded model: refusal rate baseline vs directional ablation on 
 baseline vs activation addition on harmless prompts, the candidate heatmap, a second harmful set
 (JailbreakBench) the direction was not selected on, and an exported orthogonalized model.
 
-    .venv/bin/python experiments/arditi_2024.py            # ~35 min on an idle 2-core CPU
+    .venv/bin/python experiments/arditi_2024.py            # ~27 min on an idle 2-core CPU
 
 Train and val keep only refused harmful / answered harmless prompts (refusal score > 0 / < 0, as
 in the reference code; kept counts in the summary). Every candidate (all layers outside the pruned
-last 20%, every post-instruction position) is scored on the kept val prompts (``--layers 9,12,15`` subsamples); generation judges use
-``--max-new-tokens`` tokens; the attribution table uses 32 test prompts per side; the exported,
-reloaded orthogonalized model is checked on 16 test prompts. All said in config.json. Writes results/arditi_2024/. No completions
-are saved; the exported weights go to a temporary folder and are deleted.
+last 20%, every post-instruction position) is scored on the kept val prompts (``--layers 9,12,15``
+subsamples); generation judges use ``--max-new-tokens`` tokens; the attribution table uses 32 test
+prompts per side; the exported, reloaded orthogonalized model is checked on 16 test prompts. All
+said in config.json. Writes results/arditi_2024/ (and direction.pt, the selected direction). No
+completions are saved; the exported weights go to a temporary folder and are deleted.
 """
 
 from __future__ import annotations
