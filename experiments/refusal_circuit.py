@@ -69,10 +69,10 @@ def main() -> None:
                "seconds": round(time.time() - t0), "store": store.stats()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("\n" + render(summary))
+    print("\n" + render(summary, args.out))
 
 
-def render(summary: dict) -> str:
+def render(summary: dict, out: Path = OUT) -> str:
     """The short text answer: where refusal lives, and whether it is a single point of failure."""
     c = summary["circuit"]
     fn, fh = summary["fragility"]["fragility_neuron"], summary["fragility"]["fragility_head"]
@@ -92,7 +92,7 @@ def render(summary: dict) -> str:
                          f" (KL harmless {f[f'top{k}_kl_harmless']:.3f})")
         halve = f.get("k_to_halve_refusal")
         lines.append(f"  {label} needed to halve refusal: {halve if halve is not None else 'not reached in the grid'}")
-    lines.append(f"({summary['seconds']} s; results in {OUT})")
+    lines.append(f"({summary['seconds']} s; results in {out})")
     return "\n".join(lines)
 
 
