@@ -46,6 +46,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n-jbb", type=int, default=64)
     ap.add_argument("--layers", default="", help="comma-separated candidate layers (default: all)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--kl-threshold", type=float, default=0.1, help="selection filter (paper: 0.1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/arditi_2024")
     args = ap.parse_args(argv)
@@ -57,7 +58,7 @@ def main(argv=None) -> None:
     harmless = datasets.load("harmless").sample(n, seed=args.seed)
     exp = RefusalDirection(train_frac=args.n_train / n, val_frac=args.n_val / n,
                            layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
-                           judge_only=JUDGED, component_prompts=32,
+                           judge_only=JUDGED, component_prompts=32, kl_threshold=args.kl_threshold,
                            max_new_tokens=args.max_new_tokens, plaintext_n=16, seed=args.seed)
     sizes = [len(p) for p in split_three(harmful, exp.train_frac, exp.val_frac, args.seed)]
     print(f"split sizes (train/val/test) per side: {sizes}", flush=True)
