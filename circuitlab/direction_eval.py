@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import numpy as np
@@ -49,7 +50,8 @@ def evaluate_direction(model: HookedModel, direction: torch.Tensor, layer: int, 
                        harmless: Sequence[str], plaintext: Sequence[str] | None = None, *,
                        conditions: Sequence[str] = CONDITIONS, coeff: float = 1.0, judge: bool = True,
                        max_new_tokens: int = 24, batch_size: int = 16, n_boot: int = 1000, seed: int = 0,
-                       judge_only: Sequence[str] | None = None, progress: bool = False) -> pd.DataFrame:
+                       judge_only: Sequence[str] | None = None, base_harmless: torch.Tensor | None = None,
+                       progress: bool = False) -> pd.DataFrame:
     """One row per ``condition`` × ``split`` (Arditi et al. 2024, Fig. 1 and Table 4).
 
     ``ablation``: the unit direction projected out everywhere; ``orthogonalized``: the same, folded
@@ -58,6 +60,9 @@ def evaluate_direction(model: HookedModel, direction: torch.Tensor, layer: int, 
     last position of the harmless prompts) and ``cross_entropy`` (on ``plaintext``) are
     per-condition, repeated on both rows of a condition. ``judge_only`` (e.g. ``["baseline:harmful",
     "ablation:harmful"]``) limits the costly generation judge to those rows; others get NaN rates.
+    ``base_harmless``: the unintervened last-position logits of ``harmless`` when the caller already
+    has them (several directions on the same prompts); without ``baseline`` in ``conditions`` only
+    those logits are computed for the KL, nothing else of the baseline.
     """
     unknown = set(conditions) - set(CONDITIONS)
     if unknown:
@@ -66,10 +71,12 @@ def evaluate_direction(model: HookedModel, direction: torch.Tensor, layer: int, 
     token_ids = metrics.refusal_tokens(model)
     hook_sets = {"baseline": [], "ablation": iv.directional_ablation_hooks(model, direction),
                  "orthogonalized": [], "addition": iv.activation_addition_hooks(model, direction, layer, coeff)}
-    rows, base_harmless = [], None
-    for cond in ["baseline"] + [c for c in conditions if c != "baseline"]:
+    if base_harmless is None and "baseline" not in conditions and splits["harmless"]:
+        base_harmless = model.last_logits(splits["harmless"], batch_size=batch_size, progress=progress)
+    rows = []
+    for cond in sorted(conditions, key=lambda c: c != "baseline"):  # baseline first: the KL reference
         hooks = hook_sets[cond]
-        ctx = iv.orthogonalized(model, direction) if cond == "orthogonalized" else _nullcontext()
+        ctx = iv.orthogonalized(model, direction) if cond == "orthogonalized" else contextlib.nullcontext()
         with ctx:
             measured = {s: _measure(model, p, hooks, judge and (judge_only is None or f"{cond}:{s}" in judge_only),
                                     max_new_tokens, batch_size, progress)
@@ -80,14 +87,11 @@ def evaluate_direction(model: HookedModel, direction: torch.Tensor, layer: int, 
             base_harmless = measured.get("harmless", (None,))[0]
         kl = (float(metrics.kl_divergence(base_harmless, measured["harmless"][0]).mean())
               if base_harmless is not None and "harmless" in measured else float("nan"))
-        if cond not in conditions:
-            continue
         for split, (logits, judged) in measured.items():
             scores = metrics.refusal_score_from_logits(logits, token_ids).numpy()
-            row = {"condition": cond, "split": split, "n": len(scores),
-                   "refusal_score": float(scores.mean()),
-                   "refusal_score_ci_low": bootstrap_ci(scores, n_boot, seed)[0],
-                   "refusal_score_ci_high": bootstrap_ci(scores, n_boot, seed)[1],
+            score_low, score_high = bootstrap_ci(scores, n_boot, seed)
+            row = {"condition": cond, "split": split, "n": len(scores), "refusal_score": float(scores.mean()),
+                   "refusal_score_ci_low": score_low, "refusal_score_ci_high": score_high,
                    "kl_harmless": kl, "cross_entropy": ce}
             if judge:
                 rate = np.asarray(judged if judged is not None else [np.nan], dtype=float)
@@ -95,14 +99,6 @@ def evaluate_direction(model: HookedModel, direction: torch.Tensor, layer: int, 
                 row.update(refusal_rate=float(rate.mean()), refusal_rate_ci_low=low, refusal_rate_ci_high=high)
             rows.append(row)
     return pd.DataFrame(rows)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _head_readers(model: HookedModel, r_hat: torch.Tensor) -> list[torch.Tensor]:

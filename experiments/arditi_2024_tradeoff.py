@@ -21,9 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from circuitlab import ActivationStore, datasets, load_model, metrics
-from circuitlab import interventions as iv
-from circuitlab.direction_eval import bootstrap_ci
+from circuitlab import ActivationStore, datasets, load_model
+from circuitlab.direction_eval import evaluate_direction
 from circuitlab.experiments.direction import RefusalDirection, split_three
 from circuitlab.results import Result, run_config
 
@@ -55,17 +54,21 @@ def main(argv=None) -> None:
     plain = list(datasets.load("plaintext", n=16, seed=run["seed"] + 1))
 
     h_test, s_test = list(h_test), list(s_test)
-    token_ids = metrics.refusal_tokens(model)
-    base_harmless = model.last_logits(s_test)
-    rows = [measure(model, [], h_test, s_test, plain, base_harmless, token_ids, run["max_new_tokens"])
-            | {"layer": None, "position": None, "candidate": "baseline"}]
+    evaluate = dict(plaintext=plain, max_new_tokens=run["max_new_tokens"], batch_size=16)
+    selected = picks.iloc[0]  # the baseline ignores the direction, but the call needs a valid one
+    baseline = evaluate_direction(model, directions[(int(selected.layer), int(selected.position))],
+                                  int(selected.layer), h_test, s_test, conditions=["baseline"],
+                                  judge_only=["baseline:harmful"], **evaluate)
+    base_harmless = model.last_logits(s_test, batch_size=16)
+    rows = [harmful_row(baseline) | {"layer": None, "position": None, "candidate": "baseline"}]
     for c in picks.itertuples():
         d = directions[(int(c.layer), int(c.position))]
         if not np.isclose(float(d.norm()), c.direction_norm, rtol=1e-4):
             raise RuntimeError(f"direction {c.layer}/{c.position} differs from {args.source} "
                                f"(norm {float(d.norm()):.4f} vs {c.direction_norm:.4f}): rerun arditi_2024.py first")
-        hooks = iv.directional_ablation_hooks(model, d)
-        row = measure(model, hooks, h_test, s_test, plain, base_harmless, token_ids, run["max_new_tokens"])
+        ablated = evaluate_direction(model, d, int(c.layer), h_test, s_test, conditions=["ablation"],
+                                     judge_only=["ablation:harmful"], base_harmless=base_harmless, **evaluate)
+        row = harmful_row(ablated)
         rows.append(row | {"layer": int(c.layer), "position": int(c.position),
                            "candidate": "selected" if c.selected else "lowest val bypass",
                            "val_bypass_score": c.bypass_score, "val_kl": c.kl})
@@ -81,16 +84,11 @@ def main(argv=None) -> None:
     print(table.round(3).to_string())
 
 
-def measure(model, hooks, harmful, harmless, plain, base_harmless, token_ids, max_new_tokens) -> dict:
-    """Refusal on harmful (judge + score) and side effects on harmless / plain text under ``hooks``."""
-    judged = np.asarray(metrics.judge_refusals(model, harmful, max_new_tokens=max_new_tokens, fwd_hooks=hooks,
-                                               batch_size=32), dtype=float)
-    low, high = bootstrap_ci(judged)
-    scores = metrics.refusal_score_from_logits(model.last_logits(harmful, fwd_hooks=hooks), token_ids)
-    kl = metrics.kl_divergence(base_harmless, model.last_logits(harmless, fwd_hooks=hooks)).mean()
-    return {"refusal_rate": float(judged.mean()), "refusal_rate_ci_low": low, "refusal_rate_ci_high": high,
-            "refusal_score": float(scores.mean()), "kl_harmless": float(kl),
-            "cross_entropy": metrics.cross_entropy(model, plain, fwd_hooks=hooks)}
+def harmful_row(evaluation: pd.DataFrame) -> dict:
+    """The harmful-split row of ``evaluate_direction``: judged refusal, score, and the condition's side effects."""
+    row = evaluation[evaluation.split == "harmful"].iloc[0]
+    return {k: float(row[k]) for k in ("refusal_rate", "refusal_rate_ci_low", "refusal_rate_ci_high",
+                                       "refusal_score", "kl_harmless", "cross_entropy")}
 
 
 def figure(table: pd.DataFrame):
