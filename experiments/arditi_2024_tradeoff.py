@@ -49,8 +49,8 @@ def main(argv=None) -> None:
     exp = RefusalDirection(train_frac=run["n_train"] / n, val_frac=run["n_val"] / n, progress=False)
     h_train, _, h_test = split_three(harmful, exp.train_frac, exp.val_frac, run["seed"])
     s_train, _, s_test = split_three(harmless, exp.train_frac, exp.val_frac, run["seed"])
-    h_train, s_train = exp._filter(model, h_train, s_train, {}, "train")
-    directions = exp._candidates(model, h_train, s_train, store)
+    h_train, s_train = exp.filter_refused(model, h_train, s_train, {}, "train")
+    directions = exp.candidate_directions(model, h_train, s_train, store)
     plain = list(datasets.load("plaintext", n=16, seed=run["seed"] + 1))
 
     h_test, s_test = list(h_test), list(s_test)

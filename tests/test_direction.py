@@ -26,7 +26,7 @@ def test_split_three_is_a_deterministic_partition(harmful):
 
 def test_candidates_are_difference_in_means(tiny, harmful, harmless, tmp_path):
     exp = RefusalDirection(progress=False)
-    dirs = exp._candidates(tiny, harmful, harmless, ActivationStore(tmp_path))
+    dirs = exp.candidate_directions(tiny, harmful, harmless, ActivationStore(tmp_path))
     assert len(dirs) == tiny.n_layers * tiny.n_post
     name = hk.resid_pre(1)
     a = tiny.run_with_cache(list(harmful), [name], [-2])[name][:, 0].mean(0)
@@ -69,12 +69,12 @@ def test_filter_keeps_refused_harmful_and_answered_harmless(tiny, harmful, harml
     threshold = float(torch.cat([h_scores, s_scores]).median())  # the random model needs a threshold that splits
     exp = RefusalDirection(progress=False, filter_threshold=threshold)
     kept = {}
-    h, s = exp._filter(tiny, harmful, harmless, kept, "train")
+    h, s = exp.filter_refused(tiny, harmful, harmless, kept, "train")
     assert list(h) == [p for p, x in zip(harmful, h_scores.tolist()) if x > threshold]
     assert list(s) == [p for p, x in zip(harmless, s_scores.tolist()) if x < threshold]
     assert kept["train_harmful_kept"] == f"{len(h)}/{len(harmful)}"
     with pytest.raises(ValueError, match="filter_val=False"):
-        RefusalDirection(progress=False, filter_threshold=1e9)._filter(tiny, harmful, harmless, {}, "val")
+        RefusalDirection(progress=False, filter_threshold=1e9).filter_refused(tiny, harmful, harmless, {}, "val")
 
 
 def test_head_and_neuron_attributions_sum_to_layer_outputs(tiny, harmful, harmless, tmp_path):

@@ -89,7 +89,11 @@ def select_candidate(table: pd.DataFrame, kl_threshold: float, induce_threshold:
 @register("refusal-direction")
 @dataclass
 class RefusalDirection(Experiment):
-    """Refusal direction (Arditi et al. 2024): diff-in-means candidates, selection, ablation/addition evaluation."""
+    """Refusal direction (Arditi et al. 2024): diff-in-means candidates, selection, ablation/addition evaluation.
+
+    The steps ``filter_refused``, ``candidate_directions`` and ``score_candidates`` also work alone
+    (the defence experiment's attack and experiments/arditi_2024_tradeoff.py reuse them).
+    """
 
     train_frac: float = 0.5
     val_frac: float = 0.25
@@ -127,11 +131,11 @@ class RefusalDirection(Experiment):
         s_train, s_val, s_test = split_three(harmless, self.train_frac, self.val_frac, self.seed)
         kept = {}
         if self.filter_train:
-            h_train, s_train = self._filter(model, h_train, s_train, kept, "train")
+            h_train, s_train = self.filter_refused(model, h_train, s_train, kept, "train")
         if self.filter_val:
-            h_val, s_val = self._filter(model, h_val, s_val, kept, "val")
-        directions = self._candidates(model, h_train, s_train, store)
-        table, rule, baseline = self._score_candidates(model, directions, h_val, s_val)
+            h_val, s_val = self.filter_refused(model, h_val, s_val, kept, "val")
+        directions = self.candidate_directions(model, h_train, s_train, store)
+        table, rule, baseline = self.score_candidates(model, directions, h_val, s_val)
         best = table[table.selected].iloc[0]
         layer, offset = int(best.layer), int(best.position)
         self.direction_, self.layer_ = directions[(layer, offset)], layer
@@ -153,7 +157,7 @@ class RefusalDirection(Experiment):
                       tables={"evaluation": evaluation, "components": components, "candidates": table},
                       figures=figures, summary=summary)
 
-    def _filter(self, model, harmful, harmless, kept: dict, split: str) -> tuple[PromptSet, PromptSet]:
+    def filter_refused(self, model, harmful, harmless, kept: dict, split: str) -> tuple[PromptSet, PromptSet]:
         """Refused harmful and non-refused harmless prompts of one split; counts go into ``kept``."""
         scores = metrics.refusal_score(model, list(harmful) + list(harmless), batch_size=self.batch_size)
         h_scores, s_scores = scores[:len(harmful)], scores[len(harmful):]
@@ -170,7 +174,7 @@ class RefusalDirection(Experiment):
             out.append(PromptSet(f"{prompts.name}:filtered", chosen))
         return out[0], out[1]
 
-    def _candidates(self, model, harmful, harmless, store) -> dict[tuple[int, int], torch.Tensor]:
+    def candidate_directions(self, model, harmful, harmless, store) -> dict[tuple[int, int], torch.Tensor]:
         """Difference in means of resid_pre at every (layer, post position), train split (§2.3)."""
         names = [hk.resid_pre(l) for l in range(model.n_layers)]
         acts = {s: store.get(model, list(p), names, "post", batch_size=self.batch_size, progress=self.progress)
@@ -179,7 +183,7 @@ class RefusalDirection(Experiment):
         return {(l, o): acts["harmful"][hk.resid_pre(l)][:, j].mean(0) - acts["harmless"][hk.resid_pre(l)][:, j].mean(0)
                 for l in range(model.n_layers) for j, o in enumerate(offsets)}
 
-    def _score_candidates(self, model, directions, harmful, harmless):
+    def score_candidates(self, model, directions, harmful, harmless):
         """Bypass score, KL and induce score per candidate on the val split (§2.4)."""
         harmful, harmless = list(harmful), list(harmless)
         tok = metrics.refusal_tokens(model)

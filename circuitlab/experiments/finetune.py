@@ -158,11 +158,11 @@ class TargetedFinetune(Experiment):
         chooser = RefusalDirection(layers=layers, positions=positions, prune_layer_frac=0.0, judge=False,
                                    progress=False, batch_size=16)
         n = self.n_attack
-        directions = chooser._candidates(model, list(h_train)[:n], list(s_train)[:n], store)
+        directions = chooser.candidate_directions(model, list(h_train)[:n], list(s_train)[:n], store)
         directions = {k: d for k, d in directions.items() if k[0] in layers and k[1] in positions}
         h_val = harmful.split("val", self.seed).sample(self.n_attack_val, self.seed)
         s_val = harmless.split("val", self.seed).sample(self.n_attack_val, self.seed)
-        table, rule, _ = chooser._score_candidates(model, directions, h_val, s_val)
+        table, rule, _ = chooser.score_candidates(model, directions, h_val, s_val)
         best = table[table.selected].iloc[0]
         key = (int(best.layer), int(best.position))
         table["selection_rule"] = rule
