@@ -6,9 +6,9 @@ One command, embedded model, shared activation store:
    refusal drop; neurons also by diff-ranking effect size) vs layer-matched random-k, ranked on
    one half of the prompts and evaluated on the other half.
 Writes results/refusal_circuit/{circuit,fragility_neuron,fragility_head,fragility_neuron_effect_size}/
-and summary.json,
-then prints a short text summary. Subsampling (to keep this under ~15 min on 2 cores): N = 64
-prompts per set, 2 random seeds, the generation judge reads 12 new tokens.
+and summary.json, then prints a short text summary. Subsampling (aimed at ~15 min on 2 cores;
+measured 23.5 min idle with a warm activation store): N = 64 prompts per set, 2 random seeds, the
+generation judge reads 12 new tokens.
 
 Usage: python experiments/refusal_circuit.py [--n 64] [--quick]
 """
