@@ -1,7 +1,8 @@
 """circuitlab: find, verify, stress-test and monitor the components behind a model's refusal."""
 
 from . import datasets, experiments, hooks, metrics
-from .model import HookedModel, load_model
+from .loading import load_model
+from .model import HookedModel
 from .results import Result
 from .store import ActivationStore
 

@@ -20,7 +20,7 @@ def _fail(message: str) -> None:
 @app.command()
 def models() -> None:
     """List the built-in model names (any local HF directory or cached HF id also works)."""
-    from .model import MODEL_NAMES
+    from .loading import MODEL_NAMES
 
     for name, text in MODEL_NAMES.items():
         typer.echo(f"{name:10s} {text}")
@@ -94,7 +94,7 @@ def run(
         harmless_set = ds.load(harmless, split=chosen_split, n=n, seed=seed)
     except ds.DatasetError as err:
         _fail(str(err))
-    from .model import load_model
+    from .loading import load_model
 
     try:
         loaded = load_model(model)

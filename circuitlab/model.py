@@ -9,23 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from . import hooks as hk
+from .generation import generate
 from .progress import progress_bar
 
-__all__ = ["HookedModel", "load_model", "MODEL_NAMES", "Positions", "resolve_positions"]
-
-MODEL_NAMES = {
-    "embedded": "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF shipped on PyPI, dequantized once)",
-    "tiny": "2-layer Qwen2-architecture model built locally with a fixed seed (tests)",
-    "planted": "hand-set tiny model with a known refusal circuit (circuitlab.planted)",
-}
+__all__ = ["HookedModel", "Positions", "resolve_positions"]
 
 HookFn = Callable[[torch.Tensor, object], torch.Tensor | None]
 
@@ -258,19 +251,9 @@ class HookedModel:
                         results[n][i] = current[n][row]
         return {n: torch.stack(v) for n, v in results.items()}
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 24, *, chat: bool = True,
-                 batch_size: int = 16, fwd_hooks: Iterable[tuple[str, HookFn]] = (),
-                 progress: bool = False, desc: str = "generate") -> list[str]:
-        """Greedy completions (KV-cached, batched), with ``fwd_hooks`` active at every step."""
-        eos = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
-        outputs: list[str] = [""] * len(prompts)
-        with torch.no_grad(), self.hooks(fwd_hooks):
-            for idx, ids, mask in progress_bar(self.batches(prompts, batch_size, chat), progress,
-                                               total=-(-len(prompts) // batch_size), desc=desc):
-                tokens = _greedy(self.bridge, ids, mask, max_new_tokens, eos, self.tokenizer.pad_token_id)
-                for row, i in enumerate(idx):
-                    outputs[i] = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
-        return outputs
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 24, **kwargs) -> list[str]:
+        """Greedy completions with hooks active at every step (see ``circuitlab.generation.generate``)."""
+        return generate(self, prompts, max_new_tokens, **kwargs)
 
 
 class _StopForward(Exception):
@@ -283,72 +266,3 @@ def _select_positions(act: torch.Tensor, pos: Positions, mask: torch.Tensor) -> 
         m = mask.to(act.dtype).view(*mask.shape, *([1] * (act.dim() - 2)))
         return ((act * m).sum(1) / m.sum(1)).float().cpu()
     return act[:, list(pos.offsets)].float().cpu()
-
-
-def _greedy(bridge, ids, mask, max_new_tokens: int, eos: set, pad_id: int) -> list[list[int]]:
-    """Greedy decoding with the bridge's KV cache, so hooks see every step."""
-    logits, cache = bridge(ids, attention_mask=mask, return_type="logits_and_cache")
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    generated = []
-    for step in range(max_new_tokens):
-        nxt = logits[:, -1].argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        generated.append(nxt)
-        done |= torch.tensor([t.item() in eos for t in nxt], device=ids.device)
-        if done.all() or step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits, cache = bridge(nxt[:, None], attention_mask=mask, past_key_values=cache,
-                               return_type="logits_and_cache")
-    tokens = torch.stack(generated, 1).tolist()
-    return [[t for t in row if t not in eos] for row in tokens]
-
-
-# ---- loading ----------------------------------------------------------------------------------
-
-def _boot(hf_model, tokenizer, arch_id: str, name: str, device, dtype) -> HookedModel:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformer_lens.model_bridge import TransformerBridge
-
-    hf_model = hf_model.to(device=device, dtype=dtype).eval()
-    bridge = TransformerBridge.boot_transformers(arch_id, hf_model=hf_model, tokenizer=tokenizer,
-                                                 device=device, dtype=dtype)
-    bridge.eval()
-    for p in bridge.parameters():
-        p.requires_grad_(False)
-    return HookedModel(bridge, tokenizer, name)
-
-
-def load_model(name: str = "embedded", *, device=None, dtype=None) -> HookedModel:
-    """Load a model by name: ``embedded`` (default), ``tiny``, ``planted``, a HF id or a local dir.
-
-    Nothing is downloaded: HF ids must already be in the local Hugging Face cache.
-    """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or torch.float32
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if name == "tiny":
-        from .tiny import build_tiny
-        hf, tok = build_tiny()
-        return _boot(hf, tok, "Qwen/Qwen2.5-0.5B-Instruct", "tiny", device, dtype)
-    if name == "planted":
-        from .planted import build_planted
-        hf, tok = build_planted()
-        return _boot(hf, tok, "Qwen/Qwen2.5-0.5B-Instruct", "planted", device, dtype)
-    if name == "embedded":
-        from .embedded import HF_ARCHITECTURE_ID, embedded_model_dir
-        path = embedded_model_dir()
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(path)
-        return _boot(hf, tok, HF_ARCHITECTURE_ID, "embedded", device, dtype)
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        where = "local directory" if Path(name).exists() else "Hugging Face id (must be in the local HF cache; nothing is downloaded)"
-        raise ValueError(
-            f"Could not load model {name!r} as a {where}: {err}. Built-in names: {', '.join(MODEL_NAMES)}."
-        ) from err
-    return _boot(hf, tok, name, name, device, dtype)

@@ -16,9 +16,35 @@ from ..datasets import PromptSet
 from ..model import HookedModel
 from ..results import Result, run_config
 
-__all__ = ["Experiment", "register", "get", "names", "describe", "coerce_params"]
+__all__ = ["Experiment", "register", "get", "names", "describe", "coerce_params", "check", "check_choice",
+           "check_layers", "ParameterError"]
 
 _REGISTRY: dict[str, type["Experiment"]] = {}
+
+
+class ParameterError(ValueError):
+    """An experiment parameter that is out of range or of the wrong type (raised in ``__post_init__``)."""
+
+
+def check(ok: bool, message: str) -> None:
+    """Raise ParameterError(message) unless ``ok``: constructors validate before any compute."""
+    if not ok:
+        raise ParameterError(message)
+
+
+def check_choice(name: str, value, choices) -> None:
+    """``value`` must be one of ``choices``."""
+    check(value in choices, f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def check_layers(name: str, layers, *, allow_none: bool = True) -> None:
+    """``layers``: None (all) or a non-empty list of non-negative ints (the model's range is checked in run)."""
+    if layers is None and allow_none:
+        return
+    check(isinstance(layers, (list, tuple)) and len(layers) > 0
+          and all(isinstance(l, int) and not isinstance(l, bool) and l >= 0 for l in layers),
+          f"{name} must be {'None or ' if allow_none else ''}a non-empty list of layer indices >= 0 "
+          f"(e.g. --set {name}=0,1), got {layers!r}")
 
 
 class Experiment:

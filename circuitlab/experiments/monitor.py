@@ -17,7 +17,7 @@ import torch
 
 from .. import datasets
 from ..interventions import reference_activations
-from ..model import load_model
+from ..loading import load_model
 from ..monitor import (DEFAULT_CHANGES, IntegrityMonitor, detection_metrics, evaluate_integrity,
                        fit_request_monitor, locate_components, mean_difference)
 from ..results import Result
