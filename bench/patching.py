@@ -2,9 +2,12 @@
 
 One process, one model, one harmful/harmless pair of equal token length (30-40 tokens by default):
 
-1. baseline: ``transformer_lens.patching.get_act_patch_resid_pre`` on ``model.bridge``
-   (``generic_activation_patch`` with an ``index_df`` when the grid is shrunk);
-2. circuitlab exact engine (``fast=True``) for resid_pre, then attn_out / mlp_out / heads;
+1. side by side on the SAME resid_pre cells (all, or ``--baseline-sample N`` random ones):
+   TransformerLens ``generic_activation_patch`` (what ``get_act_patch_resid_pre`` runs) and circuitlab's
+   exact engine, timed back to back in alternation (``--rounds``), best of each, with the wall-time
+   ratio, the FLOP ratio, the max |difference| over exactly those cells and the load average;
+2. circuitlab exact engine (``fast=True``) on the whole grid for resid_pre / attn_out / mlp_out / heads
+   (TransformerLens times for these are ESTIMATES: its measured cost per patched run × the runs);
 3. circuitlab attribution patching (AtP) for all of them at once.
 
 Prints and saves wall time, ratio to the baseline, max |difference| to the baseline, model-FLOP
@@ -39,7 +42,7 @@ from circuitlab import datasets, load_model  # noqa: E402
 from circuitlab import hooks as hk  # noqa: E402
 from circuitlab.experiments.patching.activation import layer_sweeps, refusal_metric  # noqa: E402
 from circuitlab.experiments.patching.attribution import attribution_pair  # noqa: E402
-from circuitlab.experiments.patching.engine import run_sweeps  # noqa: E402
+from circuitlab.experiments.patching.engine import Sweep, run_sweeps  # noqa: E402
 from circuitlab.experiments.patching.pairs import make_pairs  # noqa: E402
 
 
@@ -106,6 +109,46 @@ def agreement(exact: np.ndarray, approx: np.ndarray, k: int = 10) -> dict:
             f"top{k}_overlap": len(set(order_e[:k]) & set(order_a[:k])) / k, "n": len(exact)}
 
 
+def side_by_side(model, clean, corrupted, metric, layers, positions, args, flops_per_forward) -> dict:
+    """TransformerLens ``generic_activation_patch`` and the engine on the SAME resid_pre cells, timed
+    back to back in alternation (``--rounds``), best of each; agreement over exactly those cells."""
+    from transformer_lens import patching as tlp
+
+    cells = [(l, p) for l in layers for p in positions]
+    if args.baseline_sample and args.baseline_sample < len(cells):
+        rng = np.random.default_rng(args.seed)
+        cells = [cells[i] for i in sorted(rng.choice(len(cells), args.baseline_sample, replace=False).tolist())]
+    _, cache = model.bridge.run_with_cache(clean[None])
+    index = pd.DataFrame(cells, columns=["layer", "pos"])
+    tl_metric = lambda logits: metric(logits[:, -1].float()).mean()  # noqa: E731
+    sweep = Sweep("resid_pre", [(l, p, None) for l, p in cells], lambda c: hk.resid_pre(c[0]))
+    tl_fn = lambda: tlp.generic_activation_patch(  # noqa: E731
+        model.bridge, corrupted[None], cache, tl_metric, patch_setter=tlp.layer_pos_patch_setter,
+        activation_name="resid_pre", index_df=index)
+    engine_fn = lambda: run_sweeps(model, corrupted, clean, [sweep], metric, batch_size=args.batch_size)[0]  # noqa: E731
+    load_start, tl_times, engine_times = os.getloadavg(), [], []
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            tl_out, wall, tl_rss, _ = timed(tl_fn)
+            tl_times.append(wall)
+            engine_rows, wall, engine_rss, _ = timed(engine_fn)
+            engine_times.append(wall)
+        with FlopCounterMode(display=False) as counter:
+            engine_fn()
+    tl_values = tl_out.cpu().reshape(-1).numpy()
+    engine_values = np.array([r["metric"] for r in engine_rows])
+    tl_flops = flops_per_forward * len(cells)  # every TL cell is one full forward
+    return {"method": "side_by_side_resid_pre", "component": "resid_pre", "cells": len(cells),
+            "grid_cells": len(layers) * len(positions), "rounds": args.rounds,
+            "tl_best_s": min(tl_times), "engine_best_s": min(engine_times),
+            "wall_ratio": min(tl_times) / min(engine_times), "tl_flops": tl_flops,
+            "engine_flops": counter.get_total_flops(), "flop_ratio": tl_flops / max(counter.get_total_flops(), 1),
+            "max_abs_diff": float(np.abs(tl_values - engine_values).max()),
+            "skipped_cells": int(sum(r["skipped"] for r in engine_rows)),
+            "load_average_start": load_start[0], "load_average_end": os.getloadavg()[0],
+            "tl_peak_rss_mb": tl_rss / 2 ** 20, "engine_peak_rss_mb": engine_rss / 2 ** 20}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
@@ -115,8 +158,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--baseline-sample", type=int, default=0,
-                    help="run TransformerLens on N random cells only and scale its time to the grid "
-                         "(every TL cell is one full forward, so its cost per cell is constant)")
+                    help="compare both tools on N random resid_pre cells only (0: every cell of the grid)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating TL/engine timings; the best of each is kept")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/bench")
     args = ap.parse_args(argv)
@@ -140,34 +183,11 @@ def main(argv=None):
     n_cells = len(layers) * len(positions)
     rows, grids = [], {}
 
+    side = None
     if not args.skip_baseline:
-        from transformer_lens import patching as tlp
-        _, cache = model.bridge.run_with_cache(clean[None])
-        tl_metric = lambda logits: metric(logits[:, -1].float()).mean()  # noqa: E731
-        cells = [(l, p) for l in layers for p in positions]
-        if args.baseline_sample and args.baseline_sample < len(cells):
-            rng = np.random.default_rng(args.seed)
-            sample = sorted(rng.choice(len(cells), args.baseline_sample, replace=False).tolist())
-        else:
-            sample = list(range(len(cells)))
-        if len(sample) == len(cells) and len(layers) == model.n_layers and len(positions) == T:
-            fn = lambda: tlp.get_act_patch_resid_pre(model.bridge, corrupted[None], cache, tl_metric)  # noqa: E731
-        else:
-            index = pd.DataFrame([cells[i] for i in sample], columns=["layer", "pos"])
-            fn = lambda: tlp.generic_activation_patch(  # noqa: E731
-                model.bridge, corrupted[None], cache, tl_metric, patch_setter=tlp.layer_pos_patch_setter,
-                activation_name="resid_pre", index_df=index)
-        with torch.no_grad():
-            out, wall, rss, _ = timed(fn)
-        base = out.cpu().reshape(-1) if out.dim() == 1 else out.cpu()[layers][:, positions].reshape(-1)
-        flops = flops_per_forward * len(sample)
-        rows.append({"method": "transformer_lens", "component": "resid_pre", "runs": n_cells,
-                     "runs_measured": len(sample), "wall_s": wall * n_cells / len(sample),
-                     "wall_measured_s": wall, "flops": flops * n_cells / len(sample), "mfu": flops / wall / peak,
-                     "peak_rss_mb": rss / 2 ** 20})
-        del cache
-    else:
-        base = None
+        side = side_by_side(model, clean, corrupted, metric, layers, positions, args, flops_per_forward)
+        rows.append(side)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in side.items()}, flush=True)
 
     for comp in ("resid_pre", "attn_out", "mlp_out", "head"):
         sweeps = layer_sweeps(model, [comp], layers, positions)
@@ -181,13 +201,9 @@ def main(argv=None):
                "skipped": int(sum(r["skipped"] for r in res)), "flops": flops,
                "mfu": flops / wall / peak if flops else None,
                "peak_rss_mb": rss / 2 ** 20}
-        if base is not None:
-            per_run = rows[0]["wall_s"] / rows[0]["runs"]  # TL cost of one patched forward (any component)
-            row["baseline_s"] = rows[0]["wall_s"] if comp == "resid_pre" else per_run * n
-            row["baseline_measured"] = comp == "resid_pre"
-            row["speedup"] = row["baseline_s"] / wall
-            if comp == "resid_pre":
-                row["max_abs_diff"] = float(np.abs(values[sample] - base.numpy()).max())
+        if side is not None:  # an ESTIMATE: TransformerLens's measured cost per patched run × this grid's runs
+            row["baseline_estimated_s"] = side["tl_best_s"] / side["cells"] * n
+            row["speedup_estimated"] = row["baseline_estimated_s"] / wall
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
@@ -197,9 +213,9 @@ def main(argv=None):
     atp = pd.DataFrame(atp_rows)
     row = {"method": "circuitlab_atp", "component": "all", "runs": 3, "wall_s": wall, "flops": flops,
            "mfu": flops / wall / peak, "peak_rss_mb": rss / 2 ** 20}
-    if base is not None:
-        row["baseline_s"] = rows[0]["wall_s"]
-        row["fraction_of_baseline"] = wall / rows[0]["wall_s"]
+    if side is not None:
+        row["baseline_estimated_s"] = side["tl_best_s"] / side["cells"] * n_cells
+        row["fraction_of_baseline_estimated"] = wall / row["baseline_estimated_s"]
     rows.append(row)
     agree = []
     pos_offsets = [p - T for p in positions]

@@ -1,4 +1,10 @@
-"""The ``circuitlab`` command: list models, datasets and experiments; run an experiment."""
+"""The ``circuitlab`` command: list models, datasets and experiments; describe and run an experiment.
+
+Everything that can be checked is checked before the model is loaded: the output folder (never a
+user's files: see ``circuitlab.results``), the model name or path, the experiment's parameters (its
+constructor validates them), the prompt files and splits. Errors are one line and exit 2;
+``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,12 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="circuitlab: locate, verify and stress-test a model's refusal circuitry.")
 
+_DEBUG = False
 
-def _fail(message: str) -> None:
+
+def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 @app.command()
@@ -48,6 +56,30 @@ def list_experiments() -> None:
         typer.echo(f"{name:22s} {experiments.describe(name)}")
 
 
+def describe_text(name: str) -> str:
+    """An experiment's one-line description and every ``--set`` parameter: type, default, meaning."""
+    from . import experiments
+    from .experiments.base import parameters
+
+    cls = experiments.get(name)
+    lines = [f"{name}: {experiments.describe(name)}", "",
+             "Parameters (circuitlab run NAME --set key=value; lists as 0,1 or [0,1]; none for None):"]
+    for p in parameters(cls):
+        lines.append(f"  {p['name']:22s} {p['type']:18s} default {p['default']!r}")
+        if p["meaning"]:
+            lines.append(f"  {'':22s} {p['meaning']}")
+    return "\n".join(lines)
+
+
+@app.command()
+def describe(name: str = typer.Argument(..., help="experiment name (see `circuitlab list`)")) -> None:
+    """List an experiment's parameters with their type, default and meaning."""
+    try:
+        typer.echo(describe_text(name))
+    except KeyError as err:
+        _fail(str(err.args[0]))
+
+
 def _parse_sets(pairs: List[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -58,65 +90,131 @@ def _parse_sets(pairs: List[str]) -> dict[str, str]:
     return out
 
 
-@app.command()
+def _load_sets(harmful: str, harmless: str, split: str, n, seed: int, column):
+    """Both prompt sets; a user file is used whole unless --split names a part (and says so)."""
+    from . import datasets as ds
+
+    sets = []
+    for label, source in (("harmful", harmful), ("harmless", harmless)):
+        chosen = split if split != "auto" else ("train" if ds.is_builtin(source) else "all")
+        full = ds.load(source, column=None if ds.is_builtin(source) else column)
+        part = ds.load(source, split=chosen, n=n, seed=seed, column=None if ds.is_builtin(source) else column)
+        if not ds.is_builtin(source) and len(part) < len(full):
+            typer.echo(f"note: {label} file {source}: using {len(part)} of {len(full)} prompts "
+                       f"(--split {chosen}{f', --n {n}' if n else ''}); --split all uses every prompt", err=True)
+        sets.append(part)
+    if sets[0].hash == sets[1].hash:
+        _fail(f"the harmful and harmless sets are identical ({harmful} vs {harmless}, same content hash): every "
+              "effect would be 0; give two different prompt sets")
+    return sets
+
+
+def _checked_experiment(name: str, sets: List[str], seed: int, batch_size):
+    from . import experiments
+
+    cls = experiments.get(name)
+    params = experiments.coerce_params(cls, _parse_sets(sets))
+    fields = set(getattr(cls, "__dataclass_fields__", {}))
+    if "seed" in fields:
+        params.setdefault("seed", seed)
+    if batch_size is not None and "batch_size" in fields:
+        params.setdefault("batch_size", batch_size)
+    return cls(**params)  # constructors validate their parameters (ParameterError)
+
+
+@app.command(epilog="Run `circuitlab describe NAME` for the experiment's --set parameters.")
 def run(
     name: str = typer.Argument(..., help="experiment name (see `circuitlab list`)"),
-    model: str = typer.Option("embedded", "--model", "-m", help="embedded, tiny, a HF id or a local dir"),
+    model: str = typer.Option("embedded", "--model", "-m", help="embedded, tiny, planted, a HF id (local cache) or a local dir"),
     harmful: str = typer.Option("advbench", "--harmful", help="built-in set name or a .txt/.csv/.json/.jsonl file"),
     harmless: str = typer.Option("harmless", "--harmless", help="built-in set name or a file"),
-    split: Optional[str] = typer.Option("train", "--split", help="train, val, test, or 'all'"),
-    n: Optional[int] = typer.Option(32, "--n", help="prompts per set (subsampled with --seed)"),
+    split: str = typer.Option("auto", "--split", help="train, val, test or all; auto = train for built-in sets "
+                                                      "(60/20/20 split), all for your own files"),
+    n: Optional[int] = typer.Option(32, "--n", help="prompts per set (subsampled with --seed); 0 or less is refused"),
     seed: int = typer.Option(0, "--seed"),
-    out: Optional[Path] = typer.Option(None, "--out", help="run directory (default results/<name>)"),
-    sets: List[str] = typer.Option([], "--set", help="experiment parameter key=value (repeatable)"),
+    column: Optional[str] = typer.Option(None, "--column", help="prompt column of a csv/json/jsonl file"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run folder (default results/<name>); must be new, "
+                                                           "empty, or a previous run with --overwrite"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a previous circuitlab run folder at --out"),
+    sets: List[str] = typer.Option([], "--set", help="experiment parameter key=value (repeatable; see describe)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (default), bfloat16 or float16"),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="auto, balanced or sequential: spread "
+                                                                        "layers over the visible GPUs (accelerate)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="prompts per forward batch"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks instead of one-line errors"),
 ) -> None:
-    """Run experiment NAME on a model and two prompt sets; save its run directory."""
+    """Run experiment NAME on a model and two prompt sets; save its run folder."""
+    global _DEBUG
+    _DEBUG = debug
     from . import datasets as ds
     from . import experiments
-    from .store import ActivationStore
+    from .loading import check_model_name, load_model
+    from .results import OutputError, check_output_dir
+    from .store import ActivationStore, StoreNotWritableError
 
-    try:
-        cls = experiments.get(name)
-    except KeyError as err:
-        _fail(str(err.args[0]))
+    if split not in ds.SPLIT_CHOICES + ("auto",):
+        _fail(f"--split {split!r} is not one of auto, {', '.join(ds.SPLIT_CHOICES)}")
     if n is not None and n < 1:
         _fail("--n must be at least 1")
+    if batch_size is not None and batch_size < 1:
+        _fail("--batch-size must be at least 1")
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        _fail(f"--dtype {dtype!r} is not one of float32, bfloat16, float16")
+    directory = out or Path("results") / name
     try:
-        params = experiments.coerce_params(cls, _parse_sets(sets))
-        if "seed" in {f for f in getattr(cls, "__dataclass_fields__", {})}:
-            params.setdefault("seed", seed)
-        experiment = cls(**params)
-    except (ValueError, TypeError) as err:
+        experiment = _checked_experiment(name, sets, seed, batch_size)
+        check_output_dir(directory, overwrite)
+        check_model_name(model)
+        harmful_set, harmless_set = _load_sets(harmful, harmless, split, n, seed, column)
+    except KeyError as err:
+        _fail(str(err.args[0]))
+    except (ValueError, TypeError) as err:  # ParameterError, OutputError, DatasetError, bad model names
         _fail(str(err))
-    chosen_split = None if split in (None, "all") else split
     try:
-        harmful_set = ds.load(harmful, split=chosen_split, n=n, seed=seed)
-        harmless_set = ds.load(harmless, split=chosen_split, n=n, seed=seed)
-    except ds.DatasetError as err:
-        _fail(str(err))
-    from .loading import load_model
-
-    try:
-        loaded = load_model(model)
-    except (ValueError, RuntimeError) as err:
+        loaded = load_model(model, device=device, dtype=dtype, device_map=device_map)
+    except (ValueError, RuntimeError) as err:  # unreadable weights, a dtype the device cannot run
         _fail(str(err))
     typer.echo(f"running {name} on {loaded.name}: {len(harmful_set)} harmful vs {len(harmless_set)} harmless prompts")
     try:
         result = experiment.run(loaded, harmful_set, harmless_set, store=ActivationStore())
-    except ValueError as err:  # bad parameter combinations surface here, after the data is known
+    except (ValueError, StoreNotWritableError) as err:  # found only with the data, the model or the store
         _fail(f"{name}: {err}")
-    directory = result.save(out or Path("results") / name)
-    typer.echo(f"saved {directory}")
+    try:
+        saved = result.save(directory, overwrite=overwrite)
+    except OutputError as err:  # the folder changed while the run computed
+        _fail(str(err))
+    typer.echo(f"saved {saved}")
     for key, value in result.summary.items():
         typer.echo(f"  {key}: {value}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 3 and argv[0] == "run" and ("--help" in argv or "-h" in argv):
+        from . import experiments
+        if argv[1] in experiments.names():  # `run NAME --help` also lists NAME's parameters
+            typer.echo(describe_text(argv[1]) + "\n")
     try:
-        app()
+        rc = app(argv, standalone_mode=False)  # click returns an Exit's code instead of raising it
+        sys.exit(rc if isinstance(rc, int) else 0)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except typer.Exit as err:
+        sys.exit(err.exit_code)
+    except Exception as err:  # noqa: BLE001 - the one place that turns any failure into a one-line answer
+        import click
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(1)
+        if _DEBUG or "--debug" in argv:
+            raise
+        typer.secho(f"error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+                    fg=typer.colors.RED, err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

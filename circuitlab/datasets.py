@@ -22,10 +22,11 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["PromptSet", "load", "BUILTINS", "MAX_CHARS", "DatasetError"]
+__all__ = ["PromptSet", "load", "BUILTINS", "MAX_CHARS", "DatasetError", "SPLIT_CHOICES", "is_builtin"]
 
 MAX_CHARS = 4000
 SPLITS = ("train", "val", "test")
+SPLIT_CHOICES = SPLITS + ("all",)  # "all": the whole set, no split
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 
 
@@ -83,7 +84,7 @@ class PromptSet:
     def split(self, name: str, seed: int = 0) -> "PromptSet":
         """Deterministic 60/20/20 ``train``/``val``/``test`` split (shuffled with ``seed``)."""
         if name not in SPLITS:
-            raise DatasetError(f"split {name!r} is not one of {', '.join(SPLITS)}")
+            raise DatasetError(f"split {name!r} is not one of {', '.join(SPLIT_CHOICES)} ('all' = no split)")
         order = list(range(len(self.prompts)))
         random.Random(seed).shuffle(order)
         n = len(order)
@@ -127,16 +128,33 @@ def _read_file(path: Path, column: str | None) -> list[str]:
             return [row[col] or "" for row in reader]
     if suffix in (".json", ".jsonl"):
         text = path.read_text(encoding="utf-8")
-        try:
-            records = [json.loads(l) for l in text.splitlines() if l.strip()] if suffix == ".jsonl" else json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DatasetError(f"{path} is not valid {suffix[1:].upper()}: {err}") from err
+        records = _read_jsonl(path, text) if suffix == ".jsonl" else _read_json(path, text)
         if isinstance(records, dict):
             records = records.get(column or "prompts", None) if column or "prompts" in records else None
             if records is None:
                 raise DatasetError(f"{path}: a JSON object needs a list under key {column or 'prompts'!r}")
         return [_from_record(r, column, path) for r in records]
     raise DatasetError(f"{path}: unsupported file type {suffix!r}; use .txt, .csv, .json or .jsonl")
+
+
+def _read_json(path: Path, text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+
+
+def _read_jsonl(path: Path, text: str) -> list:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):  # the error names the file's own line
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path}: line {number} is not valid JSON ({err.msg} at column {err.colno}); "
+                               "a .jsonl file holds one JSON value per line") from None
+    return records
 
 
 _DEFAULT_COLUMNS = ("prompt", "goal", "Goal", "instruction", "text", "question")
@@ -151,7 +169,7 @@ def _pick_column(column: str | None, fields, path) -> str:
         if c in fields:
             return c
     raise DatasetError(f"{path}: no prompt column found (tried {', '.join(_DEFAULT_COLUMNS)}); "
-                       f"pass column= one of {', '.join(fields)}")
+                       f"name one with --column (Python: column=) out of: {', '.join(map(str, fields))}")
 
 
 def _from_record(record, column, path) -> str:
@@ -177,11 +195,16 @@ def _clean(name: str, raw: list[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def is_builtin(name_or_path: str) -> bool:
+    return name_or_path in BUILTINS
+
+
 def load(name_or_path: str, *, split: str | None = None, n: int | None = None, seed: int = 0,
          column: str | None = None) -> PromptSet:
     """Load a built-in set (``advbench``, ``jbb``, ``harmless``, ``plaintext``) or a file.
 
-    ``split`` picks the deterministic train/val/test part; ``n`` then subsamples with ``seed``.
+    ``split`` picks the deterministic 60/20/20 train/val/test part (``"all"`` or None: every prompt);
+    ``n`` then subsamples with ``seed``. ``column`` names the prompt column of a csv/json/jsonl file.
     """
     if name_or_path in BUILTINS:
         raw: list[str] = []
@@ -197,7 +220,7 @@ def load(name_or_path: str, *, split: str | None = None, n: int | None = None, s
         raw = _read_file(path, column)
         name = path.name
     prompts = PromptSet(name, _clean(name, raw))
-    if split is not None:
+    if split is not None and split != "all":
         prompts = prompts.split(split, seed=seed)
     if n is not None:
         prompts = prompts.sample(n, seed=seed)

@@ -1,10 +1,12 @@
-"""Evaluation pieces of the refusal-direction experiment (Arditi et al. 2024, §3-4).
+"""Selection and evaluation of a refusal direction (Arditi et al. 2024, §2.4 and §3-4).
 
 - ``evaluate_direction``: baseline / directional ablation / orthogonalized weights / activation
   addition × harmful / harmless — refusal rate (generation judge, bootstrap 95% CI), refusal
   score (logits), KL on harmless next-token distributions, cross-entropy on plain text.
 - ``direction_components``: direct attribution of every head (``z_h W_O^h``), every MLP layer and
   the top MLP neurons onto the unit direction at the last position — which components write it.
+- ``score_candidates`` / ``select_candidate``: the paper's choice among difference-in-means
+  candidates (bypass score, KL and induce filters; §2.4, App. C).
 - ``bootstrap_ci``: percentile bootstrap of a mean.
 """
 
@@ -20,9 +22,14 @@ import torch
 from . import hooks as hk
 from . import interventions as iv
 from . import metrics
+from .directions import unit
 from .model import HookedModel
+from .progress import progress_bar
+from .store import ActivationStore
+from .weights import writer_weight
 
-__all__ = ["bootstrap_ci", "evaluate_direction", "direction_components", "CONDITIONS"]
+__all__ = ["bootstrap_ci", "evaluate_direction", "direction_components", "select_candidate", "score_candidates",
+           "CONDITIONS"]
 
 CONDITIONS = ("baseline", "ablation", "orthogonalized", "addition")
 
@@ -101,19 +108,14 @@ def evaluate_direction(model: HookedModel, direction: torch.Tensor, layer: int, 
     return pd.DataFrame(rows)
 
 
-def _head_readers(model: HookedModel, r_hat: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer ``[n_heads, d_head]``: ``W_O^h`` read back along r̂, so head h writes ``z_h · u_h``."""
+def _readers(model: HookedModel, kind: str, r_hat: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, how much one unit writes along r̂: ``[n_heads, d_head]`` for heads (head h writes
+    ``z_h · u_h``), ``[d_mlp]`` for neurons (``r̂ · W_down[:, n]``)."""
     out = []
-    for layer in iv._decoder_layers(model.hf_model):
-        w = iv._orig(iv._orig(layer.self_attn).o_proj).weight.detach().float().cpu()  # [d_model, heads*d_head]
-        out.append((r_hat @ w).view(model.n_heads, model.d_head))
+    for l in range(model.n_layers):
+        read = r_hat @ writer_weight(model, kind, l).detach().float().cpu()  # [heads*d_head] or [d_mlp]
+        out.append(read.view(model.n_heads, model.d_head) if kind == "head" else read)
     return out
-
-
-def _neuron_readers(model: HookedModel, r_hat: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer ``[d_mlp]``: how much one unit of each neuron writes along r̂ (``r̂ · W_down[:, n]``)."""
-    return [r_hat @ iv._orig(iv._orig(layer.mlp).down_proj).weight.detach().float().cpu()
-            for layer in iv._decoder_layers(model.hf_model)]
 
 
 def direction_components(model: HookedModel, direction: torch.Tensor, harmful: Sequence[str],
@@ -126,15 +128,13 @@ def direction_components(model: HookedModel, direction: torch.Tensor, harmful: S
     (``attribution_diff``): large positive = the component writes the refusal direction on harmful
     prompts. Heads of a layer sum exactly to that layer's attention output (no o_proj bias).
     """
-    from .store import ActivationStore
-
     store = store if store is not None else ActivationStore()
-    r_hat = iv.unit(direction, model.d_model)
+    r_hat = unit(direction, model.d_model)
     layers = list(range(model.n_layers)) if layers is None else list(layers)
     names = [f(l) for l in layers for f in (hk.attn_z, hk.mlp_out, hk.mlp_post)]
     acts = {s: store.get(model, list(p), names, "last", batch_size=batch_size, progress=False)
             for s, p in (("harmful", harmful), ("harmless", harmless))}
-    heads, neurons = _head_readers(model, r_hat), _neuron_readers(model, r_hat)
+    heads, neurons = _readers(model, "head", r_hat), _readers(model, "neuron", r_hat)
     rows = []
     for l in layers:
         mean = {s: {n: acts[s][n][:, 0].mean(0) for n in (hk.attn_z(l), hk.mlp_out(l), hk.mlp_post(l))}
@@ -158,3 +158,76 @@ def _row(layer, component, harmful, harmless, head=None, neuron=None) -> dict:
     return {"layer": layer, "component": component, "head": head, "neuron": neuron, "position": -1,
             "attribution_harmful": harmful, "attribution_harmless": harmless,
             "attribution_diff": harmful - harmless}
+
+
+def select_candidate(table: pd.DataFrame, kl_threshold: float, induce_threshold: float | None,
+                     baseline_harmful: float) -> tuple[pd.DataFrame, str]:
+    """Mark the selected candidate; returns (table, rule used).
+
+    Paper rule: induce_score > ``induce_threshold`` (0 = refusal token likelier than not). If no
+    candidate reaches it, fall back to the paper's idea relative to this model's baseline: addition
+    must raise harmless prompts at least to the harmful baseline score. If still nothing passes, the
+    induce filter is dropped (KL kept); if nothing passes KL either, the eligible candidate with the
+    lowest bypass score is taken. ``rule`` names the step used.
+    """
+    t = table.copy()
+    t["passes_kl"] = t["kl"] < kl_threshold
+    eligible = ~t["excluded"] & t["bypass_score"].notna()
+    rule = f"kl<{kl_threshold} & induce_score>{induce_threshold}"
+    t["passes_induce"] = t["induce_score"] > (induce_threshold if induce_threshold is not None else -np.inf)
+    if not (eligible & t.passes_kl & t.passes_induce).any() and induce_threshold is not None:
+        t["passes_induce"] = t["induce_score"] > baseline_harmful
+        rule = f"kl<{kl_threshold} & induce_score>baseline harmful score ({baseline_harmful:.3f}) [fallback]"
+    pool = eligible & t.passes_kl & t.passes_induce
+    if not pool.any() and (eligible & t.passes_kl).any():
+        # KL guards the side effects the user sees, so it is the last filter to give up
+        pool, rule = eligible & t.passes_kl, f"kl<{kl_threshold}; no candidate induced refusal [fallback]"
+    if not pool.any():
+        pool, rule = eligible, "no candidate passed the filters: lowest bypass score among eligible layers [fallback]"
+    t["selected"] = False
+    t.loc[t.loc[pool, "bypass_score"].idxmin(), "selected"] = True
+    return t, rule
+
+
+def score_candidates(model: HookedModel, directions: dict, harmful: Sequence[str], harmless: Sequence[str], *,
+                     layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
+                     prune_layer_frac: float = 0.2, evaluate_excluded: bool = False, kl_threshold: float = 0.1,
+                     induce_threshold: float | None = 0.0, batch_size: int = 16,
+                     progress: bool = False) -> tuple[pd.DataFrame, str, dict]:
+    """Bypass score, KL and induce score per candidate ``{(layer, offset): direction}`` on validation
+    prompts, then ``select_candidate`` (Arditi et al. 2024, §2.4); returns (table, rule, baselines).
+
+    Candidates outside ``layers`` / ``positions`` or in the last ``prune_layer_frac`` of layers
+    (unless ``evaluate_excluded``) are listed unscored."""
+    harmful, harmless = list(harmful), list(harmless)
+    tok = metrics.refusal_tokens(model)
+    base = model.last_logits(harmful + harmless, batch_size=batch_size)
+    base_scores = metrics.refusal_score_from_logits(base, tok)
+    base_harmful, base_harmless = base_scores[:len(harmful)].mean().item(), base_scores[len(harmful):].mean().item()
+    cutoff = model.n_layers * (1 - prune_layer_frac)
+    layers = set(range(model.n_layers) if layers is None else layers)
+    offsets = set(range(-model.n_post, 0) if positions is None else positions)
+    post_tokens = model.tokenizer(model.format("zq"), add_special_tokens=False).input_ids[-model.n_post:]
+    rows = []
+    for (l, o), d in progress_bar(list(directions.items()), progress, desc="candidates"):
+        excluded = l >= cutoff
+        row = {"layer": l, "component": "direction", "position": o,
+               "token": model.tokenizer.decode([post_tokens[o]]), "direction_norm": float(d.norm()),
+               "excluded": excluded, "bypass_score": np.nan, "induce_score": np.nan, "kl": np.nan}
+        # layer 0 at template tokens: identical embeddings, so a zero difference (nothing to test)
+        if l in layers and o in offsets and (evaluate_excluded or not excluded) and d.norm() > 1e-6:
+            ablated = model.last_logits(harmful + harmless, batch_size=batch_size,
+                                        fwd_hooks=iv.directional_ablation_hooks(model, d))
+            added = model.last_logits(harmless, batch_size=batch_size,
+                                      fwd_hooks=iv.activation_addition_hooks(model, d, l))
+            row["bypass_score"] = metrics.refusal_score_from_logits(ablated[:len(harmful)], tok).mean().item()
+            row["kl"] = metrics.kl_divergence(base[len(harmful):], ablated[len(harmful):]).mean().item()
+            row["induce_score"] = metrics.refusal_score_from_logits(added, tok).mean().item()
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table["bypass_score"].isna().all():
+        raise ValueError("no candidate was evaluated: layers/positions select nothing outside the pruned "
+                         f"last {prune_layer_frac:.0%} of layers; widen layers= or set evaluate_excluded=True")
+    table, rule = select_candidate(table, kl_threshold, induce_threshold, base_harmful)
+    table["baseline_harmful_score"], table["baseline_harmless_score"] = base_harmful, base_harmless
+    return table, rule, {"harmful": base_harmful, "harmless": base_harmless}

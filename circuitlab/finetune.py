@@ -10,7 +10,7 @@ harmless prompts paired with the model's own greedy answers, generated at run ti
 ``greedy_targets`` — is mixed into every batch (self-distillation), and an optional KL penalty keeps
 the next-token distribution at the end of each retain prompt close to the model's before training
 (the KL-to-reference term of RLHF / "learning without forgetting", Li & Hoiem 2016). Wrap calls in
-``monitor.tamper.weights_restored(model)`` to undo them.
+``weights.weights_restored(model)`` to undo them.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 
 from .components import Component
 from .model import HookedModel
-from .monitor.weights import canonical_parameters, component_slices, slice_masks
 from .progress import progress_bar
+from .weights import canonical_parameters, component_slices, kv_group_size, slice_masks
 
 __all__ = ["train", "train_components", "component_masks", "full_masks", "random_components", "load_pairs",
            "count_trainable", "greedy_targets", "REFUSAL_TARGETS"]
@@ -62,7 +62,7 @@ def random_components(model: HookedModel, components: Sequence[Component], seed:
     count, so draws are repeated until the count is exactly equal; raises if that never happens.
     """
     rng = random.Random(seed)
-    group = _kv_group_size(model)
+    group = kv_group_size(model)
     head_groups: dict[tuple[int, int], int] = {}
     for c in components:
         if c.kind == "head":
@@ -98,12 +98,6 @@ def _draw_control(model, components, head_groups, group, rng) -> list[Component]
         layer, g = free.pop(rng.randrange(len(free)))
         out += [Component("head", layer, h) for h in sorted(rng.sample(range(g * group, (g + 1) * group), k))]
     return out
-
-
-def _kv_group_size(model: HookedModel) -> int:
-    """Query heads per key/value head (1 without grouped-query attention)."""
-    n_kv = getattr(model.hf_model.config, "num_key_value_heads", model.n_heads) or model.n_heads
-    return model.n_heads // n_kv
 
 
 def greedy_targets(model: HookedModel, prompts: Sequence[str], max_new_tokens: int = 16,

@@ -12,7 +12,7 @@ import re
 __all__ = [
     "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_post", "attn_z",
     "attn_pattern", "attn_q", "attn_k", "attn_v", "embed", "final_resid", "layer_of",
-    "validate", "HookNameError", "KINDS",
+    "validate", "HookNameError", "TEMPLATES",
 ]
 
 
@@ -20,8 +20,9 @@ class HookNameError(ValueError):
     """A hook name or layer index that the model does not have."""
 
 
-# kind -> name template; the public builders below are generated from this one table.
-KINDS = {
+# hook-point kind -> name template (hook points, not component kinds: those live in components.py);
+# the public builders below read this one table.
+TEMPLATES = {
     "resid_pre": "blocks.{l}.hook_resid_pre",
     "resid_mid": "blocks.{l}.hook_resid_mid",
     "resid_post": "blocks.{l}.hook_resid_post",
@@ -44,54 +45,54 @@ def _check_layer(layer: int) -> int:
 
 def resid_pre(layer: int) -> str:
     """Residual stream entering block ``layer``."""
-    return KINDS["resid_pre"].format(l=_check_layer(layer))
+    return TEMPLATES["resid_pre"].format(l=_check_layer(layer))
 
 
 def resid_mid(layer: int) -> str:
     """Residual stream between attention and MLP of block ``layer``."""
-    return KINDS["resid_mid"].format(l=_check_layer(layer))
+    return TEMPLATES["resid_mid"].format(l=_check_layer(layer))
 
 
 def resid_post(layer: int) -> str:
     """Residual stream leaving block ``layer``."""
-    return KINDS["resid_post"].format(l=_check_layer(layer))
+    return TEMPLATES["resid_post"].format(l=_check_layer(layer))
 
 
 def attn_out(layer: int) -> str:
     """Attention output of block ``layer`` (summed over heads, after W_O)."""
-    return KINDS["attn_out"].format(l=_check_layer(layer))
+    return TEMPLATES["attn_out"].format(l=_check_layer(layer))
 
 
 def mlp_out(layer: int) -> str:
     """MLP output of block ``layer``."""
-    return KINDS["mlp_out"].format(l=_check_layer(layer))
+    return TEMPLATES["mlp_out"].format(l=_check_layer(layer))
 
 
 def mlp_post(layer: int) -> str:
     """MLP neuron activations of block ``layer``: ``[batch, pos, d_mlp]``."""
-    return KINDS["mlp_post"].format(l=_check_layer(layer))
+    return TEMPLATES["mlp_post"].format(l=_check_layer(layer))
 
 
 def attn_z(layer: int) -> str:
     """Per-head attention outputs before W_O: ``[batch, pos, n_heads, d_head]``."""
-    return KINDS["attn_z"].format(l=_check_layer(layer))
+    return TEMPLATES["attn_z"].format(l=_check_layer(layer))
 
 
 def attn_pattern(layer: int) -> str:
     """Attention probabilities: ``[batch, n_heads, query_pos, key_pos]``."""
-    return KINDS["attn_pattern"].format(l=_check_layer(layer))
+    return TEMPLATES["attn_pattern"].format(l=_check_layer(layer))
 
 
 def attn_q(layer: int) -> str:
-    return KINDS["attn_q"].format(l=_check_layer(layer))
+    return TEMPLATES["attn_q"].format(l=_check_layer(layer))
 
 
 def attn_k(layer: int) -> str:
-    return KINDS["attn_k"].format(l=_check_layer(layer))
+    return TEMPLATES["attn_k"].format(l=_check_layer(layer))
 
 
 def attn_v(layer: int) -> str:
-    return KINDS["attn_v"].format(l=_check_layer(layer))
+    return TEMPLATES["attn_v"].format(l=_check_layer(layer))
 
 
 def embed() -> str:

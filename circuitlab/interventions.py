@@ -24,32 +24,18 @@ from typing import Sequence
 import torch
 
 from . import hooks as hk
-from .components import Component, hook_name
+from .components import Component, hook_name, kind_info
+from .directions import check_strength, orthogonalize_weights, project_out, unit
 from .model import HookedModel
+from .store import ActivationStore
+from .weights import canonical_name, residual_writers, weights_restored
 
 __all__ = [
-    "directional_ablation_hooks", "activation_addition_hooks", "orthogonalize_weights", "export_hf",
-    "ablation_hooks", "reference_activations", "unit", "project_out", "ABLATION_METHODS", "orthogonalized",
+    "directional_ablation_hooks", "activation_addition_hooks", "orthogonalized", "export_hf",
+    "ablation_hooks", "reference_activations", "ABLATION_METHODS",
 ]
 
 ABLATION_METHODS = ("zero", "mean", "resample")
-
-
-def unit(direction: torch.Tensor, d_model: int | None = None) -> torch.Tensor:
-    """``direction`` as a float32 unit vector (clear error for a wrong shape or a zero vector)."""
-    direction = torch.as_tensor(direction).detach().float().flatten()
-    if d_model is not None and direction.numel() != d_model:
-        raise ValueError(f"direction has {direction.numel()} entries but the model's d_model is {d_model}")
-    norm = direction.norm()
-    if not torch.isfinite(norm) or norm == 0:
-        raise ValueError("direction must be a finite, non-zero vector")
-    return direction / norm
-
-
-def project_out(act: torch.Tensor, r_hat: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """``act - strength * (act · r̂) r̂`` over the last dimension (r̂ a unit vector)."""
-    r = r_hat.to(device=act.device, dtype=act.dtype)
-    return act - strength * (act @ r).unsqueeze(-1) * r
 
 
 # ---- directions --------------------------------------------------------------------------------
@@ -62,7 +48,7 @@ def directional_ablation_hooks(model: HookedModel, direction: torch.Tensor, *, s
     component can write the direction back. ``strength`` < 1 removes only that fraction.
     """
     r_hat = unit(direction, model.d_model)
-    _check_strength(strength)
+    check_strength(strength)
 
     def ablate(act, hook):
         return project_out(act, r_hat, strength)
@@ -99,77 +85,15 @@ def activation_addition_hooks(model: HookedModel, direction: torch.Tensor, layer
     return [(hk.resid_pre(layer), add)]
 
 
-# ---- weight orthogonalization --------------------------------------------------------------------
-
-def _orig(module):
-    """The wrapped Hugging Face module under a TransformerBridge component."""
-    return getattr(module, "_original_component", module)
-
-
-def _decoder_layers(hf):
-    base = getattr(hf, "model", None)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ValueError(f"orthogonalize_weights supports decoder models with model.layers (Llama/Qwen/Mistral "
-                         f"style); {type(hf).__name__} has none")
-    return [_orig(l) for l in layers]
-
-
-def orthogonalize_weights(model: HookedModel, direction: torch.Tensor) -> None:
-    """Edit weights in place so no component can write ``direction`` (Arditi et al. 2024, §4.1).
-
-    ``W ← W - r̂ r̂ᵀ W`` for every matrix that writes the residual stream: token embedding, attention
-    output (o_proj) and MLP output (down_proj), and their biases if any. Equivalent to
-    ``directional_ablation_hooks`` (tested). A tied unembedding is untied first, so the readout
-    is unchanged, as with the hooks.
-    """
-    r = unit(direction, model.d_model)
-    hf = model.hf_model
-    emb = _orig(hf.get_input_embeddings())
-    head = _orig(hf.get_output_embeddings()) if hf.get_output_embeddings() is not None else None
-    with torch.no_grad():
-        if head is not None and head.weight.data_ptr() == emb.weight.data_ptr():
-            head.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
-            hf.config.tie_word_embeddings = False
-        w = emb.weight  # [vocab, d_model]: rows are written into the residual stream
-        w -= torch.outer(w @ r.to(w), r.to(w))
-        for layer in _decoder_layers(hf):
-            for proj in (_orig(_orig(layer.self_attn).o_proj), _orig(_orig(layer.mlp).down_proj)):
-                w = proj.weight  # [d_model, d_in]
-                rr = r.to(w)
-                w -= torch.outer(rr, rr @ w)
-                if getattr(proj, "bias", None) is not None:
-                    proj.bias -= (proj.bias @ rr) * rr
-
-
-def _written_weights(model: HookedModel) -> list[torch.nn.Parameter]:
-    hf = model.hf_model
-    params = [_orig(hf.get_input_embeddings()).weight]
-    for layer in _decoder_layers(hf):
-        for proj in (_orig(_orig(layer.self_attn).o_proj), _orig(_orig(layer.mlp).down_proj)):
-            params += [p for p in (proj.weight, getattr(proj, "bias", None)) if p is not None]
-    return params
-
+# ---- weight orthogonalization ------------------------------------------------------------------
 
 @contextlib.contextmanager
-def orthogonalized(model: HookedModel, direction: torch.Tensor):
-    """Temporarily orthogonalize ``model``'s weights against ``direction``; restored on exit."""
-    hf = model.hf_model
-    head = hf.get_output_embeddings()
-    head = _orig(head) if head is not None else None
-    tied = getattr(hf.config, "tie_word_embeddings", False)
-    saved = [(p, p.detach().clone()) for p in _written_weights(model)]
-    head_weight = None if head is None else head.weight
-    try:
-        orthogonalize_weights(model, direction)
+def orthogonalized(model: HookedModel, direction: torch.Tensor, strength: float = 1.0):
+    """Temporarily orthogonalize ``model``'s weights against ``direction`` (``directions.orthogonalize_weights``,
+    Arditi et al. 2024 §4.1); the residual writers and the embedding tying are restored on exit."""
+    with weights_restored(model, [name for name, _, _ in residual_writers(model)]):
+        orthogonalize_weights(model, direction, strength)
         yield model
-    finally:
-        with torch.no_grad():
-            for p, original in saved:
-                p.copy_(original)
-            if head is not None:
-                head.weight = head_weight
-            hf.config.tie_word_embeddings = tied
 
 
 def export_hf(model: HookedModel, path) -> Path:
@@ -185,8 +109,7 @@ def export_hf(model: HookedModel, path) -> Path:
     hf = model.hf_model
     state = {}
     for name, tensor in hf.state_dict().items():
-        clean = name.replace("._original_component", "")  # bridge wrappers nest the HF modules
-        state[clean] = tensor.detach().cpu().contiguous().clone()
+        state[canonical_name(name)] = tensor.detach().cpu().contiguous().clone()
     if getattr(hf.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # tied: transformers rebuilds it from the embedding
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -197,11 +120,6 @@ def export_hf(model: HookedModel, path) -> Path:
 
 
 # ---- component ablation --------------------------------------------------------------------------
-
-def _check_strength(strength: float) -> None:
-    if not 0.0 <= float(strength) <= 1.0:
-        raise ValueError(f"strength must be in [0, 1] (0 = no change, 1 = full ablation), got {strength}")
-
 
 def _group(components: Sequence[Component]) -> dict[str, list[Component]]:
     groups: dict[str, list[Component]] = defaultdict(list)
@@ -215,12 +133,13 @@ def _group(components: Sequence[Component]) -> dict[str, list[Component]]:
 def _selector(model: HookedModel, comps: list[Component]):
     """(dimension from the end, index tensor or None for the whole activation) of a hook's components."""
     kind = comps[0].kind
-    if kind in ("neuron", "head"):
+    axis = kind_info(kind).unit_axis
+    if axis is not None:
         limit = model.d_mlp if kind == "neuron" else model.n_heads
         idx = sorted({c.index for c in comps})
         if idx[0] < 0 or idx[-1] >= limit:
             raise ValueError(f"{kind} index out of range 0..{limit - 1} in layer {comps[0].layer}: {idx}")
-        return (-1 if kind == "neuron" else -2), torch.tensor(idx)
+        return axis, torch.tensor(idx)
     return None, None
 
 
@@ -232,8 +151,6 @@ def reference_activations(model: HookedModel, components: Sequence[Component], p
     ``ablation_hooks(method='mean')`` uses their mean over prompts; ``'resample'`` uses one random
     reference prompt's row per ablated prompt.
     """
-    from .store import ActivationStore
-
     store = store if store is not None else ActivationStore()
     names = sorted(_group(components))
     acts = store.get(model, list(getattr(prompts, "prompts", prompts)), names, "mean", chat=chat,
@@ -257,7 +174,7 @@ def ablation_hooks(model: HookedModel, components: Sequence[Component], method: 
     """
     if method not in ABLATION_METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(ABLATION_METHODS)}")
-    _check_strength(strength)
+    check_strength(strength)
     groups = _group(components)
     if not groups:
         return []

@@ -88,6 +88,14 @@ class HookedModel:
         self._fingerprint_cache: tuple | None = None
         self.n_post = self._count_post_instruction_tokens()
 
+    @classmethod
+    def from_bridge(cls, bridge, tokenizer, *, name: str | None = None) -> "HookedModel":
+        """Wrap an existing TransformerBridge: parameters frozen, eval mode (the documented way in)."""
+        bridge.eval()
+        for p in bridge.parameters():
+            p.requires_grad_(False)
+        return cls(bridge, tokenizer, name or getattr(bridge.cfg, "model_name", None) or "custom")
+
     # ---- identity -------------------------------------------------------------------------
 
     @property
@@ -96,7 +104,8 @@ class HookedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where inputs go: the input embedding's device (layers may sit on other devices)."""
+        return _module_device(self.hf_model.get_input_embeddings(), self.bridge.cfg)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -186,6 +195,8 @@ class HookedModel:
 
     def final_logits(self, resid: torch.Tensor) -> torch.Tensor:
         """Apply the final norm and unembedding to residual vectors ``[..., d_model]``."""
+        # With a device map the final norm may sit on another device than the last block.
+        resid = resid.to(_module_device(self.bridge.ln_final, self.bridge.cfg))
         return self.bridge.unembed(self.bridge.ln_final(resid))
 
     def last_logits(self, prompts: Sequence[str], *, chat: bool = True, batch_size: int = 16,
@@ -256,6 +267,14 @@ class HookedModel:
         return generate(self, prompts, max_new_tokens, **kwargs)
 
 
+def _module_device(module: torch.nn.Module, cfg=None) -> torch.device:
+    """The device of a module's first real (non-meta) parameter; else the bridge's ``cfg.device``."""
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device(getattr(cfg, "device", None) or "cpu")
+
+
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once what is needed has been read."""
 
@@ -263,6 +282,6 @@ class _StopForward(Exception):
 def _select_positions(act: torch.Tensor, pos: Positions, mask: torch.Tensor) -> torch.Tensor:
     """Pick positions from ``[batch, seq, ...]`` activations (float32, on CPU)."""
     if pos.is_mean:
-        m = mask.to(act.dtype).view(*mask.shape, *([1] * (act.dim() - 2)))
+        m = mask.to(device=act.device, dtype=act.dtype).view(*mask.shape, *([1] * (act.dim() - 2)))
         return ((act * m).sum(1) / m.sum(1)).float().cpu()
     return act[:, list(pos.offsets)].float().cpu()

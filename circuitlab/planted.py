@@ -146,6 +146,7 @@ def build_planted(seed: int = 0):
         max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-6,
         bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
+    config.refusal_strings = [" sorry"]  # the planted refusal token, declared where metrics look for it
     gen = torch.Generator().manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():

@@ -6,7 +6,8 @@ import pytest
 from circuitlab import ActivationStore, metrics
 from circuitlab.components import Component
 from circuitlab.experiments import get
-from circuitlab.experiments.ablation import attribution_ranking, matched_random, top_components
+from circuitlab.experiments.ablation import attribution_ranking, matched_random
+from circuitlab.ranking import top_components
 from circuitlab.interventions import ablation_hooks
 from circuitlab.planted import PLANTED_HEAD, PLANTED_NEURON
 

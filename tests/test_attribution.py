@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from circuitlab import hooks as hk
-from circuitlab.experiments.patching.activation import refusal_metric
+from circuitlab.attribution import refusal_metric
 from circuitlab.experiments.patching.attribution import AttributionPatching, attribution_pair
 from circuitlab.experiments.patching.engine import Sweep, run_sweeps
 

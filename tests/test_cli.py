@@ -32,7 +32,7 @@ def test_bad_arguments_exit_nonzero_without_traceback():
         (["run", "refusal-scores", "--set", "bogus=1"], "no parameter"),
         (["run", "refusal-scores", "--set", "max_new_tokens=abc"], "not a valid int"),
         (["run", "refusal-scores", "--n", "0"], "at least 1"),
-        (["run", "refusal-scores", "--model", "/no/such/dir", "--n", "2"], "Could not load model"),
+        (["run", "refusal-scores", "--model", "/no/such/dir", "--n", "2"], "no such directory"),
         (["run", "ablation", "--model", "tiny", "--n", "6", "--set", "kind=layer"], "kind="),
     ]
     for args, message in cases:

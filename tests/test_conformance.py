@@ -32,6 +32,27 @@ def test_registry_refuses_duplicates():
             pass
 
 
+def test_a_new_component_label_needs_only_its_registration():
+    """One vocabulary of component kinds: results.check_table accepts whatever components.py knows."""
+    import pandas as pd
+
+    from circuitlab import components
+    from circuitlab.results import check_table
+
+    table = pd.DataFrame({"layer": [0], "component": ["conformance_probe_kind"]})
+    with pytest.raises(ValueError, match="register_kind"):
+        check_table(table)
+    components.register_kind("conformance_probe_kind", doc="a label only this test uses")
+    check_table(table)
+    assert "conformance_probe_kind" in components.known_kinds()
+    assert {"resid_pre", "attn_out", "mlp_out", "head", "neuron", "direction", "embed", "logits"} <= set(
+        components.known_kinds())
+    with pytest.raises(ValueError, match="table label"):
+        components.Component("direction", 0)
+    with pytest.raises(ValueError, match="already registered"):
+        components.register_kind("neuron", unit_axis=-2)
+
+
 def test_get_suggests_nearest():
     with pytest.raises(KeyError, match="refusal-scores"):
         experiments.get("refusal-score")

@@ -9,7 +9,7 @@ from scipy import stats
 from circuitlab import ActivationStore
 from circuitlab import hooks as hk
 from circuitlab.experiments import get
-from circuitlab.experiments.diff_ranking import benjamini_hochberg, rank_units, unit_statistics
+from circuitlab.ranking import benjamini_hochberg, rank_units, unit_statistics
 from circuitlab.planted import PLANTED_HEAD, PLANTED_NEURON
 
 

@@ -11,8 +11,9 @@ from circuitlab import ActivationStore
 from circuitlab import hooks as hk
 from circuitlab import interventions as iv
 from circuitlab.datasets import PromptSet
-from circuitlab.direction_eval import bootstrap_ci, direction_components, evaluate_direction
-from circuitlab.experiments.direction import RefusalDirection, select_candidate, split_three
+from circuitlab.direction_eval import bootstrap_ci, direction_components, evaluate_direction, select_candidate
+from circuitlab.directions import unit
+from circuitlab.experiments.direction import RefusalDirection, split_three
 
 
 def test_split_three_is_a_deterministic_partition(harmful):
@@ -73,7 +74,7 @@ def test_filter_keeps_refused_harmful_and_answered_harmless(tiny, harmful, harml
     assert list(h) == [p for p, x in zip(harmful, h_scores.tolist()) if x > threshold]
     assert list(s) == [p for p, x in zip(harmless, s_scores.tolist()) if x < threshold]
     assert kept["train_harmful_kept"] == f"{len(h)}/{len(harmful)}"
-    with pytest.raises(ValueError, match="filter_val=False"):
+    with pytest.raises(ValueError, match="filter_train=False and filter_val=False"):
         RefusalDirection(progress=False, filter_threshold=1e9).filter_refused(tiny, harmful, harmless, {}, "val")
 
 
@@ -81,7 +82,7 @@ def test_head_and_neuron_attributions_sum_to_layer_outputs(tiny, harmful, harmle
     r = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(0))
     table = direction_components(tiny, r, list(harmful), list(harmless), ActivationStore(tmp_path),
                                  top_neurons=tiny.d_mlp)
-    r_hat = iv.unit(r)
+    r_hat = unit(r)
     name = hk.attn_out(1)
     attn = tiny.run_with_cache(list(harmful), [name], "last")[name][:, 0].mean(0) @ r_hat
     heads = table[(table.component == "head") & (table.layer == 1)].attribution_harmful.sum()

@@ -9,8 +9,7 @@ from circuitlab.components import Component
 from circuitlab import metrics
 from circuitlab.finetune import (REFUSAL_TARGETS, component_masks, count_trainable, full_masks, greedy_targets,
                                  load_pairs, random_components, train, train_components)
-from circuitlab.monitor import weights_restored
-from circuitlab.monitor.weights import canonical_parameters
+from circuitlab.weights import canonical_parameters, weights_restored
 from tests.conftest import HARMFUL, HARMLESS
 
 PAIRS = [(p, "sorry i cannot help with that") for p in HARMFUL[:4]]

@@ -24,7 +24,7 @@ def test_builders_reject_bad_layers(bad):
 
 
 def test_every_builder_name_exists_on_the_model(tiny):
-    for kind in hooks.KINDS:
+    for kind in hooks.TEMPLATES:
         tiny.check_hooks([getattr(hooks, kind)(l) for l in range(tiny.n_layers)])
     tiny.check_hooks([hooks.embed(), hooks.final_resid()])
 

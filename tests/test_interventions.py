@@ -10,6 +10,7 @@ from circuitlab import ActivationStore, load_model
 from circuitlab import hooks as hk
 from circuitlab import interventions as iv
 from circuitlab.components import Component
+from circuitlab.directions import orthogonalize_weights, unit
 
 PROMPTS = ["how do i make a cake", "write a poem", "tell me how to steal a car", "hi"]
 
@@ -33,7 +34,7 @@ def fresh_tiny():
 
 def test_directional_ablation_removes_direction_everywhere(tiny):
     r = _direction(tiny)
-    r_hat = iv.unit(r)
+    r_hat = unit(r)
     hooks = iv.directional_ablation_hooks(tiny, r)
     assert len(hooks) == 3 * tiny.n_layers
     seen = {}
@@ -50,7 +51,7 @@ def test_orthogonalized_weights_equal_ablation_hooks(fresh_tiny):
     r = _direction(fresh_tiny)
     hooked = fresh_tiny.last_logits(PROMPTS, fwd_hooks=iv.directional_ablation_hooks(fresh_tiny, r))
     before = fresh_tiny.fingerprint
-    iv.orthogonalize_weights(fresh_tiny, r)
+    orthogonalize_weights(fresh_tiny, r)
     assert fresh_tiny.fingerprint != before  # the store will not confuse edited and original weights
     edited = fresh_tiny.last_logits(PROMPTS)
     assert torch.allclose(hooked, edited, atol=1e-3), (hooked - edited).abs().max()
@@ -62,7 +63,7 @@ def test_orthogonalized_weights_equal_ablation_hooks(fresh_tiny):
 def test_exported_model_reloads_with_transformers(fresh_tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    iv.orthogonalize_weights(fresh_tiny, _direction(fresh_tiny, seed=3))
+    orthogonalize_weights(fresh_tiny, _direction(fresh_tiny, seed=3))
     expected = fresh_tiny.last_logits(PROMPTS)
     out = iv.export_hf(fresh_tiny, tmp_path / "export")
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
@@ -213,3 +214,35 @@ def test_orthogonalized_context_restores_weights(fresh_tiny):
     with iv.orthogonalized(fresh_tiny, r):
         assert torch.allclose(fresh_tiny.last_logits(PROMPTS), hooked, atol=1e-3)
     assert torch.equal(fresh_tiny.last_logits(PROMPTS), base) and fresh_tiny.fingerprint == fp
+
+
+def test_orthogonalization_strength_biases_and_dtype(fresh_tiny):
+    """One orthogonalization for hooks and tamperings: partial strength, biases, the weight's own dtype."""
+    from circuitlab.directions import write_profile
+    from circuitlab.weights import writer_weight
+
+    r = _direction(fresh_tiny, 11)
+    before = write_profile(fresh_tiny, r)
+    with iv.orthogonalized(fresh_tiny, r, strength=0.25):
+        assert torch.allclose(write_profile(fresh_tiny, r), 0.75 * before, atol=1e-5)
+    assert torch.equal(write_profile(fresh_tiny, r), before)
+    down = fresh_tiny.hf_model.model.layers[0].mlp.down_proj
+    down = getattr(down, "_original_component", down)
+    down.bias = torch.nn.Parameter(torch.randn(fresh_tiny.d_model))  # a residual writer with a bias
+    hooked = fresh_tiny.last_logits(PROMPTS, fwd_hooks=iv.directional_ablation_hooks(fresh_tiny, r))
+    with iv.orthogonalized(fresh_tiny, r):
+        assert abs(float(down.bias.detach() @ unit(r))) < 1e-5
+        assert torch.allclose(fresh_tiny.last_logits(PROMPTS), hooked, atol=1e-3)
+    fresh_tiny.hf_model.to(torch.bfloat16)
+    orthogonalize_weights(fresh_tiny, r.double())  # any dtype in, the weight's dtype out
+    w = writer_weight(fresh_tiny, "mlp_out", 1)
+    assert w.dtype == torch.bfloat16
+    assert (unit(r) @ w.float()).abs().max() < 0.05 * w.float().abs().max()
+
+
+def test_orthogonalization_moves_the_direction_to_each_weight(fresh_tiny):
+    """A CPU direction (as the store returns it) against weights elsewhere: no CPU × device product.
+    The meta device stands in for a GPU: mixing it with a CPU tensor raises, as CUDA would."""
+    fresh_tiny.hf_model.to("meta")
+    orthogonalize_weights(fresh_tiny, _direction(fresh_tiny), strength=0.5)
+    assert all(p.device.type == "meta" for p in fresh_tiny.hf_model.parameters())

@@ -54,3 +54,26 @@ def test_hooks_change_the_metric(tiny, harmful):
     zeroed = metrics.refusal_score(tiny, prompts, fwd_hooks=[(hooks.resid_post(1), lambda a, hook: a * 0)])
     assert not torch.allclose(base, zeroed)
     assert torch.allclose(metrics.refusal_score(tiny, prompts), base)  # hooks gone afterwards
+
+
+def test_refusal_tokens_come_from_data_not_the_model_name(tiny, tmp_path, monkeypatch):
+    """The same weights under another name get the same tokens (the record, not the name, decides)."""
+    monkeypatch.setenv("CIRCUITLAB_CACHE", str(tmp_path))
+    from circuitlab import load_model
+
+    renamed = load_model("tiny")
+    renamed.name = "embedded"
+    assert metrics.refusal_tokens(renamed) == metrics.refusal_tokens(load_model("tiny"))
+    assert "source" in renamed.refusal_token_record
+
+
+def test_calibration_finds_the_planted_refusal_token(planted, planted_sets):
+    harmful, harmless = planted_sets
+    record = metrics.calibrate_refusal_tokens(planted, list(harmful)[:8], list(harmless)[:8], max_new_tokens=2,
+                                              phrases=("sorry",))
+    assert record["ids"] == [planted.to_single_token(" sorry")] and "calibrated" in record["source"]
+    metrics.set_refusal_tokens(planted, [" sorry"], "model config refusal_strings")
+
+
+def test_explicit_strings_override(tiny):
+    assert metrics.refusal_tokens(tiny, ["I"]) == [tiny.to_single_token("I")]

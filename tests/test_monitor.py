@@ -7,10 +7,11 @@ import torch
 from circuitlab import ActivationStore
 from circuitlab import hooks as hk
 from circuitlab.components import Component
-from circuitlab.monitor import (IntegrityMonitor, SafetyMonitor, apply_change, detection_metrics, fit_request_monitor,
-                                mean_difference, weights_restored)
-from circuitlab.monitor.weights import canonical_parameters, component_slices, slice_masks
+from circuitlab.directions import refusal_direction
+from circuitlab.monitor import IntegrityMonitor, SafetyMonitor, detection_metrics, fit_request_monitor
 from circuitlab.monitor.request import calibrate_threshold
+from circuitlab.tampering import apply_change
+from circuitlab.weights import canonical_parameters, component_slices, slice_masks, weights_restored
 from tests.conftest import HARMFUL, HARMLESS
 
 
@@ -85,7 +86,7 @@ COMPONENTS = [Component("neuron", 1, 5), Component("neuron", 0, 7), Component("h
 
 @pytest.fixture(scope="module")
 def direction(tiny, tmp_path_factory):
-    return mean_difference(tiny, HARMFUL, HARMLESS, 1, store=ActivationStore(tmp_path_factory.mktemp("dir")))
+    return refusal_direction(tiny, HARMFUL, HARMLESS, 1, store=ActivationStore(tmp_path_factory.mktemp("dir")))
 
 
 @pytest.fixture(scope="module")

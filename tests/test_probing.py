@@ -7,7 +7,8 @@ import pytest
 
 from circuitlab import ActivationStore
 from circuitlab.experiments import get
-from circuitlab.experiments.probing import cross_validated_probe, parse_positions
+from circuitlab.experiments.probing import parse_positions
+from circuitlab.probes import cross_validated_probe
 from circuitlab.planted import FEATURE_LAYER, PLANTED_HEAD
 
 

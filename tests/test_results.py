@@ -21,6 +21,6 @@ def test_failed_save_keeps_previous_run(tmp_path):
 
     bad = Result(pd.DataFrame({"layer": [1], "x": [2.0]}), {"experiment": "t"}, figures={"f": Boom()})
     with pytest.raises(OSError):
-        bad.save(tmp_path / "run")
+        bad.save(tmp_path / "run", overwrite=True)
     assert pd.read_csv(tmp_path / "run" / "table.csv")["x"].tolist() == [1.0]
     assert [p.name for p in tmp_path.iterdir()] == ["run"]

@@ -1,34 +1,93 @@
 """ablation: what happens to refusal when the top-k ranked units are ablated, against k random ones.
 
 The fragility curve answers "if I ablate the 50 most safety-relevant neurons, what happens?" with
-its control: for each k, the top-k units of a diff-ranking (computed on a held-apart half of the
+its control: for each k, the top-k units of a ranking (computed on a held-apart half of the
 prompts, or read from a ranking csv) are ablated, and so are k random units of the same kind
-drawn with the same per-layer counts (several seeds). Each condition records refusal on harmful
-prompts (logit score, and the generation judge), over-refusal on harmless prompts, KL of the
-harmless next-token distributions against the unablated model, and cross-entropy on plain text.
+drawn with the same per-layer counts (``random_seeds`` draws).
+
+**Scored everywhere.** Every condition (baseline, and each k for top-k and every random draw) gets
+the measures that cost a forward pass: the refusal score (log-odds that the next token opens a
+refusal, ``metrics.refusal_score``; it ranks prompts like the generation judge, AUROC 0.95 on the
+embedded model) on harmful prompts and its ``refusal_prob`` = mean over prompts of
+sigmoid(score), the refusal-token probability; the same score on harmless prompts; KL of the
+harmless next-token distributions against the unablated model; cross-entropy on plain text.
+
+**Judged where it decides.** The generation judge (greedy decoding + refusal phrases:
+``refusal_rate`` on harmful prompts, ``over_refusal_rate`` on harmless ones) costs a decoding per
+prompt, so ``judge_at`` says where it runs:
+
+- ``"decisive"`` (default): the points the conclusions rest on: the baseline, top-k at the
+  smallest k that halves refusal and at the largest k, and the first random draw at those k;
+- ``"all"``: the baseline, top-k and the first random draw at every k;
+- ``"none"``: nowhere; the conclusions rest on the score alone.
+
+Over-refusal (harmless prompts, ``judge_harmless``) is judged at the judged top-k points and the
+baseline only. The table's ``judged`` column marks the rows with a judged refusal rate.
+
+**Halving rule.** The smallest k that halves refusal is read off the score curve: the first top-k
+whose ``refusal_prob`` is at most half the baseline's. Halving is taken on the probability, not the
+log-odds, since a refusal rate is what halves; a mean of per-prompt probabilities is the
+score-side estimate of the fraction of prompts that refuse. The judge runs at that k, and the
+summary says whether it agrees (``halving_confirmed_by_judge``) and which judged k first halves
+the judged rate (``k_to_halve_refusal_judged``).
+
+**Computed once.** ``run(..., shared=d)``: a dict passed to several runs (e.g. the three rankings of
+``make demo``) keeps what does not depend on the ranking (the unablated baseline with its
+judged rates, and the attribution estimates, which hold both unit kinds), keyed by everything it
+depends on, so a run with other prompts or settings recomputes. The unablated scores and
+harmless logits are read from the activation store's final residual (no forward pass when an
+earlier experiment cached it), and the mean-ablation reference of both unit kinds is cached in
+one pass.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .. import datasets, metrics, plots
 from .. import hooks as hk
+from ..attribution import mean_patch_estimates
 from ..components import Component
 from ..direction_eval import bootstrap_ci
-from ..interventions import ablation_hooks, reference_activations
+from ..interventions import ABLATION_METHODS, ablation_hooks, reference_activations
 from ..progress import progress_bar
+from ..ranking import rank_components, top_components
 from ..results import Result
 from ..store import ActivationStore
-from .base import Experiment, register
-from .circuit_map import attribution_estimates
-from .diff_ranking import DiffRanking
+from .base import Experiment, check, check_choice, register
+from .checks import check_at_least, check_files, check_types
 
-__all__ = ["Ablation", "attribution_ranking", "halve_split", "matched_random", "top_components"]
+__all__ = ["Ablation", "attribution_ranking", "halve_split", "halving_k", "matched_random", "KINDS", "RANK_BY",
+           "JUDGE_AT"]
+
+KINDS = ("neuron", "head")
+RANK_BY = ("effect_size", "attribution")
+JUDGE_AT = ("decisive", "all", "none")
+_JUDGE_COLUMNS = ["refusal_rate", "refusal_rate_ci_low", "refusal_rate_ci_high", "over_refusal_rate", "judged"]
+
+
+def _digest(*parts) -> str:
+    """A short content key for what a shared measurement depends on."""
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
+
+
+def _memo(shared: dict | None, key: tuple, compute):
+    if shared is None:
+        return compute()
+    if key not in shared:
+        shared[key] = compute()
+    return shared[key]
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
 def halve_split(prompts, seed: int) -> tuple[list[str], list[str]]:
@@ -39,16 +98,6 @@ def halve_split(prompts, seed: int) -> tuple[list[str], list[str]]:
     if cut < 2:
         raise ValueError(f"need at least 4 prompts per set to rank on one half and evaluate on the other, got {len(items)}")
     return items[:cut], items[cut:]
-
-
-def top_components(ranking: pd.DataFrame, kind: str, k: int) -> list[Component]:
-    """The ``k`` best-ranked units of ``kind`` from a diff-ranking table (``rank`` ascending)."""
-    part = ranking[ranking["component"] == kind].sort_values("rank", kind="stable")
-    col = "neuron" if kind == "neuron" else "head"
-    units = [Component(kind, int(r.layer), int(getattr(r, col))) for r in part.itertuples(index=False)]
-    if len(units) < k:
-        raise ValueError(f"the ranking has {len(units)} {kind}s, fewer than k={k}; rank with a larger top_k")
-    return units[:k]
 
 
 def matched_random(top: list[Component], width: int, n_layers: int, seed: int) -> list[Component]:
@@ -74,20 +123,31 @@ def matched_random(top: list[Component], width: int, n_layers: int, seed: int) -
     return sorted(out)
 
 
-def attribution_ranking(model, harmful, harmless, kind: str, store, batch_size: int = 16) -> pd.DataFrame:
+def attribution_ranking(model, harmful, harmless, kind: str, store, batch_size: int = 16, *,
+                        shared: dict | None = None) -> pd.DataFrame:
     """Every unit of ``kind`` ranked by its attribution-patching estimate (Nanda 2023) of how much
-    replacing it by its harmless mean at the post positions lowers the harmful refusal score."""
-    hook = hk.mlp_post if kind == "neuron" else hk.attn_z
-    names = [hook(l) for l in range(model.n_layers)]
-    other = hk.attn_z if kind == "neuron" else hk.mlp_post  # estimates come for both kinds; keep one
-    acts = store.get(model, list(harmless), names + [other(l) for l in range(model.n_layers)], "post",
-                     batch_size=batch_size, progress=False)
-    est = attribution_estimates(model, list(harmful), {n: t.mean(0) for n, t in acts.items()},
-                                batch_size=batch_size)[kind]
+    replacing it by its harmless mean at the post positions lowers the harmful refusal score.
+    The estimates come for both kinds in one pass; ``shared`` keeps them for the other kind."""
+    def estimates():
+        names = [f(l) for l in range(model.n_layers) for f in (hk.mlp_post, hk.attn_z)]
+        acts = store.get(model, list(harmless), names, "post", batch_size=batch_size, progress=False)
+        return mean_patch_estimates(model, list(harmful), {n: t.mean(0) for n, t in acts.items()},
+                                    batch_size=batch_size)
+
+    key = ("attribution", _digest(model.fingerprint, list(harmful), list(harmless), batch_size))
+    est = _memo(shared, key, estimates)[kind]
     layer, index = np.divmod(np.arange(est.numel()), est.shape[1])
     table = pd.DataFrame({"layer": layer, "component": kind, kind: index, "attribution": est.flatten().numpy()})
     table["rank"] = table["attribution"].rank(ascending=False, method="first").astype(int)
     return table.sort_values("rank").reset_index(drop=True)
+
+
+def halving_k(table: pd.DataFrame) -> int | None:
+    """The score-curve halving rule: the smallest top-k whose ``refusal_prob`` is at most half the baseline's."""
+    base = float(table.loc[table.selection == "baseline", "refusal_prob"].iloc[0])
+    top = table[table.selection == "top"]
+    hit = top[top.refusal_prob <= base / 2]
+    return int(hit.k.min()) if len(hit) else None
 
 
 @register("ablation")
@@ -96,55 +156,108 @@ class Ablation(Experiment):
     """Fragility curve: refusal and side effects as top-k ranked units are ablated, vs k random units."""
 
     kind: str = "neuron"  # neuron | head
-    k_grid: list[int] = field(default_factory=lambda: [1, 5, 10, 50])
+    k_grid: list[int] = field(default_factory=lambda: [1, 5, 10, 50])  # numbers of top units ablated
     method: str = "mean"  # zero | mean | resample (reference = the ranking half of both sets)
-    random_seeds: int = 3
+    random_seeds: int = 3  # random control sets per k
     ranking: str | None = None  # csv of a ranking table; None: rank on the held-apart half (rank_by)
     rank_by: str = "effect_size"  # effect_size (diff-ranking's Cohen's d) | attribution (AtP refusal drop)
-    judge: bool = True  # generation judge on harmful prompts (top-k and the first random seed)
-    judge_harmless: bool = True  # over-refusal judged on harmless prompts under top-k ablation
-    max_new_tokens: int = 16
+    judge_at: str = "decisive"  # generation judge: decisive (baseline, k that halves the score, largest k) | all | none
+    judge_harmless: bool = True  # also judge over-refusal on harmless prompts (baseline and judged top-k points)
+    max_new_tokens: int = 16  # tokens generated per prompt for the judge
     n_text: int = 16  # plain-text passages for cross-entropy
-    batch_size: int = 16
-    seed: int = 0
+    batch_size: int = 16  # prompts per forward pass
+    seed: int = 0  # seed of the ranking/evaluation split, the resample draws and the random controls
 
-    def run(self, model, harmful, harmless, *, store=None) -> Result:
-        if self.kind not in ("neuron", "head"):
-            raise ValueError(f"kind={self.kind!r}: use 'neuron' or 'head'")
-        grid = sorted({int(k) for k in self.k_grid})
+    def __post_init__(self):
+        check_types(self)
+        check_choice("kind", self.kind, KINDS)
+        check_choice("method", self.method, ABLATION_METHODS)
+        check_choice("rank_by", self.rank_by, RANK_BY)
+        check_choice("judge_at", self.judge_at, JUDGE_AT)
+        check(len(self.k_grid) > 0 and all(k >= 1 for k in self.k_grid),
+              f"k_grid={self.k_grid!r} must be a non-empty list of ints >= 1 (e.g. --set k_grid=1,5,10,50)")
+        check_at_least(self, 0, "random_seeds", "seed")
+        check_files(self, "ranking")
+        check_at_least(self, 1, "max_new_tokens", "n_text", "batch_size")
+
+    def run(self, model, harmful, harmless, *, store=None, shared: dict | None = None) -> Result:
+        """The fragility curve; ``shared``: a dict shared by several runs (module docstring, "Computed once")."""
+        grid = sorted(set(self.k_grid))
         width = model.d_mlp if self.kind == "neuron" else model.n_heads
-        if not grid or grid[0] < 1 or grid[-1] > width * model.n_layers:
+        if grid[-1] > width * model.n_layers:
             raise ValueError(f"k_grid must hold ints in 1..{width * model.n_layers} for {self.kind}s, got {self.k_grid}")
         store = store if store is not None else ActivationStore()
         rank_h, eval_h = halve_split(harmful, self.seed)
         rank_b, eval_b = halve_split(harmless, self.seed)
-        ranking = self._ranking(model, rank_h, rank_b, grid[-1], store)
-        reference = None if self.method == "zero" else reference_activations(
-            model, [Component(self.kind, l, 0) for l in range(model.n_layers)], rank_h + rank_b, store)
-        texts = list(datasets.load("plaintext", split="test", n=self.n_text, seed=self.seed))
-        base = self._measure(model, [], eval_h, eval_b, texts, None, judge=self.judge, judge_harmless=self.judge_harmless)
-        rows = [dict(selection="baseline", seed=-1, k=0, **base["row"])]
+        ranking = self._ranking(model, rank_h, rank_b, grid[-1], store, shared)
+        reference = None if self.method == "zero" else self._reference(model, rank_h + rank_b, store)
+        base = self.baseline(model, harmful, harmless, store=store, shared=shared)
         conditions = []
         for k in grid:
             top = top_components(ranking, self.kind, k)
             conditions.append(("top", -1, k, top))
             for s in range(self.random_seeds):
                 conditions.append(("random", s, k, matched_random(top, width, model.n_layers, self.seed * 1000 + s)))
-        for selection, s, k, comps in progress_bar(conditions, True, desc=f"ablating {self.kind}s"):
-            hooks = ablation_hooks(model, comps, self.method, reference=reference, seed=self.seed)
-            judge = self.judge and (selection == "top" or s == 0)
-            m = self._measure(model, hooks, eval_h, eval_b, texts, base, judge=judge,
-                              judge_harmless=self.judge_harmless and selection == "top")
-            rows.append(dict(selection=selection, seed=s, k=k, **m["row"]))
+
+        def hooks(comps):
+            return ablation_hooks(model, comps, self.method, reference=reference, seed=self.seed)
+
+        rows = [dict(selection="baseline", seed=-1, k=0, **base["row"])]
+        for selection, s, k, comps in progress_bar(conditions, True, desc=f"scoring {self.kind} ablations"):
+            rows.append(dict(selection=selection, seed=s, k=k,
+                             **self._score(model, hooks(comps), eval_h, eval_b, base)))
         table = pd.DataFrame(rows)
+        on_harmful, on_harmless = self._judged_points(grid, halving_k(table))
+        todo = [c for c in conditions if c[:3] in on_harmful]
+        for selection, s, k, comps in progress_bar(todo, True, desc=f"judging {self.kind} ablations"):
+            verdicts = self._judge(model, hooks(comps), eval_h,
+                                   eval_b if (selection, s, k) in on_harmless else None)
+            at = table.index[(table.selection == selection) & (table.seed == s) & (table.k == k)]
+            table.loc[at, list(verdicts)] = pd.DataFrame([verdicts] * len(at), index=at)
         table.insert(0, "component", self.kind)
-        summary = _summary(table, self.kind)
+        summary = _summary(table, self.kind, self.judge_at)
         return Result(table, self.config(model, harmful=harmful, harmless=harmless),
                       tables={"ranking_used": ranking.head(grid[-1])},
                       figures={f"fragility_{self.kind}": plots.fragility(table, self.kind, model.name)},
                       summary=summary)
 
-    def _ranking(self, model, rank_h, rank_b, k_max, store) -> pd.DataFrame:
+    def baseline(self, model, harmful, harmless, *, store=None, shared: dict | None = None) -> dict:
+        """The unablated measures on the evaluation halves: ``{"row": table row, "harmless_logits": [n, vocab]}``.
+
+        The same for every kind, ranking and method; kept in ``shared`` under a key of what it depends on.
+        """
+        store = store if store is not None else ActivationStore()
+        eval_h, eval_b = halve_split(harmful, self.seed)[1], halve_split(harmless, self.seed)[1]
+        judge = self.judge_at != "none"
+        key = ("baseline", _digest(model.fingerprint, eval_h, eval_b, self._texts(), self.max_new_tokens, judge,
+                                   judge and self.judge_harmless, self.batch_size, self.seed))
+        return _memo(shared, key, lambda: self._measure_baseline(model, eval_h, eval_b, store, judge))
+
+    def _measure_baseline(self, model, eval_h, eval_b, store, judge: bool) -> dict:
+        name = hk.final_resid()  # cached at the last position by the circuit map: no forward pass then
+        resid = store.get(model, eval_h + eval_b, [name], "last", batch_size=self.batch_size,
+                          progress=False)[name][:, -1]
+        with torch.no_grad():
+            logits = torch.cat([model.final_logits(r).float().cpu() for r in resid.split(self.batch_size)])
+        scores = metrics.refusal_score_from_logits(logits[:len(eval_h)], metrics.refusal_tokens(model)).numpy()
+        base = {"harmless_logits": logits[len(eval_h):]}
+        row = self._row(model, scores, base["harmless_logits"], None, [])
+        if judge:
+            row.update(self._judge(model, [], eval_h, eval_b if self.judge_harmless else None))
+        base["row"] = row
+        return base
+
+    def _texts(self) -> list[str]:
+        return list(datasets.load("plaintext", split="test", n=self.n_text, seed=self.seed))
+
+    def _reference(self, model, prompts, store) -> dict:
+        """Mean-ablation reference; both kinds' hooks in one store pass, so a run of the other kind hits."""
+        every = [f(l) for l in range(model.n_layers) for f in (hk.mlp_post, hk.attn_z)]
+        store.get(model, prompts, every, "mean", batch_size=self.batch_size, progress=False)
+        return reference_activations(model, [Component(self.kind, l, 0) for l in range(model.n_layers)], prompts,
+                                     store, batch_size=self.batch_size)
+
+    def _ranking(self, model, rank_h, rank_b, k_max, store, shared) -> pd.DataFrame:
         if self.ranking is not None:
             table = pd.read_csv(self.ranking)
             missing = {"layer", "component", "rank"} - set(table.columns)
@@ -152,63 +265,83 @@ class Ablation(Experiment):
                 raise ValueError(f"{self.ranking}: not a diff-ranking table (missing columns {sorted(missing)})")
             return table
         if self.rank_by == "attribution":
-            return attribution_ranking(model, rank_h, rank_b, self.kind, store, self.batch_size)
-        if self.rank_by != "effect_size":
-            raise ValueError(f"rank_by={self.rank_by!r}: use 'effect_size' or 'attribution'")
-        ranker = DiffRanking(top_k=k_max, neurons=self.kind == "neuron", heads=self.kind == "head",
-                             batch_size=self.batch_size, seed=self.seed)
-        return ranker.run(model, datasets.PromptSet("rank-harmful", tuple(rank_h)),
-                          datasets.PromptSet("rank-harmless", tuple(rank_b)), store=store).table
+            return attribution_ranking(model, rank_h, rank_b, self.kind, store, self.batch_size, shared=shared)
+        full = rank_components(model, rank_h, rank_b, neurons=self.kind == "neuron", heads=self.kind == "head",
+                               store=store, batch_size=self.batch_size)
+        return full[full["rank"] <= k_max].reset_index(drop=True)
 
-    def _measure(self, model, hooks, harmful, harmless, texts, base, *, judge: bool, judge_harmless: bool) -> dict:
-        """Refusal (score, judge), over-refusal, KL vs ``base`` and cross-entropy under ``hooks``."""
-        bs = self.batch_size
-        scores = metrics.refusal_score(model, harmful, fwd_hooks=hooks, batch_size=bs).numpy()
-        harmless_logits = model.last_logits(harmless, fwd_hooks=hooks, batch_size=bs)
+    def _judged_points(self, grid: list[int], k_half: int | None) -> tuple[set, set]:
+        """(selection, seed, k) of the conditions judged on harmful prompts, and on harmless prompts."""
+        if self.judge_at == "none":
+            return set(), set()
+        ks = grid if self.judge_at == "all" else sorted({grid[-1]} | ({k_half} if k_half is not None else set()))
+        top = {("top", -1, k) for k in ks}
+        controls = {("random", 0, k) for k in ks} if self.random_seeds else set()
+        return top | controls, (top if self.judge_harmless else set())
+
+    def _score(self, model, hooks, harmful, harmless, base) -> dict:
+        """The forward-pass measures under ``hooks`` (refusal score, KL, cross-entropy); no judge."""
+        scores = metrics.refusal_score(model, harmful, fwd_hooks=hooks, batch_size=self.batch_size).numpy()
+        harmless_logits = model.last_logits(harmless, fwd_hooks=hooks, batch_size=self.batch_size)
+        return self._row(model, scores, harmless_logits, base["harmless_logits"], hooks)
+
+    def _row(self, model, scores, harmless_logits, base_logits, hooks) -> dict:
         harmless_scores = metrics.refusal_score_from_logits(harmless_logits, metrics.refusal_tokens(model)).numpy()
-        row = {"refusal_score": float(scores.mean()), "harmless_refusal_score": float(harmless_scores.mean())}
+        row = {"refusal_score": float(scores.mean()), "refusal_prob": float(_sigmoid(scores).mean()),
+               "harmless_refusal_score": float(harmless_scores.mean())}
         row["refusal_score_ci_low"], row["refusal_score_ci_high"] = bootstrap_ci(scores, seed=self.seed)
-        row["kl_harmless"] = 0.0 if base is None else float(
-            metrics.kl_divergence(base["harmless_logits"], harmless_logits).mean())
-        row["cross_entropy"] = metrics.cross_entropy(model, texts, fwd_hooks=hooks, batch_size=bs)
-        row["refusal_rate"] = row["refusal_rate_ci_low"] = row["refusal_rate_ci_high"] = np.nan
-        row["over_refusal_rate"] = np.nan
-        if judge:
-            verdicts = np.array(metrics.judge_refusals(model, harmful, max_new_tokens=self.max_new_tokens,
-                                                       fwd_hooks=hooks, batch_size=bs), dtype=float)
-            row["refusal_rate"] = float(verdicts.mean())
-            row["refusal_rate_ci_low"], row["refusal_rate_ci_high"] = bootstrap_ci(verdicts, seed=self.seed)
-        if judge_harmless:
-            row["over_refusal_rate"] = float(np.mean(metrics.judge_refusals(
-                model, harmless, max_new_tokens=self.max_new_tokens, fwd_hooks=hooks, batch_size=bs)))
-        return {"row": row, "harmless_logits": harmless_logits}
+        row["kl_harmless"] = 0.0 if base_logits is None else float(
+            metrics.kl_divergence(base_logits, harmless_logits).mean())
+        row["cross_entropy"] = metrics.cross_entropy(model, self._texts(), fwd_hooks=hooks, batch_size=self.batch_size)
+        row.update(dict.fromkeys(_JUDGE_COLUMNS[:-1], np.nan), judged=False)
+        return row
+
+    def _judge(self, model, hooks, harmful, harmless) -> dict:
+        """Judged refusal rate (with CI) on ``harmful``; over-refusal rate on ``harmless`` unless None."""
+        kw = dict(max_new_tokens=self.max_new_tokens, fwd_hooks=hooks, batch_size=self.batch_size)
+        verdicts = np.array(metrics.judge_refusals(model, harmful, **kw), dtype=float)
+        out = {"refusal_rate": float(verdicts.mean()), "judged": True}
+        out["refusal_rate_ci_low"], out["refusal_rate_ci_high"] = bootstrap_ci(verdicts, seed=self.seed)
+        if harmless is not None:
+            out["over_refusal_rate"] = float(np.mean(metrics.judge_refusals(model, harmless, **kw)))
+        return out
 
 
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def _summary(table: pd.DataFrame, kind: str) -> dict:
-    """Headline numbers: drop at the largest k (top vs random), and the smallest k that halves refusal."""
+def _summary(table: pd.DataFrame, kind: str, judge_at: str) -> dict:
+    """Headline numbers: the score curve at every k (top vs random), the judged rates where judged,
+    and the smallest k that halves refusal (score rule, with the judge's verdict there)."""
     base = table[table.selection == "baseline"].iloc[0]
-    measure = "refusal_rate" if not np.isnan(base["refusal_rate"]) else "refusal_score"
-    out = {f"baseline_{measure}": float(base[measure]), "kind": kind, "measure": measure}
     top = table[table.selection == "top"].set_index("k")
-    rnd = table[table.selection == "random"].groupby("k")[[measure, "kl_harmless", "cross_entropy"]].mean()
+    rnd = table[table.selection == "random"]
+    out = {"kind": kind, "measure": "refusal_prob", "judge_at": judge_at,
+           "baseline_refusal_prob": float(base.refusal_prob), "baseline_refusal_score": float(base.refusal_score)}
     for k in top.index:
-        out[f"top{k}_{measure}"] = float(top.loc[k, measure])
-        out[f"random{k}_{measure}"] = float(rnd.loc[k, measure]) if k in rnd.index else None
+        r = rnd[rnd.k == k]
+        out[f"top{k}_refusal_prob"] = float(top.loc[k, "refusal_prob"])
+        out[f"random{k}_refusal_prob"] = float(r.refusal_prob.mean()) if len(r) else None
         out[f"top{k}_kl_harmless"] = float(top.loc[k, "kl_harmless"])
-    if measure == "refusal_rate":
-        halved = top[top[measure] <= base[measure] / 2]
-    else:  # without the judge: halve the refusal-token probability, sigmoid(log-odds)
-        halved = top[_sigmoid(top[measure]) <= _sigmoid(base[measure]) / 2]
-    if not base[measure] > (0 if measure == "refusal_rate" else -np.inf):
-        halved = top.iloc[:0]  # nothing to halve: the model does not refuse these prompts
-    out["k_to_halve_refusal"] = int(halved.index.min()) if len(halved) else None
-    if len(halved):
-        k = int(halved.index.min())
-        out["kl_at_halving"] = float(top.loc[k, "kl_harmless"])
-        out["cross_entropy_at_halving"] = float(top.loc[k, "cross_entropy"])
-    out["baseline_cross_entropy"] = float(base["cross_entropy"])
+    judged = [int(k) for k in top.index if bool(top.loc[k, "judged"])]
+    out["judged_k"] = judged
+    base_rate = float(base.refusal_rate) if bool(base.judged) else None
+    if base_rate is not None:
+        out["baseline_refusal_rate"] = base_rate
+        out["baseline_over_refusal_rate"] = None if np.isnan(base.over_refusal_rate) else float(base.over_refusal_rate)
+    for k in judged:
+        r = rnd[(rnd.k == k) & rnd.judged]
+        out[f"top{k}_refusal_rate"] = float(top.loc[k, "refusal_rate"])
+        out[f"random{k}_refusal_rate"] = float(r.refusal_rate.mean()) if len(r) else None
+        over = top.loc[k, "over_refusal_rate"]
+        out[f"top{k}_over_refusal_rate"] = None if np.isnan(over) else float(over)
+    k_half = halving_k(table)
+    out["k_to_halve_refusal"] = k_half
+    out["halving_rule"] = "refusal_prob <= baseline/2"
+    if k_half is not None:
+        out["kl_at_halving"] = float(top.loc[k_half, "kl_harmless"])
+        out["cross_entropy_at_halving"] = float(top.loc[k_half, "cross_entropy"])
+        if k_half in judged and base_rate is not None:
+            out["refusal_rate_at_halving"] = float(top.loc[k_half, "refusal_rate"])
+            out["halving_confirmed_by_judge"] = bool(base_rate > 0 and top.loc[k_half, "refusal_rate"] <= base_rate / 2)
+    halved = [k for k in judged if base_rate and top.loc[k, "refusal_rate"] <= base_rate / 2]
+    out["k_to_halve_refusal_judged"] = min(halved) if halved else None
+    out["baseline_cross_entropy"] = float(base.cross_entropy)
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}

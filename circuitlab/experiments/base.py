@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
+import tokenize
 import typing
 from typing import Callable
 
+from .. import provenance
 from ..datasets import PromptSet
 from ..model import HookedModel
 from ..results import Result, run_config
 
 __all__ = ["Experiment", "register", "get", "names", "describe", "coerce_params", "check", "check_choice",
-           "check_layers", "ParameterError"]
+           "check_layers", "ParameterError", "parameters",
+           "Plan", "UnitExperiment"]
 
 _REGISTRY: dict[str, type["Experiment"]] = {}
 
@@ -53,6 +59,11 @@ class Experiment:
     name: typing.ClassVar[str] = ""
     seed: int = 0
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "run" in cls.__dict__:
+            cls.run = _recorded(cls.__dict__["run"])
+
     def run(self, model: HookedModel, harmful: PromptSet, harmless: PromptSet, *, store=None) -> Result:
         raise NotImplementedError
 
@@ -62,6 +73,54 @@ class Experiment:
     def config(self, model: HookedModel, **datasets) -> dict:
         """Provenance record for this run (see ``results.run_config``)."""
         return run_config(self.name, self.params(), model, datasets, seed=getattr(self, "seed", None))
+
+
+def _recorded(run):
+    """Wrap ``run`` so its Result's config carries provenance taken when the run STARTED (code, load, time)."""
+    @functools.wraps(run)
+    def wrapper(self, model, *args, **kwargs):
+        record = provenance.start()
+        result = run(self, model, *args, **kwargs)
+        if isinstance(result, Result) and "provenance" not in result.config:
+            result.config["provenance"] = provenance.finish(record, model)
+            if record.get("dirty"):
+                result.summary.setdefault("dirty_tree", f"uncommitted changes (diff {record['diff_sha256']}) "
+                                                        f"on {str(record['commit'])[:10]}")
+        return result
+    return wrapper
+
+
+@dataclasses.dataclass
+class Plan:
+    """What ``UnitExperiment.plan`` returns: independent, idempotent ``units`` and the shared ``state``
+    (picklable: tensors, tables, prompt lists) every unit needs."""
+
+    units: list
+    state: dict = dataclasses.field(default_factory=dict)
+
+
+class UnitExperiment(Experiment):
+    """An experiment whose work is independent units (patching pairs, grid points, candidates) and a merge.
+
+    ``run`` = ``plan`` → ``run_unit`` for every unit → ``merge``; a distributed runner
+    (``circuitlab.distributed``) calls the same three methods with the units spread over workers, so a
+    local run is the same code with one worker and both give the same table. ``run_unit`` must depend
+    only on ``(model, plan.state, unit)`` (idempotent: a retried unit gives the same output).
+    """
+
+    def plan(self, model: HookedModel, harmful: PromptSet, harmless: PromptSet, *, store=None) -> Plan:
+        raise NotImplementedError
+
+    def run_unit(self, model: HookedModel, state: dict, unit):
+        raise NotImplementedError
+
+    def merge(self, model: HookedModel, harmful: PromptSet, harmless: PromptSet, plan: Plan, outputs: list) -> Result:
+        raise NotImplementedError
+
+    def run(self, model, harmful, harmless, *, store=None) -> Result:
+        plan = self.plan(model, harmful, harmless, store=store)
+        outputs = [self.run_unit(model, plan.state, unit) for unit in plan.units]
+        return self.merge(model, harmful, harmless, plan, outputs)
 
 
 def register(name: str) -> Callable[[type], type]:
@@ -114,15 +173,24 @@ def _coerce(value: str, hint, key: str):
     if value.lower() in ("none", "null") and type(None) in typing.get_args(hint):
         return None
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        errors = []
         for a in args:
             try:
                 return _coerce(value, a, key)
-            except ValueError:
-                continue
-        raise ValueError(f"parameter {key}: cannot read {value!r} as {hint}")
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if len(errors) == 1 else f"parameter {key}: cannot read {value!r} as "
+                         f"{_type_name(hint)} ({'; '.join(errors)})")
     if origin in (list, tuple):
         inner = args[0] if args else str
-        return (list if origin is list else tuple)(_coerce(v.strip(), inner, key) for v in value.split(",") if v.strip())
+        body = value.strip()
+        if body.startswith("[") and body.endswith("]"):  # accept Python/JSON list syntax too
+            body = body[1:-1]
+        items = [v.strip().strip("'\"") for v in body.split(",") if v.strip()]
+        if not items:
+            raise ValueError(f"parameter {key}: an empty list; give values like {key}=0,1 or {key}=[0,1], "
+                             f"or {key}=none for the default")
+        return (list if origin is list else tuple)(_coerce(v, inner, key) for v in items)
     try:
         if hint is bool:
             if value.lower() in ("1", "true", "yes", "on"):
@@ -135,3 +203,42 @@ def _coerce(value: str, hint, key: str):
     except ValueError:
         raise ValueError(f"parameter {key}: {value!r} is not a valid {hint.__name__}") from None
     return value
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """``{field: its trailing '# comment'}`` read from the class source (the one-line meaning of each field)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        pending = None
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.NAME and tok.start[1] == 4 and pending is None:
+                pending = (tok.string, tok.start[0])
+            elif tok.type == tokenize.COMMENT and pending and tok.start[0] == pending[1]:
+                out[pending[0]] = tok.string.lstrip("#").strip()
+            if tok.type in (tokenize.NEWLINE, tokenize.NL):
+                pending = None
+    return out
+
+
+def _type_name(hint) -> str:
+    text = str(hint) if typing.get_origin(hint) or not isinstance(hint, type) else hint.__name__
+    return text.replace("typing.", "").replace("NoneType", "None")
+
+
+def parameters(cls: type[Experiment]) -> list[dict]:
+    """Every parameter of an experiment: ``{name, type, default, meaning}`` (the CLI's ``--set`` keys)."""
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = (f.default if f.default is not dataclasses.MISSING else
+                   f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        out.append({"name": f.name, "type": _type_name(hints.get(f.name, str)), "default": default,
+                    "meaning": comments.get(f.name, "")})
+    return out

@@ -30,33 +30,25 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .. import hooks as hk
 from .. import metrics, plots
+from ..attribution import mean_patch_estimates
 from ..components import Component, hook_name
-from ..interventions import _decoder_layers, _orig
+from ..directions import mean_differences
+from ..probes import best_position_accuracy
 from ..progress import progress_bar
+from ..ranking import rank_components, top_components
 from ..results import Result
 from ..store import ActivationStore
-from .base import Experiment, register
-from .diff_ranking import DiffRanking
+from ..weights import final_norm_weight, unembedding_weight, write_vector
+from .base import Experiment, check, register
+from .checks import check_at_least, check_fraction, check_types
 from .patching.engine import Sweep, run_sweeps
-from .probing import Probing
 
-__all__ = ["CircuitMap", "write_vector", "assign_stage", "attribution_estimates", "STAGES"]
+__all__ = ["CircuitMap", "assign_stage", "STAGES"]
 
 STAGES = ("detection", "evaluation", "decision", "production")
-
-
-def write_vector(model, c: Component) -> torch.Tensor:
-    """What one unit of the component writes into the residual stream: ``[d_model]`` for a neuron
-    (its W_down column), ``[d_head, d_model]`` for a head (its W_O slice)."""
-    layer = _decoder_layers(model.hf_model)[c.layer]
-    if c.kind == "neuron":
-        return _orig(_orig(layer.mlp).down_proj).weight[:, c.index].detach().float().cpu()
-    w = _orig(_orig(layer.self_attn).o_proj).weight.detach().float().cpu()  # [d_model, heads*d_head]
-    return w[:, c.index * model.d_head:(c.index + 1) * model.d_head].T
 
 
 def assign_stage(layer: int, first_readable: int, direction_layer: int, direction_frac: float,
@@ -85,28 +77,37 @@ class CircuitMap(Experiment):
     tau: float = 0.1  # attribution fraction that counts as "writes" for stage assignment
     direction_layer: int | None = None  # None: largest estimated bypass within the first 80% of layers
     n_verify: int = 16  # harmful prompts used for verification patching
-    batch_size: int = 16
-    seed: int = 0
+    batch_size: int = 16  # prompts per forward pass
+    seed: int = 0  # seed of the probes' cross-validation folds
+
+    def __post_init__(self):
+        check_types(self)
+        check_fraction(self, "probe_threshold", "verify_threshold", "tau", closed=True)
+        check_at_least(self, 0, "n_neurons", "n_heads", "n_atp_neurons", "n_atp_heads", "direction_layer", "seed")
+        check(self.n_neurons + self.n_heads + self.n_atp_neurons + self.n_atp_heads > 0,
+              "n_neurons, n_heads, n_atp_neurons and n_atp_heads are all 0: ask for at least one candidate "
+              "(e.g. --set n_neurons=10)")
+        check_at_least(self, 1, "n_verify", "batch_size")
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
         store = store if store is not None else ActivationStore()
         self._prefetch(model, harmful, harmless, store)
-        probe = Probing(positions="post", heads=False, batch_size=self.batch_size, seed=self.seed)
-        probes = probe.run(model, harmful, harmless, store=store).table
-        layer_acc = probes.groupby("layer")["accuracy_mean"].max().reindex(range(model.n_layers)).to_numpy()
+        resid = [hk.resid_pre(l) for l in range(model.n_layers)]
+        post = [store.get(model, list(s), resid, "post", batch_size=self.batch_size, progress=False)
+                for s in (harmful, harmless)]
+        layer_acc = np.array([best_position_accuracy(post[0][n].numpy(), post[1][n].numpy(), seed=self.seed)
+                              for n in progress_bar(resid, True, desc="probing layers")])
         readable = np.flatnonzero(layer_acc >= self.probe_threshold)
         first_readable = int(readable[0]) if len(readable) else int(np.argmax(layer_acc))
         cand_layers = [l for l in range(model.n_layers) if l + 1 >= first_readable]
-        ranking = DiffRanking(top_k=model.d_mlp * model.n_layers, batch_size=self.batch_size,
-                              seed=self.seed).run(model, harmful, harmless, store=store).table
+        ranking = rank_components(model, harmful, harmless, store=store, batch_size=self.batch_size)
         means = {n: t.mean(0) for n, t in store.get(
             model, list(harmless), [f(l) for l in range(model.n_layers) for f in (hk.mlp_post, hk.attn_z)], "post",
             batch_size=self.batch_size, progress=False).items()}
-        last = [store.get(model, list(s), [hk.resid_pre(l) for l in range(model.n_layers)], "last",
-                          batch_size=self.batch_size, progress=False) for s in (harmful, harmless)]
-        directions = {l: last[0][hk.resid_pre(l)][:, 0].mean(0) - last[1][hk.resid_pre(l)][:, 0].mean(0)
-                      for l in range(model.n_layers)}
-        atp = attribution_estimates(model, list(harmful)[:self.n_verify], means, directions, self.batch_size)
+        diffs = mean_differences(model, harmful, harmless, resid, "last", store=store, batch_size=self.batch_size)
+        directions = {l: diffs[n][0] for l, n in enumerate(resid)}
+        atp = mean_patch_estimates(model, list(harmful)[:self.n_verify], means, directions,
+                                   batch_size=self.batch_size)
         direction_layer = self._direction_layer(model, atp["direction"].numpy())
         candidates = self._candidates(ranking, cand_layers, atp)
         if not candidates:
@@ -162,9 +163,7 @@ class CircuitMap(Experiment):
         """Best-ranked units in the candidate layers, then the largest attribution estimates anywhere."""
         out = []
         for kind, n in (("neuron", self.n_neurons), ("head", self.n_heads)):
-            part = ranking[(ranking.component == kind) & ranking.layer.isin(layers)].sort_values("rank", kind="stable")
-            col = "neuron" if kind == "neuron" else "head"
-            out += [Component(kind, int(r.layer), int(getattr(r, col))) for r in part.head(n).itertuples(index=False)]
+            out += top_components(ranking, kind, n, layers=layers, strict=False)
         for kind, n in (("neuron", self.n_atp_neurons), ("head", self.n_atp_heads)):
             flat = atp[kind].flatten()
             for i in flat.argsort(descending=True)[:n].tolist():
@@ -176,16 +175,16 @@ class CircuitMap(Experiment):
     def _attribution(self, model, comps, harmful, harmless, direction_layer, store) -> dict:
         """(direction fraction, logit fraction) per component: its harmful-minus-harmless direct write."""
         names = sorted({hook_name(c) for c in comps} | {hk.resid_pre(direction_layer), hk.final_resid()})
-        acts = [store.get(model, list(s), names, "last", batch_size=self.batch_size, progress=False)
-                for s in (harmful, harmless)]
-        mean_diff = {n: acts[0][n][:, 0].mean(0) - acts[1][n][:, 0].mean(0) for n in names}
+        mean_diff = {n: d[0] for n, d in mean_differences(model, harmful, harmless, names, "last", store=store,
+                                                          batch_size=self.batch_size).items()}
+        final = store.get(model, list(harmful), [hk.final_resid()], "last", batch_size=self.batch_size,
+                          progress=False)[hk.final_resid()][:, 0]
         direction = mean_diff[hk.resid_pre(direction_layer)]
         r_hat = direction / direction.norm().clamp(min=1e-12)
         # Linearised final norm: refusal-logit direction scaled by gamma / mean RMS of harmful final states.
-        final = acts[0][hk.final_resid()][:, 0]
         rms = final.pow(2).mean(-1).add(1e-6).sqrt().mean()
-        gamma = _orig(model.hf_model.model.norm).weight.detach().float().cpu()
-        unembed = _orig(model.hf_model.get_output_embeddings()).weight.detach().float().cpu()
+        gamma = final_norm_weight(model).detach().float().cpu()
+        unembed = unembedding_weight(model).detach().float().cpu()
         tokens = metrics.refusal_tokens(model)
         u = (unembed[tokens].mean(0) - unembed.mean(0)) * gamma / rms
         logit_gap = float(mean_diff[hk.final_resid()] @ u)
@@ -235,53 +234,3 @@ class CircuitMap(Experiment):
         if abs(gap) < 1e-6:
             raise ValueError("harmful and harmless prompts have the same mean refusal score: nothing to verify")
         return {c: float(np.mean(d) / gap) for c, d in drops.items()}, gap
-
-
-def attribution_estimates(model, prompts, means, directions=None, batch_size: int = 16) -> dict[str, torch.Tensor]:
-    """Attribution patching (Nanda 2023; Kramár et al. 2024) of the verification patch, for every
-    neuron and head at once: ``(act - harmless mean) · ∂score/∂act`` summed over the post positions,
-    averaged over prompts — the first-order estimate of the refusal-score drop (positive = drop).
-    ``means``: ``{hook: [n_post, ...]}`` replacement values for every layer's mlp_post and attn_z.
-    ``direction``: per layer l, the estimated drop from projecting layer l's difference-in-means
-    direction r̂ out of the residual stream at every layer (Arditi et al.'s directional ablation,
-    here at resid_pre and the post positions): ``Σ_l' (a_l' · r̂)(∂score/∂a_l' · r̂)``."""
-    kinds = (hk.mlp_post, hk.attn_z) + ((hk.resid_pre,) if directions is not None else ())
-    names = [f(l) for l in range(model.n_layers) for f in kinds]
-    acts, grads = {}, {}
-    n_post = model.n_post
-
-    def keep(name):
-        def save(act, hook):
-            acts[name] = act[:, -n_post:].detach()
-        return save
-
-    def keep_grad(name):
-        def save(grad, hook):
-            grads[name] = grad[:, -n_post:].detach()
-        return save
-
-    def leaf(act, hook):  # weights are frozen: the graph grows from the embeddings
-        return act.detach().requires_grad_(True)
-
-    tokens = metrics.refusal_tokens(model)
-    totals = {n: 0.0 for n in names}
-    r_hats = None if directions is None else torch.stack(
-        [directions[l] / directions[l].norm().clamp(min=1e-12) for l in range(model.n_layers)])
-    bypass = torch.zeros(model.n_layers)
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = model.tokenize(prompts[start:start + batch_size])
-        fwd = [(hk.embed(), leaf)] + [(n, keep(n)) for n in names]
-        with torch.enable_grad(), model.hooks(fwd, [(n, keep_grad(n)) for n in names]):
-            resid = model.final_residual(ids, mask)
-            metrics.refusal_score_from_logits(model.final_logits(resid[:, -1]), tokens).sum().backward()
-        for n in names:
-            if n == hk.resid_pre(hk.layer_of(n)):  # every candidate direction, ablated at this layer
-                r = r_hats.to(acts[n])
-                bypass += ((acts[n] @ r.T) * (grads[n] @ r.T)).sum((0, 1)).float().cpu()
-                continue
-            est = (acts[n] - means[n].to(acts[n])) * grads[n]
-            totals[n] = totals[n] + est.sum(1).float().cpu()  # [batch, ...] summed over post positions
-    out = {"direction": bypass / len(prompts)}
-    for kind, hook, reduce in (("neuron", hk.mlp_post, lambda t: t), ("head", hk.attn_z, lambda t: t.sum(-1))):
-        out[kind] = torch.stack([reduce(totals[hook(l)]).sum(0) / len(prompts) for l in range(model.n_layers)])
-    return out

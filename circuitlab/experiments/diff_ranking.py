@@ -1,88 +1,26 @@
 """diff-ranking: which MLP neurons and attention heads respond differently to harmful vs harmless.
 
 Activation-difference ranking over all layers at once (the "contrastive activation" screen of
-e.g. Arditi et al. 2024 and Chen et al. 2024, "Finding Safety Neurons in LLMs"): for every unit,
-the mean activation on harmful and on harmless prompts, Cohen's d with pooled standard
-deviation, a Welch t-test p-value and a Benjamini–Hochberg (1995) q-value over all units tested.
-
-Units: MLP neurons are ``mlp_post`` (the activations that multiply ``W_out``: the real neurons,
-not MLP outputs). A head's score is the L2 norm of its output ``attn_z`` (before ``W_O``) at the
-position — how much the head writes, whatever the direction. With ``positions='mean'`` the store
-averages ``attn_z`` over the prompt's tokens first, so the score is the norm of the mean output.
+e.g. Arditi et al. 2024 and Chen et al. 2024, "Finding Safety Neurons in LLMs"): Cohen's d, Welch
+p-values and Benjamini–Hochberg (1995) q-values per unit, computed by ``circuitlab.ranking`` (the
+same ranking the safety monitor's ``locate_components`` uses); this experiment adds the per-layer
+counts, the head heatmap and the summary.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
-from scipy import stats
 
-from .. import hooks as hk
+from ..ranking import COLUMNS, RANK_POSITIONS, rank_components
 from ..results import Result
-from ..store import ActivationStore
-from .base import Experiment, register
+from .base import Experiment, check, check_choice, register
+from .checks import check_at_least, check_fraction, check_types
 
-__all__ = ["DiffRanking", "unit_statistics", "benjamini_hochberg", "rank_units", "head_scores"]
-
-_COLUMNS = ["layer", "component", "neuron", "head", "position", "mean_harmful", "mean_harmless", "diff",
-            "effect_size", "p_value", "q_value", "rank", "direction"]
-
-
-def unit_statistics(harmful: np.ndarray, harmless: np.ndarray, rel_tol: float = 1e-6) -> dict[str, np.ndarray]:
-    """Per-column statistics of ``[n_harmful, U]`` vs ``[n_harmless, U]`` (vectorised over units).
-
-    Cohen's d uses the pooled sd; p is Welch's t-test. A unit whose pooled sd is ~0 (below
-    ``rel_tol`` × its scale: float32 noise) is called constant: effect 0, p 1, never NaN/inf.
-    """
-    a, b = np.asarray(harmful, dtype=np.float64), np.asarray(harmless, dtype=np.float64)
-    n1, n2 = len(a), len(b)
-    if n1 < 2 or n2 < 2:
-        raise ValueError(f"need at least 2 prompts per set for variances, got {n1} harmful and {n2} harmless")
-    m1, m2 = a.mean(0), b.mean(0)
-    v1, v2 = a.var(0, ddof=1), b.var(0, ddof=1)
-    pooled = np.sqrt(((n1 - 1) * v1 + (n2 - 1) * v2) / (n1 + n2 - 2))
-    scale = np.maximum(1.0, np.maximum(np.abs(m1), np.abs(m2)))
-    constant = pooled <= rel_tol * scale
-    diff = m1 - m2
-    effect = np.where(constant, 0.0, diff / np.where(constant, 1.0, pooled))
-    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # constant units: handled just below
-        p = stats.ttest_ind(a, b, axis=0, equal_var=False).pvalue
-    p = np.where(constant | ~np.isfinite(p), 1.0, p)
-    return {"mean_harmful": m1, "mean_harmless": m2, "diff": diff, "effect_size": effect, "p_value": p}
-
-
-def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
-    """Benjamini–Hochberg (1995) adjusted p-values (q-values), monotone and capped at 1."""
-    p = np.asarray(p, dtype=np.float64)
-    n = p.size
-    if n == 0:
-        return p
-    order = np.argsort(p, kind="stable")
-    adjusted = p[order] * n / np.arange(1, n + 1)
-    adjusted = np.minimum.accumulate(adjusted[::-1])[::-1]
-    q = np.empty(n)
-    q[order] = np.minimum(adjusted, 1.0)
-    return q
-
-
-def rank_units(effect: np.ndarray, p: np.ndarray, layer: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """1-based ranks by |effect| (desc), then p (asc), then layer, then index: deterministic ties."""
-    order = np.lexsort((index, layer, p, -np.abs(effect)))
-    ranks = np.empty(len(order), dtype=np.int64)
-    ranks[order] = np.arange(1, len(order) + 1)
-    return ranks
-
-
-def head_scores(z: torch.Tensor) -> torch.Tensor:
-    """Per-head output norm: ``[n, (pos,) heads, d_head]`` -> ``[n, heads]`` (positions averaged)."""
-    norms = z.float().norm(dim=-1)
-    return norms.mean(1) if norms.dim() == 3 else norms
+__all__ = ["DiffRanking"]
 
 
 @register("diff-ranking")
@@ -92,60 +30,33 @@ class DiffRanking(Experiment):
 
     top_k: int = 50  # rows kept per component in the saved table
     positions: str = "last"  # "last" (last prompt token) or "mean" (mean over the prompt's tokens)
-    neurons: bool = True
-    heads: bool = True
+    neurons: bool = True  # rank MLP neurons (mlp_post)
+    heads: bool = True  # rank attention heads (norm of attn_z)
     alpha: float = 0.05  # q-value threshold for the significance counts in the summary
-    batch_size: int = 16
-    seed: int = 0
+    batch_size: int = 16  # prompts per forward pass
+    seed: int = 0  # recorded for provenance (the ranking is deterministic)
+
+    def __post_init__(self):
+        check_types(self)
+        check_choice("positions", self.positions, RANK_POSITIONS)
+        check(self.neurons or self.heads, "nothing to rank: set neurons=True and/or heads=True (e.g. --set heads=true)")
+        check_fraction(self, "alpha")
+        check_at_least(self, 1, "top_k", "batch_size")
+        check_at_least(self, 0, "seed")
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
-        if self.positions not in ("last", "mean"):
-            raise ValueError(f"positions={self.positions!r}: diff-ranking supports 'last' or 'mean'")
-        if not (self.neurons or self.heads):
-            raise ValueError("nothing to rank: set neurons=True and/or heads=True")
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
-        store = store if store is not None else ActivationStore()
-        layers = range(model.n_layers)
-        names = ([hk.mlp_post(l) for l in layers] if self.neurons else []) + \
-                ([hk.attn_z(l) for l in layers] if self.heads else [])
-        acts = [store.get(model, list(s), names, self.positions, batch_size=self.batch_size) for s in (harmful, harmless)]
-        blocks = []
-        if self.neurons:
-            blocks.append(self._block(acts, hk.mlp_post, "neuron", model, lambda t: t.reshape(len(t), -1)))
-        if self.heads:
-            blocks.append(self._block(acts, hk.attn_z, "head", model, head_scores))
-        full = pd.concat(blocks, ignore_index=True)
-        full["q_value"] = benjamini_hochberg(full["p_value"].to_numpy())  # over every unit tested
-        full["rank"] = 0
-        for comp, part in full.groupby("component", sort=False):
-            idx = np.where(comp == "neuron", part["neuron"], part["head"]).astype(np.int64)
-            full.loc[part.index, "rank"] = rank_units(part["effect_size"].to_numpy(), part["p_value"].to_numpy(),
-                                                      part["layer"].to_numpy(), idx)
-        full["direction"] = np.where(full["diff"] >= 0, "harmful_higher", "harmless_higher")
-        full["position"] = self.positions
-        full = full.sort_values(["component", "rank"], ascending=[False, True], kind="stable")
-        table = full[full["rank"] <= self.top_k][_COLUMNS].reset_index(drop=True)
+        full = rank_components(model, harmful, harmless, positions=self.positions, neurons=self.neurons,
+                               heads=self.heads, store=store, batch_size=self.batch_size)
+        table = full[full["rank"] <= self.top_k].reset_index(drop=True)
         by_layer = _by_layer(full, self.alpha)
         tables = {"by_layer": by_layer}
         figures = {"layer_counts": _layer_figure(by_layer, self.alpha, model.name)}
         if self.heads:
-            heads = full[full.component == "head"][_COLUMNS].sort_values(["layer", "head"]).reset_index(drop=True)
+            heads = full[full.component == "head"][COLUMNS].sort_values(["layer", "head"]).reset_index(drop=True)
             tables["heads"] = heads
             figures["head_effects"] = _head_heatmap(heads, model.name)
         return Result(table, self.config(model, harmful=harmful, harmless=harmless), tables=tables,
                       figures=figures, summary=_summary(full, self.alpha))
-
-    def _block(self, acts, hook, component, model, to_units) -> pd.DataFrame:
-        """Statistics for every unit of one component kind, all layers stacked column-wise."""
-        per_set = [torch.cat([to_units(a[hook(l)]) for l in range(model.n_layers)], dim=1).numpy() for a in acts]
-        width = per_set[0].shape[1] // model.n_layers
-        st = unit_statistics(*per_set)
-        index = np.tile(np.arange(width), model.n_layers)
-        frame = pd.DataFrame({"layer": np.repeat(np.arange(model.n_layers), width), "component": component, **st})
-        frame["neuron"] = pd.array(index if component == "neuron" else [None] * len(index), dtype="Int64")
-        frame["head"] = pd.array(index if component == "head" else [None] * len(index), dtype="Int64")
-        return frame
 
 
 def _by_layer(full: pd.DataFrame, alpha: float) -> pd.DataFrame:

@@ -28,17 +28,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import hooks as hk
-from .. import interventions as iv
 from .. import metrics
 from ..datasets import PromptSet
-from ..direction_eval import direction_components, evaluate_direction
-from ..progress import progress_bar
+from ..direction_eval import CONDITIONS, direction_components, evaluate_direction, score_candidates
+from ..directions import candidate_directions
 from ..results import Result
 from ..store import ActivationStore
-from .base import Experiment, register
+from .base import Experiment, check, check_layers, register
+from .checks import check_at_least, check_fraction, check_subset, check_types
 
-__all__ = ["RefusalDirection", "split_three", "select_candidate"]
+__all__ = ["RefusalDirection", "split_three"]
 
 
 def split_three(prompts: PromptSet, train_frac: float, val_frac: float, seed: int) -> tuple[PromptSet, ...]:
@@ -57,35 +56,6 @@ def split_three(prompts: PromptSet, train_frac: float, val_frac: float, seed: in
                  for name, idx in zip(("train", "val", "test"), parts))
 
 
-def select_candidate(table: pd.DataFrame, kl_threshold: float, induce_threshold: float | None,
-                     baseline_harmful: float) -> tuple[pd.DataFrame, str]:
-    """Mark the selected candidate; returns (table, rule used).
-
-    Paper rule: induce_score > ``induce_threshold`` (0 = refusal token likelier than not). If no
-    candidate reaches it, fall back to the paper's idea relative to this model's baseline: addition
-    must raise harmless prompts at least to the harmful baseline score. If still nothing passes, the
-    induce filter is dropped (KL kept); if nothing passes KL either, the eligible candidate with the
-    lowest bypass score is taken. ``rule`` names the step used.
-    """
-    t = table.copy()
-    t["passes_kl"] = t["kl"] < kl_threshold
-    eligible = ~t["excluded"] & t["bypass_score"].notna()
-    rule = f"kl<{kl_threshold} & induce_score>{induce_threshold}"
-    t["passes_induce"] = t["induce_score"] > (induce_threshold if induce_threshold is not None else -np.inf)
-    if not (eligible & t.passes_kl & t.passes_induce).any() and induce_threshold is not None:
-        t["passes_induce"] = t["induce_score"] > baseline_harmful
-        rule = f"kl<{kl_threshold} & induce_score>baseline harmful score ({baseline_harmful:.3f}) [fallback]"
-    pool = eligible & t.passes_kl & t.passes_induce
-    if not pool.any() and (eligible & t.passes_kl).any():
-        # KL guards the side effects the user sees, so it is the last filter to give up
-        pool, rule = eligible & t.passes_kl, f"kl<{kl_threshold}; no candidate induced refusal [fallback]"
-    if not pool.any():
-        pool, rule = eligible, "no candidate passed the filters: lowest bypass score among eligible layers [fallback]"
-    t["selected"] = False
-    t.loc[t.loc[pool, "bypass_score"].idxmin(), "selected"] = True
-    return t, rule
-
-
 @register("refusal-direction")
 @dataclass
 class RefusalDirection(Experiment):
@@ -95,31 +65,52 @@ class RefusalDirection(Experiment):
     (the defence experiment's attack and experiments/arditi_2024_tradeoff.py reuse them).
     """
 
-    train_frac: float = 0.5
-    val_frac: float = 0.25
+    train_frac: float = 0.5  # share of each prompt set for the candidate directions
+    val_frac: float = 0.25  # share for selection (the rest is the test split)
     layers: list[int] | None = None  # candidate layers to evaluate (None: all layers)
     positions: list[int] | None = None  # post-instruction offsets to evaluate (None: all n_post)
-    kl_threshold: float = 0.1
-    induce_threshold: float | None = 0.0
-    prune_layer_frac: float = 0.2
-    filter_train: bool = True  # keep refused harmful / non-refused harmless prompts (reference code)
-    filter_val: bool = True
-    filter_threshold: float = 0.0
+    kl_threshold: float = 0.1  # selection keeps candidates whose ablation KL on harmless prompts is below
+    induce_threshold: float | None = 0.0  # selection keeps candidates whose addition scores above (None: off)
+    prune_layer_frac: float = 0.2  # last fraction of layers excluded from selection (Arditi et al.)
+    filter_train: bool = True  # keep refused harmful / non-refused harmless train prompts (reference code)
+    filter_val: bool = True  # the same filter on the validation split
+    filter_threshold: float = 0.0  # refusal score that counts as refused for the filters
     evaluate_excluded: bool = False  # also score candidates in the pruned last layers (costly)
-    judge: bool = True
+    judge: bool = True  # judge refusal by generation in the evaluation (False: logit scores only)
     judge_only: list[str] | None = None  # "condition:split" rows to judge by generation (None: all)
     conditions: list[str] | None = None  # evaluation conditions (None: baseline, ablation, orthogonalized, addition)
     component_prompts: int | None = None  # test prompts per side for the attribution table (None: all)
-    max_new_tokens: int = 24
-    plaintext: str | None = "plaintext"
-    plaintext_n: int = 16
-    top_neurons: int = 20
-    batch_size: int = 16
-    n_boot: int = 1000
-    progress: bool = True
-    seed: int = 0
-    direction_: torch.Tensor | None = field(default=None, init=False, repr=False)
-    layer_: int | None = field(default=None, init=False, repr=False)
+    max_new_tokens: int = 24  # tokens generated per prompt for the judge
+    plaintext: str | None = "plaintext"  # prompt set for the cross-entropy side effect (None: skip)
+    plaintext_n: int = 16  # plain texts for the cross-entropy
+    top_neurons: int = 20  # neurons per layer in the attribution table
+    batch_size: int = 16  # prompts per forward pass
+    n_boot: int = 1000  # bootstrap resamples for the confidence intervals
+    progress: bool = True  # show progress bars
+    seed: int = 0  # seed of the splits and the bootstrap
+    direction_: torch.Tensor | None = field(default=None, init=False, repr=False)  # learned: the selected direction
+    layer_: int | None = field(default=None, init=False, repr=False)  # learned: its layer
+
+    def __post_init__(self):
+        check_types(self)
+        check_fraction(self, "train_frac", "val_frac")
+        check(self.train_frac + self.val_frac < 1, f"train_frac + val_frac = {self.train_frac + self.val_frac} "
+              "must be < 1 to leave a test split (e.g. --set train_frac=0.5 --set val_frac=0.25)")
+        check_layers("layers", self.layers)
+        check(self.positions is None or (len(self.positions) > 0 and all(p < 0 for p in self.positions)),
+              f"positions={self.positions!r} must be None or negative post-instruction offsets "
+              "(e.g. --set positions=-1)")
+        check(self.kl_threshold > 0, f"kl_threshold={self.kl_threshold} must be > 0 (e.g. --set kl_threshold=0.1)")
+        check_fraction(self, "prune_layer_frac", closed=True)
+        check_subset(self, "conditions", CONDITIONS, allow_none=True)
+        check(self.judge_only is None or all(
+            isinstance(j, str) and j.count(":") == 1 and j.split(":")[0] in CONDITIONS
+            and j.split(":")[1] in ("harmful", "harmless") for j in self.judge_only),
+            f"judge_only={self.judge_only!r} must be None or 'condition:split' entries such as "
+            "baseline:harmful (e.g. --set judge_only=baseline:harmful,ablation:harmful)")
+        check_at_least(self, 1, "component_prompts", "max_new_tokens", "plaintext_n", "top_neurons", "batch_size",
+                       "n_boot")
+        check_at_least(self, 0, "seed")
 
     def params(self) -> dict:
         return {k: v for k, v in super().params().items() if not k.endswith("_")}
@@ -170,53 +161,22 @@ class RefusalDirection(Experiment):
                 raise ValueError(
                     f"only {len(chosen)} of {len(prompts)} {side} {split} prompts pass the refusal filter "
                     f"(score {'>' if side == 'harmful' else '<'} {self.filter_threshold}): give more prompts, "
-                    f"change filter_threshold, or set filter_{split}=False")
+                    "change filter_threshold, or turn the filters off with filter_train=False and "
+                    "filter_val=False (--set filter_train=false --set filter_val=false)")
             out.append(PromptSet(f"{prompts.name}:filtered", chosen))
         return out[0], out[1]
 
     def candidate_directions(self, model, harmful, harmless, store) -> dict[tuple[int, int], torch.Tensor]:
         """Difference in means of resid_pre at every (layer, post position), train split (§2.3)."""
-        names = [hk.resid_pre(l) for l in range(model.n_layers)]
-        acts = {s: store.get(model, list(p), names, "post", batch_size=self.batch_size, progress=self.progress)
-                for s, p in (("harmful", harmful), ("harmless", harmless))}
-        offsets = range(-model.n_post, 0)
-        return {(l, o): acts["harmful"][hk.resid_pre(l)][:, j].mean(0) - acts["harmless"][hk.resid_pre(l)][:, j].mean(0)
-                for l in range(model.n_layers) for j, o in enumerate(offsets)}
+        return candidate_directions(model, harmful, harmless, store, batch_size=self.batch_size,
+                                    progress=self.progress)
 
     def score_candidates(self, model, directions, harmful, harmless):
-        """Bypass score, KL and induce score per candidate on the val split (§2.4)."""
-        harmful, harmless = list(harmful), list(harmless)
-        tok = metrics.refusal_tokens(model)
-        base = model.last_logits(harmful + harmless, batch_size=self.batch_size)
-        base_scores = metrics.refusal_score_from_logits(base, tok)
-        base_harmful, base_harmless = base_scores[:len(harmful)].mean().item(), base_scores[len(harmful):].mean().item()
-        cutoff = model.n_layers * (1 - self.prune_layer_frac)
-        layers = set(range(model.n_layers) if self.layers is None else self.layers)
-        offsets = set(range(-model.n_post, 0) if self.positions is None else self.positions)
-        post_tokens = model.tokenizer(model.format("zq"), add_special_tokens=False).input_ids[-model.n_post:]
-        rows = []
-        for (l, o), d in progress_bar(list(directions.items()), self.progress, desc="candidates"):
-            excluded = l >= cutoff
-            row = {"layer": l, "component": "direction", "position": o,
-                   "token": model.tokenizer.decode([post_tokens[o]]), "direction_norm": float(d.norm()),
-                   "excluded": excluded, "bypass_score": np.nan, "induce_score": np.nan, "kl": np.nan}
-            # layer 0 at template tokens: identical embeddings, so a zero difference (nothing to test)
-            if l in layers and o in offsets and (self.evaluate_excluded or not excluded) and d.norm() > 1e-6:
-                ablated = model.last_logits(harmful + harmless, batch_size=self.batch_size,
-                                            fwd_hooks=iv.directional_ablation_hooks(model, d))
-                added = model.last_logits(harmless, batch_size=self.batch_size,
-                                          fwd_hooks=iv.activation_addition_hooks(model, d, l))
-                row["bypass_score"] = metrics.refusal_score_from_logits(ablated[:len(harmful)], tok).mean().item()
-                row["kl"] = metrics.kl_divergence(base[len(harmful):], ablated[len(harmful):]).mean().item()
-                row["induce_score"] = metrics.refusal_score_from_logits(added, tok).mean().item()
-            rows.append(row)
-        table = pd.DataFrame(rows)
-        if table["bypass_score"].isna().all():
-            raise ValueError("no candidate was evaluated: layers/positions select nothing outside the pruned "
-                             f"last {self.prune_layer_frac:.0%} of layers; widen layers= or set evaluate_excluded=True")
-        table, rule = select_candidate(table, self.kl_threshold, self.induce_threshold, base_harmful)
-        table["baseline_harmful_score"], table["baseline_harmless_score"] = base_harmful, base_harmless
-        return table, rule, {"harmful": base_harmful, "harmless": base_harmless}
+        """Bypass score, KL and induce score per candidate on the val split, then selection (§2.4)."""
+        return score_candidates(model, directions, harmful, harmless, layers=self.layers, positions=self.positions,
+                                prune_layer_frac=self.prune_layer_frac, evaluate_excluded=self.evaluate_excluded,
+                                kl_threshold=self.kl_threshold, induce_threshold=self.induce_threshold,
+                                batch_size=self.batch_size, progress=self.progress)
 
 
 def _as_set(prompts, name) -> PromptSet:

@@ -28,18 +28,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .. import datasets, metrics
 from .. import hooks as hk
 from ..components import Component, from_table
+from ..direction_eval import score_candidates
+from ..directions import candidate_directions, diff_in_means
 from ..finetune import (REFUSAL_TARGETS, component_masks, full_masks, greedy_targets, load_pairs,
                         random_components, train)
 from ..interventions import directional_ablation_hooks
-from ..monitor import locate_components, weights_restored
+from ..monitor import locate_components
 from ..results import Result
 from ..store import ActivationStore
-from .base import Experiment, register
+from ..weights import weights_restored
+from .base import Experiment, check, check_layers, register
+from .checks import check_at_least, check_files, check_subset, check_types
+
+__all__ = ["TargetedFinetune", "VARIANTS"]
 
 VARIANTS = ("targeted", "random", "full")
 
@@ -53,32 +58,49 @@ class TargetedFinetune(Experiment):
     components_csv: str | None = None  # a ranking / circuit table (component, layer, neuron, head)
     layers: list[int] | None = None  # train whole blocks instead of located units
     n_neurons: int = 16  # located units when no table / layers are given (diff-ranking on the train split)
-    n_heads: int = 4
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    steps: int = 8
+    n_heads: int = 4  # located heads (with n_neurons)
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))  # any of targeted, random, full
+    steps: int = 8  # optimizer steps per variant (equal for all)
     lr: float = 1e-3  # targeted and random components
     full_lr: float = 1e-5  # full fine-tuning (a usual full-model learning rate)
-    batch_size: int = 4
+    batch_size: int = 4  # training pairs per step
     n_train: int = 16  # training pairs (the demo keeps harmful train prompts the model answers)
     n_eval: int = 16  # held-out prompts per set
     n_text: int = 8  # plain texts for cross-entropy
-    judge: bool = True
-    max_new_tokens: int = 16
+    judge: bool = True  # also judge refusal by generation (False: logit scores only)
+    max_new_tokens: int = 16  # tokens generated per prompt for the judge
     retain: bool = True  # mix harmless prompts with the original model's own greedy answers into each batch
     n_retain: int = 16  # harmless train prompts in the retain set
     retain_tokens: int = 16  # greedy answer length for the retain set
-    retain_weight: float = 1.0
+    retain_weight: float = 1.0  # weight of the retain-set cross-entropy in the loss
     kl_weight: float = 1.0  # KL-to-original penalty on the retain prompts (0: off)
     attack_layers: list[int] | None = None  # candidate layers for the attack direction (None: 50/62/75 % depth)
     attack_positions: list[int] | None = None  # post-instruction offsets (None: [-1], Arditi et al.'s usual pick)
     n_attack: int = 24  # train prompts per class the attacker uses for the direction
     n_attack_val: int = 16  # validation prompts per class for choosing the attack direction
-    seed: int = 0
+    seed: int = 0  # seed of the splits, the random control and the training order
+
+    def __post_init__(self):
+        check_types(self)
+        check_subset(self, "variants", VARIANTS)
+        check_layers("layers", self.layers)
+        check_files(self, "dataset", "components_csv")
+        check_layers("attack_layers", self.attack_layers)
+        check(self.attack_positions is None or (len(self.attack_positions) > 0
+                                                and all(p < 0 for p in self.attack_positions)),
+              f"attack_positions={self.attack_positions!r} must be None or negative post-instruction offsets "
+              "(e.g. --set attack_positions=-1)")
+        check(self.lr > 0 and self.full_lr > 0, f"lr={self.lr} and full_lr={self.full_lr} must be > 0 "
+              "(e.g. --set lr=0.001 --set full_lr=1e-5)")
+        check_at_least(self, 0, "n_neurons", "n_heads", "steps", "retain_weight", "kl_weight", "seed")
+        check_at_least(self, 1, "batch_size", "n_train", "n_eval", "n_text", "max_new_tokens", "n_retain",
+                       "retain_tokens")
+        check_at_least(self, 2, "n_attack", "n_attack_val")
+        check(bool(self.layers or self.components_csv) or self.n_neurons + self.n_heads > 0,
+              "n_neurons and n_heads are both 0 and no layers or components_csv are given: nothing to train "
+              "(e.g. --set n_neurons=16)")
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
-        bad = set(self.variants) - set(VARIANTS)
-        if bad or not self.variants:
-            raise ValueError(f"variants must be a non-empty subset of {VARIANTS}, got {self.variants}")
         store = store if store is not None else ActivationStore()
         h_train, h_test = harmful.split("train", self.seed), harmful.split("test", self.seed).sample(self.n_eval, self.seed)
         s_train, s_test = harmless.split("train", self.seed), harmless.split("test", self.seed).sample(self.n_eval, self.seed)
@@ -148,21 +170,18 @@ class TargetedFinetune(Experiment):
 
     def _attack(self, model, h_train, s_train, harmful, harmless, store):
         """The attack direction on the original model, chosen as the refusal-direction experiment chooses it."""
-        from .direction import RefusalDirection
-
         layers = self.attack_layers or sorted({int(model.n_layers * f) for f in (0.5, 0.625, 0.75)})
         positions = self.attack_positions or [-1]
         bad = [o for o in positions if not -model.n_post <= o < 0]
         if bad:
             raise ValueError(f"attack_positions must be post-instruction offsets in -{model.n_post}..-1, got {bad}")
-        chooser = RefusalDirection(layers=layers, positions=positions, prune_layer_frac=0.0, judge=False,
-                                   progress=False, batch_size=16)
         n = self.n_attack
-        directions = chooser.candidate_directions(model, list(h_train)[:n], list(s_train)[:n], store)
+        directions = candidate_directions(model, list(h_train)[:n], list(s_train)[:n], store)
         directions = {k: d for k, d in directions.items() if k[0] in layers and k[1] in positions}
         h_val = harmful.split("val", self.seed).sample(self.n_attack_val, self.seed)
         s_val = harmless.split("val", self.seed).sample(self.n_attack_val, self.seed)
-        table, rule, _ = chooser.score_candidates(model, directions, h_val, s_val)
+        table, rule, _ = score_candidates(model, directions, h_val, s_val, layers=layers, positions=positions,
+                                          prune_layer_frac=0.0)
         best = table[table.selected].iloc[0]
         key = (int(best.layer), int(best.position))
         table["selection_rule"] = rule
@@ -171,9 +190,8 @@ class TargetedFinetune(Experiment):
     def _adapted_direction(self, model, attack, h_train, s_train):
         """The attacker recomputes diff-in-means at the chosen layer and position on the current weights."""
         name, n = hk.resid_pre(attack["layer"]), self.n_attack
-        means = [model.run_with_cache(list(p)[:n], [name], [attack["position"]])[name][:, 0].mean(0)
-                 for p in (h_train, s_train)]
-        return means[0] - means[1]
+        acts = [model.run_with_cache(list(p)[:n], [name], [attack["position"]])[name][:, 0] for p in (h_train, s_train)]
+        return diff_in_means(*acts)
 
     def _measure(self, model, variant, h_test, s_test, texts, base, h_train, s_train, attack) -> list[dict]:
         """Refusal, over-refusal, KL, cross-entropy, and refusal under the directional-ablation attack."""

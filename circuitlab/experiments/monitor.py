@@ -3,26 +3,33 @@
 Request monitor: see ``circuitlab.monitor.request``. Integrity monitor: watches the top neurons and
 heads of a diff-ranking on the train split plus the difference-in-means direction at the request
 monitor's layer, on canary prompts from the validation split; evaluated against every tampering in
-``circuitlab.monitor.tamper`` at several strengths and against benign changes (false alarms).
+``circuitlab.tampering`` at several strengths and against benign changes (false alarms).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .. import datasets
+from ..datasets import BUILTINS
+from ..directions import refusal_direction
 from ..interventions import reference_activations
 from ..loading import load_model
-from ..monitor import (DEFAULT_CHANGES, IntegrityMonitor, detection_metrics, evaluate_integrity,
-                       fit_request_monitor, locate_components, mean_difference)
+from ..monitor import IntegrityMonitor, detection_metrics, fit_request_monitor, locate_components
+from ..monitor.request import METHODS
 from ..results import Result
 from ..store import ActivationStore
-from .base import Experiment, register
+from ..tampering import DEFAULT_CHANGES, QUICK_CHANGES, evaluate_integrity
+from .base import Experiment, check, check_choice, check_layers, register
+from .checks import check_at_least, check_fraction, check_types
+
+__all__ = ["Monitor", "integrity_summary", "measure_overhead"]
 
 
 @register("monitor")
@@ -34,19 +41,38 @@ class Monitor(Experiment):
     layers: list[int] | None = None  # candidate layers (None: all of 1..n_layers-1)
     fpr: float = 0.01  # target false-positive rate on the harmless validation split
     ood: str | None = "jbb"  # a harmful set never used for fitting (None: skip)
-    n_ood: int = 32
-    integrity: bool = True
+    n_ood: int = 32  # prompts drawn from the ood set
+    integrity: bool = True  # also fit and evaluate the integrity monitor
     n_neurons: int = 8  # watched components: top neurons / heads of a diff-ranking on the train split
-    n_heads: int = 4
+    n_heads: int = 4  # watched heads (with n_neurons)
     n_canary: int = 8  # canary prompts per class (from the validation split)
     finetune_texts: int = 8  # harmless plain texts for the fine-tuning tampering
     reload: bool = True  # also check a freshly re-loaded copy (benign: must not alarm)
     n_overhead: int = 16  # prompts timed for check() vs a plain forward pass
     quick: bool = False  # one strength per tampering (full strength) instead of the sweep
-    weight_tol: float = 5e-3
-    act_tol: float = 5e-2
-    batch_size: int = 16
-    seed: int = 0
+    weight_tol: float = 5e-3  # relative weight / write-profile drift that raises an alarm
+    act_tol: float = 5e-2  # relative canary-activation drift that raises an alarm
+    batch_size: int = 16  # prompts per forward pass
+    seed: int = 0  # seed of the splits and samples
+
+    def __post_init__(self):
+        check_types(self)
+        check_choice("method", self.method, METHODS)
+        check_layers("layers", self.layers)
+        check(self.layers is None or 0 not in self.layers,
+              f"layers={self.layers!r}: layer 0 reads only the embedding; use layers >= 1 (e.g. --set layers=1,2)")
+        check_fraction(self, "fpr", closed=True)
+        check(self.ood is None or self.ood in BUILTINS or Path(self.ood).is_file(),
+              f"ood={self.ood!r} is neither a built-in prompt set ({', '.join(BUILTINS)}) nor a file "
+              "(e.g. --set ood=jbb, or --set ood=none to skip)")
+        check_at_least(self, 0, "n_neurons", "n_heads", "finetune_texts", "seed")
+        check(not self.integrity or self.n_neurons + self.n_heads > 0,
+              "n_neurons and n_heads are both 0: the integrity monitor needs a component "
+              "(e.g. --set n_neurons=8, or --set integrity=false)")
+        check_at_least(self, 1, "n_ood", "n_overhead", "batch_size")
+        check_at_least(self, 2, "n_canary")
+        check(self.weight_tol > 0 and self.act_tol > 0, f"weight_tol={self.weight_tol} and act_tol={self.act_tol} "
+              "must be > 0 (e.g. --set weight_tol=0.005 --set act_tol=0.05)")
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
         store = store if store is not None else ActivationStore()
@@ -94,7 +120,7 @@ class Monitor(Experiment):
     def _integrity(self, model, split, layer, store) -> pd.DataFrame:
         components = locate_components(model, split["harmful_train"], split["harmless_train"], n_neurons=self.n_neurons,
                                        n_heads=self.n_heads, store=store, batch_size=self.batch_size)
-        direction = mean_difference(model, split["harmful_train"], split["harmless_train"], layer, store=store)
+        direction = refusal_direction(model, split["harmful_train"], split["harmless_train"], layer, store=store)
         canaries = list(split["harmful_val"].sample(self.n_canary, self.seed)) + \
             list(split["harmless_val"].sample(self.n_canary, self.seed))
         monitor = IntegrityMonitor.fit(model, components, canaries, direction=direction, layer=layer,
@@ -108,10 +134,6 @@ class Monitor(Experiment):
                                    seed=self.seed)
         table.insert(0, "components", ",".join(map(str, components)))
         return table
-
-
-QUICK_CHANGES = [("none", 0.0), ("bf16_round_trip", 1.0)] + [
-    (k, 1.0) for k in ("neuron_ablation", "head_ablation", "directional_ablation", "orthogonalization", "finetune")]
 
 
 def integrity_summary(table: pd.DataFrame) -> dict:

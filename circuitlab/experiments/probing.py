@@ -14,21 +14,18 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from .. import hooks as hk
 from .. import plots
 from ..model import resolve_positions
+from ..probes import SOLVERS, cross_validated_probe
 from ..progress import progress_bar
 from ..results import Result
 from ..store import ActivationStore
-from .base import Experiment, register
+from .base import Experiment, ParameterError, check, check_choice, register
+from .checks import check_at_least, check_types
 
-__all__ = ["Probing", "cross_validated_probe", "parse_positions"]
+__all__ = ["Probing", "parse_positions"]
 
 _COLUMNS = ["layer", "component", "head", "position", "accuracy_mean", "accuracy_std", "auroc_mean",
             "control_accuracy", "selectivity", "n_train", "n_test"]
@@ -44,80 +41,42 @@ def parse_positions(spec):
     return spec
 
 
-def _folds(y: np.ndarray, n_splits: int, seed: int, groups=None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified folds; with ``groups`` (matched pairs) a group never straddles train and test."""
-    if groups is None:
-        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    else:
-        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    return list(splitter.split(np.zeros(len(y)), y, groups))
-
-
-def _shuffle_labels(y: np.ndarray, seed: int, groups=None) -> np.ndarray:
-    """Labels permuted at random (within each group when groups are given: pairs stay pairs)."""
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        return rng.permutation(y)
-    out = y.copy()
-    for g in np.unique(groups):
-        idx = np.flatnonzero(groups == g)
-        out[idx] = rng.permutation(y[idx])
-    return out
-
-
-def _fit_score(X, y, folds, C, max_iter, solver) -> tuple[np.ndarray, np.ndarray]:
-    """Per-fold accuracy and AUROC of a standardised logistic-regression probe."""
-    acc, auc = [], []
-    for train, test in folds:
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, solver=solver))
-        probe.fit(X[train], y[train])
-        acc.append(probe.score(X[test], y[test]))
-        auc.append(roc_auc_score(y[test], probe.decision_function(X[test])))
-    return np.array(acc), np.array(auc)
-
-
-def cross_validated_probe(X: np.ndarray, y: np.ndarray, *, groups=None, n_splits: int = 5, C: float = 1.0,
-                          max_iter: int = 1000, seed: int = 0, control_repeats: int = 1,
-                          solver: str = "liblinear") -> dict:
-    """Cross-validated probe accuracy/AUROC on ``X [n, d]``, labels ``y``, and its shuffled-label control.
-
-    ``groups`` (e.g. a pair id for matched prompt pairs) keeps each group inside one fold, so a
-    probe is never tested on the twin of a training prompt.
-    """
-    X = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
-    y = np.asarray(y)
-    groups = None if groups is None else np.asarray(groups)
-    folds = _folds(y, n_splits, seed, groups)
-    acc, auc = _fit_score(X, y, folds, C, max_iter, solver)
-    control = []
-    for repeat in range(control_repeats):  # more repeats: less noise in the control accuracy
-        shuffled = _shuffle_labels(y, seed + repeat, groups)
-        control.append(_fit_score(X, shuffled, _folds(shuffled, n_splits, seed, groups), C, max_iter, solver)[0].mean())
-    control = np.array(control)
-    return {"accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std()), "auroc_mean": float(np.mean(auc)),
-            "control_accuracy": float(control.mean()), "selectivity": float(acc.mean() - control.mean()),
-            "n_train": int(round(np.mean([len(tr) for tr, _ in folds]))),
-            "n_test": int(round(np.mean([len(te) for _, te in folds])))}
-
-
 @register("probing")
 @dataclass
 class Probing(Experiment):
     """Logistic-regression probes per layer × position (residual stream) and per head, with a shuffled-label control."""
 
     positions: str = "post"  # "post" (template tokens after the prompt, ending at the last token), "last", "mean", "-3,-1"
-    heads: bool = True
+    heads: bool = True  # also probe each attention head (attn_z at head_position)
     head_position: int = -1  # which of the read positions the head probes use (ignored for "mean")
     paired: bool = False  # harmful[i] and harmless[i] are a matched pair: keep pairs in one fold
     n_splits: int = 5  # folds; lowered to the smaller class size when there are fewer prompts
     control_repeats: int = 1  # shuffled-label probes averaged into control_accuracy
     C: float = 1.0  # inverse L2 strength of the logistic regression
-    max_iter: int = 1000
+    max_iter: int = 1000  # solver iterations per probe
     # liblinear: the same L2 logistic loss (it also penalises the intercept), 25-60x faster than
     # lbfgs on these small-n problems here (0.004 s vs 0.25 s per 128x64 fit)
-    solver: str = "liblinear"
-    batch_size: int = 16
-    seed: int = 0
+    solver: str = "liblinear"  # scikit-learn LogisticRegression solver
+    batch_size: int = 16  # prompts per forward pass
+    seed: int = 0  # seed of the folds and the shuffled labels
+
+    def __post_init__(self):
+        check_types(self)
+        try:
+            spec = parse_positions(self.positions)
+        except ValueError as err:
+            raise ParameterError(str(err)) from None
+        check(self.head_position < 0, f"head_position={self.head_position} must be a negative offset such as -1 "
+              "(e.g. --set head_position=-1)")
+        read = [-1] if spec == "last" else spec if isinstance(spec, list) else None  # "post" needs the model
+        check(not self.heads or read is None or self.head_position in read,
+              f"head_position={self.head_position} is not among the probed positions {read} "
+              f"(e.g. --set head_position={read[-1] if read else -1})")
+        check(self.C > 0, f"C={self.C} must be > 0 (e.g. --set C=1.0)")
+        check_choice("solver", self.solver, SOLVERS)
+        check_at_least(self, 2, "n_splits")
+        check_at_least(self, 1, "control_repeats", "max_iter", "batch_size")
+        check_at_least(self, 0, "seed")
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
         spec = resolve_positions(parse_positions(self.positions), model.n_post)

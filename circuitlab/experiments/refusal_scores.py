@@ -10,6 +10,9 @@ from sklearn.metrics import roc_auc_score
 from .. import metrics, plots
 from ..results import Result
 from .base import Experiment, register
+from .checks import check_at_least, check_types
+
+__all__ = ["RefusalScores"]
 
 
 @register("refusal-scores")
@@ -17,10 +20,15 @@ from .base import Experiment, register
 class RefusalScores(Experiment):
     """Refusal score (logit log-odds) and generation-judge verdict per prompt, harmful vs harmless."""
 
-    judge: bool = True
-    max_new_tokens: int = 24
-    batch_size: int = 16
-    seed: int = 0
+    judge: bool = True  # also generate and judge each completion (False: logit scores only)
+    max_new_tokens: int = 24  # tokens generated per prompt for the judge
+    batch_size: int = 16  # prompts per forward pass
+    seed: int = 0  # recorded for provenance (scoring is deterministic)
+
+    def __post_init__(self):
+        check_types(self)
+        check_at_least(self, 1, "max_new_tokens", "batch_size")
+        check_at_least(self, 0, "seed")
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
         rows = []

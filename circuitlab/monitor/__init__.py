@@ -2,18 +2,17 @@
 
 - :mod:`.request`: flag harmful requests from activations before generation (``RequestMonitor``).
 - :mod:`.integrity`: detect tampering with the safety components (``IntegrityMonitor``).
-- :mod:`.tamper`: the tamperings and benign changes they are evaluated against.
-- :class:`SafetyMonitor` bundles both.
+- :mod:`.locate`: the components and direction the monitors watch.
+- :class:`SafetyMonitor` bundles both monitors.
+
+The tamperings the integrity monitor is evaluated against live in ``circuitlab.tampering`` (one of
+them fine-tunes, so they sit above both this package and ``circuitlab.finetune``).
 """
 
-from .integrity import IntegrityMonitor, IntegrityReport, count_foreign_hooks, write_profile
+from .integrity import IntegrityMonitor, IntegrityReport, count_foreign_hooks
+from .locate import locate_components
 from .request import RequestCheck, RequestMonitor, detection_metrics, fit_request_monitor
-from .evaluate import DEFAULT_CHANGES, evaluate_integrity
-from .locate import locate_components, mean_difference
 from .safety import SafetyMonitor
-from .tamper import BENIGN, TAMPERINGS, apply_change, weights_restored
 
 __all__ = ["SafetyMonitor", "RequestMonitor", "RequestCheck", "fit_request_monitor", "detection_metrics",
-           "IntegrityMonitor", "IntegrityReport", "write_profile", "count_foreign_hooks",
-           "TAMPERINGS", "BENIGN", "apply_change", "weights_restored", "evaluate_integrity",
-           "DEFAULT_CHANGES", "locate_components", "mean_difference"]
+           "IntegrityMonitor", "IntegrityReport", "count_foreign_hooks", "locate_components"]

@@ -26,11 +26,11 @@ import torch
 
 from .. import hooks as hk
 from ..components import Component, hook_name
-from ..interventions import unit
+from ..directions import unit, write_profile
 from ..model import HookedModel
-from .weights import canonical_parameters, component_slices, slice_digest
+from ..weights import canonical_parameters, component_slices, slice_digest
 
-__all__ = ["IntegrityMonitor", "IntegrityReport", "write_profile", "count_foreign_hooks"]
+__all__ = ["IntegrityMonitor", "IntegrityReport", "count_foreign_hooks"]
 
 
 @dataclass
@@ -54,17 +54,6 @@ class IntegrityReport:
 def count_foreign_hooks(model: HookedModel) -> int:
     """Forward hooks currently attached to the bridge's hook points."""
     return sum(len(h._forward_hooks) for h in model.bridge.hook_dict.values())
-
-
-def write_profile(model: HookedModel, direction: torch.Tensor) -> torch.Tensor:
-    """``Wᵀ r̂`` for the embedding and every ``o_proj`` / ``down_proj``, concatenated ``[n]``."""
-    r = unit(direction, model.d_model)
-    params = canonical_parameters(model)
-    parts = [params["model.embed_tokens.weight"].detach().float() @ r]
-    for layer in range(model.n_layers):
-        for proj in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
-            parts.append(r @ params[f"model.layers.{layer}.{proj}"].detach().float())
-    return torch.cat(parts)
 
 
 def _relative(now: torch.Tensor, ref: torch.Tensor, scale: float = 0.0) -> float:
@@ -137,7 +126,8 @@ class IntegrityMonitor:
             units = a.transpose(0, 1).reshape(a.shape[1], -1) if c.kind in ("neuron", "head") else a[None]
             scales[str(c)] = float(units.norm(dim=-1).mean())
         if self.layer is not None:
-            feats["direction"] = acts[hk.resid_pre(self.layer)][:, 0] @ self.direction
+            resid = acts[hk.resid_pre(self.layer)][:, 0]
+            feats["direction"] = resid @ self.direction.to(resid.device)
             scales["direction"] = 0.0
         return (feats, scales) if with_scales else feats
 

@@ -19,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from .. import hooks as hk
+from ..directions import diff_in_means
 from ..model import HookedModel
 from ..store import ActivationStore
 
@@ -75,7 +76,7 @@ class RequestMonitor:
 
 def _direction_readout(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, float]:
     """Unit difference-in-means direction; bias centres the midpoint of the two means at 0."""
-    diff = pos.mean(0) - neg.mean(0)
+    diff = diff_in_means(pos, neg)
     w = diff / (np.linalg.norm(diff) + 1e-12)
     return w, -float(w @ (pos.mean(0) + neg.mean(0)) / 2)
 

@@ -3,15 +3,8 @@
 Method: Meng et al. 2022 ("Locating and Editing Factual Associations in GPT", causal tracing) with
 TransformerLens ``patching`` semantics: run the *target* prompt, overwrite one activation with its
 value from the *source* prompt, read the metric (default: refusal score, the log-odds of the
-refusal tokens at the last position; ``metrics.refusal_score_from_logits``).
-
-- ``mode="denoise"`` (default): clean = harmful, corrupted = harmless; run the harmless prompt and
-  patch in harmful activations: which component restores refusal?
-- ``mode="noise"``: run the harmful prompt and patch in harmless activations: which component,
-  when replaced, removes refusal?
-
-``normalized = (metric - corrupted) / (clean - corrupted)``: 0 = the harmless (corrupted) run,
-1 = the harmful (clean) run, in both modes.
+refusal tokens at the last position; ``metrics.refusal_score_from_logits``). Modes and the
+normalization (0 = corrupted, 1 = clean) are described in ``patching.common``.
 
 Prompt pairs of different token lengths: pairs are built with EQUAL token length (chat template
 included) by ``patching.pairs.make_pairs`` — default ``pairing="length"`` drops prompts without an
@@ -28,28 +21,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
 
 from ... import hooks as hk
-from ... import metrics as mx
 from ... import plots
 from ...results import Result
-from ..base import Experiment, register
-from .engine import Sweep, run_sweeps
-from .pairs import make_pairs
+from ..base import check_choice, check_layers, register
+from ..checks import check_subset
+from .common import PairPatchingExperiment, average_over_pairs, model_layers, patch_pairs, refusal_metric
+from .engine import Sweep
 
-__all__ = ["ActivationPatching", "PairPatchingExperiment", "layer_sweeps", "refusal_metric", "patch_pairs", "MODES", "LAYER_COMPONENTS"]
+__all__ = ["ActivationPatching", "layer_sweeps", "LAYER_COMPONENTS", "POSITION_SETS", "PATCHABLE"]
 
-MODES = ("denoise", "noise")
 LAYER_COMPONENTS = ("resid_pre", "attn_out", "mlp_out")
 POSITION_SETS = ("all", "post", "last")
-
-
-def refusal_metric(model):
-    """Default metric: refusal log-odds from last-position logits ``[B, vocab] -> [B]``."""
-    tokens = mx.refusal_tokens(model)
-    return lambda logits: mx.refusal_score_from_logits(logits, tokens)
+PATCHABLE = LAYER_COMPONENTS + ("head",)
 
 
 def layer_sweeps(model, components, layers, positions, *, per_position=True, head_positions=False) -> list[Sweep]:
@@ -69,7 +55,7 @@ def layer_sweeps(model, components, layers, positions, *, per_position=True, hea
             cells = [(l, p, h) for l in layers for p in hpos for h in range(model.n_heads)]
             sweeps.append(Sweep("head", cells, lambda c: hk.attn_z(c[0]), index_name="head"))
         else:
-            raise ValueError(f"component {comp!r} is not one of {LAYER_COMPONENTS + ('head',)}")
+            raise ValueError(f"component {comp!r} is not one of {PATCHABLE}")
     return sweeps
 
 
@@ -83,82 +69,25 @@ def _positions(which: str, length: int, n_post: int) -> list[int]:
     raise ValueError(f"positions={which!r} is not one of {POSITION_SETS}")
 
 
-def patch_pairs(model, pairs, make_sweeps, metric, *, mode="denoise", fast=True, batch_size=32,
-                progress=False, prepare=None, capture_names=()) -> pd.DataFrame:
-    """Run ``make_sweeps(pair)`` on every pair; tidy rows with ``pair_id`` and ``normalized``."""
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not one of {MODES}")
-    frames = []
-    for pair in pairs:
-        harmful, harmless = pair.harmful_ids, pair.harmless_ids
-        target, source = (harmless, harmful) if mode == "denoise" else (harmful, harmless)
-        rows, ctx = run_sweeps(model, target, source, make_sweeps(pair), metric, fast=fast,
-                               batch_size=batch_size, progress=progress, prepare=prepare,
-                               capture_names=capture_names)
-        clean, corrupted = ((ctx.source_metric, ctx.target_metric) if mode == "denoise"
-                            else (ctx.target_metric, ctx.source_metric))
-        df = pd.DataFrame(rows)
-        if "position" in df:  # negative offsets: the same template token in every pair
-            df["position"] = df["position"].map(lambda p: None if p is None or pd.isna(p) else int(p) - pair.length)
-        gap = clean - corrupted
-        df["normalized"] = (df["metric"] - corrupted) / gap if abs(gap) > 1e-6 else np.nan
-        df["clean_metric"], df["corrupted_metric"] = clean, corrupted
-        df["pair_id"] = pair.pair_id
-        frames.append(df)
-    table = pd.concat(frames, ignore_index=True)
-    for col in ("head", "neuron", "position"):
-        if col in table:
-            table[col] = table[col].astype("Int64")
-    return table
-
-
-def average_over_pairs(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean metric / normalized effect per component over pairs, with standard error."""
-    keys = [c for c in ("component", "layer", "head", "neuron", "position") if c in table]
-    g = table.groupby(keys, dropna=False, sort=False)
-    out = g.agg(metric_mean=("metric", "mean"), normalized_mean=("normalized", "mean"),
-                normalized_std=("normalized", "std"), n_pairs=("pair_id", "nunique")).reset_index()
-    out["normalized_sem"] = out["normalized_std"] / np.sqrt(out["n_pairs"].clip(lower=1))
-    return out.drop(columns="normalized_std")
-
-
-@dataclass
-class PairPatchingExperiment(Experiment):
-    """Parameters and checks shared by the experiments that patch harmful/harmless prompt pairs."""
-
-    mode: str = "denoise"
-    n_pairs: int = 4
-    pairing: str = "length"
-    batch_size: int = 32
-    fast: bool = True
-    seed: int = 0
-
-    def checked_layers(self, model, layers) -> list[int]:
-        """``layers`` (all when None), refused with a clear error if out of range; checks ``mode`` too."""
-        if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
-        layers = list(range(model.n_layers)) if layers is None else list(layers)
-        if any(not 0 <= l < model.n_layers for l in layers):
-            raise ValueError(f"layers {layers} out of range 0..{model.n_layers - 1}")
-        return layers
-
-    def pairs(self, model, harmful, harmless):
-        return make_pairs(model, harmful, harmless, n_pairs=self.n_pairs, pairing=self.pairing)
-
-
 @register("activation-patching")
 @dataclass
 class ActivationPatching(PairPatchingExperiment):
     """Exact activation patching (Meng et al. 2022) of harmful/harmless pairs: where refusal is carried."""
 
-    components: list[str] = field(default_factory=lambda: ["resid_pre", "attn_out", "mlp_out", "head"])
+    components: list[str] = field(default_factory=lambda: list(PATCHABLE))  # resid_pre, attn_out, mlp_out and/or head
     positions: str = "all"  # all | post | last: positions swept one at a time
-    per_position: bool = True
+    per_position: bool = True  # one patch per position (False: every position at once)
     head_positions: bool = False  # heads per position too (n_layers * n_heads * n_positions runs)
-    layers: list[int] | None = None
+    layers: list[int] | None = None  # layers to sweep (None: all)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_subset(self, "components", PATCHABLE)
+        check_choice("positions", self.positions, POSITION_SETS)
+        check_layers("layers", self.layers)
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
-        layers = self.checked_layers(model, self.layers)
+        layers = model_layers(model, self.layers)
         pairs = self.pairs(model, harmful, harmless)
 
         def sweeps(pair):

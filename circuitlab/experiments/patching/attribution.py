@@ -8,8 +8,9 @@ estimated by the first-order Taylor term
     metric(patched) - metric(target) ≈ (a_source - a_target) · ∂metric/∂a |_target
 
 One forward of the source prompt, one forward + one backward of the target prompt give the estimate
-for every layer, position, head (``attn_z``) and MLP neuron (``mlp_post``) at once. Same pairs, modes
-and normalization as ``activation-patching`` (0 = corrupted, 1 = clean), so the two tables join.
+for every layer, position, head (``attn_z``) and MLP neuron (``mlp_post``) at once (the engine is
+``circuitlab.attribution``). Same pairs, modes and normalization as ``activation-patching``
+(0 = corrupted, 1 = clean), so the two tables join.
 
 Known limit (Kramár et al. 2024 §3.1): when a patch saturates an attention softmax the linear
 estimate of a head's effect can be badly off; their QK fix (exact recomputation of the attention
@@ -21,16 +22,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
-import torch
 
 from ... import hooks as hk
+from ...attribution import gradients, patch_estimate
 from ...progress import progress_bar
 from ...results import Result
-from ..base import Experiment, register
-from .activation import MODES, average_over_pairs, refusal_metric
-from .pairs import make_pairs
+from ..base import Experiment, check_choice, check_layers, register
+from ..checks import check_at_least, check_subset, check_types
+from .common import (MODES, average_over_pairs, int_columns, model_layers, normalize, refusal_metric,
+                     target_and_source)
+from .pairs import PAIRINGS, make_pairs
 
 __all__ = ["AttributionPatching", "attribution_pair", "ATP_COMPONENTS"]
 
@@ -48,40 +50,15 @@ def attribution_pair(model, target_ids, source_ids, components, layers, metric, 
     """AtP scores for one pair: ``(rows, target_metric, source_metric)``.
 
     ``per_position=False`` sums the estimate over positions (= patching every position at once).
-    Neurons and heads are always summed over positions unless ``per_position`` is set for them too.
+    Neurons and heads are always summed over positions.
     """
     names = {(c, l): ATP_COMPONENTS[c][0](l) for c in components for l in layers}
-    source, target, grads = {}, {}, {}
-
-    def saver(store, name):
-        def save(act, hook):
-            store[name] = act.detach()
-        return save
-
-    def grad_saver(name):
-        def save(grad, hook):  # TransformerLens backward hook: gradient w.r.t. the hook's output
-            grads[name] = grad.detach()
-        return save
-
-    with torch.no_grad(), model.hooks([(n, saver(source, n)) for n in names.values()]):
-        s_metric = float(metric(model.forward(source_ids[None])[:, -1].float())[0])
-
-    def leaf(act, hook):  # weights are frozen: make the embeddings the leaf the graph grows from
-        return act.detach().requires_grad_(True)
-
-    fwd = [(hk.embed(), leaf)] + [(n, saver(target, n)) for n in names.values()]
-    with torch.enable_grad(), model.hooks(fwd, [(n, grad_saver(n)) for n in names.values()]):
-        out = metric(model.forward(target_ids[None])[:, -1].float())[0]
-        out.backward()
-    t_metric = float(out.detach())
-    missing = [n for n in names.values() if n not in grads]
-    if missing:
-        raise RuntimeError(f"no gradient reached hooks {missing[:3]}: the metric does not depend on them")
-
+    source = gradients(model, source_ids[None], None, list(names.values()), metric, backward=False)
+    g = gradients(model, target_ids[None], None, list(names.values()), metric)
     rows = []
     for (comp, layer), name in names.items():
         _, n_sum, index_name = ATP_COMPONENTS[comp]
-        est = ((source[name] - target[name]) * grads[name])[0]  # [pos, ...]
+        est = patch_estimate(g, name, source.acts[name])[0]  # [pos, ...]
         if n_sum:
             est = est.sum(-1)
         if not per_position or index_name is not None:
@@ -89,14 +66,14 @@ def attribution_pair(model, target_ids, source_ids, components, layers, metric, 
             positions = [None]
         else:
             positions = list(range(-est.shape[0], 0))
-        est = est.detach().float().cpu()
+        est = est.float().cpu()
         for i, pos in enumerate(positions):
             if index_name is None:
                 rows.append({"component": comp, "layer": layer, "position": pos, "attribution": float(est[i])})
             else:
                 for j, v in enumerate(est[i].tolist()):
                     rows.append({"component": comp, "layer": layer, "position": pos, index_name: j, "attribution": v})
-    return rows, t_metric, s_metric
+    return rows, float(g.metric[0]), float(source.metric[0])
 
 
 @register("attribution-patching")
@@ -104,40 +81,36 @@ def attribution_pair(model, target_ids, source_ids, components, layers, metric, 
 class AttributionPatching(Experiment):
     """Attribution patching (AtP, Nanda 2023; Kramár et al. 2024): linear estimate of every patch effect."""
 
-    components: list[str] = field(default_factory=lambda: ["resid_pre", "attn_out", "mlp_out", "head", "neuron"])
-    mode: str = "denoise"
+    components: list[str] = field(default_factory=lambda: list(ATP_COMPONENTS))  # any non-empty subset of the default
+    mode: str = "denoise"  # denoise: estimate harmful patches into harmless runs; noise: the reverse
     per_position: bool = True  # resid_pre / attn_out / mlp_out per position (heads, neurons: summed)
-    layers: list[int] | None = None
-    n_pairs: int = 4
-    pairing: str = "length"
-    seed: int = 0
+    layers: list[int] | None = None  # layers to estimate (None: all)
+    n_pairs: int = 4  # equal-length harmful/harmless prompt pairs
+    pairing: str = "length"  # length: equal token lengths only; pad: also pad leftovers with spaces
+    seed: int = 0  # recorded for provenance (pairing is deterministic)
+
+    def __post_init__(self):
+        check_types(self)
+        check_subset(self, "components", ATP_COMPONENTS)
+        check_choice("mode", self.mode, MODES)
+        check_choice("pairing", self.pairing, PAIRINGS)
+        check_layers("layers", self.layers)
+        check_at_least(self, 1, "n_pairs")
+        check_at_least(self, 0, "seed")
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
-        if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
-        unknown = set(self.components) - set(ATP_COMPONENTS)
-        if unknown:
-            raise ValueError(f"components {sorted(unknown)} unknown; choose from {list(ATP_COMPONENTS)}")
-        layers = list(range(model.n_layers)) if self.layers is None else list(self.layers)
+        layers = model_layers(model, self.layers)
         pairs = make_pairs(model, harmful, harmless, n_pairs=self.n_pairs, pairing=self.pairing)
         metric = refusal_metric(model)
         frames = []
         for pair in progress_bar(pairs, True, total=len(pairs), desc="attribution"):
-            target, source = ((pair.harmless_ids, pair.harmful_ids) if self.mode == "denoise"
-                              else (pair.harmful_ids, pair.harmless_ids))
+            target, source = target_and_source(pair, self.mode)
             rows, t_metric, s_metric = attribution_pair(model, target, source, self.components, layers, metric,
                                                         per_position=self.per_position)
-            clean, corrupted = (s_metric, t_metric) if self.mode == "denoise" else (t_metric, s_metric)
             df = pd.DataFrame(rows)
             df["metric"] = t_metric + df["attribution"]
-            gap = clean - corrupted
-            df["normalized"] = (df["metric"] - corrupted) / gap if abs(gap) > 1e-6 else np.nan
-            df["clean_metric"], df["corrupted_metric"], df["pair_id"] = clean, corrupted, pair.pair_id
-            frames.append(df)
-        table = pd.concat(frames, ignore_index=True)
-        for col in ("head", "neuron", "position"):
-            if col in table:
-                table[col] = table[col].astype("Int64")
+            frames.append(normalize(df, pair, self.mode, t_metric, s_metric))
+        table = int_columns(pd.concat(frames, ignore_index=True))
         table["mode"] = self.mode
         avg = average_over_pairs(table)
         summary = {"n_pairs": len(pairs), "n_unpaired": pairs.n_unpaired}

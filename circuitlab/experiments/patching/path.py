@@ -28,8 +28,9 @@ import torch
 
 from ... import hooks as hk
 from ...results import Result
-from ..base import register
-from .activation import PairPatchingExperiment, patch_pairs, refusal_metric
+from ..base import check_layers, register
+from ..checks import check_subset
+from .common import PairPatchingExperiment, model_layers, patch_pairs, refusal_metric
 from .engine import Sweep
 
 __all__ = ["PathPatching", "path_sweep", "split_qkv_input", "RECEIVERS"]
@@ -116,12 +117,17 @@ def sender_deltas(model, senders):
 class PathPatching(PairPatchingExperiment):
     """Path patching (Wang et al. 2022): effect of each sender head on later heads' queries, MLPs, logits."""
 
-    receivers: list[str] = field(default_factory=lambda: ["logits", "mlp"])
-    sender_layers: list[int] | None = None
-    n_pairs: int = 2
+    receivers: list[str] = field(default_factory=lambda: ["logits", "mlp"])  # any of q, mlp, logits
+    sender_layers: list[int] | None = None  # layers whose heads send (None: all)
+    n_pairs: int = 2  # equal-length harmful/harmless prompt pairs
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_subset(self, "receivers", RECEIVERS)
+        check_layers("sender_layers", self.sender_layers)
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
-        layers = self.checked_layers(model, self.sender_layers)
+        layers = model_layers(model, self.sender_layers)
         senders = [(l, h) for l in layers for h in range(model.n_heads)]
         sweep = path_sweep(model, senders, self.receivers)
         pairs = self.pairs(model, harmful, harmless)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from ... import hooks as hk
 from ...results import Result
-from ..base import register
-from .activation import PairPatchingExperiment, average_over_pairs, patch_pairs, refusal_metric
+from ..base import check_layers, register
+from .common import PairPatchingExperiment, average_over_pairs, model_layers, patch_pairs, refusal_metric
 from .engine import Sweep
 
 __all__ = ["PatternPatching", "pattern_sweep"]
@@ -45,10 +45,14 @@ def pattern_sweep(model, layers) -> Sweep:
 class PatternPatching(PairPatchingExperiment):
     """Attention-pattern patching per head (all query positions): does a head's routing carry refusal?"""
 
-    layers: list[int] | None = None
+    layers: list[int] | None = None  # layers whose heads are patched (None: all)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_layers("layers", self.layers)
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
-        sweep = pattern_sweep(model, self.checked_layers(model, self.layers))
+        sweep = pattern_sweep(model, model_layers(model, self.layers))
         pairs = self.pairs(model, harmful, harmless)
         table = patch_pairs(model, pairs, lambda pair: [sweep], refusal_metric(model), mode=self.mode,
                             fast=self.fast, batch_size=self.batch_size, progress=True)

@@ -1,0 +1,174 @@
+"""Benchmark: edge attribution (EAP-IG) and whole-circuit faithfulness, and the TransformerLens oracle.
+
+One process:
+
+1. circuitlab on the embedded model (GQA; TransformerLens refuses it): EAP-IG (``--steps``, default
+   5) over the full edge graph for ``--n-pairs`` harmful/harmless pairs (default 32), then a
+   faithfulness curve (MIB's 10 edge fractions, EAP-IG + ``--random-seeds`` (1) random circuits) on
+   the same pairs. Wall time and peak RSS of each phase.
+2. circuitlab vs TransformerLens (``tools.analysis.attribution_patching``) on a random-init
+   NON-GQA model of the embedded model's size (24 layers, 14 heads = 14 kv heads, d_model 896,
+   d_mlp 4864, vocab 151936): EAP edge scores of ``--tl-pairs`` pairs and one faithfulness
+   evaluation (a top-1 % circuit, ``--faith-fraction``, on one pair), both tools on the same pairs, with the time ratio and
+   the max |difference| of their results.
+
+``--quick`` swaps in the tiny model (part 1) and a 4-layer non-GQA model (part 2) with a few pairs:
+a smoke run that exercises every code path in about a minute.
+
+    nice -n 10 .venv/bin/python bench/edges.py            # full (the lead schedules it)
+    .venv/bin/python bench/edges.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import circuitlab as cl  # noqa: E402
+from circuitlab import graph as eg  # noqa: E402
+from circuitlab.experiments.patching.pairs import make_pairs  # noqa: E402
+from circuitlab.graph.oracle import build_mha, tl_edge_scores, tl_faithfulness  # noqa: E402
+from circuitlab.metrics import refusal_score_from_logits, refusal_tokens  # noqa: E402
+
+OUT = Path(__file__).resolve().parent.parent / "results" / "bench" / "edges.json"
+
+
+class PeakRSS:
+    """Peak resident set size (bytes) sampled every 10 ms while the block runs."""
+
+    def __enter__(self):
+        self.proc, self.peak, self.stop = psutil.Process(), 0, threading.Event()
+        self.start = self.proc.memory_info().rss
+
+        def sample():
+            while not self.stop.is_set():
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+                time.sleep(0.01)
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def record(self) -> dict:
+        return {"seconds": round(self.seconds, 3), "peak_rss_gib": round(self.peak / 2**30, 3),
+                "rss_growth_gib": round((self.peak - self.start) / 2**30, 3)}
+
+
+def metric_for(model):
+    toks = refusal_tokens(model)
+    return lambda logits: refusal_score_from_logits(logits, toks)
+
+
+def load_pairs(model, n: int, quick: bool):
+    """Up to ``n`` equal-length AdvBench / harmless pairs (padding only if too few match in length)."""
+    harmful = cl.datasets.load("advbench", split="train", n=4 * n, seed=0)
+    harmless = cl.datasets.load("harmless", split="train", n=4 * n, seed=0)
+    pairs = make_pairs(model, harmful, harmless, n_pairs=n, pairing="length")
+    if len(pairs) < n:
+        pairs = make_pairs(model, harmful, harmless, n_pairs=n, pairing="pad")
+    return list(pairs)
+
+
+def part_circuitlab(args) -> dict:
+    model = cl.load_model("tiny" if args.quick else "embedded")
+    graph = eg.EdgeGraph.from_model(model)
+    pairs = load_pairs(model, args.n_pairs, args.quick)
+    metric = metric_for(model)
+    out = {"model": model.name, "graph": graph.counts(), "n_pairs": len(pairs),
+           "tokens": [p.length for p in pairs], "steps": args.steps, "batch_size": args.batch_size}
+    with PeakRSS() as rss:
+        scores = eg.edge_scores(model, pairs, metric, method="eap-ig", steps=args.steps,
+                                batch_size=args.batch_size, graph=graph, progress=True)
+    out["eap_ig"] = rss.record()
+    print(f"EAP-IG ({args.steps} steps, {len(pairs)} pairs, {graph.n_edges} edges): {out['eap_ig']}", flush=True)
+    with PeakRSS() as rss:
+        curve = eg.faithfulness_curve(model, pairs, metric, {"eap-ig": scores.mean}, random_seeds=args.random_seeds,
+                                      batch_size=args.batch_size, graph=graph, progress=True)
+    out["curve"] = rss.record()
+    out["curve"]["n_circuits"] = int(len(curve))  # identical circuits (every 100 % one) run once
+    out["cpr_cmd"] = eg.curve_summary(curve).set_index("method")[["cpr", "cmd"]].round(4).to_dict("index")
+    print(f"faithfulness curve: {out['curve']}  CPR/CMD {out['cpr_cmd']}", flush=True)
+    return out
+
+
+def part_transformerlens(args) -> dict:
+    size = (dict(n_layers=4, d_model=128, n_heads=4, d_mlp=256, init_std=0.1) if args.quick else
+            dict(n_layers=24, d_model=896, n_heads=14, d_mlp=4864, vocab_size=151936, init_std=None))
+    model = build_mha(**size)
+    graph = eg.EdgeGraph.from_model(model)
+    pairs = load_pairs(model, args.tl_pairs, args.quick)
+    metric = metric_for(model)
+    out = {"model": {k: v for k, v in size.items()}, "graph": graph.counts(), "n_pairs": len(pairs),
+           "tokens": [p.length for p in pairs]}
+    with PeakRSS() as rss:
+        ours = eg.edge_scores(model, pairs, metric, method="eap", batch_size=args.batch_size, graph=graph).mean
+    out["eap_circuitlab"] = rss.record()
+    with PeakRSS() as rss:
+        theirs = tl_edge_scores(model, pairs, metric)
+    out["eap_transformerlens"] = rss.record()
+    out["eap_ratio"] = round(out["eap_transformerlens"]["seconds"] / out["eap_circuitlab"]["seconds"], 2)
+    out["eap_max_abs_diff"] = float((ours - theirs).abs().nan_to_num().max())
+    print(f"EAP scores: circuitlab {out['eap_circuitlab']}, TransformerLens {out['eap_transformerlens']}, "
+          f"ratio {out['eap_ratio']}, max|diff| {out['eap_max_abs_diff']:.2e}", flush=True)
+    circuit = eg.top_n(graph, ours, eg.n_for_fraction(graph, args.faith_fraction), pruned=False)
+    pair = (pairs[0].harmful_ids, pairs[0].harmless_ids)
+    with PeakRSS() as rss:
+        f_ours = eg.faithfulness(model, [pair], metric, circuit, graph=graph)
+    out["faith_circuitlab"] = rss.record()
+    with PeakRSS() as rss:
+        f_theirs = tl_faithfulness(model, pair, metric, circuit)
+    out["faith_transformerlens"] = rss.record()
+    out["faith_ratio"] = round(out["faith_transformerlens"]["seconds"] / out["faith_circuitlab"]["seconds"], 2)
+    out["faithfulness"] = {"circuitlab": f_ours, "transformerlens": f_theirs, "abs_diff": abs(f_ours - f_theirs),
+                           "n_edges": int(circuit.sum())}
+    print(f"faithfulness (1 pair, {int(circuit.sum())} edges): circuitlab {out['faith_circuitlab']}, "
+          f"TransformerLens {out['faith_transformerlens']}, ratio {out['faith_ratio']}, "
+          f"f = {f_ours:.6f} vs {f_theirs:.6f}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny models, few pairs (smoke run)")
+    parser.add_argument("--n-pairs", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--random-seeds", type=int, default=1, help="random circuits in the curve")
+    parser.add_argument("--tl-pairs", type=int, default=1, help="pairs for the TransformerLens comparison")
+    parser.add_argument("--faith-fraction", type=float, default=0.01, help="edge fraction of the compared circuit")
+    parser.add_argument("--skip", choices=["circuitlab", "transformerlens"], default=None)
+    parser.add_argument("--out", type=Path, default=None, help=f"JSON report (default {OUT}; --quick: not saved)")
+    args = parser.parse_args()
+    if args.quick:
+        args.n_pairs, args.tl_pairs, args.faith_fraction = min(args.n_pairs, 4), min(args.tl_pairs, 2), 0.1
+    report = {"argv": sys.argv[1:], "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+              "torch": torch.__version__}
+    if args.skip != "circuitlab":
+        report["circuitlab"] = part_circuitlab(args)
+    if args.skip != "transformerlens":
+        report["vs_transformerlens"] = part_transformerlens(args)
+    out = args.out or (None if args.quick else OUT)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Directions in the residual stream: difference in means, unit vectors, projection, and weight
+orthogonalization — one implementation each.
+
+- ``diff_in_means`` / ``mean_differences``: ``mean(harmful) − mean(harmless)`` of activations, the
+  refusal-direction candidate of Arditi et al. 2024, "Refusal in Language Models Is Mediated by a
+  Single Direction", §2.3 (the contrastive activation difference of Turner et al. 2023 /
+  Rimsky et al. 2024).
+- ``orthogonalize_weights``: ``W ← W − s · r̂ r̂ᵀ W`` on every matrix (and bias) that writes the
+  residual stream (Arditi et al. 2024, §4.1), computed on each weight's own device and dtype.
+- ``write_profile``: ``Wᵀ r̂`` of those matrices — what orthogonalization sends to zero.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import hooks as hk
+from .store import ActivationStore
+from .weights import original, residual_writers
+
+__all__ = ["unit", "project_out", "check_strength", "diff_in_means", "mean_differences", "refusal_direction",
+           "candidate_directions", "orthogonalize_weights", "write_profile"]
+
+
+def unit(direction: torch.Tensor, d_model: int | None = None) -> torch.Tensor:
+    """``direction`` as a float32 unit vector (clear error for a wrong shape or a zero vector)."""
+    direction = torch.as_tensor(direction).detach().float().flatten()
+    if d_model is not None and direction.numel() != d_model:
+        raise ValueError(f"direction has {direction.numel()} entries but the model's d_model is {d_model}")
+    norm = direction.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError("direction must be a finite, non-zero vector")
+    return direction / norm
+
+
+def project_out(act: torch.Tensor, r_hat: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """``act - strength * (act · r̂) r̂`` over the last dimension (r̂ a unit vector, moved to ``act``)."""
+    r = r_hat.to(device=act.device, dtype=act.dtype)
+    return act - strength * (act @ r).unsqueeze(-1) * r
+
+
+def check_strength(strength: float) -> None:
+    """``strength`` must lie in [0, 1] (0 = no change, 1 = the full intervention)."""
+    if isinstance(strength, bool) or not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"strength must be in [0, 1] (0 = no change, 1 = full ablation), got {strength}")
+
+
+def diff_in_means(harmful, harmless):
+    """``mean(harmful) − mean(harmless)`` over the first (prompt) axis; tensors or numpy arrays."""
+    return harmful.mean(0) - harmless.mean(0)
+
+
+def mean_differences(model, harmful, harmless, names: Sequence[str], positions="last", *,
+                     store: ActivationStore | None = None, batch_size: int = 16,
+                     progress: bool = False) -> dict[str, torch.Tensor]:
+    """``{hook: mean(harmful) − mean(harmless)}`` read through the ActivationStore at ``positions``
+    (shape ``[n_positions, ...]``, or ``[...]`` for ``'mean'``)."""
+    store = store if store is not None else ActivationStore()
+    acts = [store.get(model, list(getattr(s, "prompts", s)), list(names), positions, batch_size=batch_size,
+                      progress=progress) for s in (harmful, harmless)]
+    return {n: diff_in_means(acts[0][n], acts[1][n]) for n in names}
+
+
+def refusal_direction(model, harmful, harmless, layer: int, *, store: ActivationStore | None = None,
+                      batch_size: int = 16) -> torch.Tensor:
+    """Difference in means of ``resid_pre(layer)`` at the last prompt token, ``[d_model]`` (§2.3)."""
+    name = hk.resid_pre(layer)
+    return mean_differences(model, harmful, harmless, [name], "last", store=store, batch_size=batch_size)[name][0]
+
+
+def candidate_directions(model, harmful, harmless, store: ActivationStore | None = None, *, batch_size: int = 16,
+                         progress: bool = False) -> dict[tuple[int, int], torch.Tensor]:
+    """Difference in means of ``resid_pre`` at every (layer, post-instruction offset) (§2.3)."""
+    names = [hk.resid_pre(l) for l in range(model.n_layers)]
+    diffs = mean_differences(model, harmful, harmless, names, "post", store=store, batch_size=batch_size,
+                             progress=progress)
+    return {(l, o): diffs[hk.resid_pre(l)][j] for l in range(model.n_layers)
+            for j, o in enumerate(range(-model.n_post, 0))}
+
+
+def orthogonalize_weights(model, direction: torch.Tensor, strength: float = 1.0) -> None:
+    """Edit weights in place so no component writes ``direction`` (Arditi et al. 2024, §4.1).
+
+    ``W ← W − s · r̂ r̂ᵀ W`` for the token embedding, every attention output (o_proj) and MLP output
+    (down_proj), and their biases if any. ``strength`` s in [0, 1] removes that fraction. r̂ is moved to
+    each weight's device; the product is taken in float32 and cast back to the weight's dtype. With
+    s = 1 this equals ``directional_ablation_hooks`` (tested). A tied unembedding is untied first, so
+    the readout is unchanged, as with the hooks (``weights.weights_restored`` re-ties it).
+    """
+    r = unit(direction, model.d_model)
+    check_strength(strength)
+    hf = model.hf_model
+    emb = original(hf.get_input_embeddings())
+    head = original(hf.get_output_embeddings()) if hf.get_output_embeddings() is not None else None
+    with torch.no_grad():
+        if head is not None and head.weight.data_ptr() == emb.weight.data_ptr():
+            head.weight = torch.nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+            hf.config.tie_word_embeddings = False
+        for _, w, axis in residual_writers(model):
+            rr, w32 = r.to(device=w.device), w.float()  # never a CPU direction times a GPU weight
+            if w.dim() == 1:
+                delta = (w32 @ rr) * rr
+            elif axis == 1:  # embedding rows are residual vectors
+                delta = torch.outer(w32 @ rr, rr)
+            else:  # o_proj / down_proj columns are residual vectors
+                delta = torch.outer(rr, rr @ w32)
+            w -= (strength * delta).to(w.dtype)
+
+
+def write_profile(model, direction: torch.Tensor) -> torch.Tensor:
+    """``Wᵀ r̂`` for every residual writer (embedding, ``o_proj`` / ``down_proj`` and their biases),
+    concatenated ``[n]`` (float32, CPU)."""
+    r = unit(direction, model.d_model)
+    parts = []
+    for _, w, axis in residual_writers(model):
+        w, rr = w.detach().float(), r.to(device=w.device)
+        parts.append((w @ rr if axis == 1 or w.dim() == 1 else rr @ w).reshape(-1).cpu())
+    return torch.cat(parts)

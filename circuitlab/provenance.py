@@ -1,0 +1,77 @@
+"""Where a result came from, recorded when its run STARTS (code state, machine, load) and finished at its end.
+
+A result saved later (or by a script that runs several experiments) still names the code that
+produced it: the git commit read at the start, a dirty flag and, when dirty, a hash of the diff
+against that commit, so two runs from different uncommitted states never look alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+__all__ = ["git_state", "start", "finish", "versions"]
+
+_PACKAGES = ("circuitlab", "torch", "transformer-lens", "transformers", "scikit-learn", "pandas", "numpy")
+_REPO = Path(__file__).resolve().parent
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=_REPO)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_state() -> dict:
+    """``{commit, dirty, diff_sha256}`` of the source tree circuitlab is imported from (None outside git)."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None, "diff_sha256": None}
+    # tracked changes and untracked files both change what ran
+    diff = (_git("diff", "HEAD") or "") + (_git("ls-files", "--others", "--exclude-standard") or "")
+    return {"commit": commit.strip(), "dirty": bool(diff),
+            "diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in _PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def start() -> dict:
+    """The record taken when a run begins."""
+    return {**git_state(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "load_average_start": _load(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "_t0": time.perf_counter()}
+
+
+def finish(record: dict, model=None) -> dict:
+    """Complete a ``start()`` record at the run's end (wall time, load, the model's device and dtype)."""
+    out = {k: v for k, v in record.items() if k != "_t0"}
+    out.update(ended=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               wall_seconds=round(time.perf_counter() - record["_t0"], 2), load_average_end=_load())
+    if model is not None:
+        out.update(device=str(getattr(model, "device", None)), dtype=str(getattr(model, "dtype", None)))
+    return out
