@@ -43,9 +43,9 @@ SHAPES = {  # Qwen2.5-7B-Instruct's config.json, and a tiny one for CPU tests
     "7b": dict(n_layers=28, d_model=3584, d_mlp=18944, n_heads=28, n_kv=4, vocab=152064, dtype="bfloat16"),
     "tiny": dict(n_layers=4, d_model=64, d_mlp=128, n_heads=4, n_kv=2, vocab=1024, dtype="float32"),
 }
-WORK = {  # (forward batch, seq), (pair length, layers, positions), (generate batch, new tokens)
-    "7b": dict(forward=(8, 256), patching=(64, 4, 16), generate=(16, 32)),
-    "tiny": dict(forward=(4, 64), patching=(16, 2, 4), generate=(4, 8)),  # a CPU test must stay fast
+WORK = {  # (forward batch, seq), (pair length, layers, positions), (generate batch, new tokens), (pairs, length)
+    "7b": dict(forward=(8, 256), patching=(64, 4, 16), generate=(16, 32), edges=(8, 64)),
+    "tiny": dict(forward=(4, 64), patching=(16, 2, 4), generate=(4, 8), edges=(2, 16)),  # a CPU test must stay fast
 }
 
 
@@ -173,6 +173,30 @@ def bench_generate(model, device, batch: int, new_tokens: int) -> dict:
             "detail": f"greedy, batch {batch} x {new_tokens} new tokens (max), KV-cached, hooks live"}
 
 
+def bench_edges(model, device, n_pairs: int, seq: int, batch_size: int = 4) -> list[dict]:
+    """EAP-IG (5 steps) over the full edge graph for ``n_pairs`` random pairs, then one exact
+    faithfulness evaluation of the top 1 % of edges (circuitlab.graph)."""
+    from circuitlab.graph import EdgeGraph, edge_scores, faithfulness, top_n, n_for_fraction
+
+    gen = torch.Generator().manual_seed(1)
+    vocab = model.bridge.cfg.d_vocab
+    pairs = [(torch.randint(0, vocab, (seq,), generator=gen), torch.randint(0, vocab, (seq,), generator=gen))
+             for _ in range(n_pairs)]
+    metric = lambda logits: logits[:, 0].float() - logits[:, 1].float()  # noqa: E731 - any logit metric works
+    graph = EdgeGraph.from_model(model)
+    with Phase(device) as ph:
+        scores = edge_scores(model, pairs, metric, method="eap-ig", steps=5, batch_size=batch_size, graph=graph)
+    rows = [{"phase": "edges", "method": "circuitlab EAP-IG (5 steps)", "wall_s": ph.wall, "peak_mem_gb": ph.peak_gb,
+             "tokens": n_pairs * seq, "detail": f"{n_pairs} pairs x {seq} tokens, {int(graph.valid.sum())} edges, "
+                                                 f"batch {batch_size}"}]
+    circuit = top_n(graph, scores.mean, max(1, n_for_fraction(graph, 0.01)), pruned=False)
+    with Phase(device) as ph:
+        faithfulness(model, pairs, metric, circuit, batch_size=batch_size)
+    rows.append({"phase": "edges", "method": "circuitlab faithfulness (top 1% of edges)", "wall_s": ph.wall,
+                 "peak_mem_gb": ph.peak_gb, "tokens": n_pairs * seq, "detail": f"{n_pairs} pairs x {seq} tokens"})
+    return rows
+
+
 def device_kind(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
@@ -203,7 +227,8 @@ def main(argv=None) -> Path:
     work = WORK[args.shape]
     for step in (lambda: [bench_forward(model, device, *work["forward"], args.reps)],
                  lambda: bench_patching(model, device, *work["patching"], args.patch_batch_size),
-                 lambda: [bench_generate(model, device, *work["generate"])]):
+                 lambda: [bench_generate(model, device, *work["generate"])],
+                 lambda: bench_edges(model, device, *work["edges"])):
         for row in step():
             rows.append(row)
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)

@@ -142,6 +142,12 @@ def run(
     device_map: Optional[str] = typer.Option(None, "--device-map", help="auto, balanced or sequential: spread "
                                                                         "layers over the visible GPUs (accelerate)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="prompts per forward batch"),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help="run the experiment's units on Ray: 'local' or a "
+                                                                  "cluster address (host:port, ray://host:port, auto)"),
+    workers: int = typer.Option(1, "--workers", help="with --ray: workers, each holding a model replica (one GPU "
+                                                     "each where the cluster has GPUs)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="with --ray: keep finished units here; a "
+                                                                         "rerun resumes from them"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks instead of one-line errors"),
 ) -> None:
     """Run experiment NAME on a model and two prompt sets; save its run folder."""
@@ -161,6 +167,12 @@ def run(
         _fail("--batch-size must be at least 1")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         _fail(f"--dtype {dtype!r} is not one of float32, bfloat16, float16")
+    if workers < 1:
+        _fail("--workers must be at least 1")
+    if ray_address is None and (workers != 1 or checkpoint is not None):
+        _fail("--workers and --checkpoint need --ray local or --ray ADDRESS")
+    if ray_address and device_map:
+        _fail("--device-map cannot be combined with --ray: each worker holds a whole model")
     directory = out or Path("results") / name
     try:
         experiment = _checked_experiment(name, sets, seed, batch_size)
@@ -177,7 +189,13 @@ def run(
         _fail(str(err))
     typer.echo(f"running {name} on {loaded.name}: {len(harmful_set)} harmful vs {len(harmless_set)} harmless prompts")
     try:
-        result = experiment.run(loaded, harmful_set, harmless_set, store=ActivationStore())
+        if ray_address:
+            from .distributed import run_distributed
+            result = run_distributed(experiment, model, harmful_set, harmless_set, workers=workers,
+                                     address=ray_address, device=device, dtype=dtype, store=ActivationStore(),
+                                     checkpoint_dir=checkpoint, model=loaded)
+        else:
+            result = experiment.run(loaded, harmful_set, harmless_set, store=ActivationStore())
     except (ValueError, StoreNotWritableError) as err:  # found only with the data, the model or the store
         _fail(f"{name}: {err}")
     try:

@@ -6,7 +6,8 @@
 - ``direction_components``: direct attribution of every head (``z_h W_O^h``), every MLP layer and
   the top MLP neurons onto the unit direction at the last position — which components write it.
 - ``score_candidates`` / ``select_candidate``: the paper's choice among difference-in-means
-  candidates (bypass score, KL and induce filters; §2.4, App. C).
+  candidates (bypass score, KL and induce filters; §2.4, App. C), or the lowest bypass score
+  within a KL budget (a point of the validation Pareto front); every criterion is its own column.
 - ``bootstrap_ci``: percentile bootstrap of a mean.
 """
 
@@ -23,15 +24,20 @@ from . import hooks as hk
 from . import interventions as iv
 from . import metrics
 from .directions import unit
+from .generation import prefill
+from .heretic_scoring import pareto_front
 from .model import HookedModel
 from .progress import progress_bar
 from .store import ActivationStore
 from .weights import writer_weight
 
 __all__ = ["bootstrap_ci", "evaluate_direction", "direction_components", "select_candidate", "score_candidates",
-           "CONDITIONS"]
+           "last_logits_shared", "pareto_ranks", "CONDITIONS", "SELECTION_STEPS"]
 
 CONDITIONS = ("baseline", "ablation", "orthogonalized", "addition")
+# the steps of select_candidate's rule, in the order they are tried (fallback_step names one)
+SELECTION_STEPS = ("paper", "induce_relative_to_baseline", "kl_only", "lowest_bypass", "kl_budget",
+                   "kl_budget_unmet_lowest_kl")
 
 
 def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -160,74 +166,156 @@ def _row(layer, component, harmful, harmless, head=None, neuron=None) -> dict:
             "attribution_diff": harmful - harmless}
 
 
-def select_candidate(table: pd.DataFrame, kl_threshold: float, induce_threshold: float | None,
-                     baseline_harmful: float) -> tuple[pd.DataFrame, str]:
-    """Mark the selected candidate; returns (table, rule used).
 
-    Paper rule: induce_score > ``induce_threshold`` (0 = refusal token likelier than not). If no
-    candidate reaches it, fall back to the paper's idea relative to this model's baseline: addition
-    must raise harmless prompts at least to the harmful baseline score. If still nothing passes, the
-    induce filter is dropped (KL kept); if nothing passes KL either, the eligible candidate with the
-    lowest bypass score is taken. ``rule`` names the step used.
+def last_logits_shared(model: HookedModel, prompts: Sequence[str], hooks=(), *, batch_size: int = 32,
+                       progress: bool = False, desc: str = "logits") -> torch.Tensor:
+    """Last-position logits ``[n, vocab]`` under ``hooks`` that act on every position and row alike
+    (directional ablation, addition at every position). Exact: the chat-template prefix common to a
+    batch is computed once and reused (``generation.prefill(share_prefix=True)``, ~30 % less CPU
+    on the embedded model's 24-token system turn), the rest of each prompt on top of its keys/values."""
+    out = torch.empty(len(prompts), model.bridge.cfg.d_vocab)
+    with torch.no_grad(), model.hooks(list(hooks)):
+        for idx, ids, mask in progress_bar(model.batches(list(prompts), batch_size), progress,
+                                           total=-(-len(prompts) // batch_size), desc=desc):
+            logits, _, _ = prefill(model.bridge, ids, mask, share_prefix=True)
+            out[idx] = logits[:, -1].float().cpu()
+    return out
+
+
+def pareto_ranks(bypass: Sequence[float], kl: Sequence[float]) -> np.ndarray:
+    """Non-dominated sorting of candidates on (bypass score, KL), both lower-is-better: 0 = the Pareto
+    front, 1 = the front once rank 0 is removed, ... (``heretic_scoring.pareto_front`` per round)."""
+    ranks = np.full(len(bypass), -1)
+    remaining, rank = list(range(len(bypass))), 0
+    while remaining:
+        front = {remaining[j] for j in pareto_front([bypass[i] for i in remaining], [kl[i] for i in remaining])}
+        ranks[list(front)] = rank
+        remaining, rank = [i for i in remaining if i not in front], rank + 1
+    return ranks
+
+
+def _nullable(values: pd.Series, known: pd.Series) -> pd.Series:
+    """A boolean column that is NA where the criterion was not measured (or is switched off)."""
+    return pd.Series(pd.array([bool(v) if k else pd.NA for v, k in zip(values, known)], dtype="boolean"),
+                     index=values.index)
+
+
+def select_candidate(table: pd.DataFrame, kl_threshold: float, induce_threshold: float | None,
+                     baseline_harmful: float, kl_budget: float | None = None) -> tuple[pd.DataFrame, str]:
+    """Mark the selected candidate (validation numbers only); returns (table, selection rule as text).
+
+    Eligible: not pruned (``excluded``) and fully scored on the val split (``bypass_score`` set).
+    Columns added, each kept to its own definition: ``passes_kl`` (kl < ``kl_threshold``),
+    ``passes_induce`` (the paper's: induce_score > ``induce_threshold``; NA when off or unmeasured),
+    ``passes_induce_relative`` (induce_score > the val harmful baseline score), ``pareto_front``
+    (eligible and not dominated in (bypass_score, kl)), ``selection_rule`` and ``fallback_step``
+    (the first step of the rule that had a candidate; the same on every row).
+
+    Without ``kl_budget`` the steps are Arditi et al. 2024 §2.4 and its fallbacks: ``paper`` (passes_kl
+    and passes_induce), ``induce_relative_to_baseline`` (passes_kl and passes_induce_relative),
+    ``kl_only``, ``lowest_bypass``; each takes the lowest bypass score. With ``kl_budget``:
+    ``kl_budget`` (lowest bypass score among kl <= budget: a point of the Pareto front), else
+    ``kl_budget_unmet_lowest_kl`` (the front's lowest-KL point). This replaces KL cut-offs picked
+    after seeing test numbers.
     """
     t = table.copy()
+    eligible = ~t["excluded"].astype(bool) & t["bypass_score"].notna()
+    scored = t["induce_score"].notna()
     t["passes_kl"] = t["kl"] < kl_threshold
-    eligible = ~t["excluded"] & t["bypass_score"].notna()
-    rule = f"kl<{kl_threshold} & induce_score>{induce_threshold}"
-    t["passes_induce"] = t["induce_score"] > (induce_threshold if induce_threshold is not None else -np.inf)
-    if not (eligible & t.passes_kl & t.passes_induce).any() and induce_threshold is not None:
-        t["passes_induce"] = t["induce_score"] > baseline_harmful
-        rule = f"kl<{kl_threshold} & induce_score>baseline harmful score ({baseline_harmful:.3f}) [fallback]"
-    pool = eligible & t.passes_kl & t.passes_induce
-    if not pool.any() and (eligible & t.passes_kl).any():
-        # KL guards the side effects the user sees, so it is the last filter to give up
-        pool, rule = eligible & t.passes_kl, f"kl<{kl_threshold}; no candidate induced refusal [fallback]"
-    if not pool.any():
-        pool, rule = eligible, "no candidate passed the filters: lowest bypass score among eligible layers [fallback]"
+    t["passes_induce"] = _nullable(t["induce_score"] > (induce_threshold or 0.0), scored & (induce_threshold is not None))
+    t["passes_induce_relative"] = _nullable(t["induce_score"] > baseline_harmful, scored)
+    front = pareto_ranks(t.loc[eligible, "bypass_score"].tolist(), t.loc[eligible, "kl"].tolist()) == 0
+    t["pareto_front"] = False
+    t.loc[t.index[eligible][front], "pareto_front"] = True
+    eligible_text = "eligible (not pruned, fully scored on val)"
+    if kl_budget is not None:
+        rule = (f"kl_budget: lowest val bypass_score among {eligible_text} candidates with val kl <= {kl_budget} "
+                "(a point of the val Pareto front of bypass_score vs kl); if none, kl_budget_unmet_lowest_kl: "
+                "the front's lowest-kl point")
+        within = eligible & (t["kl"] <= kl_budget)
+        if within.any():
+            step, pick = "kl_budget", t.loc[within, "bypass_score"].idxmin()
+        else:
+            step, pick = "kl_budget_unmet_lowest_kl", t[eligible].sort_values(["kl", "bypass_score"]).index[0]
+    else:
+        induce = (f" and induce_score > {induce_threshold}" if induce_threshold is not None else
+                  " (induce filter off)")
+        rule = (f"paper (Arditi et al. 2024 §2.4): lowest val bypass_score among {eligible_text} candidates with "
+                f"kl < {kl_threshold}{induce}; fallbacks in order: induce_relative_to_baseline (kl < {kl_threshold} "
+                f"and induce_score > val harmful baseline {baseline_harmful:.3f}), kl_only, lowest_bypass")
+        kl_ok = eligible & t["passes_kl"]
+        steps = [("paper", kl_ok & (t["passes_induce"].fillna(False) if induce_threshold is not None else True)),
+                 ("induce_relative_to_baseline", kl_ok & t["passes_induce_relative"].fillna(False)),
+                 ("kl_only", kl_ok), ("lowest_bypass", eligible)]
+        step, pool = next((s, p.astype(bool)) for s, p in steps if p.astype(bool).any())
+        pick = t.loc[pool, "bypass_score"].idxmin()
     t["selected"] = False
-    t.loc[t.loc[pool, "bypass_score"].idxmin(), "selected"] = True
+    t.loc[pick, "selected"] = True
+    t["selection_rule"], t["fallback_step"] = rule, step
     return t, rule
 
 
 def score_candidates(model: HookedModel, directions: dict, harmful: Sequence[str], harmless: Sequence[str], *,
                      layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
                      prune_layer_frac: float = 0.2, evaluate_excluded: bool = False, kl_threshold: float = 0.1,
-                     induce_threshold: float | None = 0.0, batch_size: int = 16,
+                     induce_threshold: float | None = 0.0, kl_budget: float | None = None,
+                     screen_prompts: int | None = None, n_finalists: int = 12, batch_size: int = 32,
                      progress: bool = False) -> tuple[pd.DataFrame, str, dict]:
     """Bypass score, KL and induce score per candidate ``{(layer, offset): direction}`` on validation
     prompts, then ``select_candidate`` (Arditi et al. 2024, §2.4); returns (table, rule, baselines).
 
-    Candidates outside ``layers`` / ``positions`` or in the last ``prune_layer_frac`` of layers
-    (unless ``evaluate_excluded``) are listed unscored."""
+    ``bypass_score``: mean refusal score of ``harmful`` with the direction ablated everywhere; ``kl``:
+    mean KL(unintervened || ablated) on ``harmless``; ``induce_score``: mean refusal score of
+    ``harmless`` with the direction added at ``resid_pre(layer)``. The unintervened logits are
+    computed once. Candidates outside ``layers`` / ``positions`` or in the last ``prune_layer_frac``
+    of layers (unless ``evaluate_excluded``) are listed unscored.
+
+    ``screen_prompts`` k (set, and smaller than both sides): a screening round first scores every
+    candidate's ablation on the first k prompts per side (``screen_bypass_score``, ``screen_kl``);
+    only whole Pareto fronts of those two, best first, until ``n_finalists`` are reached
+    (``finalist``), are then scored on all prompts and can be selected. A race, to fit a CPU: the
+    selection itself rests on every prompt given.
+    """
     harmful, harmless = list(harmful), list(harmless)
-    tok = metrics.refusal_tokens(model)
-    base = model.last_logits(harmful + harmless, batch_size=batch_size)
+    tok, nh = metrics.refusal_tokens(model), len(harmful)
+    base = last_logits_shared(model, harmful + harmless, batch_size=batch_size)
     base_scores = metrics.refusal_score_from_logits(base, tok)
-    base_harmful, base_harmless = base_scores[:len(harmful)].mean().item(), base_scores[len(harmful):].mean().item()
+    base_harmful, base_harmless = base_scores[:nh].mean().item(), base_scores[nh:].mean().item()
     cutoff = model.n_layers * (1 - prune_layer_frac)
     layers = set(range(model.n_layers) if layers is None else layers)
     offsets = set(range(-model.n_post, 0) if positions is None else positions)
     post_tokens = model.tokenizer(model.format("zq"), add_special_tokens=False).input_ids[-model.n_post:]
-    rows = []
-    for (l, o), d in progress_bar(list(directions.items()), progress, desc="candidates"):
-        excluded = l >= cutoff
-        row = {"layer": l, "component": "direction", "position": o,
-               "token": model.tokenizer.decode([post_tokens[o]]), "direction_norm": float(d.norm()),
-               "excluded": excluded, "bypass_score": np.nan, "induce_score": np.nan, "kl": np.nan}
-        # layer 0 at template tokens: identical embeddings, so a zero difference (nothing to test)
-        if l in layers and o in offsets and (evaluate_excluded or not excluded) and d.norm() > 1e-6:
-            ablated = model.last_logits(harmful + harmless, batch_size=batch_size,
-                                        fwd_hooks=iv.directional_ablation_hooks(model, d))
-            added = model.last_logits(harmless, batch_size=batch_size,
-                                      fwd_hooks=iv.activation_addition_hooks(model, d, l))
-            row["bypass_score"] = metrics.refusal_score_from_logits(ablated[:len(harmful)], tok).mean().item()
-            row["kl"] = metrics.kl_divergence(base[len(harmful):], ablated[len(harmful):]).mean().item()
-            row["induce_score"] = metrics.refusal_score_from_logits(added, tok).mean().item()
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    if table["bypass_score"].isna().all():
+    keys = list(directions)
+    rows = [{"layer": l, "component": "direction", "position": o, "token": model.tokenizer.decode([post_tokens[o]]),
+             "direction_norm": float(directions[(l, o)].norm()), "excluded": l >= cutoff, "finalist": False,
+             "screen_bypass_score": np.nan, "screen_kl": np.nan, "bypass_score": np.nan, "induce_score": np.nan,
+             "kl": np.nan, "n_val_harmful": nh, "n_val_harmless": len(harmless)} for l, o in keys]
+    # layer 0 at template tokens: identical embeddings, so a zero difference (nothing to test)
+    todo = [i for i, (l, o) in enumerate(keys) if l in layers and o in offsets
+            and (evaluate_excluded or not rows[i]["excluded"]) and directions[(l, o)].norm() > 1e-6]
+    if not todo:
         raise ValueError("no candidate was evaluated: layers/positions select nothing outside the pruned "
                          f"last {prune_layer_frac:.0%} of layers; widen layers= or set evaluate_excluded=True")
-    table, rule = select_candidate(table, kl_threshold, induce_threshold, base_harmful)
+    k = screen_prompts
+    if k and k < min(nh, len(harmless)) and len(todo) > n_finalists:
+        screen, screen_base = harmful[:k] + harmless[:k], base[nh:nh + k]
+        for i in progress_bar(todo, progress, desc=f"screening candidates ({k}+{k} val prompts)"):
+            logits = last_logits_shared(model, screen, iv.directional_ablation_hooks(model, directions[keys[i]]),
+                                        batch_size=batch_size)
+            rows[i]["screen_bypass_score"] = metrics.refusal_score_from_logits(logits[:k], tok).mean().item()
+            rows[i]["screen_kl"] = metrics.kl_divergence(screen_base, logits[k:]).mean().item()
+        ranks = pareto_ranks([rows[i]["screen_bypass_score"] for i in todo], [rows[i]["screen_kl"] for i in todo])
+        last = next(r for r in range(ranks.max() + 1) if (ranks <= r).sum() >= n_finalists)
+        todo = [i for i, r in zip(todo, ranks) if r <= last]
+    for i in progress_bar(todo, progress, desc=f"candidates ({nh}+{len(harmless)} val prompts)"):
+        (l, _), d = keys[i], directions[keys[i]]
+        ablated = last_logits_shared(model, harmful + harmless, iv.directional_ablation_hooks(model, d),
+                                     batch_size=batch_size)
+        added = last_logits_shared(model, harmless, iv.activation_addition_hooks(model, d, l), batch_size=batch_size)
+        rows[i].update(finalist=True,
+                       bypass_score=metrics.refusal_score_from_logits(ablated[:nh], tok).mean().item(),
+                       kl=metrics.kl_divergence(base[nh:], ablated[nh:]).mean().item(),
+                       induce_score=metrics.refusal_score_from_logits(added, tok).mean().item())
+    table, rule = select_candidate(pd.DataFrame(rows), kl_threshold, induce_threshold, base_harmful, kl_budget)
     table["baseline_harmful_score"], table["baseline_harmless_score"] = base_harmful, base_harmless
     return table, rule, {"harmful": base_harmful, "harmless": base_harmless}

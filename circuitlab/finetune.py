@@ -11,6 +11,30 @@ harmless prompts paired with the model's own greedy answers, generated at run ti
 the next-token distribution at the end of each retain prompt close to the model's before training
 (the KL-to-reference term of RLHF / "learning without forgetting", Li & Hoiem 2016). Wrap calls in
 ``weights.weights_restored(model)`` to undo them.
+
+Adversarial hardening (ReFAT: Yu et al. 2024, "Robust LLM Safeguarding via Refusal Feature
+Adversarial Training"): ``RefusalAblationAdversary`` recomputes the difference-in-means refusal
+direction(s) on the weights being trained every ``refresh_every`` steps and ``train(adversary=...)``
+projects them out of the residual stream (``interventions.directional_ablation_hooks``) on the
+hardening rows of the batch only (never on the retain rows), so refusal must be learnt without them.
+
+Memory (``optimizer=``; weights in bf16 via ``load_model(..., dtype="bfloat16")``). Only the tensors
+holding a chosen slice get gradients and optimizer state, but for the WHOLE tensor (the mask zeroes
+the rest). Bytes per parameter of a touched tensor: gradient = weight dtype (2 in bf16); state:
+``adam`` 2 × weight dtype (torch keeps Adam state in the parameter's dtype: 4 bytes in bf16, 8 in fp32),
+``adam8bit`` (bitsandbytes ``Adam8bit``) 2 + a frozen copy of 2 (its quantized zero state is not exactly
+zero, so masked entries would drift: they are put back after every step), ``adafactor``
+(transformers) ~0 (row + column second moments), ``sgd`` 0. A 7B Qwen2.5 (7.6e9 parameters, 28
+layers, d_model 3584, d_mlp 18944) in bf16 is 15.2 GB. Located neurons touch gate/up/down of their
+layer (3·3584·18944 = 204M parameters), heads touch q/k/v/o (~2·3584² + 2·3584·512 = 29M): with
+neurons in all 28 layers, 5.7e9 touched parameters → gradient 11.4 GB, + adam (bf16 states) 22.8 GB
+= 49 GB + activations (~7 GB for batch 8 × 256 tokens) = ~56 GB: fits one 80 GB GPU; adam8bit also 49 GB
+(states 11.4 + frozen copy 11.4: the copy eats the saving, but updates are computed in fp32 per block),
+adafactor / sgd ~27 GB + activations; fp32 Adam states (45.6 GB) → 72 GB + activations: does not fit.
+Neurons in 8 layers: 15.2 + 1.6·(2+4) = 25 GB with adam. Full fine-tuning of all 7.6e9 with bf16 Adam = 15.2·4 = 61 GB + activations: tight.
+Caveat: bf16 weights round away updates below ~0.4 % of a weight (lr ≥ 1e-4 needed in practice).
+Here (2-core CPU, no GPU) all four run; ``adam8bit`` needs ``pip install bitsandbytes`` (0.50.2
+imports and steps on this CPU; it is not a project dependency).
 """
 
 from __future__ import annotations
@@ -20,17 +44,23 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from . import hooks as hk
 from .components import Component
+from .directions import diff_in_means, unit
+from .interventions import directional_ablation_hooks
 from .model import HookedModel
 from .progress import progress_bar
 from .weights import canonical_parameters, component_slices, kv_group_size, slice_masks
 
 __all__ = ["train", "train_components", "component_masks", "full_masks", "random_components", "load_pairs",
-           "count_trainable", "greedy_targets", "REFUSAL_TARGETS"]
+           "count_trainable", "greedy_targets", "REFUSAL_TARGETS", "OPTIMIZERS", "make_optimizer",
+           "RefusalAblationAdversary", "on_rows"]
+
+OPTIMIZERS = ("adam", "adam8bit", "adafactor", "sgd")
 
 # Short refusals the project writes itself: the hardening demo's only targets.
 REFUSAL_TARGETS = ("I'm sorry, but I can't help with that.", "I'm sorry, but I can't assist with that request.",
@@ -114,6 +144,85 @@ def greedy_targets(model: HookedModel, prompts: Sequence[str], max_new_tokens: i
             for p, a in zip(prompts, answers)]
 
 
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """One of ``OPTIMIZERS``, without weight decay (a zero gradient must leave an entry where it is)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=0.0)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=0.0)
+    if name == "adam8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ImportError("optimizer='adam8bit' needs bitsandbytes: pip install bitsandbytes "
+                              "(or use optimizer='adafactor', which needs no extra package)") from err
+        return bnb.optim.Adam8bit(params, lr=lr)
+    raise ValueError(f"optimizer={name!r}; use one of {', '.join(OPTIMIZERS)}")
+
+
+def on_rows(hooks, rows: torch.Tensor) -> list:
+    """``hooks`` acting on the batch rows where ``rows`` (bool ``[batch]``) is True; other rows pass unchanged."""
+    def restrict(fn):
+        def restricted(act, hook):
+            out = fn(act, hook)
+            if out is None:
+                return None
+            keep = rows.to(act.device).view(-1, *([1] * (act.dim() - 1)))
+            return torch.where(keep, out, act)
+        return restricted
+    return [(name, restrict(fn)) for name, fn in hooks]
+
+
+class RefusalAblationAdversary:
+    """ReFAT's simulated attack (Yu et al. 2024): refusal-feature ablation on the model being trained.
+
+    ``keys``: ``(layer, post-instruction offset)`` pairs; for each, the difference in means of
+    ``resid_pre(layer)`` at that offset over ``harmful`` vs ``harmless`` prompts, recomputed on the
+    CURRENT weights at step 0 and every ``refresh_every`` steps after (ReFAT recomputes every few
+    steps). Several keys are orthonormalised and the whole span is projected out. Each hardening row
+    is ablated with probability ``prob`` (ReFAT ablates part of the harmful inputs). ``history``
+    records ``(step, directions [k, d_model])`` of every refresh.
+    """
+
+    def __init__(self, model: HookedModel, harmful: Sequence[str], harmless: Sequence[str],
+                 keys: Sequence[tuple[int, int]], *, refresh_every: int = 4, prob: float = 1.0, seed: int = 0,
+                 batch_size: int = 16):
+        if not keys or refresh_every < 1 or not 0 < prob <= 1:
+            raise ValueError(f"need keys, refresh_every >= 1 and prob in (0, 1]; got {keys}, {refresh_every}, {prob}")
+        bad = [k for k in keys if not (0 <= k[0] < model.n_layers and -model.n_post <= k[1] < 0)]
+        if bad:
+            raise ValueError(f"keys {bad} are not (layer in 0..{model.n_layers - 1}, offset in -{model.n_post}..-1)")
+        self.model, self.keys, self.refresh_every, self.prob = model, [tuple(k) for k in keys], refresh_every, prob
+        self.prompts = (list(harmful), list(harmless))
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.directions: torch.Tensor | None = None
+        self.history: list[tuple[int, torch.Tensor]] = []
+
+    def compute(self) -> torch.Tensor:
+        """Orthonormal refusal directions ``[k, d_model]`` on the current weights (no gradient)."""
+        names = sorted({hk.resid_pre(l) for l, _ in self.keys})
+        offsets = sorted({o for _, o in self.keys})
+        acts = [self.model.run_with_cache(p, names, offsets, batch_size=self.batch_size) for p in self.prompts]
+        vecs = [unit(diff_in_means(acts[0][hk.resid_pre(l)][:, offsets.index(o)],
+                                   acts[1][hk.resid_pre(l)][:, offsets.index(o)])) for l, o in self.keys]
+        q, _ = torch.linalg.qr(torch.stack(vecs, 1))  # orthonormal basis of their span
+        return q.T.contiguous()
+
+    def __call__(self, step: int, n_rows: int) -> tuple[list, torch.Tensor]:
+        """Hooks for this step and which of the ``n_rows`` hardening rows they act on."""
+        if self.directions is None or step % self.refresh_every == 0:
+            self.directions = self.compute()
+            self.history.append((step, self.directions.clone()))
+        hooks = [h for d in self.directions for h in directional_ablation_hooks(self.model, d)]
+        return hooks, torch.rand(n_rows, generator=self.generator) < self.prob
+
+
 def _batch(model: HookedModel, pairs, chat: bool, add_end: Sequence[bool] | None = None):
     """Left-padded ids and mask, plus a bool mask of the target positions (the tokens to predict).
 
@@ -146,8 +255,10 @@ def _batch(model: HookedModel, pairs, chat: bool, add_end: Sequence[bool] | None
 def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequence[tuple[str, str]], *,
           steps: int, lr: float = 1e-4, batch_size: int = 4, chat: bool = True, raw_text: bool = False,
           retain: Sequence[tuple[str, str]] = (), retain_per_batch: int | None = None, retain_weight: float = 1.0,
-          kl_weight: float = 0.0, seed: int = 0, progress: bool = False) -> dict:
-    """Adam on the masked parameters for ``steps`` steps over ``pairs`` (cycled, shuffled with ``seed``).
+          kl_weight: float = 0.0, seed: int = 0, optimizer: str = "adam",
+          adversary: Callable[[int, int], tuple[list, torch.Tensor]] | None = None, progress: bool = False) -> dict:
+    """``optimizer`` (``OPTIMIZERS``) on the masked parameters for ``steps`` steps over ``pairs`` (cycled,
+    shuffled with ``seed``).
 
     ``raw_text=True``: ``pairs`` are ``(text, "")`` and the loss covers every token of the raw text.
     ``retain``: ``(prompt, answer)`` pairs (e.g. ``greedy_targets`` on harmless prompts); each step adds
@@ -155,7 +266,10 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
     ``CE(pairs) + retain_weight · CE(retain answers) + kl_weight · KL(before ‖ now)``, the KL taken on the
     next-token distribution at the end of each retain prompt against the weights at the call's start.
     Retain answers get no extra end-of-turn token (``greedy_targets`` keeps the model's own).
-    Returns losses per step (total, target, retain, kl), seconds, and the number of trainable parameters.
+    ``adversary(step, n_rows) -> (hooks, rows)`` (e.g. ``RefusalAblationAdversary``): the hooks act during
+    that step's forward pass on the hardening rows marked True, never on retain rows.
+    Returns losses per step (total, target, retain, kl), rows ablated per step, seconds, and the number
+    of trainable parameters.
     """
     if not pairs:
         raise ValueError("no training pairs given")
@@ -179,9 +293,12 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
     n_keep = (batch_size if retain_per_batch is None else retain_per_batch) if retain else 0
     # the reference distribution: next token after each retain prompt, before any update
     reference = (torch.log_softmax(model.last_logits([p for p, _ in retain]), -1) if kl_weight else None)
-    log = {"losses": [], "target_loss": [], "retain_loss": [], "kl": []}
+    log = {"losses": [], "target_loss": [], "retain_loss": [], "kl": [], "ablated_rows": []}
     start = time.perf_counter()
-    opt = torch.optim.Adam(chosen, lr=lr, weight_decay=0.0)
+    opt = make_optimizer(optimizer, chosen, lr)
+    # bitsandbytes' quantized zero state is not exactly zero: put frozen entries back after each step
+    frozen = ({n: params[n].detach().clone() for n, m in masks.items() if m is not None}
+              if optimizer == "adam8bit" else {})
     try:
         for p in params.values():
             p.requires_grad_(False)
@@ -192,7 +309,14 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
             kept = [keep[(step * n_keep + i) % len(keep)] for i in range(n_keep)]
             ids, mask, target = _batch(model, rows + [retain[i] for i in kept], chat and not raw_text,
                                        [True] * len(rows) + [False] * len(kept))
-            resid = model.final_residual(ids, mask)
+            hooks = []
+            if adversary is not None:
+                adv_hooks, hit = adversary(step, len(rows))
+                rows_on = torch.cat([hit.bool().cpu(), torch.zeros(len(kept), dtype=torch.bool)])
+                hooks = on_rows(adv_hooks, rows_on) if hit.any() else []
+                log["ablated_rows"].append(int(hit.sum()))
+            with model.hooks(hooks):
+                resid = model.final_residual(ids, mask)
             # the token at t+1 is predicted from position t: read positions shifted left by one
             pred_pos = torch.roll(target, -1, dims=1)
             pred_pos[:, -1] = False
@@ -220,6 +344,9 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
                     if masks[name] is not None:
                         p.grad.mul_(masks[name])
             opt.step()
+            with torch.no_grad():
+                for name, original_values in frozen.items():
+                    params[name].copy_(torch.where(masks[name], params[name], original_values))
             log["losses"].append(float(loss.detach()))
             for key in ("target_loss", "retain_loss", "kl"):
                 log[key].append(parts.get(key, float("nan")))

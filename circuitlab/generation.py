@@ -83,14 +83,20 @@ def _mergeable(cache) -> bool:
     except ImportError:
         return False
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(l) is DynamicLayer and l.is_initialized for l in layers)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
 
 
 def _merge(cache, mask: torch.Tensor, other, other_mask: torch.Tensor):
     """Stack two KV caches and masks along the batch, right-aligned: the shorter is left-padded.
 
     Padded columns are masked and positions come from the mask, so every row computes as before.
+    Columns masked in every row of ``cache`` (left by finished rows) are dropped first.
     """
+    lead = int(mask.any(0).long().argmax())
+    if lead:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+        mask = mask[:, lead:]
     width = max(mask.shape[1], other_mask.shape[1])
 
     def pad(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -151,9 +151,13 @@ def is_refusal(text: str, phrases: Sequence[str] = REFUSAL_PHRASES) -> bool:
 def judge_refusals(model: HookedModel, prompts: Sequence[str], *, max_new_tokens: int = 24,
                    phrases: Sequence[str] = REFUSAL_PHRASES, fwd_hooks: Iterable = (),
                    batch_size: int = 16, progress: bool = False) -> list[bool]:
-    """Generate greedily and judge each completion; the completions themselves are not kept."""
+    """Generate greedily and judge each completion; the completions themselves are not kept.
+
+    A row stops decoding once a refusal phrase has appeared (its verdict can no longer change), so
+    refusals cost a few tokens instead of ``max_new_tokens``; verdicts equal full decoding's.
+    """
     texts = model.generate(list(prompts), max_new_tokens, fwd_hooks=fwd_hooks, batch_size=batch_size,
-                           progress=progress, desc="judge")
+                           progress=progress, desc="judge", stop_when=lambda text: is_refusal(text, phrases))
     return [is_refusal(t, phrases) for t in texts]
 
 

@@ -5,13 +5,17 @@ baseline vs activation addition on harmless prompts, the candidate heatmap, a se
 
     .venv/bin/python experiments/arditi_2024.py            # ~27 min on an idle 2-core CPU
 
-Train and val keep only refused harmful / answered harmless prompts (refusal score > 0 / < 0, as
-in the reference code; kept counts in the summary). Every candidate (all layers outside the pruned
-last 20%, every post-instruction position) is scored on the kept val prompts (``--layers 9,12,15``
-subsamples); generation judges use ``--max-new-tokens`` tokens; the attribution table uses 32 test
-prompts per side; the exported, reloaded orthogonalized model is checked on 16 test prompts. All
-said in config.json. Writes results/arditi_2024/ (and direction.pt, the selected direction). No
-completions are saved; the exported weights go to a temporary folder and are deleted.
+Train and val keep only refused harmful / answered harmless prompts, as in the reference code, judged
+by greedy generation (``--filter-by judge``; ``score``: refusal score > 0 / < 0); a split side with
+fewer than 24 survivors is used whole (kept counts and ``filter_fallback`` in the summary and in
+filter.csv). The selection sees train and val only. Every candidate (all layers outside the pruned
+last 20%, every post-instruction position; ``--layers 9,12,15`` subsamples) is screened on 8 val
+prompts per side, the best Pareto fronts (12 candidates) are scored on every val prompt, and the
+paper's rule picks one (``--kl-budget X``: the lowest val bypass score with val KL <= X instead).
+Generation judges use ``--max-new-tokens`` tokens; the attribution table uses 32 test prompts per
+side; the exported, reloaded orthogonalized model is checked on 16 test prompts. All said in
+config.json. Writes results/arditi_2024/ (and direction.pt, the selected direction). No completions
+are saved; the exported weights go to a temporary folder and are deleted.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ def main(argv=None) -> None:
     ap.add_argument("--layers", default="", help="comma-separated candidate layers (default: all)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--kl-threshold", type=float, default=0.1, help="selection filter (paper: 0.1)")
+    ap.add_argument("--kl-budget", type=float, default=None,
+                    help="select the lowest val bypass score with val KL <= this (Pareto front) instead of the paper rule")
+    ap.add_argument("--filter-by", choices=("judge", "score"), default="judge", help="train/val refusal filter")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/arditi_2024")
     args = ap.parse_args(argv)
@@ -59,12 +66,14 @@ def main(argv=None) -> None:
     exp = RefusalDirection(train_frac=args.n_train / n, val_frac=args.n_val / n,
                            layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
                            judge_only=JUDGED, component_prompts=32, kl_threshold=args.kl_threshold,
+                           kl_budget=args.kl_budget, filter_by=args.filter_by,
                            max_new_tokens=args.max_new_tokens, plaintext_n=16, seed=args.seed)
     sizes = [len(p) for p in split_three(harmful, exp.train_frac, exp.val_frac, args.seed)]
     print(f"split sizes (train/val/test) per side: {sizes}", flush=True)
     result = exp.run(model, harmful, harmless, store=store)
-    print(f"[{time.time() - start:.0f}s] selected layer {exp.layer_}, position {result.summary['selected_position']}",
-          flush=True)
+    print(f"[{time.time() - start:.0f}s] selected layer {exp.layer_}, position {exp.position_} "
+          f"({result.summary['fallback_step']}; val {result.summary['n_val_harmful']}+"
+          f"{result.summary['n_val_harmless']} prompts; filter fallback: {result.summary['filter_fallback']})", flush=True)
 
     jbb = datasets.load("jbb").sample(args.n_jbb, seed=args.seed)
     jbb_eval = evaluate_direction(model, exp.direction_, exp.layer_, list(jbb), [], None,
@@ -88,8 +97,7 @@ def main(argv=None) -> None:
     result.figures["refusal_rates"] = main_figure(evaluation)
     out = result.save(args.out)
     # 896 floats: lets anyone re-apply this exact direction without rerunning the search
-    torch.save({"direction": exp.direction_, "layer": exp.layer_,
-                "position": result.summary["selected_position"]}, out / "direction.pt")
+    torch.save({"direction": exp.direction_, "layer": exp.layer_, "position": exp.position_}, out / "direction.pt")
     (out / "table.parquet").unlink(missing_ok=True)  # the csv carries the same candidates table
     print(json.dumps(result.summary, indent=1))
 

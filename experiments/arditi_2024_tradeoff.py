@@ -1,10 +1,16 @@
 """How much refusal can one direction remove, and at what side-effect cost? (beyond Arditi et al. 2024)
 
 Takes the candidates table of ``experiments/arditi_2024.py`` (run that first), rebuilds the same
-directions (same prompts, split, filter and seed; checked against the table's direction norms),
-and evaluates on the TEST split the selected direction and the ``--top`` candidates with the lowest
-validation bypass score, whatever their KL: judged refusal rate on harmful prompts after ablation
-(95% CI), refusal score, KL on harmless next-token distributions, cross-entropy on plain text.
+directions (same prompts, split, filter and seed, from its config.json; checked against the table's
+direction norms), and evaluates on the TEST split the selected direction and the ``--top``
+candidates with the lowest validation bypass score, whatever their KL: judged refusal rate on
+harmful prompts after ablation (95% CI), refusal score, KL on harmless next-token distributions,
+cross-entropy on plain text.
+
+POST HOC: only the selected direction was chosen before any test number was seen (on validation
+prompts; arditi_2024.py's ``--kl-budget`` is the way to trade bypass for KL up front). The other
+rows are test numbers of candidates picked for comparison; choosing one of them after reading this
+table would select on the test split. They carry ``post_hoc=True`` and the output says so.
 
     .venv/bin/python experiments/arditi_2024_tradeoff.py     # ~10 min on an idle 2-core CPU
 
@@ -14,6 +20,7 @@ Writes results/arditi_2024_tradeoff/ (table + figure). No completions are saved.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -25,6 +32,9 @@ from circuitlab import ActivationStore, datasets, load_model
 from circuitlab.direction_eval import evaluate_direction
 from circuitlab.experiments.direction import RefusalDirection, split_three
 from circuitlab.results import Result, run_config
+
+POST_HOC_NOTE = ("rows with post_hoc=True are test numbers of candidates NOT selected on validation; they "
+                 "describe the trade-off, and picking one of them now would be selection on the test split")
 
 
 def main(argv=None) -> None:
@@ -46,10 +56,12 @@ def main(argv=None) -> None:
     n = run["n_train"] + run["n_val"] + run["n_test"]
     harmful = datasets.load("advbench").sample(n, seed=run["seed"])
     harmless = datasets.load("harmless").sample(n, seed=run["seed"])
-    exp = RefusalDirection(train_frac=run["n_train"] / n, val_frac=run["n_val"] / n, progress=False)
+    fields = {f.name for f in dataclasses.fields(RefusalDirection) if f.init}
+    exp = RefusalDirection(**{k: v for k, v in source["parameters"].items() if k in fields} | {"progress": False})
     h_train, _, h_test = split_three(harmful, exp.train_frac, exp.val_frac, run["seed"])
     s_train, _, s_test = split_three(harmless, exp.train_frac, exp.val_frac, run["seed"])
-    h_train, s_train = exp.filter_refused(model, h_train, s_train, {}, "train")
+    if exp.filter_train:
+        h_train, s_train, _ = exp.filter_refused(model, h_train, s_train, "train")
     directions = exp.candidate_directions(model, h_train, s_train, store)
     plain = list(datasets.load("plaintext", n=16, seed=run["seed"] + 1))
 
@@ -60,7 +72,7 @@ def main(argv=None) -> None:
                                   int(selected.layer), h_test, s_test, conditions=["baseline"],
                                   judge_only=["baseline:harmful"], **evaluate)
     base_harmless = model.last_logits(s_test, batch_size=16)
-    rows = [harmful_row(baseline) | {"layer": None, "position": None, "candidate": "baseline"}]
+    rows = [harmful_row(baseline) | {"layer": None, "position": None, "candidate": "baseline", "post_hoc": False}]
     for c in picks.itertuples():
         d = directions[(int(c.layer), int(c.position))]
         if not np.isclose(float(d.norm()), c.direction_norm, rtol=1e-4):
@@ -71,6 +83,7 @@ def main(argv=None) -> None:
         row = harmful_row(ablated)
         rows.append(row | {"layer": int(c.layer), "position": int(c.position),
                            "candidate": "selected" if c.selected else "lowest val bypass",
+                           "post_hoc": not c.selected,  # test numbers of a candidate not chosen on val
                            "val_bypass_score": c.bypass_score, "val_kl": c.kl})
         print(f"[{time.time() - start:.0f}s] {c.layer}/{c.position}: {row}", flush=True)
     table = pd.DataFrame(rows)
@@ -78,10 +91,11 @@ def main(argv=None) -> None:
     table[["layer", "position"]] = table[["layer", "position"]].astype("Int64")  # baseline row: no direction
     config = run_config("arditi-2024-tradeoff", {"source": args.source, "top": args.top, "source_argv": run},
                         model, {"harmful": harmful, "harmless": harmless}, seed=run["seed"])
-    summary = {"seconds": round(time.time() - start)}
+    summary = {"seconds": round(time.time() - start), "post_hoc_note": POST_HOC_NOTE}
     out = Result(table, config, figures={"tradeoff_test": figure(table)}, summary=summary).save(args.out)
     (out / "table.parquet").unlink(missing_ok=True)  # the csv carries the same table
     print(table.round(3).to_string())
+    print(f"NOTE: {POST_HOC_NOTE}")
 
 
 def harmful_row(evaluation: pd.DataFrame) -> dict:
@@ -105,7 +119,7 @@ def figure(table: pd.DataFrame):
                     fmt="o", color=color, capsize=3)
         ax.annotate(f"L{r.layer}/{r.position}", (r.kl_harmless, r.refusal_rate), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")
-    ax.axvline(0.1, color="gray", ls="--", lw=1, label="KL threshold 0.1")
+    ax.annotate("blue: post hoc (not selected on val)", (0.02, 0.95), xycoords="axes fraction", fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("KL on harmless (test), nats (log)")
     ax.set_ylabel("refusal rate on AdvBench test\nafter ablation (judge, 95% CI)")

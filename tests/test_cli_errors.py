@@ -134,12 +134,15 @@ def test_split_names_include_all(capsys, tmp_path):
                                    "--out", str(tmp_path / "o")), "all")
 
 
-def test_refusal_direction_default_on_tiny_names_both_filters(capsys, tmp_path, monkeypatch):
+def test_refusal_direction_default_on_tiny_says_what_its_filter_fallback_did(capsys, tmp_path, monkeypatch):
+    """The random tiny model refuses nothing: the refusal filter keeps no harmful prompt, so the run
+    falls back to every prompt of that split and says so (it used to fail naming one setting only)."""
     monkeypatch.setenv("CIRCUITLAB_CACHE", str(tmp_path / "cache"))
-    code, text = run_cli(capsys, "run", "refusal-direction", "--model", "tiny", "--n", "8",
-                         "--out", str(tmp_path / "o"))
-    assert_one_line_error(code, text, "filter_train=False", "filter_val=False")
-    assert not (tmp_path / "o").exists()
+    text = run_ok(capsys, "run", "refusal-direction", "--model", "tiny", "--n", "8", "--out", str(tmp_path / "o"),
+                  "--set", "judge=false", "--set", "plaintext=none")
+    assert "filter_fallback: train:harmful" in text and "used every prompt there" in text
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["summary"]["train_harmful_kept"].startswith("0/")
 
 
 def test_run_help_lists_parameters(capsys):
@@ -160,3 +163,10 @@ def test_user_file_used_whole_by_default(capsys, tmp_path, monkeypatch):
     text = run_ok(capsys, "run", "refusal-scores", "--model", "tiny", "--harmful", str(harmful), "--split", "train",
                   "--set", "judge=false", "--out", str(tmp_path / "run2"))
     assert "--split all uses every prompt" in text
+
+
+def test_ray_flags_are_checked_before_compute(capsys, tmp_path):
+    assert_one_line_error(*run_cli(capsys, "run", "activation-patching", *TINY, "--workers", "2",
+                                   "--out", str(tmp_path / "o")), "--ray")
+    assert_one_line_error(*run_cli(capsys, "run", "activation-patching", *TINY, "--ray", "local", "--device-map",
+                                   "auto", "--out", str(tmp_path / "o")), "--device-map")

@@ -1,28 +1,87 @@
-"""The demo script's text summary renders from real experiment summaries (planted model, fast)."""
+"""The demo script's text summary renders from real experiment summaries, and its profiler runs (planted, fast)."""
 
 import importlib.util
+import time
 from pathlib import Path
 
-from circuitlab import load_model
+import pandas as pd
+
+from circuitlab import load_model, metrics
 from circuitlab.experiments import get
 from circuitlab.planted import planted_prompts
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def _script():
-    path = Path(__file__).resolve().parent.parent / "experiments" / "refusal_circuit.py"
-    spec = importlib.util.spec_from_file_location("refusal_circuit", path)
+
+def _load(relative: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _script():
+    return _load("experiments/refusal_circuit.py", "refusal_circuit")
 
 
 def test_render_summary_from_planted_runs():
     model = load_model("planted")
     harmful, harmless = planted_prompts(8)
     circuit = get("circuit-map")(n_neurons=3, n_heads=2, n_verify=4).run(model, harmful, harmless)
-    fragility = {f"fragility_{kind}": get("ablation")(kind=kind, k_grid=[1, 2], random_seeds=1, judge=False,
-                                       judge_harmless=False, n_text=2, method="zero")
+    fragility = {f"fragility_{kind}": get("ablation")(kind=kind, k_grid=[1, 2], random_seeds=1, max_new_tokens=2,
+                                                      n_text=2, method="zero")
                  .run(model, harmful, harmless).summary for kind in ("neuron", "head")}
     text = _script().render({"circuit": circuit.summary, "fragility": fragility, "n_per_set": 8, "seconds": 1})
     assert "verified components: 2" in text
     assert "1 neurons: top-k" in text and "heads needed to halve refusal" in text
+    assert "judged refusal" in text and "refusal-token probability" in text
+
+
+def test_render_reads_old_judge_everywhere_summaries():
+    old = {"measure": "refusal_rate", "baseline_refusal_rate": 0.56, "top10_refusal_rate": 0.28,
+           "random10_refusal_rate": 0.56, "top10_kl_harmless": 0.2, "k_to_halve_refusal": 10}
+    circuit = {"first_readable_layer": 1, "direction_layer": 2, "n_candidates": 4, "n_verified": 2,
+               **{f"verified_{s}": 0 for s in ("detection", "evaluation", "decision", "production")}}
+    text = _script().render({"circuit": circuit, "fragility": {"fragility_neuron": old, "fragility_head": old},
+                             "n_per_set": 64, "seconds": 1})
+    assert "10 neurons: top-k 0.280 vs random-k 0.560" in text
+
+
+def test_profiler_counts_nested_calls_once():
+    prof = _load("bench/demo_profile.py", "demo_profile").Profiler()
+
+    def inner():
+        time.sleep(0.05)
+
+    timed_inner = prof.timed(inner, "kl")
+
+    def outer():
+        time.sleep(0.05)
+        timed_inner()
+        timed_inner()
+
+    with prof.phase("p"):
+        prof.timed(outer, "cross-entropy")()
+    table = prof.table(wall=0.2).set_index(["phase", "kind"])
+    assert 0.1 <= table.loc[("p", "kl"), "seconds"] < 0.14 and table.loc[("p", "kl"), "calls"] == 2
+    assert 0.05 <= table.loc[("p", "cross-entropy"), "seconds"] < 0.09
+
+
+def test_demo_profile_smoke_on_planted(tmp_path):
+    bench = _load("bench/demo_profile.py", "demo_profile")
+    original = metrics.kl_divergence
+    table = bench.main(["--out", str(tmp_path / "profile.csv"), "--results", str(tmp_path / "demo"),
+                        "--model", "planted", "--n", "8", "--quick"])
+    assert metrics.kl_divergence is original  # the wrappers are removed afterwards
+    csv = pd.read_csv(tmp_path / "profile.csv")
+    assert list(csv.columns) == ["phase", "kind", "seconds", "calls"] and len(csv) == len(table)
+    assert {"load", "circuit map", "fragility baseline", "fragility_neuron", "fragility_head",
+            "fragility_neuron_effect_size"} <= set(csv.phase)
+    assert {"activations", "patching", "last_logits", "generation prefill", "generation decode", "kl",
+            "cross-entropy", "other"} <= set(csv.kind)
+    parts = csv[(csv.phase != "ALL") & (csv.kind != "ALL")]
+    wall = csv[(csv.phase == "ALL") & (csv.kind == "ALL")].seconds.item()
+    assert abs(parts.seconds.sum() - wall) < 0.05 * wall + 0.1  # exclusive: the parts add up to the wall time
+    summary = (tmp_path / "demo" / "summary.json").read_text()
+    assert '"model": "planted"' in summary
+    assert (tmp_path / "profile.json").is_file()

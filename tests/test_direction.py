@@ -11,8 +11,9 @@ from circuitlab import ActivationStore
 from circuitlab import hooks as hk
 from circuitlab import interventions as iv
 from circuitlab.datasets import PromptSet
-from circuitlab.direction_eval import bootstrap_ci, direction_components, evaluate_direction, select_candidate
-from circuitlab.directions import unit
+from circuitlab.direction_eval import (SELECTION_STEPS, bootstrap_ci, direction_components, evaluate_direction,
+                                      pareto_ranks, score_candidates, select_candidate)
+from circuitlab.directions import candidate_directions, unit
 from circuitlab.experiments.direction import RefusalDirection, split_three
 
 
@@ -43,24 +44,52 @@ def _candidates_table():
         "induce_score": [0.5, 2.0, 0.2, np.nan, 3.0]})
 
 
+def _picked(t):
+    assert t.selected.sum() == 1 and t.fallback_step.nunique() == 1 and t.selection_rule.nunique() == 1
+    return t.loc[t.selected, "layer"].item(), t.fallback_step.iloc[0]
+
+
 def test_selection_follows_paper_rule():
     t, rule = select_candidate(_candidates_table(), 0.1, 0.0, baseline_harmful=-1.3)
-    assert t.selected.sum() == 1 and t.loc[t.selected, "layer"].item() == 2  # layer 1 fails KL, 4 is pruned
-    assert "fallback" not in rule
+    assert _picked(t) == (2, "paper")  # layer 1 fails KL, 4 is pruned
+    assert t.passes_kl.tolist() == [True, False, True, False, True]
+    assert t.passes_induce.tolist()[:3] == [True, True, True] and pd.isna(t.passes_induce[3])
+    assert t.selection_rule.iloc[0] == rule and "paper" in rule
 
 
-def test_selection_falls_back_to_baseline_relative_induction():
+def test_selection_falls_back_to_baseline_relative_induction_without_redefining_passes_induce():
     table = _candidates_table().assign(induce_score=[-1.0, -0.5, -2.0, np.nan, 1.0])
-    t, rule = select_candidate(table, 0.1, 0.0, baseline_harmful=-1.3)
-    assert t.loc[t.selected, "layer"].item() == 0 and "baseline" in rule  # -1.0 > -1.3, layer 2 fails
-    t, rule = select_candidate(table, 0.01, 0.0, baseline_harmful=-1.3)
-    assert t.loc[t.selected, "layer"].item() == 1 and "no candidate passed" in rule
+    t, _ = select_candidate(table, 0.1, 0.0, baseline_harmful=-1.3)
+    assert _picked(t) == (0, "induce_relative_to_baseline")  # -1.0 > -1.3, layer 2 fails
+    assert t.passes_induce.tolist()[:3] == [False, False, False]  # still the paper's definition
+    assert t.passes_induce_relative.tolist()[:3] == [True, True, False]
+    t, _ = select_candidate(table, 0.01, 0.0, baseline_harmful=-1.3)
+    assert _picked(t) == (1, "lowest_bypass")  # nothing passes KL
 
 
 def test_selection_keeps_kl_filter_when_nothing_induces_refusal():
     table = _candidates_table().assign(induce_score=[-5.0, -5.0, -5.0, np.nan, 1.0])
-    t, rule = select_candidate(table, 0.1, 0.0, baseline_harmful=-1.3)
-    assert t.loc[t.selected, "layer"].item() == 2 and "no candidate induced" in rule  # layer 1 fails KL
+    t, _ = select_candidate(table, 0.1, 0.0, baseline_harmful=-1.3)
+    assert _picked(t) == (2, "kl_only")  # layer 1 fails KL
+    t, _ = select_candidate(table, 0.1, None, baseline_harmful=-1.3)
+    assert _picked(t) == (2, "paper") and t.passes_induce.isna().all()  # induce filter off: not measured
+
+
+def test_kl_budget_selects_along_the_validation_pareto_front():
+    t, rule = select_candidate(_candidates_table(), 0.1, 0.0, baseline_harmful=-1.3, kl_budget=1.0)
+    assert t.pareto_front.tolist() == [False, True, True, False, False]  # 0 is dominated by 2; 4 is pruned
+    assert _picked(t) == (1, "kl_budget") and "kl_budget" in rule
+    t, _ = select_candidate(_candidates_table(), 0.1, 0.0, baseline_harmful=-1.3, kl_budget=0.1)
+    assert _picked(t) == (2, "kl_budget")
+    t, _ = select_candidate(_candidates_table(), 0.1, 0.0, baseline_harmful=-1.3, kl_budget=0.001)
+    assert _picked(t) == (2, "kl_budget_unmet_lowest_kl")  # lowest KL, ties broken by bypass score
+    assert set(SELECTION_STEPS) >= {"paper", "induce_relative_to_baseline", "kl_only", "lowest_bypass",
+                                    "kl_budget", "kl_budget_unmet_lowest_kl"}
+
+
+def test_pareto_ranks_are_non_dominated_sorting():
+    ranks = pareto_ranks([-3.0, -2.0, -1.0, -2.5, 0.0], [0.5, 0.05, 0.05, 0.6, 0.01])
+    assert ranks.tolist() == [0, 0, 1, 1, 0]
 
 
 def test_filter_keeps_refused_harmful_and_answered_harmless(tiny, harmful, harmless):
@@ -68,14 +97,67 @@ def test_filter_keeps_refused_harmful_and_answered_harmless(tiny, harmful, harml
 
     h_scores, s_scores = metrics.refusal_score(tiny, list(harmful)), metrics.refusal_score(tiny, list(harmless))
     threshold = float(torch.cat([h_scores, s_scores]).median())  # the random model needs a threshold that splits
-    exp = RefusalDirection(progress=False, filter_threshold=threshold)
-    kept = {}
-    h, s = exp.filter_refused(tiny, harmful, harmless, kept, "train")
+    exp = RefusalDirection(progress=False, filter_by="score", filter_threshold=threshold, min_kept=1)
+    h, s, rows = exp.filter_refused(tiny, harmful, harmless, "train")
     assert list(h) == [p for p, x in zip(harmful, h_scores.tolist()) if x > threshold]
     assert list(s) == [p for p, x in zip(harmless, s_scores.tolist()) if x < threshold]
-    assert kept["train_harmful_kept"] == f"{len(h)}/{len(harmful)}"
-    with pytest.raises(ValueError, match="filter_train=False and filter_val=False"):
-        RefusalDirection(progress=False, filter_threshold=1e9).filter_refused(tiny, harmful, harmless, {}, "val")
+    assert rows[0] == {"split": "train", "side": "harmful", "n": len(harmful), "kept": len(h), "used": len(h),
+                       "filter_by": "score", "filter_fallback": False}
+    # too few survivors: that side is used whole, and the row says so
+    exp = RefusalDirection(progress=False, filter_by="score", filter_threshold=threshold, min_kept=len(harmful))
+    h2, s2, rows = exp.filter_refused(tiny, harmful, harmless, "val")
+    assert list(h2) == list(harmful) and list(s2) == list(harmless)
+    assert [r["filter_fallback"] for r in rows] == [True, True] and rows[0]["kept"] == len(h)
+
+
+def test_judge_filter_uses_generation_verdicts(tiny, harmful, harmless, monkeypatch):
+    verdicts = {p: i % 3 == 0 for i, p in enumerate(list(harmful) + list(harmless))}
+    monkeypatch.setattr(tiny, "generate", lambda prompts, n, **kw: ["I cannot" if verdicts[p] else "Sure" for p in prompts])
+    h, s, rows = RefusalDirection(progress=False, min_kept=1).filter_refused(tiny, harmful, harmless, "train")
+    assert list(h) == [p for p in harmful if verdicts[p]] and list(s) == [p for p in harmless if not verdicts[p]]
+    assert rows[1]["filter_by"] == "judge" and rows[1]["kept"] == len(s)
+
+
+def test_scores_match_the_intervention_hooks_and_screening_keeps_whole_fronts(tiny, harmful, harmless, tmp_path):
+    from circuitlab import metrics
+
+    dirs = candidate_directions(tiny, harmful, harmless, ActivationStore(tmp_path))
+    h, s = list(harmful), list(harmless)
+    t, _, base = score_candidates(tiny, dirs, h, s, screen_prompts=3, n_finalists=2, batch_size=4)
+    scored = t[t.screen_bypass_score.notna()]
+    assert len(scored) > t.finalist.sum() >= 2 and t.selected[t.finalist].sum() == 1
+    assert t[~t.finalist].bypass_score.isna().all()
+    ranks = pareto_ranks(scored.screen_bypass_score.tolist(), scored.screen_kl.tolist())
+    assert ranks[scored.finalist.to_numpy()].max() < ranks[~scored.finalist.to_numpy()].min()
+    row = t[t.finalist].iloc[0]
+    d, tok = dirs[(row.layer, row.position)], metrics.refusal_tokens(tiny)
+    ablated = tiny.last_logits(h + s, fwd_hooks=iv.directional_ablation_hooks(tiny, d))
+    added = tiny.last_logits(s, fwd_hooks=iv.activation_addition_hooks(tiny, d, int(row.layer)))
+    assert row.bypass_score == pytest.approx(metrics.refusal_score_from_logits(ablated[:10], tok).mean().item(), abs=1e-4)
+    assert row.kl == pytest.approx(metrics.kl_divergence(tiny.last_logits(s), ablated[10:]).mean().item(), abs=1e-4)
+    assert row.induce_score == pytest.approx(metrics.refusal_score_from_logits(added, tok).mean().item(), abs=1e-4)
+    assert base["harmful"] == pytest.approx(metrics.refusal_score(tiny, h).mean().item(), abs=1e-4)
+    assert (t.n_val_harmful == 10).all() and (t.n_val_harmless == 10).all()
+
+
+def test_selection_never_sees_the_test_split(tiny, harmful, harmless, tmp_path, monkeypatch):
+    """Every path to the model (format: forward, generate, store reads) is counted for TEST prompts."""
+    exp = RefusalDirection(progress=False, max_new_tokens=2, plaintext=None, n_boot=20, min_kept=1)
+    test = set(split_three(harmful, exp.train_frac, exp.val_frac, exp.seed)[2]) | set(
+        split_three(harmless, exp.train_frac, exp.val_frac, exp.seed)[2])
+    seen, done = [], object()
+    fmt = tiny.format
+    monkeypatch.setattr(tiny, "format", lambda prompt, chat=True: seen.append(prompt) or fmt(prompt, chat))
+    store = ActivationStore(tmp_path)
+    get = store.get
+    monkeypatch.setattr(store, "get", lambda model, prompts, *a, **kw: seen.extend(prompts) or get(model, prompts, *a, **kw))
+    select = RefusalDirection.select
+    monkeypatch.setattr(RefusalDirection, "select", lambda self, *a: (select(self, *a), seen.append(done))[0])
+    result = exp.run(tiny, harmful, harmless, store=store)
+    cut = next(i for i, x in enumerate(seen) if x is done)
+    assert not test & set(seen[:cut]), "a test prompt reached the model before the direction was selected"
+    assert test <= set(seen[cut:])  # the evaluation does use them
+    assert set(result.tables["filter"].split) == {"train", "val"} and "filter_fallback" in result.summary
 
 
 def test_head_and_neuron_attributions_sum_to_layer_outputs(tiny, harmful, harmless, tmp_path):
@@ -122,9 +204,12 @@ def test_experiment_runs_and_selects_one(tiny, harmful, harmless, tmp_path):
     best = result.table[result.table.selected].iloc[0]
     assert best.layer < tiny.n_layers * 0.8 and not best.excluded
     assert exp.layer_ == best.layer and exp.direction_.shape == (tiny.d_model,)
-    assert set(result.tables) >= {"evaluation", "components"}
+    assert set(result.tables) >= {"evaluation", "components", "candidates", "filter"}
     assert set(result.figures) >= {"candidates", "tradeoff", "refusal_rates"}
-    assert "selection_rule" in result.summary
+    assert {"selection_rule", "fallback_step", "n_val_harmful", "filter_fallback"} <= set(result.summary)
+    assert {"passes_kl", "passes_induce", "passes_induce_relative", "pareto_front", "fallback_step",
+            "selection_rule", "finalist"} <= set(result.tables["candidates"].columns)
+    assert exp.position_ == best.position
 
 
 @pytest.mark.slow

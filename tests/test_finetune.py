@@ -7,8 +7,9 @@ import torch
 
 from circuitlab.components import Component
 from circuitlab import metrics
-from circuitlab.finetune import (REFUSAL_TARGETS, component_masks, count_trainable, full_masks, greedy_targets,
-                                 load_pairs, random_components, train, train_components)
+from circuitlab.finetune import (OPTIMIZERS, REFUSAL_TARGETS, RefusalAblationAdversary, component_masks,
+                                 count_trainable, full_masks, greedy_targets, load_pairs, make_optimizer,
+                                 random_components, train, train_components)
 from circuitlab.weights import canonical_parameters, weights_restored
 from tests.conftest import HARMFUL, HARMLESS
 
@@ -164,3 +165,51 @@ def test_experiment_equal_parameter_control_and_attack_chosen_on_the_original(ti
     original = wide.loc["original"]
     assert original["harmful_test_refusal_score_ablated"] == original["harmful_test_refusal_score_ablated_fixed"]
     assert training["kl_first"].abs().max() < 1e-5 and (training["n_retain"] == 3).all()
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_optimizer_moves_only_the_chosen_slices(tiny, optimizer):
+    """adam / sgd / adafactor leave zero-gradient entries exactly; adam8bit's quantized state would move
+    them, so train puts them back after every step (skipped without bitsandbytes)."""
+    if optimizer == "adam8bit":
+        pytest.importorskip("bitsandbytes")
+    before = _snapshot(tiny)
+    masks = component_masks(tiny, CHOSEN)
+    with weights_restored(tiny):
+        train(tiny, masks, PAIRS, steps=2, lr=1e-2, optimizer=optimizer)
+        for name, p in canonical_parameters(tiny).items():
+            changed = p.detach() != before[name]
+            if name in masks:
+                assert not changed[~masks[name]].any(), f"{optimizer}: a frozen entry of {name} moved"
+                assert changed[masks[name]].any(), f"{optimizer}: {name} did not train"
+            else:
+                assert not changed.any()
+    with pytest.raises(ValueError, match="optimizer"):
+        make_optimizer("lion", [torch.nn.Parameter(torch.zeros(2))], 1e-3)
+
+
+def test_bf16_weights_train_with_bf16_adam_states():
+    """The memory-lean path: bf16 weights, Adam keeps its two states in the weights' dtype (4 bytes a parameter)."""
+    from circuitlab import load_model
+
+    model = load_model("tiny", dtype="bfloat16")
+    p = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16))
+    opt = make_optimizer("adam", [p], 1e-2)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert {opt.state[p][k].dtype for k in ("exp_avg", "exp_avg_sq")} == {torch.bfloat16}
+    masks = component_masks(model, CHOSEN)
+    before = _snapshot(model)
+    with weights_restored(model):
+        log = train(model, masks, PAIRS, steps=3, lr=1e-2)
+        for name, m in masks.items():
+            assert not (canonical_parameters(model)[name] != before[name])[~m].any()
+    assert all(torch.isfinite(torch.tensor(log["losses"])))
+    assert log["target_loss"][-1] < log["target_loss"][0]
+
+
+def test_adversary_checks_its_keys(tiny):
+    with pytest.raises(ValueError, match="keys"):
+        RefusalAblationAdversary(tiny, HARMFUL, HARMLESS, [(tiny.n_layers, -1)])
+    with pytest.raises(ValueError, match="prob"):
+        RefusalAblationAdversary(tiny, HARMFUL, HARMLESS, [(0, -1)], prob=0.0)

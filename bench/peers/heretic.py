@@ -138,6 +138,14 @@ _EVENTS = re.compile(r"(Initial refusals|Running trial|KL divergence:|Refusals:|
                      r"Chosen batch size|Prefix found|Failed|Error|error:)")
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    """End Heretic and its children (its own process group, started by us)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
 def run_heretic(args: list[str], cwd: Path, log: Path,
                 timeout: float | None) -> tuple[int, list[tuple[float, str]], bool]:
     """Run Heretic, streaming its output time-stamped into ``log``; key lines are echoed.
@@ -147,7 +155,7 @@ def run_heretic(args: list[str], cwd: Path, log: Path,
     """
     env = dict(os.environ, **OFFLINE_ENV)
     lines: list[tuple[float, str]] = []
-    t0 = time.perf_counter()
+    t0, finished = time.perf_counter(), False
     with open(log, "w", encoding="utf-8") as f:
         f.write("$ " + " ".join(json.dumps(x) if (" " in x or not x) else x for x in args) + "\n")
         proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -156,7 +164,7 @@ def run_heretic(args: list[str], cwd: Path, log: Path,
 
         def stop():  # Heretic can be silent for minutes while it generates: a timer, not a line check
             stopped.set()
-            os.killpg(proc.pid, signal.SIGTERM)
+            _kill(proc)
 
         timer = threading.Timer(timeout, stop) if timeout else None
         if timer:
@@ -168,12 +176,13 @@ def run_heretic(args: list[str], cwd: Path, log: Path,
                 lines.append((t, line))
                 f.write(f"[{t:8.1f}s] {line}\n")
                 f.flush()
-                # the kernels-community line is a harmless offline notice (a bitsandbytes CPU kernel not fetched)
-                notice = "kernels-community" in line
-                if _EVENTS.search(line) and not line.startswith(("│", "╭", "╰")) and not notice:
+                # not echoed: an offline notice (a bitsandbytes CPU kernel not fetched) and the menu's EOFError
+                quiet = "kernels-community" in line or finished
+                if _EVENTS.search(line) and not line.startswith(("│", "╭", "╰")) and not quiet:
                     print(f"  [{t:7.1f}s] {line.strip()}", flush=True)
+                finished = finished or "Optimization finished" in line
         except KeyboardInterrupt:
-            os.killpg(proc.pid, signal.SIGTERM)
+            _kill(proc)
             raise
         finally:
             if timer:

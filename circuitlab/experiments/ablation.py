@@ -192,6 +192,7 @@ class Ablation(Experiment):
         ranking = self._ranking(model, rank_h, rank_b, grid[-1], store, shared)
         reference = None if self.method == "zero" else self._reference(model, rank_h + rank_b, store)
         base = self.baseline(model, harmful, harmless, store=store, shared=shared)
+        texts = self._texts()
         conditions = []
         for k in grid:
             top = top_components(ranking, self.kind, k)
@@ -205,15 +206,16 @@ class Ablation(Experiment):
         rows = [dict(selection="baseline", seed=-1, k=0, **base["row"])]
         for selection, s, k, comps in progress_bar(conditions, True, desc=f"scoring {self.kind} ablations"):
             rows.append(dict(selection=selection, seed=s, k=k,
-                             **self._score(model, hooks(comps), eval_h, eval_b, base)))
+                             **self._score(model, hooks(comps), eval_h, eval_b, texts, base)))
         table = pd.DataFrame(rows)
         on_harmful, on_harmless = self._judged_points(grid, halving_k(table))
         todo = [c for c in conditions if c[:3] in on_harmful]
         for selection, s, k, comps in progress_bar(todo, True, desc=f"judging {self.kind} ablations"):
             verdicts = self._judge(model, hooks(comps), eval_h,
                                    eval_b if (selection, s, k) in on_harmless else None)
-            at = table.index[(table.selection == selection) & (table.seed == s) & (table.k == k)]
-            table.loc[at, list(verdicts)] = pd.DataFrame([verdicts] * len(at), index=at)
+            at = (table.selection == selection) & (table.seed == s) & (table.k == k)
+            for col, value in verdicts.items():
+                table.loc[at, col] = value
         table.insert(0, "component", self.kind)
         summary = _summary(table, self.kind, self.judge_at)
         return Result(table, self.config(model, harmful=harmful, harmless=harmless),
@@ -229,11 +231,12 @@ class Ablation(Experiment):
         store = store if store is not None else ActivationStore()
         eval_h, eval_b = halve_split(harmful, self.seed)[1], halve_split(harmless, self.seed)[1]
         judge = self.judge_at != "none"
-        key = ("baseline", _digest(model.fingerprint, eval_h, eval_b, self._texts(), self.max_new_tokens, judge,
+        texts = self._texts()
+        key = ("baseline", _digest(model.fingerprint, eval_h, eval_b, texts, self.max_new_tokens, judge,
                                    judge and self.judge_harmless, self.batch_size, self.seed))
-        return _memo(shared, key, lambda: self._measure_baseline(model, eval_h, eval_b, store, judge))
+        return _memo(shared, key, lambda: self._measure_baseline(model, eval_h, eval_b, texts, store, judge))
 
-    def _measure_baseline(self, model, eval_h, eval_b, store, judge: bool) -> dict:
+    def _measure_baseline(self, model, eval_h, eval_b, texts, store, judge: bool) -> dict:
         name = hk.final_resid()  # cached at the last position by the circuit map: no forward pass then
         resid = store.get(model, eval_h + eval_b, [name], "last", batch_size=self.batch_size,
                           progress=False)[name][:, -1]
@@ -241,7 +244,7 @@ class Ablation(Experiment):
             logits = torch.cat([model.final_logits(r).float().cpu() for r in resid.split(self.batch_size)])
         scores = metrics.refusal_score_from_logits(logits[:len(eval_h)], metrics.refusal_tokens(model)).numpy()
         base = {"harmless_logits": logits[len(eval_h):]}
-        row = self._row(model, scores, base["harmless_logits"], None, [])
+        row = self._row(model, scores, base["harmless_logits"], None, [], texts)
         if judge:
             row.update(self._judge(model, [], eval_h, eval_b if self.judge_harmless else None))
         base["row"] = row
@@ -279,20 +282,20 @@ class Ablation(Experiment):
         controls = {("random", 0, k) for k in ks} if self.random_seeds else set()
         return top | controls, (top if self.judge_harmless else set())
 
-    def _score(self, model, hooks, harmful, harmless, base) -> dict:
+    def _score(self, model, hooks, harmful, harmless, texts, base) -> dict:
         """The forward-pass measures under ``hooks`` (refusal score, KL, cross-entropy); no judge."""
         scores = metrics.refusal_score(model, harmful, fwd_hooks=hooks, batch_size=self.batch_size).numpy()
         harmless_logits = model.last_logits(harmless, fwd_hooks=hooks, batch_size=self.batch_size)
-        return self._row(model, scores, harmless_logits, base["harmless_logits"], hooks)
+        return self._row(model, scores, harmless_logits, base["harmless_logits"], hooks, texts)
 
-    def _row(self, model, scores, harmless_logits, base_logits, hooks) -> dict:
+    def _row(self, model, scores, harmless_logits, base_logits, hooks, texts) -> dict:
         harmless_scores = metrics.refusal_score_from_logits(harmless_logits, metrics.refusal_tokens(model)).numpy()
         row = {"refusal_score": float(scores.mean()), "refusal_prob": float(_sigmoid(scores).mean()),
                "harmless_refusal_score": float(harmless_scores.mean())}
         row["refusal_score_ci_low"], row["refusal_score_ci_high"] = bootstrap_ci(scores, seed=self.seed)
         row["kl_harmless"] = 0.0 if base_logits is None else float(
             metrics.kl_divergence(base_logits, harmless_logits).mean())
-        row["cross_entropy"] = metrics.cross_entropy(model, self._texts(), fwd_hooks=hooks, batch_size=self.batch_size)
+        row["cross_entropy"] = metrics.cross_entropy(model, texts, fwd_hooks=hooks, batch_size=self.batch_size)
         row.update(dict.fromkeys(_JUDGE_COLUMNS[:-1], np.nan), judged=False)
         return row
 

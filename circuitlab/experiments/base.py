@@ -17,6 +17,7 @@ import typing
 from typing import Callable
 
 from .. import provenance
+from ..progress import progress_bar
 from ..datasets import PromptSet
 from ..model import HookedModel
 from ..results import Result, run_config
@@ -119,7 +120,8 @@ class UnitExperiment(Experiment):
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
         plan = self.plan(model, harmful, harmless, store=store)
-        outputs = [self.run_unit(model, plan.state, unit) for unit in plan.units]
+        outputs = [self.run_unit(model, plan.state, unit)
+                   for unit in progress_bar(plan.units, True, total=len(plan.units), desc=self.name)]
         return self.merge(model, harmful, harmless, plan, outputs)
 
 

@@ -1,41 +1,64 @@
-"""circuit-map: the refusal circuit by stage — probe, rank, verify causally, then assign stages.
+"""circuit-map: the refusal circuit by stage — screen on one half of the prompts, verify causally on
+the other, then assign stages by what each unit reads and writes.
 
-1. **Probing** (Li et al. 2023 style) finds where harmful vs harmless is linearly readable in the
-   residual stream; the first layer whose best probe reaches ``probe_threshold`` is where
-   harmfulness becomes readable.
-2. **Candidates**: diff-ranking proposes neurons and heads in the layers that write into the
-   readable stream (a component in layer l writes resid_pre of l + 1); attribution patching
-   (Nanda 2023; Kramár et al. 2024) of the verification patch below adds the units with the
-   largest estimated refusal drop in any layer (``atp_estimate``, same scale as ``patch_effect``).
-3. **Verification** by activation patching (Meng et al. 2022): each candidate's activation at the
-   post-instruction positions of harmful prompts is replaced by its mean over harmless prompts at
-   the same positions; ``patch_effect`` is the resulting drop of the refusal score as a fraction
-   of the harmful-minus-harmless score gap (1 = the patch alone removes the gap). Candidates with
-   ``patch_effect >= verify_threshold`` are ``verified``.
-4. **Stages**, by depth and by what a component writes (direct attribution, harmful minus
-   harmless mean at the last position): ``direction_attribution`` is its write along the refusal
-   direction (difference in means at ``direction_layer``) as a fraction of that direction's
-   norm (the refusal direction's layer is the one whose difference-in-means direction, projected
-   out of the stream at every layer, is estimated by the same attribution pass to lower the refusal
-   score most, within the first 80 % of layers as in Arditi et al. 2024); ``logit_attribution`` its direct effect on the refusal-token logit as a fraction of the
-   total harmful-minus-harmless refusal logit gap. Rules, in order:
-   production (promotes refusal tokens: layer >= direction layer and logit fraction >= ``tau``),
-   detection (reads harmful content: layer below the first readable layer), decision (writes the
-   refusal direction: direction fraction >= ``tau``), else evaluation.
+Prompts: each set is shuffled with ``seed`` and cut into a SCREENING and a VERIFICATION half
+(``split_halves``; sets of equal length get the same order, so matched pairs stay matched). No
+prompt is in both: what proposes a unit never also verifies it.
+
+Screening half:
+
+1. **Probing** (Li et al. 2023 style): the first layer whose best probe (post-instruction
+   positions) reaches ``probe_threshold`` is where harmfulness becomes readable; units in the
+   layers that write that stream (layer l writes resid_pre of l + 1) are ranked.
+2. **Refusal direction**: difference in means of ``resid_pre`` at the last position. Its layer is
+   ``direction_layer`` when given; otherwise it is chosen as the refusal-direction experiment
+   chooses (``direction_eval.score_candidates``, Arditi et al. 2024 §2.4): the screening half is cut
+   again into a train part (the candidates) and a val part (bypass score, KL and induce filters,
+   first 80 % of layers). Not the residual-stream attribution estimate, whose agreement with exact
+   patching the project's bench measured at Pearson 0.22.
+3. **Candidates**: diff-ranking's best neurons / heads in those layers, plus the largest estimated
+   refusal drops of attribution patching (Nanda 2023; Kramár et al. 2024) in any layer
+   (``atp_estimate``, a fraction of the screening half's refusal-score gap).
+
+Verification half (``n_verify`` prompts per side):
+
+4. **Verification** by activation patching (Meng et al. 2022): each candidate's activation at the
+   post-instruction positions of harmful prompts is set to its mean over harmless prompts;
+   ``patch_effect`` is the drop of the refusal score as a fraction of the harmful-minus-harmless
+   score gap; ``verified`` when >= ``verify_threshold``.
+5. **Reads and writes** (harmful-minus-harmless means at the last position):
+   ``direction_attribution``: direct write along the refusal direction, as a fraction of its norm;
+   ``logit_attribution``: direct effect on the refusal-token logit, as a fraction of the total gap;
+   ``content_read`` (heads): the share of the head's difference in ``z`` that it reads from the
+   instruction tokens (attention pattern × values before the post-instruction template) rather than
+   from the post-instruction positions. A neuron at a post-instruction position reads only that
+   position's stream, so its ``content_read`` is 0.
+6. **Stages** (``assign_stage``), by role rather than depth, so a model whose harmfulness is readable
+   from layer 1 can fill every stage. In order, the first that holds:
+   production — writes refusal logits (logit_attribution >= ``tau``);
+   detection — reads the instruction's content (content_read >= ``read_threshold``); checked before
+   decision because in a short circuit the content reader may also write the direction itself
+   (the planted head (1, 2) does: its output IS the difference at layer 2);
+   decision — writes the refusal direction (direction_attribution >= ``tau``);
+   evaluation — verified but none of these: reads the formed representation, writes neither.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .. import hooks as hk
 from .. import metrics, plots
 from ..attribution import mean_patch_estimates
 from ..components import Component, hook_name
-from ..directions import mean_differences
+from ..datasets import PromptSet
+from ..direction_eval import score_candidates
+from ..directions import candidate_directions, mean_differences, refusal_direction
 from ..probes import best_position_accuracy
 from ..progress import progress_bar
 from ..ranking import rank_components, top_components
@@ -46,27 +69,40 @@ from .base import Experiment, check, register
 from .checks import check_at_least, check_fraction, check_types
 from .patching.engine import Sweep, run_sweeps
 
-__all__ = ["CircuitMap", "assign_stage", "STAGES"]
+__all__ = ["CircuitMap", "assign_stage", "split_halves", "STAGES"]
 
 STAGES = ("detection", "evaluation", "decision", "production")
 
 
-def assign_stage(layer: int, first_readable: int, direction_layer: int, direction_frac: float,
-                 logit_frac: float, tau: float) -> str:
-    """Stage rule of the module docstring (production, detection, decision, evaluation)."""
-    if layer >= direction_layer and logit_frac >= tau:
+def assign_stage(direction_frac: float, logit_frac: float, content_read: float, tau: float,
+                 read_threshold: float) -> str:
+    """Stage rule of the module docstring: production, detection, decision, else evaluation."""
+    if logit_frac >= tau:
         return "production"
-    if layer < first_readable:
+    if content_read >= read_threshold:
         return "detection"
     if direction_frac >= tau:
         return "decision"
     return "evaluation"
 
 
+def split_halves(prompts, seed: int) -> tuple[PromptSet, PromptSet]:
+    """(screening, verification): shuffled with ``seed``, the first ceil(n/2) and the rest; disjoint."""
+    prompts = prompts if isinstance(prompts, PromptSet) else PromptSet("prompts", tuple(prompts))
+    if len(prompts) < 4:
+        raise ValueError(f"{prompts.name}: circuit-map needs at least 4 prompts per set (2 to screen, 2 to "
+                         f"verify), got {len(prompts)}")
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    cut = -(-len(order) // 2)
+    return tuple(PromptSet(f"{prompts.name}:{name}", tuple(prompts.prompts[i] for i in part))
+                 for name, part in (("screen", order[:cut]), ("verify", order[cut:])))
+
+
 @register("circuit-map")
 @dataclass
 class CircuitMap(Experiment):
-    """Refusal circuit by stage: probing picks layers, ranking proposes units, patching verifies them."""
+    """Refusal circuit by stage: screen (probing, ranking, attribution) on one half, verify by patching on the other."""
 
     probe_threshold: float = 0.9  # accuracy at which harmfulness counts as linearly readable
     n_neurons: int = 10  # neuron candidates from the ranking (best |d| within the candidate layers)
@@ -74,15 +110,16 @@ class CircuitMap(Experiment):
     n_atp_neurons: int = 10  # further neuron candidates: largest attribution-patching estimates, any layer
     n_atp_heads: int = 5  # further head candidates from attribution patching
     verify_threshold: float = 0.02  # patch effect (fraction of the refusal-score gap) to count as verified
-    tau: float = 0.1  # attribution fraction that counts as "writes" for stage assignment
-    direction_layer: int | None = None  # None: largest estimated bypass within the first 80% of layers
-    n_verify: int = 16  # harmful prompts used for verification patching
+    tau: float = 0.1  # attribution fraction that counts as "writes" the direction or the refusal logits
+    read_threshold: float = 0.5  # content_read share that makes a head a content reader (detection)
+    direction_layer: int | None = None  # None: chosen by validation bypass score as refusal-direction does
+    n_verify: int = 16  # prompts per side taken from each half for the attribution screen and the verification
     batch_size: int = 16  # prompts per forward pass
-    seed: int = 0  # seed of the probes' cross-validation folds
+    seed: int = 0  # seed of the screening/verification split and of the probes' folds
 
     def __post_init__(self):
         check_types(self)
-        check_fraction(self, "probe_threshold", "verify_threshold", "tau", closed=True)
+        check_fraction(self, "probe_threshold", "verify_threshold", "tau", "read_threshold", closed=True)
         check_at_least(self, 0, "n_neurons", "n_heads", "n_atp_neurons", "n_atp_heads", "direction_layer", "seed")
         check(self.n_neurons + self.n_heads + self.n_atp_neurons + self.n_atp_heads > 0,
               "n_neurons, n_heads, n_atp_neurons and n_atp_heads are all 0: ask for at least one candidate "
@@ -91,73 +128,87 @@ class CircuitMap(Experiment):
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
         store = store if store is not None else ActivationStore()
-        self._prefetch(model, harmful, harmless, store)
-        resid = [hk.resid_pre(l) for l in range(model.n_layers)]
-        post = [store.get(model, list(s), resid, "post", batch_size=self.batch_size, progress=False)
-                for s in (harmful, harmless)]
-        layer_acc = np.array([best_position_accuracy(post[0][n].numpy(), post[1][n].numpy(), seed=self.seed)
-                              for n in progress_bar(resid, True, desc="probing layers")])
-        readable = np.flatnonzero(layer_acc >= self.probe_threshold)
-        first_readable = int(readable[0]) if len(readable) else int(np.argmax(layer_acc))
+        (h_scr, h_ver), (s_scr, s_ver) = split_halves(harmful, self.seed), split_halves(harmless, self.seed)
+        n = self.n_verify
+        layer_acc, first_readable, means = self._probe(model, h_scr, s_scr, store)
         cand_layers = [l for l in range(model.n_layers) if l + 1 >= first_readable]
-        ranking = rank_components(model, harmful, harmless, store=store, batch_size=self.batch_size)
-        means = {n: t.mean(0) for n, t in store.get(
-            model, list(harmless), [f(l) for l in range(model.n_layers) for f in (hk.mlp_post, hk.attn_z)], "post",
-            batch_size=self.batch_size, progress=False).items()}
-        diffs = mean_differences(model, harmful, harmless, resid, "last", store=store, batch_size=self.batch_size)
-        directions = {l: diffs[n][0] for l, n in enumerate(resid)}
-        atp = mean_patch_estimates(model, list(harmful)[:self.n_verify], means, directions,
-                                   batch_size=self.batch_size)
-        direction_layer = self._direction_layer(model, atp["direction"].numpy())
+        ranking = rank_components(model, h_scr, s_scr, store=store, batch_size=self.batch_size)
+        atp = mean_patch_estimates(model, list(h_scr)[:n], means, batch_size=self.batch_size)
+        screen_gap = (metrics.refusal_score(model, list(h_scr)[:n], batch_size=self.batch_size).mean()
+                      - metrics.refusal_score(model, list(s_scr)[:n], batch_size=self.batch_size).mean()).item()
+        direction_layer, direction, layers, dir_info = self._direction(model, h_scr, s_scr, store)
         candidates = self._candidates(ranking, cand_layers, atp)
         if not candidates:
             raise ValueError("no candidate components: lower probe_threshold or raise n_neurons / n_heads")
-        attribution = self._attribution(model, candidates, harmful, harmless, direction_layer, store)
-        patch, gap = self._patch_effects(model, candidates, harmful, harmless, means)
+        # everything below is measured on the verification half only
+        patch, gap = self._patch_effects(model, candidates, list(h_ver)[:n], list(s_ver)[:n], store)
+        attribution = self._attribution(model, candidates, h_ver, s_ver, direction, store)
+        reads = self._content_reads(model, [c for c in candidates if c.kind == "head"], list(h_ver)[:n],
+                                    list(s_ver)[:n])
         rows = []
         for c in candidates:
             r = ranking[(ranking.component == c.kind) & (ranking.layer == c.layer) &
                         (ranking["neuron" if c.kind == "neuron" else "head"] == c.index)].iloc[0]
             dir_frac, logit_frac = attribution[c]
-            stage = assign_stage(c.layer, first_readable, direction_layer, dir_frac, logit_frac, self.tau)
-            rows.append({"stage": stage, "layer": c.layer, "component": c.kind,
-                         "head": c.index if c.kind == "head" else None,
+            read = reads.get(c, 0.0)
+            rows.append({"stage": assign_stage(dir_frac, logit_frac, read, self.tau, self.read_threshold),
+                         "layer": c.layer, "component": c.kind, "head": c.index if c.kind == "head" else None,
                          "neuron": c.index if c.kind == "neuron" else None,
                          "probe_accuracy": float(layer_acc[min(c.layer + 1, model.n_layers - 1)]),
-                         "effect_size": float(r.effect_size), "atp_estimate": atp[c.kind][c.layer, c.index].item() / gap,
-                         "patch_effect": patch[c],
-                         "direction_attribution": dir_frac, "logit_attribution": logit_frac,
-                         "verified": bool(patch[c] >= self.verify_threshold)})
+                         "effect_size": float(r.effect_size),
+                         "atp_estimate": atp[c.kind][c.layer, c.index].item() / screen_gap
+                         if abs(screen_gap) > 1e-9 else float("nan"),
+                         "patch_effect": patch[c], "direction_attribution": dir_frac, "logit_attribution": logit_frac,
+                         "content_read": read, "verified": bool(patch[c] >= self.verify_threshold)})
         table = pd.DataFrame(rows)
         for col in ("head", "neuron"):
             table[col] = pd.array(table[col], dtype="Int64")
         table["stage"] = pd.Categorical(table["stage"], STAGES, ordered=True)
         table = table.sort_values(["stage", "layer", "patch_effect"], ascending=[True, True, False]).reset_index(drop=True)
         table["stage"] = table["stage"].astype(str)
-        layers = pd.DataFrame({"layer": range(model.n_layers), "probe_accuracy": layer_acc,
-                               "direction_bypass_atp": atp["direction"].numpy() / gap})
-        summary = {"first_readable_layer": first_readable, "direction_layer": direction_layer,
-                   "n_candidates": len(table), "n_verified": int(table.verified.sum()),
+        layers.insert(1, "probe_accuracy", layer_acc)
+        summary = {"first_readable_layer": first_readable, "direction_layer": direction_layer, **dir_info,
+                   "n_screen": f"{len(h_scr)}+{len(s_scr)}", "n_verify": f"{min(n, len(h_ver))}+{min(n, len(s_ver))}",
+                   "verify_gap": round(gap, 4), "n_candidates": len(table), "n_verified": int(table.verified.sum()),
                    **{f"verified_{s}": int(((table.stage == s) & table.verified).sum()) for s in STAGES}}
         return Result(table, self.config(model, harmful=harmful, harmless=harmless), tables={"layers": layers},
                       figures={"circuit": plots.circuit_diagram(table, layers, first_readable, direction_layer, model.name)},
                       summary=summary)
 
-    def _prefetch(self, model, harmful, harmless, store) -> None:
-        """One batched pass per position spec for every hook the steps below read (then all hits)."""
+    def _probe(self, model, harmful, harmless, store):
+        """Probe accuracy per layer, the first readable layer, and the harmless means AtP patches to."""
         layers = range(model.n_layers)
         per_layer = [f(l) for l in layers for f in (hk.resid_pre, hk.mlp_post, hk.attn_z)]
-        prompts = list(harmful) + list(harmless)
-        store.get(model, prompts, per_layer, "post", batch_size=self.batch_size)
-        store.get(model, prompts, per_layer + [hk.final_resid()], "last", batch_size=self.batch_size)
+        post = [store.get(model, list(s), per_layer, "post", batch_size=self.batch_size) for s in (harmful, harmless)]
+        resid = [hk.resid_pre(l) for l in layers]
+        acc = np.array([best_position_accuracy(post[0][r].numpy(), post[1][r].numpy(), seed=self.seed)
+                        for r in progress_bar(resid, True, desc="probing layers")])
+        readable = np.flatnonzero(acc >= self.probe_threshold)
+        first = int(readable[0]) if len(readable) else int(np.argmax(acc))
+        means = {name: t.mean(0) for name, t in post[1].items() if name not in resid}
+        return acc, first, means
 
-    def _direction_layer(self, model, bypass) -> int:
+    def _direction(self, model, harmful, harmless, store):
+        """(layer, direction, per-layer table, summary entries): given layer, or validation selection."""
+        layers = pd.DataFrame({"layer": range(model.n_layers)})
         if self.direction_layer is not None:
             if not 0 <= self.direction_layer < model.n_layers:
                 raise ValueError(f"direction_layer must be in 0..{model.n_layers - 1}, got {self.direction_layer}")
-            return self.direction_layer
-        limit = max(1, int(np.ceil(0.8 * model.n_layers)))  # Arditi et al. exclude the last 20% of layers
-        return int(np.argmax(bypass[:limit]))
+            d = refusal_direction(model, harmful, harmless, self.direction_layer, store=store, batch_size=self.batch_size)
+            return self.direction_layer, d, layers, {"direction_source": "given (direction_layer)"}
+        (h_train, h_val), (s_train, s_val) = split_halves(harmful, self.seed), split_halves(harmless, self.seed)
+        dirs = {k: d for k, d in candidate_directions(model, h_train, s_train, store,
+                                                     batch_size=self.batch_size).items() if k[1] == -1}
+        table, rule, _ = score_candidates(model, dirs, h_val, s_val, positions=[-1], prune_layer_frac=0.2,
+                                          batch_size=self.batch_size)
+        best = table[table.selected].iloc[0]
+        cols = {"bypass_score": "direction_bypass_score", "kl": "direction_kl", "induce_score": "direction_induce_score"}
+        layers = layers.merge(table[list(cols) + ["layer"]].rename(columns=cols), on="layer", how="left")
+        info = {"direction_source": "validation bypass score (direction_eval.score_candidates), last position, "
+                                    f"train {len(h_train)}+{len(s_train)} / val {len(h_val)}+{len(s_val)} "
+                                    "prompts of the screening half",
+                "direction_fallback_step": str(best.fallback_step)}
+        return int(best.layer), dirs[(int(best.layer), -1)], layers, info
 
     def _candidates(self, ranking: pd.DataFrame, layers, atp: dict) -> list[Component]:
         """Best-ranked units in the candidate layers, then the largest attribution estimates anywhere."""
@@ -172,15 +223,15 @@ class CircuitMap(Experiment):
                     out.append(c)
         return out
 
-    def _attribution(self, model, comps, harmful, harmless, direction_layer, store) -> dict:
+    def _attribution(self, model, comps, harmful, harmless, direction, store) -> dict:
         """(direction fraction, logit fraction) per component: its harmful-minus-harmless direct write."""
-        names = sorted({hook_name(c) for c in comps} | {hk.resid_pre(direction_layer), hk.final_resid()})
+        names = sorted({hook_name(c) for c in comps} | {hk.final_resid()})
         mean_diff = {n: d[0] for n, d in mean_differences(model, harmful, harmless, names, "last", store=store,
                                                           batch_size=self.batch_size).items()}
         final = store.get(model, list(harmful), [hk.final_resid()], "last", batch_size=self.batch_size,
                           progress=False)[hk.final_resid()][:, 0]
-        direction = mean_diff[hk.resid_pre(direction_layer)]
-        r_hat = direction / direction.norm().clamp(min=1e-12)
+        norm = direction.float().norm().clamp(min=1e-12)
+        r_hat = direction.float() / norm
         # Linearised final norm: refusal-logit direction scaled by gamma / mean RMS of harmful final states.
         rms = final.pow(2).mean(-1).add(1e-6).sqrt().mean()
         gamma = final_norm_weight(model).detach().float().cpu()
@@ -190,23 +241,53 @@ class CircuitMap(Experiment):
         logit_gap = float(mean_diff[hk.final_resid()] @ u)
         out = {}
         for c in comps:
-            diff = mean_diff[hook_name(c)]
-            unit_diff = diff[c.index]  # scalar for a neuron, [d_head] for a head
+            unit_diff = mean_diff[hook_name(c)][c.index]  # scalar for a neuron, [d_head] for a head
             write = unit_diff * write_vector(model, c) if c.kind == "neuron" else unit_diff @ write_vector(model, c)
-            dir_frac = float(write @ r_hat) / float(direction.norm().clamp(min=1e-12))
-            logit_frac = float(write @ u) / logit_gap if abs(logit_gap) > 1e-9 else 0.0
-            out[c] = (dir_frac, logit_frac)
+            out[c] = (float(write @ r_hat) / float(norm), float(write @ u) / logit_gap if abs(logit_gap) > 1e-9 else 0.0)
         return out
 
-    def _patch_effects(self, model, comps, harmful, harmless, means) -> tuple[dict, float]:
-        """Exact patch of each candidate at the post positions to its harmless mean (see docstring);
-        returns the normalized effects and the harmful-minus-harmless score gap they are fractions of.
+    def _content_reads(self, model, heads, harmful, harmless) -> dict:
+        """Per head: share of its harmful-minus-harmless mean ``z`` at the last position read from the
+        instruction tokens, ``Δz_instr · Δz / |Δz|²`` clipped to [0, 1], from ``z = Σ_k pattern_k v_k``."""
+        if not heads:
+            return {}
+        layers = sorted({c.layer for c in heads})
+        names = [f(l) for l in layers for f in (hk.attn_pattern, hk.attn_v)]
+        means = {}
+        for side, prompts in (("harmful", harmful), ("harmless", harmless)):
+            total = {c: torch.zeros(2, model.d_head) for c in heads}  # rows: instruction part, whole z
+            acts = {}
+            saves = [(name, lambda act, hook, name=name: acts.__setitem__(name, act.detach().float().cpu()))
+                     for name in names]
+            with torch.no_grad(), model.hooks(saves):
+                for _, ids, mask in model.batches(prompts, self.batch_size):
+                    model.forward(ids, mask, stop_at_layer=max(layers) + 1 if max(layers) + 1 < model.n_layers else None)
+                    instr = ids.shape[1] - model.n_post  # positions before the post-instruction template
+                    for c in heads:
+                        pattern = acts[hk.attn_pattern(c.layer)][:, c.index, -1]  # [b, keys]
+                        v = acts[hk.attn_v(c.layer)]
+                        v = v[:, :, c.index // (model.n_heads // v.shape[2])]  # grouped-query: the head's kv group
+                        parts = pattern[..., None] * v  # [b, keys, d_head]
+                        total[c] += torch.stack([parts[:, :instr].sum((0, 1)), parts.sum((0, 1))])
+            means[side] = {c: t / len(prompts) for c, t in total.items()}
+        out = {}
+        for c in heads:
+            d_instr, d_all = means["harmful"][c] - means["harmless"][c]
+            sq = float(d_all @ d_all)
+            out[c] = float(np.clip(float(d_instr @ d_all) / sq, 0.0, 1.0)) if sq > 1e-12 else 0.0
+        return out
+
+    def _patch_effects(self, model, comps, harmful, harmless, store) -> tuple[dict, float]:
+        """Exact patch of each candidate at the post positions of ``harmful`` to its mean over ``harmless``
+        (see docstring); returns the normalized effects and the harmful-minus-harmless score gap.
 
         Runs on the patching engine: per harmful prompt, one capture pass, then all candidates of a
         hook in one batch that recomputes only the post positions from the candidate's layer on.
         """
-        h_prompts = list(harmful)[:self.n_verify]
-        benign = metrics.refusal_score(model, list(harmless)[:self.n_verify], batch_size=self.batch_size).mean().item()
+        names = sorted({hook_name(c) for c in comps})
+        means = {n: t.mean(0) for n, t in store.get(model, harmless, names, "post", batch_size=self.batch_size,
+                                                    progress=False).items()}
+        benign = metrics.refusal_score(model, harmless, batch_size=self.batch_size).mean().item()
         tokens = metrics.refusal_tokens(model)
         n_post = model.n_post
 
@@ -223,7 +304,7 @@ class CircuitMap(Experiment):
                   for kind in ("neuron", "head") if any(c.kind == kind for c in comps)]
         drops = {c: [] for c in comps}
         bases = []
-        for prompt in progress_bar(h_prompts, True, desc="verifying candidates"):
+        for prompt in progress_bar(harmful, True, desc="verifying candidates"):
             ids = model.tokenize([prompt])[0][0]
             rows, ctx = run_sweeps(model, ids, ids, sweeps, lambda logits: metrics.refusal_score_from_logits(logits, tokens),
                                    batch_size=self.batch_size)

@@ -1,22 +1,28 @@
 """refusal-direction: difference-in-means refusal direction, selected and evaluated as in
 Arditi et al. 2024, "Refusal in Language Models Is Mediated by a Single Direction".
 
-1. Candidates (§2.3): ``mean(harmful) - mean(harmless)`` of ``resid_pre(l)`` on the train split, for
-   every layer l and every post-instruction position (read through the ActivationStore).
-2. Selection (§2.4, App. C): on the val split, for each candidate r: ``bypass_score`` = mean refusal
-   score on harmful prompts with r̂ ablated everywhere (lower is better); ``kl`` = KL on harmless
-   prompts after ablation (must be < ``kl_threshold``); ``induce_score`` = mean refusal score on
-   harmless prompts with r added at ``resid_pre(l)`` (must exceed ``induce_threshold``); layers in
-   the last ``prune_layer_frac`` are excluded. The filtered candidate with the lowest bypass score wins.
-3. Evaluation on the test split (``direction_eval.evaluate_direction``) and direct attribution of
-   heads / MLPs / neurons onto the direction (``direction_eval.direction_components``).
+Splits: each given set is shuffled with ``seed`` and cut into train / val / test by ``train_frac`` /
+``val_frac`` / the rest (at least one prompt each). ``select`` receives only train and val: the test
+split is first touched after a direction is chosen (tests/test_direction.py counts it).
 
-Splits: each given set is shuffled with ``seed`` and cut into train / val / test by
-``train_frac`` / ``val_frac`` / the rest (at least one prompt each). As in the reference code
-(andyrdt/refusal_direction, ``filter_train`` / ``filter_val``), train and val keep only the harmful
-prompts the model refuses (refusal score > ``filter_threshold``) and the harmless ones it does not
-(score < threshold): a model that answers half of AdvBench would otherwise dilute the direction
-with prompts that carry no refusal. The test split is never filtered.
+1. Filter (reference code andyrdt/refusal_direction, ``filter_train`` / ``filter_val``): train and val
+   keep the harmful prompts the model refuses and the harmless ones it answers, judged by greedy
+   generation + ``metrics.is_refusal`` (``filter_by="judge"``, what "the model refuses" means) or by
+   refusal score vs ``filter_threshold`` (``filter_by="score"``). A split side with fewer than
+   ``min_kept`` survivors is used whole (``filter_fallback``; the ``filter`` table and the summary
+   say so), so a selection never rests on a handful of prompts. The test split is never filtered.
+2. Candidates (§2.3): ``mean(harmful) - mean(harmless)`` of ``resid_pre(l)`` on the train split, for
+   every layer l and every post-instruction position (read through the ActivationStore).
+3. Selection (§2.4, App. C) on the val split (``direction_eval.score_candidates``): ``bypass_score``
+   (harmful, r̂ ablated everywhere), ``kl`` (harmless, ablated) and ``induce_score`` (harmless, r added
+   at ``resid_pre(l)``); layers in the last ``prune_layer_frac`` are excluded. With ``screen_prompts``
+   a screening round on that many val prompts per side keeps the best Pareto fronts (``n_finalists``)
+   for full scoring. Rule: the paper's filters (kl < ``kl_threshold``, induce_score >
+   ``induce_threshold``) with named fallbacks, or with ``kl_budget`` the lowest bypass score within
+   that val KL (Pareto front). The ``candidates`` table carries every criterion, ``selection_rule``
+   and ``fallback_step``.
+4. Evaluation on the test split (``direction_eval.evaluate_direction``) and direct attribution of
+   heads / MLPs / neurons onto the direction (``direction_eval.direction_components``).
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ from ..store import ActivationStore
 from .base import Experiment, check, check_layers, register
 from .checks import check_at_least, check_fraction, check_subset, check_types
 
-__all__ = ["RefusalDirection", "split_three"]
+__all__ = ["RefusalDirection", "split_three", "FILTERS"]
+
+FILTERS = ("judge", "score")
 
 
 def split_three(prompts: PromptSet, train_frac: float, val_frac: float, seed: int) -> tuple[PromptSet, ...]:
@@ -61,46 +69,56 @@ def split_three(prompts: PromptSet, train_frac: float, val_frac: float, seed: in
 class RefusalDirection(Experiment):
     """Refusal direction (Arditi et al. 2024): diff-in-means candidates, selection, ablation/addition evaluation.
 
-    The steps ``filter_refused``, ``candidate_directions`` and ``score_candidates`` also work alone
-    (the defence experiment's attack and experiments/arditi_2024_tradeoff.py reuse them).
+    ``select`` (train/val only), ``filter_refused``, ``candidate_directions`` and ``score_candidates``
+    also work alone (the defence experiment's attack and experiments/arditi_2024_tradeoff.py reuse them).
     """
 
-    train_frac: float = 0.5  # share of each prompt set for the candidate directions
-    val_frac: float = 0.25  # share for selection (the rest is the test split)
+    train_frac: float = 0.4  # share of each prompt set for the candidate directions
+    val_frac: float = 0.3  # share for selection (the rest is the test split)
     layers: list[int] | None = None  # candidate layers to evaluate (None: all layers)
     positions: list[int] | None = None  # post-instruction offsets to evaluate (None: all n_post)
-    kl_threshold: float = 0.1  # selection keeps candidates whose ablation KL on harmless prompts is below
-    induce_threshold: float | None = 0.0  # selection keeps candidates whose addition scores above (None: off)
+    kl_threshold: float = 0.1  # paper rule: keep candidates whose ablation KL on harmless val prompts is below
+    induce_threshold: float | None = 0.0  # paper rule: keep candidates whose addition scores above (None: off)
+    kl_budget: float | None = None  # set: select the lowest val bypass score with val KL <= budget (Pareto front)
     prune_layer_frac: float = 0.2  # last fraction of layers excluded from selection (Arditi et al.)
-    filter_train: bool = True  # keep refused harmful / non-refused harmless train prompts (reference code)
+    filter_train: bool = True  # keep refused harmful / answered harmless train prompts (reference code)
     filter_val: bool = True  # the same filter on the validation split
-    filter_threshold: float = 0.0  # refusal score that counts as refused for the filters
+    filter_by: str = "judge"  # judge (greedy generation + metrics.is_refusal) or score (refusal score)
+    filter_threshold: float = 0.0  # refusal score that counts as refused when filter_by=score
+    min_kept: int = 24  # a filtered split side with fewer survivors is used whole (filter_fallback)
+    screen_prompts: int | None = 8  # val prompts per side of the screening round (None: score all on all)
+    n_finalists: int = 12  # candidates (whole Pareto fronts of the screen) scored on the whole val split
     evaluate_excluded: bool = False  # also score candidates in the pruned last layers (costly)
     judge: bool = True  # judge refusal by generation in the evaluation (False: logit scores only)
     judge_only: list[str] | None = None  # "condition:split" rows to judge by generation (None: all)
     conditions: list[str] | None = None  # evaluation conditions (None: baseline, ablation, orthogonalized, addition)
     component_prompts: int | None = None  # test prompts per side for the attribution table (None: all)
-    max_new_tokens: int = 24  # tokens generated per prompt for the judge
+    max_new_tokens: int = 24  # tokens generated per prompt for the judge (evaluation and filter)
     plaintext: str | None = "plaintext"  # prompt set for the cross-entropy side effect (None: skip)
     plaintext_n: int = 16  # plain texts for the cross-entropy
     top_neurons: int = 20  # neurons per layer in the attribution table
-    batch_size: int = 16  # prompts per forward pass
+    batch_size: int = 32  # prompts per forward pass
     n_boot: int = 1000  # bootstrap resamples for the confidence intervals
     progress: bool = True  # show progress bars
     seed: int = 0  # seed of the splits and the bootstrap
     direction_: torch.Tensor | None = field(default=None, init=False, repr=False)  # learned: the selected direction
     layer_: int | None = field(default=None, init=False, repr=False)  # learned: its layer
+    position_: int | None = field(default=None, init=False, repr=False)  # learned: its post-instruction offset
 
     def __post_init__(self):
         check_types(self)
         check_fraction(self, "train_frac", "val_frac")
         check(self.train_frac + self.val_frac < 1, f"train_frac + val_frac = {self.train_frac + self.val_frac} "
-              "must be < 1 to leave a test split (e.g. --set train_frac=0.5 --set val_frac=0.25)")
+              "must be < 1 to leave a test split (e.g. --set train_frac=0.4 --set val_frac=0.3)")
         check_layers("layers", self.layers)
         check(self.positions is None or (len(self.positions) > 0 and all(p < 0 for p in self.positions)),
               f"positions={self.positions!r} must be None or negative post-instruction offsets "
               "(e.g. --set positions=-1)")
         check(self.kl_threshold > 0, f"kl_threshold={self.kl_threshold} must be > 0 (e.g. --set kl_threshold=0.1)")
+        check(self.kl_budget is None or self.kl_budget > 0,
+              f"kl_budget={self.kl_budget} must be None or > 0 (e.g. --set kl_budget=0.1)")
+        check(self.filter_by in FILTERS, f"filter_by={self.filter_by!r} must be one of {', '.join(FILTERS)} "
+              "(e.g. --set filter_by=judge)")
         check_fraction(self, "prune_layer_frac", closed=True)
         check_subset(self, "conditions", CONDITIONS, allow_none=True)
         check(self.judge_only is None or all(
@@ -109,7 +127,7 @@ class RefusalDirection(Experiment):
             f"judge_only={self.judge_only!r} must be None or 'condition:split' entries such as "
             "baseline:harmful (e.g. --set judge_only=baseline:harmful,ablation:harmful)")
         check_at_least(self, 1, "component_prompts", "max_new_tokens", "plaintext_n", "top_neurons", "batch_size",
-                       "n_boot")
+                       "n_boot", "min_kept", "screen_prompts", "n_finalists")
         check_at_least(self, 0, "seed")
 
     def params(self) -> dict:
@@ -120,51 +138,68 @@ class RefusalDirection(Experiment):
         harmful, harmless = _as_set(harmful, "harmful"), _as_set(harmless, "harmless")
         h_train, h_val, h_test = split_three(harmful, self.train_frac, self.val_frac, self.seed)
         s_train, s_val, s_test = split_three(harmless, self.train_frac, self.val_frac, self.seed)
-        kept = {}
-        if self.filter_train:
-            h_train, s_train = self.filter_refused(model, h_train, s_train, kept, "train")
-        if self.filter_val:
-            h_val, s_val = self.filter_refused(model, h_val, s_val, kept, "val")
-        directions = self.candidate_directions(model, h_train, s_train, store)
-        table, rule, baseline = self.score_candidates(model, directions, h_val, s_val)
-        best = table[table.selected].iloc[0]
-        layer, offset = int(best.layer), int(best.position)
-        self.direction_, self.layer_ = directions[(layer, offset)], layer
+        table, filtered, rule, baseline = self.select(model, h_train, s_train, h_val, s_val, store)
+        # the test split is used from here on only
         plain = _plaintext(self.plaintext, self.plaintext_n, self.seed)
         evaluation = evaluate_direction(
-            model, self.direction_, layer, list(h_test), list(s_test), plain, judge=self.judge,
+            model, self.direction_, self.layer_, list(h_test), list(s_test), plain, judge=self.judge,
             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, n_boot=self.n_boot,
             seed=self.seed, judge_only=self.judge_only, progress=self.progress,
             **({"conditions": self.conditions} if self.conditions else {}))
         k = self.component_prompts
         components = direction_components(model, self.direction_, list(h_test)[:k], list(s_test)[:k], store,
                                           top_neurons=self.top_neurons, batch_size=self.batch_size)
-        summary = {**_summary(table, evaluation, rule, baseline), **kept}
+        summary = {**_summary(table, evaluation, rule, baseline), **_filter_summary(filtered)}
         figures = {"candidates": candidate_heatmap(table, model.name),
-                   "tradeoff": candidate_tradeoff(table, self.kl_threshold, model.name)}
+                   "tradeoff": candidate_tradeoff(table, self.kl_threshold, model.name, self.kl_budget)}
         if self.judge:
             figures["refusal_rates"] = refusal_bars(evaluation, model.name)
         return Result(table, self.config(model, harmful=harmful, harmless=harmless),
-                      tables={"evaluation": evaluation, "components": components, "candidates": table},
-                      figures=figures, summary=summary)
+                      tables={"evaluation": evaluation, "components": components, "candidates": table,
+                              "filter": filtered}, figures=figures, summary=summary)
 
-    def filter_refused(self, model, harmful, harmless, kept: dict, split: str) -> tuple[PromptSet, PromptSet]:
-        """Refused harmful and non-refused harmless prompts of one split; counts go into ``kept``."""
-        scores = metrics.refusal_score(model, list(harmful) + list(harmless), batch_size=self.batch_size)
-        h_scores, s_scores = scores[:len(harmful)], scores[len(harmful):]
-        out = []
-        for side, prompts, keep in (("harmful", harmful, h_scores > self.filter_threshold),
-                                    ("harmless", harmless, s_scores < self.filter_threshold)):
-            chosen = tuple(p for p, k in zip(prompts.prompts, keep.tolist()) if k)
-            kept[f"{split}_{side}_kept"] = f"{len(chosen)}/{len(prompts)}"
-            if len(chosen) < 2:
-                raise ValueError(
-                    f"only {len(chosen)} of {len(prompts)} {side} {split} prompts pass the refusal filter "
-                    f"(score {'>' if side == 'harmful' else '<'} {self.filter_threshold}): give more prompts, "
-                    "change filter_threshold, or turn the filters off with filter_train=False and "
-                    "filter_val=False (--set filter_train=false --set filter_val=false)")
-            out.append(PromptSet(f"{prompts.name}:filtered", chosen))
-        return out[0], out[1]
+    def select(self, model, h_train, s_train, h_val, s_val, store) -> tuple[pd.DataFrame, pd.DataFrame, str, dict]:
+        """Filter, candidates and selection from the train and val splits only (no test prompt comes in).
+
+        Sets ``direction_``, ``layer_``, ``position_``; returns (candidates table, filter table, rule,
+        val baselines)."""
+        filtered = []
+        if self.filter_train:
+            h_train, s_train, rows = self.filter_refused(model, h_train, s_train, "train")
+            filtered += rows
+        if self.filter_val:
+            h_val, s_val, rows = self.filter_refused(model, h_val, s_val, "val")
+            filtered += rows
+        directions = self.candidate_directions(model, h_train, s_train, store)
+        table, rule, baseline = self.score_candidates(model, directions, h_val, s_val)
+        best = table[table.selected].iloc[0]
+        self.layer_, self.position_ = int(best.layer), int(best.position)
+        self.direction_ = directions[(self.layer_, self.position_)]
+        columns = ["split", "side", "n", "kept", "used", "filter_by", "filter_fallback"]
+        return table, pd.DataFrame(filtered, columns=columns), rule, baseline
+
+    def filter_refused(self, model, harmful, harmless, split: str) -> tuple[PromptSet, PromptSet, list[dict]]:
+        """Refused harmful and answered harmless prompts of one split, by ``filter_by``; a side with fewer
+        than ``min_kept`` survivors is used whole. Returns (harmful, harmless, one row per side)."""
+        prompts = list(harmful) + list(harmless)
+        if self.filter_by == "judge":
+            # a refusal marker, once generated, stays: stop that row early (same verdict as full decoding)
+            texts = model.generate(prompts, self.max_new_tokens, batch_size=max(self.batch_size, 32),
+                                   stop_when=metrics.is_refusal, share_prefix=True, progress=self.progress,
+                                   desc=f"judging {split} prompts")
+            refused = torch.tensor([metrics.is_refusal(t) for t in texts])
+        else:
+            refused = metrics.refusal_score(model, prompts, batch_size=self.batch_size) > self.filter_threshold
+        out, rows = [], []
+        for side, part, keep in (("harmful", harmful, refused[:len(harmful)]),
+                                 ("harmless", harmless, ~refused[len(harmful):])):
+            chosen = tuple(p for p, k in zip(part.prompts, keep.tolist()) if k)
+            fallback = len(chosen) < min(self.min_kept, len(part))
+            used = part.prompts if fallback else chosen
+            rows.append({"split": split, "side": side, "n": len(part), "kept": len(chosen), "used": len(used),
+                         "filter_by": self.filter_by, "filter_fallback": fallback})
+            out.append(PromptSet(f"{part.name}:{'all' if fallback else 'filtered'}", used))
+        return out[0], out[1], rows
 
     def candidate_directions(self, model, harmful, harmless, store) -> dict[tuple[int, int], torch.Tensor]:
         """Difference in means of resid_pre at every (layer, post position), train split (§2.3)."""
@@ -176,7 +211,8 @@ class RefusalDirection(Experiment):
         return score_candidates(model, directions, harmful, harmless, layers=self.layers, positions=self.positions,
                                 prune_layer_frac=self.prune_layer_frac, evaluate_excluded=self.evaluate_excluded,
                                 kl_threshold=self.kl_threshold, induce_threshold=self.induce_threshold,
-                                batch_size=self.batch_size, progress=self.progress)
+                                kl_budget=self.kl_budget, screen_prompts=self.screen_prompts,
+                                n_finalists=self.n_finalists, batch_size=self.batch_size, progress=self.progress)
 
 
 def _as_set(prompts, name) -> PromptSet:
@@ -191,12 +227,28 @@ def _plaintext(name, n, seed):
     return list(datasets.load(name, n=n, seed=seed + 1))
 
 
+def _filter_summary(filtered: pd.DataFrame) -> dict:
+    """``{split}_{side}_kept`` as "kept/n", the prompts each split side used, and which sides fell back."""
+    out = {}
+    for r in filtered.itertuples():
+        out[f"{r.split}_{r.side}_kept"] = f"{r.kept}/{r.n}"
+        out[f"{r.split}_{r.side}_used"] = int(r.used)
+    fell = [f"{r.split}:{r.side}" for r in filtered.itertuples() if r.filter_fallback]
+    out["filter_fallback"] = ", ".join(fell) if fell else "none"
+    if fell:
+        out["filter_note"] = f"fewer than min_kept prompts passed the filter on {', '.join(fell)}: used every prompt there"
+    return out
+
+
 def _summary(table, evaluation, rule, baseline) -> dict:
     best = table[table.selected].iloc[0]
     out = {"selected_layer": int(best.layer), "selected_position": int(best.position), "selection_rule": rule,
+           "fallback_step": str(best.fallback_step), "selected_on_pareto_front": bool(best.pareto_front),
            "selected_bypass_score": float(best.bypass_score), "selected_kl": float(best.kl),
            "selected_induce_score": float(best.induce_score), "val_baseline_harmful_score": baseline["harmful"],
-           "val_baseline_harmless_score": baseline["harmless"]}
+           "val_baseline_harmless_score": baseline["harmless"], "n_val_harmful": int(best.n_val_harmful),
+           "n_val_harmless": int(best.n_val_harmless), "n_finalists": int(table.finalist.sum()),
+           "n_scored_candidates": int((table.finalist | table.screen_bypass_score.notna()).sum())}
     for r in evaluation.itertuples():
         for col in ("refusal_rate", "refusal_score"):
             if hasattr(r, col) and not np.isnan(getattr(r, col)):
@@ -211,8 +263,11 @@ def candidate_heatmap(table: pd.DataFrame, model_name: str):
     """Layer × position heatmap of the refusal score after ablation (Arditi et al. 2024, Fig. 9 style)."""
     from .. import plots
 
-    fig = plots.heatmap(table, "layer", "position", "bypass_score", center=None, cmap="viridis",
-                        title=f"Refusal score on harmful (val) after ablating each candidate, {model_name}")
+    screened = table.screen_bypass_score.notna().any()  # then only finalists have a full-val bypass score
+    fig = plots.heatmap(table, "layer", "position", "screen_bypass_score" if screened else "bypass_score",
+                        center=None, cmap="viridis",
+                        title=f"Refusal score on harmful ({'val screen' if screened else 'val'}) after ablating "
+                              f"each candidate, {model_name}")
     ax = fig.axes[0]
     best = table[table.selected].iloc[0]
     cols = sorted(table.position.unique())
@@ -222,8 +277,8 @@ def candidate_heatmap(table: pd.DataFrame, model_name: str):
     return fig
 
 
-def candidate_tradeoff(table: pd.DataFrame, kl_threshold: float, model_name: str):
-    """Bypass score against KL on harmless for every scored candidate: what the KL filter costs."""
+def candidate_tradeoff(table: pd.DataFrame, kl_threshold: float, model_name: str, kl_budget: float | None = None):
+    """Bypass score against KL on harmless for every fully scored candidate (val), Pareto front marked."""
     import matplotlib.pyplot as plt
 
     t = table[table.bypass_score.notna()]
@@ -231,9 +286,14 @@ def candidate_tradeoff(table: pd.DataFrame, kl_threshold: float, model_name: str
     points = ax.scatter(t.kl, t.bypass_score, c=t.layer, cmap="viridis", s=22)
     for r in t.itertuples():
         ax.annotate(f"{r.layer}/{r.position}", (r.kl, r.bypass_score), fontsize=5, alpha=0.7)
+    front = t[t.pareto_front].sort_values("kl")
+    ax.plot(front.kl, front.bypass_score, color="black", lw=0.8, drawstyle="steps-post", label="Pareto front")
     best = t[t.selected]
     ax.scatter(best.kl, best.bypass_score, marker="*", s=200, c="red", label="selected")
-    ax.axvline(kl_threshold, color="gray", ls="--", lw=1, label=f"KL threshold {kl_threshold}")
+    if kl_budget is not None:
+        ax.axvline(kl_budget, color="tab:red", ls="--", lw=1, label=f"KL budget {kl_budget}")
+    else:
+        ax.axvline(kl_threshold, color="gray", ls="--", lw=1, label=f"KL threshold {kl_threshold}")
     ax.axhline(float(t.baseline_harmful_score.iloc[0]), color="tab:blue", ls=":", lw=1, label="harmful baseline")
     ax.axhline(float(t.baseline_harmless_score.iloc[0]), color="tab:orange", ls=":", lw=1, label="harmless baseline")
     ax.set_xscale("log")

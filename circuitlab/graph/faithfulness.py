@@ -11,7 +11,7 @@ linearisation). ``a^ablated`` is
 
 - ``corrupt`` (patching, default): the same writer in the corrupted run of the same pair;
 - ``mean``: the writer's mean over the reference prompts' corrupted runs, per position counted
-  from the end (prompts are left-aligned to their last token).
+  from the end (prompts are aligned at their last token).
 
 Identities (tested): ablating no edge reproduces the clean run; with ``corrupt``, ablating every
 edge reproduces the corrupted run. Faithfulness (Mueller et al. 2025, MIB, §4.1)::

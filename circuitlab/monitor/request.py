@@ -4,7 +4,11 @@ A linear probe (logistic regression, as in Alain & Bengio 2016, "Understanding i
 using linear classifier probes") or the difference-in-means refusal direction (Arditi et al. 2024,
 "Refusal in LMs is mediated by a single direction") reads ``resid_pre`` at the last prompt position
 of the best layer. The threshold is calibrated on harmless validation prompts to a chosen
-false-positive rate. ``check`` runs the model only up to the monitored layer (``stop_at_layer``).
+false-positive rate — pooled, or per harmless source with the strictest source's threshold kept
+(``calibration="max"``), so that no source seen in calibration exceeds the target. How well that
+holds on traffic from a source never seen is what ``leave_one_source_out`` measures: fit and
+calibrate without one source, then count false alarms on it. ``check`` runs the model only up to the
+monitored layer (``stop_at_layer``).
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from .. import hooks as hk
+from ..direction_eval import bootstrap_ci
 from ..directions import diff_in_means
 from ..model import HookedModel
 from ..store import ActivationStore
 
-__all__ = ["RequestMonitor", "RequestCheck", "fit_request_monitor", "detection_metrics", "METHODS"]
+__all__ = ["RequestMonitor", "RequestCheck", "fit_request_monitor", "detection_metrics", "METHODS", "CALIBRATIONS",
+           "calibrate_across_sources", "false_alarm_rate", "leave_one_source_out"]
 
 METHODS = ("probe", "direction")
+CALIBRATIONS = ("pooled", "max")  # one threshold on all harmless val prompts | the strictest per-source one
 
 
 @dataclass
@@ -51,6 +58,8 @@ class RequestMonitor:
     target_fpr: float
     val_auroc: float
     layer_scores: dict = field(default_factory=dict)  # layer -> validation AUROC (selection record)
+    calibration: str = "pooled"  # how the threshold was set across harmless sources
+    source_thresholds: dict = field(default_factory=dict)  # source -> threshold it alone would get
 
     def score_activations(self, acts: torch.Tensor) -> torch.Tensor:
         """Scores for residual vectors ``[n, d_model]``."""
@@ -115,24 +124,59 @@ def detection_metrics(pos_scores, neg_scores, threshold: float | None = None) ->
     return out
 
 
+def calibrate_across_sources(negative_scores: dict, fpr: float, rule: str = "pooled") -> tuple[float, dict]:
+    """Threshold for ``{source: harmless scores}``: ``pooled`` calibrates on all of them together, ``max``
+    takes the largest per-source threshold (every source alone then meets ``fpr``); also returns those."""
+    if rule not in CALIBRATIONS:
+        raise ValueError(f"calibration={rule!r}; use one of {', '.join(CALIBRATIONS)}")
+    per_source = {name: calibrate_threshold(v, fpr) for name, v in negative_scores.items()}
+    if rule == "max":
+        return max(per_source.values()), per_source
+    return calibrate_threshold(np.concatenate([np.asarray(v, float) for v in negative_scores.values()]), fpr), per_source
+
+
+def false_alarm_rate(scores, threshold: float, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Share of harmless ``scores`` above ``threshold``: bootstrap 95 % CI and the exact (Clopper-Pearson)
+    95 % upper bound, which stays informative when no prompt was flagged (the bootstrap CI is then [0, 0])."""
+    from scipy.stats import beta
+
+    flags = (np.asarray(scores, float) > threshold).astype(float)
+    n, k = len(flags), int(flags.sum())
+    low, high = bootstrap_ci(flags, n_boot, seed)
+    upper = float(beta.ppf(0.975, k + 1, n - k)) if k < n else 1.0
+    return {"n": n, "flagged": k, "fpr": k / n if n else float("nan"), "fpr_ci_low": low, "fpr_ci_high": high,
+            "fpr_upper_exact": upper}
+
+
+def _as_sources(prompts) -> dict[str, list[str]]:
+    if isinstance(prompts, dict):
+        return {name: list(getattr(p, "prompts", p)) for name, p in prompts.items()}
+    return {"val": list(getattr(prompts, "prompts", prompts))}
+
+
 def fit_request_monitor(model: HookedModel, harmful_train, harmless_train, harmful_val, harmless_val, *,
                         layers: Sequence[int] | None = None, method: str = "probe", fpr: float = 0.01,
-                        store: ActivationStore | None = None, batch_size: int = 16,
+                        calibration: str = "pooled", store: ActivationStore | None = None, batch_size: int = 16,
                         seed: int = 0) -> RequestMonitor:
     """Fit a read-out at each candidate layer, keep the best by validation AUROC, calibrate the threshold.
 
     Ties go to the earliest layer (the cheapest ``check``). Layer 0 is excluded: its input is the
-    embedding, which carries no context.
+    embedding, which carries no context. ``harmless_val`` may be ``{source: prompts}``: AUROC is taken on
+    them pooled, the threshold by ``calibration`` (``calibrate_across_sources``).
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}; use one of {', '.join(METHODS)}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration={calibration!r}; use one of {', '.join(CALIBRATIONS)}")
     layers = list(layers) if layers is not None else list(range(1, model.n_layers))
     bad = [l for l in layers if not 1 <= l < model.n_layers]
     if bad:
         raise ValueError(f"monitored layers must be in 1..{model.n_layers - 1}; got {bad}")
     store = store if store is not None else ActivationStore()
     names = [hk.resid_pre(l) for l in layers]
-    sets = [list(getattr(p, "prompts", p)) for p in (harmful_train, harmless_train, harmful_val, harmless_val)]
+    val_sources = _as_sources(harmless_val)
+    sets = [list(getattr(p, "prompts", p)) for p in (harmful_train, harmless_train, harmful_val)]
+    sets.append([p for v in val_sources.values() for p in v])
     for label, s in zip(("harmful_train", "harmless_train", "harmful_val", "harmless_val"), sets):
         if len(s) < 2:
             raise ValueError(f"{label} needs at least 2 prompts, got {len(s)}")
@@ -146,6 +190,50 @@ def fit_request_monitor(model: HookedModel, harmful_train, harmless_train, harmf
         if best is None or auc > best[1] + 1e-9:
             best = (layer, auc, w, b, vn @ w + b)
     layer, auc, w, b, neg_val = best
+    cuts = np.cumsum([0] + [len(v) for v in val_sources.values()])
+    by_source = {name: neg_val[cuts[i]:cuts[i + 1]] for i, name in enumerate(val_sources)}
+    threshold, per_source = calibrate_across_sources(by_source, fpr, calibration)
     return RequestMonitor(layer=layer, method=method, weight=torch.tensor(w, dtype=torch.float32), bias=b,
-                          threshold=calibrate_threshold(neg_val, fpr), target_fpr=fpr, val_auroc=auc,
-                          layer_scores=layer_scores)
+                          threshold=threshold, target_fpr=fpr, val_auroc=auc, layer_scores=layer_scores,
+                          calibration=calibration, source_thresholds=per_source)
+
+
+def leave_one_source_out(model: HookedModel, harmful: dict, sources: dict, *, layers: Sequence[int] | None = None,
+                         method: str = "probe", fpr: float = 0.01, calibration: str = "max",
+                         store: ActivationStore | None = None, batch_size: int = 16, n_boot: int = 1000,
+                         seed: int = 0) -> list[dict]:
+    """For each harmless source: fit and calibrate on the others only, then measure false alarms on it.
+
+    ``harmful``: ``{"train", "val", "test"}`` prompts; ``sources``: ``{name: {"train", "val", "test"}}``
+    (at least two). Returns one row per held-out source: its false-alarm rate on ALL its prompts
+    (never seen) and on its test split, the in-distribution rate on the other sources' test splits, and
+    the detection rate on the harmful test prompts, all at the fold's threshold.
+    """
+    if len(sources) < 2:
+        raise ValueError(f"leave-one-source-out needs at least 2 harmless sources, got {list(sources)}")
+    store = store if store is not None else ActivationStore()
+    rows = []
+    for held in sources:
+        rest = [n for n in sources if n != held]
+        mon = fit_request_monitor(model, harmful["train"], [p for n in rest for p in sources[n]["train"]],
+                                  harmful["val"], {n: sources[n]["val"] for n in rest}, layers=layers, method=method,
+                                  fpr=fpr, calibration=calibration, store=store, batch_size=batch_size, seed=seed)
+
+        def scores(prompts):
+            name = hk.resid_pre(mon.layer)
+            acts = store.get(model, list(prompts), [name], "last", batch_size=batch_size, progress=False)[name][:, 0]
+            return mon.score_activations(acts).numpy()
+
+        unseen = [p for split in ("train", "val", "test") for p in sources[held][split]]
+        row = {"held_out": held, "layer": mon.layer, "threshold": mon.threshold, "calibration": calibration,
+               "target_fpr": fpr, "val_auroc": mon.val_auroc}
+        row.update({f"unseen_{k}": v for k, v in false_alarm_rate(scores(unseen), mon.threshold, n_boot=n_boot,
+                                                                  seed=seed).items()})
+        row.update({f"unseen_test_{k}": v for k, v in false_alarm_rate(scores(sources[held]["test"]), mon.threshold,
+                                                                       n_boot=n_boot, seed=seed).items()})
+        seen = [p for n in rest for p in sources[n]["test"]]
+        row.update({f"seen_test_{k}": v for k, v in false_alarm_rate(scores(seen), mon.threshold, n_boot=n_boot,
+                                                                     seed=seed).items()})
+        row["tpr_harmful_test"] = float((scores(harmful["test"]) > mon.threshold).mean())
+        rows.append(row)
+    return rows

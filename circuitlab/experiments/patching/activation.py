@@ -28,7 +28,8 @@ from ... import plots
 from ...results import Result
 from ..base import check_choice, check_layers, register
 from ..checks import check_subset
-from .common import PairPatchingExperiment, average_over_pairs, model_layers, patch_pairs, refusal_metric
+# refusal_metric is imported from here by scripts and tests (the old home of the default metric).
+from .common import PairPatchingExperiment, average_over_pairs, model_layers, refusal_metric  # noqa: F401
 from .engine import Sweep
 
 __all__ = ["ActivationPatching", "layer_sweeps", "LAYER_COMPONENTS", "POSITION_SETS", "PATCHABLE"]
@@ -86,20 +87,19 @@ class ActivationPatching(PairPatchingExperiment):
         check_choice("positions", self.positions, POSITION_SETS)
         check_layers("layers", self.layers)
 
-    def run(self, model, harmful, harmless, *, store=None) -> Result:
-        layers = model_layers(model, self.layers)
-        pairs = self.pairs(model, harmful, harmless)
+    def unit_state(self, model) -> dict:
+        return {"layers": model_layers(model, self.layers)}
 
-        def sweeps(pair):
-            pos = _positions(self.positions, pair.length, model.n_post)
-            return layer_sweeps(model, self.components, layers, pos, per_position=self.per_position,
-                                head_positions=self.head_positions)
+    def pair_frame(self, model, state, pair) -> pd.DataFrame:
+        """One pair's rows: every component × layer × position cell patched (one unit of work)."""
+        pos = _positions(self.positions, pair.length, model.n_post)
+        return self.patch(model, pair, layer_sweeps(model, self.components, state["layers"], pos,
+                                                    per_position=self.per_position,
+                                                    head_positions=self.head_positions))
 
-        table = patch_pairs(model, pairs, sweeps, refusal_metric(model), mode=self.mode, fast=self.fast,
-                            batch_size=self.batch_size, progress=True)
-        table["mode"] = self.mode
+    def result(self, model, harmful, harmless, plan, table) -> Result:
         avg = average_over_pairs(table)
-        summary = {"n_pairs": len(pairs), "n_unpaired": pairs.n_unpaired,
+        summary = {"n_pairs": plan.state["n_pairs"], "n_unpaired": plan.state["n_unpaired"],
                    "clean_metric_mean": float(table.groupby("pair_id").clean_metric.first().mean()),
                    "corrupted_metric_mean": float(table.groupby("pair_id").corrupted_metric.first().mean()),
                    "skipped_fraction": float(table.skipped.mean())}

@@ -26,13 +26,11 @@ import pandas as pd
 
 from ... import hooks as hk
 from ...attribution import gradients, patch_estimate
-from ...progress import progress_bar
 from ...results import Result
-from ..base import Experiment, check_choice, check_layers, register
+from ..base import check_choice, check_layers, register
 from ..checks import check_at_least, check_subset, check_types
-from .common import (MODES, average_over_pairs, int_columns, model_layers, normalize, refusal_metric,
-                     target_and_source)
-from .pairs import PAIRINGS, make_pairs
+from .common import MODES, PairUnits, average_over_pairs, model_layers, normalize, refusal_metric, target_and_source
+from .pairs import PAIRINGS
 
 __all__ = ["AttributionPatching", "attribution_pair", "ATP_COMPONENTS"]
 
@@ -78,7 +76,7 @@ def attribution_pair(model, target_ids, source_ids, components, layers, metric, 
 
 @register("attribution-patching")
 @dataclass
-class AttributionPatching(Experiment):
+class AttributionPatching(PairUnits):
     """Attribution patching (AtP, Nanda 2023; Kramár et al. 2024): linear estimate of every patch effect."""
 
     components: list[str] = field(default_factory=lambda: list(ATP_COMPONENTS))  # any non-empty subset of the default
@@ -98,22 +96,21 @@ class AttributionPatching(Experiment):
         check_at_least(self, 1, "n_pairs")
         check_at_least(self, 0, "seed")
 
-    def run(self, model, harmful, harmless, *, store=None) -> Result:
-        layers = model_layers(model, self.layers)
-        pairs = make_pairs(model, harmful, harmless, n_pairs=self.n_pairs, pairing=self.pairing)
-        metric = refusal_metric(model)
-        frames = []
-        for pair in progress_bar(pairs, True, total=len(pairs), desc="attribution"):
-            target, source = target_and_source(pair, self.mode)
-            rows, t_metric, s_metric = attribution_pair(model, target, source, self.components, layers, metric,
-                                                        per_position=self.per_position)
-            df = pd.DataFrame(rows)
-            df["metric"] = t_metric + df["attribution"]
-            frames.append(normalize(df, pair, self.mode, t_metric, s_metric))
-        table = int_columns(pd.concat(frames, ignore_index=True))
-        table["mode"] = self.mode
+    def unit_state(self, model) -> dict:
+        return {"layers": model_layers(model, self.layers)}
+
+    def pair_frame(self, model, state, pair) -> pd.DataFrame:
+        """One pair's AtP rows (two forwards and one backward: one unit of work)."""
+        target, source = target_and_source(pair, self.mode)
+        rows, t_metric, s_metric = attribution_pair(model, target, source, self.components, state["layers"],
+                                                    refusal_metric(model), per_position=self.per_position)
+        df = pd.DataFrame(rows)
+        df["metric"] = t_metric + df["attribution"]
+        return normalize(df, pair, self.mode, t_metric, s_metric)
+
+    def result(self, model, harmful, harmless, plan, table) -> Result:
         avg = average_over_pairs(table)
-        summary = {"n_pairs": len(pairs), "n_unpaired": pairs.n_unpaired}
+        summary = {"n_pairs": plan.state["n_pairs"], "n_unpaired": plan.state["n_unpaired"]}
         for comp, sub in avg.groupby("component"):
             best = sub.loc[sub.normalized_mean.abs().idxmax()] if sub.normalized_mean.notna().any() else None
             if best is not None:

@@ -30,7 +30,7 @@ from ... import hooks as hk
 from ...results import Result
 from ..base import check_layers, register
 from ..checks import check_subset
-from .common import PairPatchingExperiment, model_layers, patch_pairs, refusal_metric
+from .common import PairPatchingExperiment, model_layers
 from .engine import Sweep
 
 __all__ = ["PathPatching", "path_sweep", "split_qkv_input", "RECEIVERS"]
@@ -126,24 +126,27 @@ class PathPatching(PairPatchingExperiment):
         check_subset(self, "receivers", RECEIVERS)
         check_layers("sender_layers", self.sender_layers)
 
-    def run(self, model, harmful, harmless, *, store=None) -> Result:
+    def unit_state(self, model) -> dict:
         layers = model_layers(model, self.sender_layers)
-        senders = [(l, h) for l in layers for h in range(model.n_heads)]
+        return {"senders": [(l, h) for l in layers for h in range(model.n_heads)]}
+
+    def pair_frame(self, model, state, pair):
+        """One pair's rows: every sender -> receiver edge (one unit of work)."""
+        senders = state["senders"]
         sweep = path_sweep(model, senders, self.receivers)
-        pairs = self.pairs(model, harmful, harmless)
         with split_qkv_input(model, "q" in self.receivers), torch.no_grad():
-            table = patch_pairs(model, pairs, lambda pair: [sweep], refusal_metric(model), mode=self.mode,
-                                fast=self.fast, batch_size=self.batch_size, progress=True,
-                                prepare=sender_deltas(model, senders),
-                                capture_names=sorted({hk.attn_z(l) for l, _ in senders}))
+            return self.patch(model, pair, [sweep], prepare=sender_deltas(model, senders),
+                              capture_names=sorted({hk.attn_z(l) for l, _ in senders}))
+
+    def result(self, model, harmful, harmless, plan, table) -> Result:
         table["receiver_head"] = table["receiver_head"].astype("Int64")
-        table["mode"] = self.mode
         keys = ["layer", "head", "receiver", "receiver_layer", "receiver_head"]
         avg = (table.groupby(keys, dropna=False).agg(normalized_mean=("normalized", "mean"),
                                                     metric_mean=("metric", "mean"),
                                                     n_pairs=("pair_id", "nunique")).reset_index())
         avg.insert(0, "component", "head")
         top = avg.reindex(avg.normalized_mean.abs().sort_values(ascending=False).index).head(5)
-        summary = {"n_pairs": len(pairs), "top_paths": top.astype(object).where(top.notna(), None).to_dict("records")}
+        summary = {"n_pairs": plan.state["n_pairs"],
+                   "top_paths": top.astype(object).where(top.notna(), None).to_dict("records")}
         return Result(table, self.config(model, harmful=harmful, harmless=harmless), tables={"average": avg},
                       summary=summary)

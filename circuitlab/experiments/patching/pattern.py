@@ -5,8 +5,9 @@ Patch head ``h``'s attention probabilities ``[query, key]`` at every query posit
 run into the target run, values untouched (TransformerLens ``get_act_patch_attn_head_pattern_all_pos``
 semantics; Wang et al. 2022 §3 use pattern patching to separate routing from content).
 
-This file is the whole variant: a grid of cells, a setter, a registration. The engine supplies
-batching, no-op skipping, prefix and causal reuse, and the tidy table.
+This file is the whole variant: a grid of cells, a setter, a registration, and the three unit
+methods (``unit_state``, ``pair_frame``, ``result``) that ``PairUnits`` turns into plan / run_unit /
+merge. The engine supplies batching, no-op skipping, prefix and causal reuse, and the tidy table.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from ... import hooks as hk
 from ...results import Result
 from ..base import check_layers, register
-from .common import PairPatchingExperiment, average_over_pairs, model_layers, patch_pairs, refusal_metric
+from .common import PairPatchingExperiment, average_over_pairs, model_layers
 from .engine import Sweep
 
 __all__ = ["PatternPatching", "pattern_sweep"]
@@ -51,11 +52,13 @@ class PatternPatching(PairPatchingExperiment):
         super().__post_init__()
         check_layers("layers", self.layers)
 
-    def run(self, model, harmful, harmless, *, store=None) -> Result:
-        sweep = pattern_sweep(model, model_layers(model, self.layers))
-        pairs = self.pairs(model, harmful, harmless)
-        table = patch_pairs(model, pairs, lambda pair: [sweep], refusal_metric(model), mode=self.mode,
-                            fast=self.fast, batch_size=self.batch_size, progress=True)
-        table["mode"] = self.mode
+    def unit_state(self, model) -> dict:
+        return {"layers": model_layers(model, self.layers)}
+
+    def pair_frame(self, model, state, pair):
+        """One pair's rows: every (layer, head) pattern patched (one unit of work)."""
+        return self.patch(model, pair, [pattern_sweep(model, state["layers"])])
+
+    def result(self, model, harmful, harmless, plan, table) -> Result:
         return Result(table, self.config(model, harmful=harmful, harmless=harmless),
-                      tables={"average": average_over_pairs(table)}, summary={"n_pairs": len(pairs)})
+                      tables={"average": average_over_pairs(table)}, summary={"n_pairs": plan.state["n_pairs"]})

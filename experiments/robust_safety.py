@@ -1,0 +1,83 @@
+"""Safety that survives its own attack: plain vs adversarial (ReFAT) hardening under adaptive attacks.
+Writes results/robust_safety/ (``--quick``: results/robust_safety/quick/).
+
+Usage: ``python experiments/robust_safety.py [N] [--quick] [--model NAME] [--dtype bfloat16] [--optimizer adam]``
+(N prompts per class, default 100; AdvBench and the harmless set subsampled with seed 0, split 60/20/20).
+
+Runs the ``robust-hardening`` experiment: the hardening demo (refusals written by the project on the
+harmful train prompts the model refuses least; retain set of the model's own harmless answers + KL),
+``plain`` vs ``adversarial`` (the refusal direction recomputed on the weights being trained every 4
+steps and ablated on the hardening rows), training located components / random components with
+exactly as many parameters / every block, at equal steps. Every model then faces three adaptive
+attacks recomputed on its own weights — directional ablation with the best of all layers × post-
+instruction positions chosen on validation prompts, mean-ablation of the top-64 attribution-ranked
+units, weight orthogonalization — plus the distribution measures (refusal as the top-1..64 units and
+the top-1..8 candidate directions are ablated) and the costs (over-refusal, KL, cross-entropy, wall
+time), with bootstrap 95 % CIs. No completions are saved: scores and judgments only.
+
+The full run scores ~100 candidate directions per model × 7 models: hours on this 2-core CPU, minutes
+on a GPU. ``--quick`` (for this CPU): targeted components only, 8 steps, 8 prompts per evaluation set,
+candidate layers at 50/62/75 % depth and position -1, 8-token judge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import circuitlab as cl
+from circuitlab.experiments import get
+
+OUT = Path(__file__).resolve().parent.parent / "results" / "robust_safety"
+
+FULL = dict(variants=["targeted", "random", "full"], modes=["plain", "adversarial"], n_neurons=16, n_heads=4,
+            steps=16, lr=1e-3, full_lr=1e-5, batch_size=4, n_train=16, n_retain=16, retain_tokens=16, kl_weight=1.0,
+            refresh_every=4, adv_prob=0.5, adv_directions=1, n_adv=16, attack_layers=None, attack_positions=None,
+            prune_layer_frac=0.2, n_attack=24, n_val=16, k_grid=[1, 4, 16, 64], n_dirs=[1, 2, 4, 8], n_eval=20,
+            n_text=8, judge=True, max_new_tokens=16, n_boot=1000)
+QUICK = dict(FULL, variants=["targeted"], steps=8, batch_size=2, n_train=8, n_retain=8, retain_tokens=8, n_adv=8,
+             n_attack=8, n_val=8, n_eval=8, n_text=4, k_grid=[1, 4, 16], n_dirs=[1, 2, 3], max_new_tokens=8,
+             n_boot=500)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("n", nargs="?", type=int, default=100, help="prompts per class (default 100)")
+    parser.add_argument("--quick", action="store_true", help="the small CPU configuration (results/robust_safety/quick)")
+    parser.add_argument("--model", default="embedded", help="model name, HF id or local dir (default embedded)")
+    parser.add_argument("--dtype", default=None, help="float32 (default) or bfloat16 (memory-lean)")
+    parser.add_argument("--optimizer", default="adam", help="adam | adam8bit | adafactor | sgd")
+    args = parser.parse_args()
+    t0 = time.time()
+    model = cl.load_model(args.model, dtype=args.dtype)
+    print(f"loaded {model} in {time.time() - t0:.1f} s", flush=True)
+    harmful = cl.datasets.load("advbench", n=args.n, seed=0)
+    harmless = cl.datasets.load("harmless", n=args.n, seed=0)
+    params = dict(QUICK if args.quick else FULL, optimizer=args.optimizer)
+    if args.quick:
+        params.update(attack_layers=sorted({int(model.n_layers * f) for f in (0.5, 0.625, 0.75)}), attack_positions=[-1])
+    out = OUT / "quick" if args.quick else OUT
+    start = time.time()
+    result = get("robust-hardening")(**params).run(model, harmful, harmless, store=cl.ActivationStore())
+    seconds = round(time.time() - start, 1)
+    result.save(out)
+    comparison = result.tables["comparison"]
+    cols = [c for c in comparison.columns if not c.endswith(("_ci_low", "_ci_high"))]
+    print(comparison[cols].to_string(), flush=True)
+    print(result.tables["training"].to_string(), flush=True)
+    run = {"script": "experiments/robust_safety.py", "command": "python experiments/robust_safety.py "
+           + " ".join([str(args.n)] + (["--quick"] if args.quick else [])
+                      + [f"--{k} {v}" for k, v in (("model", args.model), ("dtype", args.dtype),
+                                                    ("optimizer", args.optimizer)) if v and v not in ("embedded", "adam")]),
+           "n_per_class": args.n, "params": params, "seconds": seconds, "total_seconds": round(time.time() - t0, 1),
+           "model": {"id": model.name, "fingerprint": model.fingerprint, "dtype": str(model.dtype)},
+           "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "machine": "2-core CPU shared with other jobs (timings include contention)"}
+    (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
+    print(f"\nsaved {out} ({run['total_seconds']} s total)")
+
+
+if __name__ == "__main__":
+    main()

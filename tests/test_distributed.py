@@ -1,0 +1,143 @@
+"""Distributed runs (circuitlab.distributed) on a local Ray cluster: same table as one process, retries, resume."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from circuitlab.distributed import DistributedError, run_distributed
+from circuitlab.experiments.base import Experiment
+from circuitlab.experiments.patching.activation import ActivationPatching
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'circuitlab[ray]'")
+
+# Small but complete: every component, 3 pairs, the post-instruction positions (the run stays short).
+PARAMS = dict(n_pairs=3, positions="post")
+
+
+@dataclass
+class _Counted(ActivationPatching):
+    """activation-patching that leaves one file per ``run_unit`` call in ``calls`` (counts across processes)
+    and, when ``crash`` names a file that does not exist yet, creates it and kills its worker process."""
+
+    calls: str = ""  # directory for the per-call files
+    crash: str = ""  # marker file: the first unit run anywhere kills its worker, later ones do not
+
+    def run_unit(self, model, state, unit):
+        if self.crash and _first(self.crash):
+            os._exit(1)  # a worker killed mid-run, as by the OOM killer or a lost node
+        if self.calls:
+            Path(self.calls, f"{unit.pair_id}-{os.getpid()}-{os.urandom(4).hex()}").touch()
+        return super().run_unit(model, state, unit)
+
+
+def _first(marker: str) -> bool:
+    """True for exactly one caller across processes (exclusive create)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _calls(directory: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[0]) for p in directory.iterdir())
+
+
+def _same(a, b):
+    pd.testing.assert_frame_equal(a.table, b.table, check_exact=True)
+    pd.testing.assert_frame_equal(a.tables["average"], b.tables["average"], check_exact=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, harmful, harmless):
+    """The single-process run every distributed run must reproduce exactly."""
+    return ActivationPatching(**PARAMS).run(tiny, harmful, harmless)
+
+
+class _Whole(Experiment):
+    """An experiment with only ``run``: one piece of work, nothing to spread."""
+
+
+def test_refuses_experiments_without_units(tiny, harmful, harmless):
+    with pytest.raises(DistributedError, match="_Whole does not split into independent units") as err:
+        run_distributed(_Whole(), "tiny", harmful, harmless, workers=2, model=tiny)
+    assert "plan/run_unit/merge" in str(err.value)
+    assert {"activation-patching", "attribution-patching", "path-patching", "pattern-patching"} <= \
+        set(str(err.value).split("can: ")[1].split(", "))
+
+
+def test_unreachable_address_names_it_and_the_local_option(tiny, harmful, harmless):
+    with pytest.raises(DistributedError, match=r"127\.0\.0\.1:9.*--ray local"):
+        run_distributed(ActivationPatching(**PARAMS), "tiny", harmful, harmless, workers=2, address="127.0.0.1:9",
+                        model=tiny)
+
+
+def test_local_cluster_matches_single_process_and_is_shut_down(tiny, harmful, harmless, reference):
+    if ray.is_initialized():
+        pytest.skip("a Ray connection already exists; this test checks the cluster run_distributed starts itself")
+    result = run_distributed(ActivationPatching(**PARAMS), "tiny", harmful, harmless, workers=2, address="local",
+                             model=tiny)
+    assert not ray.is_initialized(), "the local cluster run_distributed started must be shut down"
+    _same(result, reference)
+    drop = ("dirty_tree",)  # the working tree's diff hash moves while others edit it
+    assert {k: v for k, v in result.summary.items() if k not in drop} == \
+        {k: v for k, v in reference.summary.items() if k not in drop}
+    assert result.config["distributed"]["units"] == 3 and "provenance" in result.config
+    run_only = ("provenance", "distributed")  # when and where it ran; everything else is the same record
+    assert {k: v for k, v in result.config.items() if k not in run_only} == \
+        {k: v for k, v in reference.config.items() if k not in run_only}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The CI cluster: local, 2 CPUs (run_distributed uses an existing connection as it is)."""
+    ray.init(num_cpus=2, include_dashboard=False)
+    # The test's experiment class lives in this (not installed) module: ship it to the workers by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.shutdown()
+
+
+def test_killed_worker_is_retried_then_resume_skips_finished_units(cluster, tiny, harmful, harmless, reference,
+                                                                    tmp_path):
+    calls, ckpt, crash = tmp_path / "calls", tmp_path / "ckpt", tmp_path / "crashed"
+    calls.mkdir()
+    exp = _Counted(**PARAMS, calls=str(calls), crash=str(crash))
+    result = run_distributed(exp, "tiny", harmful, harmless, workers=2, model=tiny, checkpoint_dir=ckpt,
+                             max_retries=1)
+    assert crash.exists(), "a worker must have been killed for this test to mean anything"
+    _same(result, reference)
+    assert not result.table.duplicated(["pair_id", "component", "layer", "head", "position"]).any()
+    assert result.table.groupby("pair_id").size().tolist() == reference.table.groupby("pair_id").size().tolist()
+    assert _calls(calls) == [0, 1, 2]  # the killed call left no file: each unit finished exactly once
+    assert ray.is_initialized(), "a connection the caller made is the caller's to close"
+
+    # A partially finished run (unit 1's output lost) resumes: only unit 1 runs again.
+    (ckpt / "unit-000001.pkl").unlink()
+    for p in calls.iterdir():
+        p.unlink()
+    resumed = run_distributed(exp, "tiny", harmful, harmless, workers=2, model=tiny, checkpoint_dir=ckpt)
+    assert _calls(calls) == [1] and resumed.config["distributed"]["resumed_units"] == 2
+    _same(resumed, reference)
+
+    # Everything finished: nothing runs, Ray is not even needed.
+    again = run_distributed(exp, "tiny", harmful, harmless, workers=2, model=tiny, checkpoint_dir=ckpt,
+                            address="127.0.0.1:9")
+    assert _calls(calls) == [1]
+    _same(again, reference)
+
+
+def test_checkpoints_of_another_run_are_refused(tiny, harmful, harmless, tmp_path):
+    ckpt, nowhere = tmp_path / "ckpt", "127.0.0.1:9"
+    with pytest.raises(DistributedError, match="cannot reach"):  # run.json is written before Ray is needed
+        run_distributed(ActivationPatching(**PARAMS), "tiny", harmful, harmless, workers=1, model=tiny,
+                        checkpoint_dir=ckpt, address=nowhere)
+    with pytest.raises(DistributedError, match="another run"):
+        run_distributed(ActivationPatching(n_pairs=2, positions="post"), "tiny", harmful, harmless, workers=1,
+                        model=tiny, checkpoint_dir=ckpt, address=nowhere)
