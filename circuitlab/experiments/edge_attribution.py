@@ -30,6 +30,7 @@ from .. import metrics as mx
 from .. import graph as eg
 from ..results import Result
 from .base import Experiment, check, check_choice, register
+from .checks import check_types
 from .patching.pairs import PAIRINGS, make_pairs
 
 __all__ = ["EdgeAttribution"]
@@ -40,22 +41,23 @@ __all__ = ["EdgeAttribution"]
 class EdgeAttribution(Experiment):
     """Edge attribution (EAP, EAP-IG) on the residual-stream graph, with whole-circuit faithfulness curves (MIB CPR/CMD)."""
 
-    methods: list[str] = field(default_factory=lambda: ["eap", "eap-ig"])
-    ig_steps: int = 5
-    mode: str = "denoise"
-    n_pairs: int | None = 32
-    pairing: str = "length"
-    discover_fraction: float = 0.5
-    fractions: list[float] = field(default_factory=lambda: list(eg.MIB_FRACTIONS))
-    selection: str = "topn"
-    ablation: str = "corrupt"
-    random_seeds: int = 3
-    n_boot: int = 20
-    stability_fraction: float = 0.05
-    batch_size: int = 8
-    seed: int = 0
+    methods: list[str] = field(default_factory=lambda: ["eap", "eap-ig"])  # scoring methods: eap (one backward) and/or eap-ig (integrated gradients over inputs)
+    ig_steps: int = 5  # EAP-IG interpolation steps (Hanna et al. 2024 use 5)
+    mode: str = "denoise"  # denoise (patch harmful into harmless) | noise (harmless into harmful)
+    n_pairs: int | None = 32  # equal-length harmful/harmless pairs used (None: all that pair up)
+    pairing: str = "length"  # length (exact token length) | pad (pad the shorter request)
+    discover_fraction: float = 0.5  # share of pairs that score edges; the rest evaluate faithfulness (held out)
+    fractions: list[float] = field(default_factory=lambda: list(eg.MIB_FRACTIONS))  # edge fractions of the faithfulness curve (MIB: 0.001 ... 1)
+    selection: str = "topn"  # topn (top-|score| edges) | greedy (connected from embedding to logits)
+    ablation: str = "corrupt"  # edges outside the circuit take the corrupted run's (corrupt) or mean (mean) values
+    random_seeds: int = 3  # random circuits per size (min-max band of the curve)
+    n_boot: int = 20  # bootstrap resamples of the pairs for top-edge stability (Jaccard)
+    stability_fraction: float = 0.05  # edge fraction whose stability across resamples is reported
+    batch_size: int = 8  # pairs per forward/backward batch
+    seed: int = 0  # seed for pair order, random circuits and bootstrap
 
     def __post_init__(self):
+        check_types(self)
         check(len(self.methods) > 0 and set(self.methods) <= set(eg.METHODS),
               f"methods={self.methods!r} must be a non-empty subset of {', '.join(eg.METHODS)}")
         check(isinstance(self.ig_steps, int) and self.ig_steps >= 1, f"ig_steps must be an int >= 1, got {self.ig_steps!r}")
