@@ -11,6 +11,10 @@ from circuitlab.results import SHARED_COLUMNS, Result, load_result
 
 # Small settings so each experiment runs in seconds on the tiny model.
 FAST_PARAMS: dict[str, dict] = {
+    "robust-hardening": {"steps": 2, "n_neurons": 3, "n_heads": 2, "variants": ["targeted"], "n_train": 4,
+                         "batch_size": 2, "n_retain": 3, "retain_tokens": 3, "judge": False, "n_text": 2,
+                         "n_eval": 3, "n_val": 2, "n_attack": 4, "n_adv": 3, "k_grid": [1, 2], "n_dirs": [1, 2],
+                         "n_boot": 50},
     "circuit-map": {"n_neurons": 3, "n_heads": 2, "n_atp_neurons": 2, "n_atp_heads": 1, "n_verify": 4, "probe_threshold": 0.6},
     "ablation": {"k_grid": [1, 3], "random_seeds": 1, "max_new_tokens": 2, "n_text": 4},
     "refusal-direction": {"max_new_tokens": 4, "plaintext_n": 4, "n_boot": 100, "filter_train": False,
