@@ -13,7 +13,8 @@ Kinds of work (``calls`` counts outermost calls):
 - ``patching``: the patching engine's ``run_sweeps`` (circuit-map verification)
 - ``attribution``: ``attribution.mean_patch_estimates`` (attribution patching: forward + backward)
 - ``last_logits``: ``HookedModel.last_logits`` (refusal score on harmful prompts; harmless logits for KL)
-- ``generation prefill``: ``generation.prefill`` (the prompt forward of each judged generation)
+  and ``direction_eval.last_logits_shared`` (direction scoring, via a shared-prefix prefill)
+- ``generation prefill``: ``generation.prefill`` inside decoding (the prompt forward of each judged generation)
 - ``generation decode``: ``metrics.judge_refusals`` / ``generation.generate`` / ``decode_groups`` outside
   the prefill (the decoding steps; refusal-token calibration included)
 - ``kl``: ``metrics.kl_divergence``; ``cross-entropy``: ``metrics.cross_entropy``
@@ -53,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 # (module, attribute or Class.method, kind); targets a module lacks are skipped
 TARGETS = (
+    ("circuitlab.direction_eval", "last_logits_shared", "last_logits"),
     ("circuitlab.model", "HookedModel.run_with_cache", "activations"),
     ("circuitlab.store", "ActivationStore.get", "store"),
     ("circuitlab.experiments.patching.engine", "run_sweeps", "patching"),
@@ -66,6 +68,9 @@ TARGETS = (
     ("circuitlab.metrics", "kl_divergence", "kl"),
     ("circuitlab.metrics", "cross_entropy", "cross-entropy"),
 )
+# a kind counted only inside another one (elsewhere the call's time stays with its caller's kind):
+# prefill is judged generation only inside decoding; direct calls are last-logits forwards
+WITHIN = {"generation prefill": "generation decode"}
 KINDS = ("activations", "store", "patching", "attribution", "last_logits", "generation prefill",
          "generation decode", "kl", "cross-entropy", "other")
 
@@ -79,7 +84,8 @@ class Profiler:
         self.phases: list[str] = ["script"]
         self.current = "script"
         self.stack = ["other"]
-        self.mark = time.perf_counter()
+        self.mark = self.start = time.perf_counter()
+        self.on_phase_end = None  # called after each phase (e.g. to save the table so far)
         self._undo: list = []
 
     def _flush(self) -> None:
@@ -99,11 +105,15 @@ class Profiler:
         finally:
             self._flush()
             self.current = previous
+            if self.on_phase_end is not None:
+                self.on_phase_end()
 
     def timed(self, fn, kind: str):
         """``fn`` with its time (less that of nested timed calls) counted as ``kind``."""
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            if kind in WITHIN and self.stack[-1] != WITHIN[kind]:
+                return fn(*args, **kwargs)
             self._flush()
             if self.stack[-1] != kind:
                 self.calls[(self.current, kind)] += 1
@@ -172,24 +182,38 @@ def load_demo():
     return module
 
 
-def profile(demo_args: list[str], results: Path | None = None) -> tuple[pd.DataFrame, dict]:
-    """Run the demo's main under the profiler: (table, run record)."""
+def _save(table: pd.DataFrame, record: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2))
+
+
+def profile(demo_args: list[str], results: Path | None = None, out: Path | None = None) -> tuple[pd.DataFrame, dict]:
+    """Run the demo's main under the profiler: (table, run record). With ``out``, the table so far is
+    saved after every phase (``"partial": true`` in the record), so an interrupted run leaves its numbers."""
     demo = load_demo()
     prof = Profiler()
     record = {"demo_args": demo_args, "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-              "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "partial": True}
+
+    def snapshot():
+        wall = time.perf_counter() - prof.start
+        record.update(wall_s=round(wall, 1), loadavg_end=[round(x, 2) for x in os.getloadavg()])
+        table = prof.table(wall)
+        if out is not None:
+            _save(table, record, out)
+        return table
+
     with tempfile.TemporaryDirectory() as tmp:
-        out = results or Path(tmp) / "demo"
         prof.install(extra_modules=[demo])
+        prof.on_phase_end = snapshot
         demo.phase = prof.phase
-        t0 = time.perf_counter()
         try:
-            demo.main(list(demo_args) + ["--out", str(out)])
+            demo.main(list(demo_args) + ["--out", str(results or Path(tmp) / "demo")])
         finally:
-            wall = time.perf_counter() - t0
             prof.uninstall()
-    record.update(wall_s=round(wall, 1), loadavg_end=[round(x, 2) for x in os.getloadavg()])
-    return prof.table(wall), record
+    record["partial"] = False
+    return snapshot(), record
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -203,10 +227,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     model = demo_args[demo_args.index("--model") + 1] if "--model" in demo_args else "embedded"
     tag = args.tag or ("quick" if "--quick" in demo_args else "full") + ("" if model == "embedded" else f"_{model}")
     out = args.out or ROOT / "results" / "bench" / f"demo_profile_{tag}.csv"
-    table, record = profile(demo_args, args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False)
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    table, record = profile(demo_args, args.results, out)
     with pd.option_context("display.max_rows", None, "display.width", 120):
         print(table.to_string(index=False))
     print(f"wall {record['wall_s']} s; load average {record['loadavg_start']} -> {record['loadavg_end']} "

@@ -52,10 +52,12 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0, lev
 
 
 def _measure(model, prompts, hooks, judge, max_new_tokens, batch_size, progress):
-    logits = model.last_logits(prompts, fwd_hooks=hooks, batch_size=batch_size, progress=progress)
+    # direction hooks act on every position and row alike, so the shared chat-template prefix is exact
+    logits = last_logits_shared(model, prompts, hooks, batch_size=batch_size, progress=progress)
     # generation pays a per-step cost per batch: bigger batches amortise it
     judged = (metrics.judge_refusals(model, prompts, max_new_tokens=max_new_tokens, fwd_hooks=hooks,
-                                     batch_size=max(batch_size, 32), progress=progress) if judge else None)
+                                     batch_size=max(batch_size, 32), progress=progress, share_prefix=True)
+              if judge else None)
     return logits, judged
 
 

@@ -150,14 +150,17 @@ def is_refusal(text: str, phrases: Sequence[str] = REFUSAL_PHRASES) -> bool:
 
 def judge_refusals(model: HookedModel, prompts: Sequence[str], *, max_new_tokens: int = 24,
                    phrases: Sequence[str] = REFUSAL_PHRASES, fwd_hooks: Iterable = (),
-                   batch_size: int = 16, progress: bool = False) -> list[bool]:
+                   batch_size: int = 16, progress: bool = False, share_prefix: bool = False) -> list[bool]:
     """Generate greedily and judge each completion; the completions themselves are not kept.
 
     A row stops decoding once a refusal phrase has appeared (its verdict can no longer change), so
     refusals cost a few tokens instead of ``max_new_tokens``; verdicts equal full decoding's.
+    ``share_prefix`` (exact only without hooks or with hooks that treat every position and row alike)
+    computes the chat-template prefix a batch shares once: see ``generation.prefill``.
     """
     texts = model.generate(list(prompts), max_new_tokens, fwd_hooks=fwd_hooks, batch_size=batch_size,
-                           progress=progress, desc="judge", stop_when=lambda text: is_refusal(text, phrases))
+                           progress=progress, desc="judge", stop_when=lambda text: is_refusal(text, phrases),
+                           share_prefix=share_prefix)
     return [is_refusal(t, phrases) for t in texts]
 
 

@@ -154,3 +154,15 @@ def test_baseline_is_shared_across_runs_and_read_from_the_store(planted, planted
     get("ablation")(kind="head", k_grid=[1], **{**kw, "judge_at": "decisive"}).run(
         planted, harmful, harmless, store=store, shared=shared)
     assert sum(k[0] == "baseline" for k in shared) == 2 and len(judged) > 0
+
+
+def test_shared_prefix_scoring_equals_plain_forward(planted, planted_sets):
+    """Mean ablation treats every position alike: the shared-prefix last logits equal a plain forward."""
+    harmful, harmless = planted_sets
+    prompts = list(harmful)[:6] + list(harmless)[:6]
+    comps = [Component("neuron", 2, 37), Component("neuron", 1, 3), Component("head", 1, 2)]
+    hooks = ablation_hooks(planted, comps, "mean", reference=list(harmless))
+    exp = get("ablation")(method="mean", batch_size=5)
+    shared = exp._last_logits(planted, prompts, hooks)
+    plain = planted.last_logits(prompts, fwd_hooks=hooks, batch_size=5)
+    assert (shared - plain).abs().max() < 1e-4

@@ -62,9 +62,11 @@ def test_profiler_counts_nested_calls_once():
 
     with prof.phase("p"):
         prof.timed(outer, "cross-entropy")()
+        prof.timed(inner, "generation prefill")()  # outside decoding: stays with its caller's kind
     table = prof.table(wall=0.2).set_index(["phase", "kind"])
     assert 0.1 <= table.loc[("p", "kl"), "seconds"] < 0.14 and table.loc[("p", "kl"), "calls"] == 2
     assert 0.05 <= table.loc[("p", "cross-entropy"), "seconds"] < 0.09
+    assert ("p", "generation prefill") not in table.index and 0.05 <= table.loc[("p", "other"), "seconds"] < 0.09
 
 
 def test_demo_profile_smoke_on_planted(tmp_path):

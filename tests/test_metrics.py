@@ -77,3 +77,16 @@ def test_calibration_finds_the_planted_refusal_token(planted, planted_sets):
 
 def test_explicit_strings_override(tiny):
     assert metrics.refusal_tokens(tiny, ["I"]) == [tiny.to_single_token("I")]
+
+
+def test_judge_with_shared_prefix_gives_the_same_verdicts(planted, planted_sets):
+    """Directional ablation treats every position alike: sharing the chat prefix changes no verdict."""
+    from circuitlab import interventions as iv
+    harmful, harmless = planted_sets
+    prompts = list(harmful)[:6] + list(harmless)[:6]
+    direction = torch.randn(planted.bridge.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    for hooks in ([], iv.directional_ablation_hooks(planted, direction)):
+        kw = dict(max_new_tokens=6, fwd_hooks=hooks, batch_size=5, phrases=("sorry",))
+        plain = metrics.judge_refusals(planted, prompts, **kw)
+        shared = metrics.judge_refusals(planted, prompts, share_prefix=True, **kw)
+        assert shared == plain and any(plain)

@@ -37,7 +37,9 @@ judged rates, and the attribution estimates, which hold both unit kinds), keyed 
 depends on, so a run with other prompts or settings recomputes. The unablated scores and
 harmless logits are read from the activation store's final residual (no forward pass when an
 earlier experiment cached it), and the mean-ablation reference of both unit kinds is cached in
-one pass.
+one pass. Under zero / mean ablation (hooks that treat every position and row alike) the scored
+forward passes compute the chat-template prefix a batch shares once
+(``direction_eval.last_logits_shared``, exact), harmful and harmless prompts in one length-sorted call.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from .. import datasets, metrics, plots
 from .. import hooks as hk
 from ..attribution import mean_patch_estimates
 from ..components import Component
-from ..direction_eval import bootstrap_ci
+from ..direction_eval import bootstrap_ci, last_logits_shared
 from ..interventions import ABLATION_METHODS, ablation_hooks, reference_activations
 from ..progress import progress_bar
 from ..ranking import rank_components, top_components
@@ -284,9 +286,16 @@ class Ablation(Experiment):
 
     def _score(self, model, hooks, harmful, harmless, texts, base) -> dict:
         """The forward-pass measures under ``hooks`` (refusal score, KL, cross-entropy); no judge."""
-        scores = metrics.refusal_score(model, harmful, fwd_hooks=hooks, batch_size=self.batch_size).numpy()
-        harmless_logits = model.last_logits(harmless, fwd_hooks=hooks, batch_size=self.batch_size)
-        return self._row(model, scores, harmless_logits, base["harmless_logits"], hooks, texts)
+        logits = self._last_logits(model, list(harmful) + list(harmless), hooks)
+        scores = metrics.refusal_score_from_logits(logits[:len(harmful)], metrics.refusal_tokens(model)).numpy()
+        return self._row(model, scores, logits[len(harmful):], base["harmless_logits"], hooks, texts)
+
+    def _last_logits(self, model, prompts, hooks):
+        # zero / mean ablation act on every position and row alike, so the chat-template prefix a batch
+        # shares is computed once (exact); resample draws a reference row per batch row and cannot share it
+        if self.method == "resample":
+            return model.last_logits(prompts, fwd_hooks=hooks, batch_size=self.batch_size)
+        return last_logits_shared(model, prompts, hooks, batch_size=self.batch_size)
 
     def _row(self, model, scores, harmless_logits, base_logits, hooks, texts) -> dict:
         harmless_scores = metrics.refusal_score_from_logits(harmless_logits, metrics.refusal_tokens(model)).numpy()
@@ -301,7 +310,8 @@ class Ablation(Experiment):
 
     def _judge(self, model, hooks, harmful, harmless) -> dict:
         """Judged refusal rate (with CI) on ``harmful``; over-refusal rate on ``harmless`` unless None."""
-        kw = dict(max_new_tokens=self.max_new_tokens, fwd_hooks=hooks, batch_size=self.batch_size)
+        kw = dict(max_new_tokens=self.max_new_tokens, fwd_hooks=hooks, batch_size=self.batch_size,
+                  share_prefix=self.method != "resample")  # resample's hooks differ per row
         verdicts = np.array(metrics.judge_refusals(model, harmful, **kw), dtype=float)
         out = {"refusal_rate": float(verdicts.mean()), "judged": True}
         out["refusal_rate_ci_low"], out["refusal_rate_ci_high"] = bootstrap_ci(verdicts, seed=self.seed)

@@ -182,12 +182,10 @@ class RefusalDirection(Experiment):
         """Refused harmful and answered harmless prompts of one split, by ``filter_by``; a side with fewer
         than ``min_kept`` survivors is used whole. Returns (harmful, harmless, one row per side)."""
         prompts = list(harmful) + list(harmless)
-        if self.filter_by == "judge":
-            # a refusal marker, once generated, stays: stop that row early (same verdict as full decoding)
-            texts = model.generate(prompts, self.max_new_tokens, batch_size=max(self.batch_size, 32),
-                                   stop_when=metrics.is_refusal, share_prefix=True, progress=self.progress,
-                                   desc=f"judging {split} prompts")
-            refused = torch.tensor([metrics.is_refusal(t) for t in texts])
+        if self.filter_by == "judge":  # metrics.judge_refusals stops a row once it has refused
+            refused = torch.tensor(metrics.judge_refusals(model, prompts, max_new_tokens=self.max_new_tokens,
+                                                          batch_size=max(self.batch_size, 32), progress=self.progress,
+                                                          share_prefix=True))
         else:
             refused = metrics.refusal_score(model, prompts, batch_size=self.batch_size) > self.filter_threshold
         out, rows = [], []

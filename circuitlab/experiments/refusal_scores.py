@@ -35,7 +35,7 @@ class RefusalScores(Experiment):
         for set_name, prompts in (("harmful", harmful), ("harmless", harmless)):
             scores = metrics.refusal_score(model, list(prompts), batch_size=self.batch_size, progress=True)
             judged = (metrics.judge_refusals(model, list(prompts), max_new_tokens=self.max_new_tokens,
-                                             batch_size=self.batch_size, progress=True)
+                                             batch_size=self.batch_size, progress=True, share_prefix=True)
                       if self.judge else [None] * len(prompts))
             for i, (s, j) in enumerate(zip(scores.tolist(), judged)):
                 rows.append({"set": set_name, "prompt_id": i, "refusal_score": s, "judged_refusal": j})
