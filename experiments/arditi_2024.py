@@ -95,7 +95,7 @@ def main(argv=None) -> None:
                                "subsampling": f"candidates scored at layers {args.layers or 'all'}, all post "
                                               "positions, on --n-val prompts per side"}
     result.figures["refusal_rates"] = main_figure(evaluation)
-    out = result.save(args.out)
+    out = result.save(args.out, overwrite=True)
     # 896 floats: lets anyone re-apply this exact direction without rerunning the search
     torch.save({"direction": exp.direction_, "layer": exp.layer_, "position": exp.position_}, out / "direction.pt")
     (out / "table.parquet").unlink(missing_ok=True)  # the csv carries the same candidates table

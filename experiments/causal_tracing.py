@@ -37,7 +37,7 @@ def main(argv=None) -> None:
                                      positions=args.positions, n_pairs=args.n_pairs)
     result = exp.run(model, harmful, harmless)
     result.summary["wall_s"] = round(time.time() - t0, 1)
-    out = result.save(args.out)
+    out = result.save(args.out, overwrite=True)
     print(f"saved {out} ({time.time() - t0:.0f} s)")
     avg = result.tables["average"]
     for comp in ("resid_pre", "attn_out", "mlp_out", "head"):

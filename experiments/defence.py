@@ -63,7 +63,7 @@ def main() -> None:
         start = time.time()
         result = get(name)(**params).run(model, harmful, harmless, store=store)
         timings[name] = round(time.time() - start, 1)
-        result.save(OUT / sub)
+        result.save(OUT / sub, overwrite=True)
         summaries[name] = result.summary
         print(f"\n{name}: {timings[name]} s", flush=True)
         for key, value in result.summary.items():

@@ -36,10 +36,10 @@ def main() -> None:
     harmless = cl.datasets.load("harmless", split="train", n=N, seed=0)
     store = cl.ActivationStore()
     ranking = get("diff-ranking")(top_k=50, positions="last").run(model, harmful, harmless, store=store)
-    ranking.save(OUT / "diff_ranking")
+    ranking.save(OUT / "diff_ranking", overwrite=True)
     print(f"diff-ranking done ({time.time() - t0:.0f} s)", flush=True)
     probing = get("probing")(positions="post").run(model, harmful, harmless, store=store)
-    probing.save(OUT / "probing")
+    probing.save(OUT / "probing", overwrite=True)
     s = probing.summary
     lines = [
         f"model {model.name}, {len(harmful)} AdvBench train vs {len(harmless)} harmless train prompts",

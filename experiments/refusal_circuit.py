@@ -26,6 +26,7 @@ from pathlib import Path
 
 import circuitlab as cl
 from circuitlab.experiments import get
+from circuitlab.results import check_output_dir
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "refusal_circuit"
 RUNS = ("fragility_neuron", "fragility_head", "fragility_neuron_effect_size")
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reuse-fragility", action="store_true",
                         help="reuse fragility runs already saved under --out; compute only the missing ones")
     args = parser.parse_args(argv)
+    for sub in ("circuit", *RUNS):  # our own earlier run folders are replaced; anything else fails now, not after
+        check_output_dir(args.out / sub, overwrite=True)
     t0 = time.time()
     with phase("load"):
         model, harmful, harmless = _load(args)
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with phase("circuit map"):
         circuit = get("circuit-map")(**plan["circuit"]).run(model, harmful, harmless, store=store)
-        circuit.save(args.out / "circuit")
+        circuit.save(args.out / "circuit", overwrite=True)
     print(f"[{time.time() - t0:5.0f} s] circuit map: {circuit.summary}")
 
     common = dict(plan["ablation"], judge_at=args.judge_at)
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         with phase(name):
             result = get("ablation")(kind=kind, k_grid=grid, rank_by=rank_by, **common).run(
                 model, harmful, harmless, store=store, shared=shared)
-            result.save(args.out / name)
+            result.save(args.out / name, overwrite=True)
         fragility[name] = result.summary
         print(f"[{time.time() - t0:5.0f} s] {name}: {result.summary}")
 

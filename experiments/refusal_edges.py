@@ -82,7 +82,7 @@ def main() -> None:
     exp = get("edge-attribution")(n_pairs=args.n_pairs, ig_steps=5, random_seeds=args.seeds,
                                   n_boot=5 if args.quick else 20)
     result = exp.run(model, harmful, harmless)
-    result.save(args.out / "edge_attribution")
+    result.save(args.out / "edge_attribution", overwrite=True)
     print(f"[{time.time() - t0:5.0f} s] edge attribution: CPR {result.summary['cpr']} CMD {result.summary['cmd']}")
 
     graph = eg.EdgeGraph.from_model(model)

@@ -62,7 +62,7 @@ def main() -> None:
     start = time.time()
     result = get("robust-hardening")(**params).run(model, harmful, harmless, store=cl.ActivationStore())
     seconds = round(time.time() - start, 1)
-    result.save(out)
+    result.save(out, overwrite=True)
     comparison = result.tables["comparison"]
     cols = [c for c in comparison.columns if not c.endswith(("_ci_low", "_ci_high"))]
     print(comparison[cols].to_string(), flush=True)

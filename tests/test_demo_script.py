@@ -5,10 +5,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from circuitlab import load_model, metrics
 from circuitlab.experiments import get
 from circuitlab.planted import planted_prompts
+from circuitlab.results import OutputError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,3 +89,18 @@ def test_demo_profile_smoke_on_planted(tmp_path):
     summary = (tmp_path / "demo" / "summary.json").read_text()
     assert '"model": "planted"' in summary
     assert (tmp_path / "profile.json").is_file()
+
+
+def test_demo_runs_twice_into_the_same_folder(tmp_path):
+    """`make demo` twice: the second run replaces its own earlier run folders; a stranger's folder fails first."""
+    demo = _script()
+    args = ["--model", "planted", "--quick", "--n", "8", "--out", str(tmp_path / "demo")]
+    demo.main(args)
+    second = demo.main(args)
+    assert second["n_per_set"] == 8 and (tmp_path / "demo" / "circuit" / "config.json").is_file()
+    (tmp_path / "mine" / "circuit").mkdir(parents=True)
+    (tmp_path / "mine" / "circuit" / "notes.txt").write_text("a user's file")
+    started = time.time()
+    with pytest.raises(OutputError):  # before any model is loaded
+        demo.main(["--model", "planted", "--quick", "--n", "8", "--out", str(tmp_path / "mine")])
+    assert time.time() - started < 5 and (tmp_path / "mine" / "circuit" / "notes.txt").read_text() == "a user's file"

@@ -1,0 +1,267 @@
+"""circuitlab's abliteration search against Heretic on the same train / val / test prompt files: both
+Pareto fronts measured on the test prompts, with the original model and the Arditi-selected direction.
+
+    .venv/bin/python experiments/abliteration_pareto.py                  # embedded model: hours on a CPU
+    .venv/bin/python experiments/abliteration_pareto.py --model tiny --trials 3 --n-train 6 --n-val 4 \\
+        --n-test 4 --no-heretic --out runs/abliteration-smoke           # smoke test, seconds
+
+Prompts: ``bench/peers/heretic.write_prompts`` writes one file per set and split (circuitlab's
+deterministic 60/20/20 splits, ``--seed``, then ``--n-*`` prompts each); circuitlab reads those same
+files. Train gives the directions, val scores every trial of both searches, test is read only after
+both searches are done.
+
+1. circuitlab (``abliteration-search``): one seeded study per family (``--variants``), ``--trials``
+   each; objectives on val: ``--refusal`` (score: mean refusal score, default; markers: Heretic's
+   marker count) and Heretic's first-token KL.
+2. Heretic 1.4.0 (``bench/peers/heretic.py``, its own venv, ``--heretic-trials``) on the same files,
+   by default with ``--row-normalization NONE --no-orthogonalize-direction``: then its edit family is
+   circuitlab's Heretic family, so each of its Pareto trials is re-applied in circuitlab with the same
+   parameters (``abliteration.heretic_edits`` on circuitlab's train directions, which differ from
+   Heretic's own only in the last layer, where Heretic reads the final norm's output, and in tokenisation
+   details; the system prompt of circuitlab's chat template is passed to Heretic) and measured on test
+   by the same scorer. ``--heretic-defaults`` keeps Heretic's own defaults (norm-preserving row
+   normalisation, orthogonalised direction), which circuitlab does not implement: its test points are
+   then marked ``same_family = False`` (approximate). A missing Heretic venv skips this part with a message.
+3. Original model and the Arditi et al. 2024 direction (``refusal-direction``'s selection on the same
+   train/val, its orthogonalized weights): one test point each.
+
+Test measures (``abliteration.score_model``): refusal score (calibrated refusal tokens), Heretic's
+first-token KL on harmless, cross-entropy on ``--plaintext-n`` plain texts, and with ``--judge``
+Heretic-marker refusals of ``--max-tokens`` greedy tokens. Writes ``--out`` (results/abliteration):
+``fronts.csv`` (every test point: method, family, trial, val objectives, test measures, parameters),
+``pareto_test.png``, ``summary.json`` (settings, prompt files and hashes, model fingerprint, versions,
+timings), ``circuitlab/`` (the search's run folder: trials.csv, table.csv, config.json) and
+``heretic/`` (Heretic's trials.csv, run.json, log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.peers import heretic  # noqa: E402
+from circuitlab import ActivationStore, datasets, load_model, provenance  # noqa: E402
+from circuitlab import interventions as iv  # noqa: E402
+from circuitlab.abliteration import (AbliterationParams, Kernel, abliterated, heretic_edits,  # noqa: E402
+                                     score_model)
+from circuitlab.direction_eval import last_logits_shared  # noqa: E402
+from circuitlab.experiments.abliteration_search import AbliterationSearch  # noqa: E402
+from circuitlab.experiments.direction import RefusalDirection  # noqa: E402
+from circuitlab.results import Result  # noqa: E402
+
+PLAIN_FAMILY = ["--row-normalization", "NONE", "--no-orthogonalize-direction"]  # Heretic = circuitlab's family
+HERETIC_COMPONENTS = {"attn": "attn.o_proj", "mlp": "mlp.down_proj"}  # circuitlab writer -> Heretic component
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    start = time.time()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = provenance.start()
+    model = load_model(a.model)
+    store = ActivationStore(a.store) if a.store else ActivationStore()
+    files = heretic.write_prompts(out / "prompts", a.harmful, a.harmless,
+                                  {"train": a.n_train, "val": a.n_val, "test": a.n_test}, a.seed)
+    sets = {key: datasets.load(info["file"]) for key, info in files.items()}
+    h = [sets[f"harmful_{s}"] for s in ("train", "val", "test")]
+    s = [sets[f"harmless_{s}"] for s in ("train", "val", "test")]
+    timings = {}
+
+    exp = AbliterationSearch(variants=a.variants.split(","), n_trials=a.trials, n_startup_trials=a.startup_trials,
+                             refusal=a.refusal, max_new_tokens=a.max_tokens, judge=a.judge, plaintext_n=a.plaintext_n,
+                             batch_size=a.batch_size, seed=a.seed)
+    trials = exp.search(model, h[0], s[0], h[1], s[1], store=store)
+    timings["circuitlab_search_s"] = round(time.time() - start, 1)
+    print(f"[{time.time() - start:.0f}s] circuitlab: {len(trials)} trials, "
+          f"{int(trials.pareto_front.sum())} on the front", flush=True)
+
+    heretic_trials = run_heretic(a, model, out, files) if not a.no_heretic else _skip("--no-heretic given")
+    timings["heretic_s"] = round(time.time() - start - timings["circuitlab_search_s"], 1)
+    arditi = RefusalDirection(filter_train=a.arditi_filter != "none", filter_val=a.arditi_filter != "none",
+                              filter_by="score" if a.arditi_filter == "none" else a.arditi_filter, min_kept=8,
+                              max_new_tokens=a.max_tokens, batch_size=a.batch_size, seed=a.seed, progress=True)
+    arditi.select(model, h[0], s[0], h[1], s[1], store)
+    # --- the test split is read from here on ---
+    front, search_summary = exp.evaluate(model, h[2], s[2])
+    rows = test_points(a, model, exp, front, heretic_trials, arditi, h[2], s[2])
+    fronts = pd.DataFrame(rows)
+    fronts.to_csv(out / "fronts.csv", index=False)
+    figure(fronts, model.name).savefig(out / "pareto_test.png", dpi=150)
+    Result(front, exp.config(model, **sets), tables={"trials": trials}, summary=search_summary).save(
+        out / "circuitlab", overwrite=True)
+    summary = {"script": Path(__file__).name, "argv": vars(a),
+               "model": {"id": model.name, "fingerprint": model.fingerprint},
+               "prompts": files, "arditi": {"layer": arditi.layer_, "position": arditi.position_},
+               "search": search_summary, "heretic": "skipped" if heretic_trials is None else
+               {"trials": len(heretic_trials), "family": "heretic defaults" if a.heretic_defaults else "plain"},
+               "timings": {**timings, "total_s": round(time.time() - start, 1)},
+               "provenance": provenance.finish(record, model), "versions": provenance.versions()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    print(f"[{time.time() - start:.0f}s] wrote {out}/fronts.csv, pareto_test.png, summary.json", flush=True)
+    return summary
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="embedded", help="embedded, tiny, planted, a HF id or a local folder")
+    p.add_argument("--variants", default="heretic,targeted,global", help="circuitlab families, comma-separated")
+    p.add_argument("--trials", type=int, default=60, help="circuitlab trials per family")
+    p.add_argument("--heretic-trials", type=int, default=60, help="Heretic --n-trials")
+    p.add_argument("--startup-trials", type=int, default=20, help="random start-up trials (both searches)")
+    p.add_argument("--refusal", choices=("score", "markers"), default="score",
+                   help="circuitlab's val refusal objective")
+    p.add_argument("--judge", action="store_true", help="also count marker refusals on test (generation)")
+    p.add_argument("--harmful", default="advbench")
+    p.add_argument("--harmless", default="harmless")
+    p.add_argument("--n-train", type=int, default=32)
+    p.add_argument("--n-val", type=int, default=16)
+    p.add_argument("--n-test", type=int, default=32)
+    p.add_argument("--plaintext-n", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=24, help="generated tokens (markers, Heretic responses)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--arditi-filter", choices=("score", "judge", "none"), default="score",
+                   help="refusal-direction's train/val filter for the Arditi point")
+    p.add_argument("--heretic-defaults", action="store_true",
+                   help="Heretic with its row normalisation and direction orthogonalisation (approximate re-use)")
+    p.add_argument("--heretic-timeout", type=float, default=None, help="stop Heretic after this many seconds")
+    p.add_argument("--no-heretic", action="store_true", help="skip Heretic")
+    p.add_argument("--store", default=None, help="activation store folder (default: circuitlab's cache)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/abliteration")
+    return p.parse_args(argv)
+
+
+# ---- Heretic ---------------------------------------------------------------------------------------
+
+def _skip(why: str) -> None:
+    print(f"Heretic skipped: {why}", flush=True)
+    return None
+
+
+def run_heretic(a, model, out: Path, files: dict) -> pd.DataFrame | None:
+    """Heretic's search on the same prompt files (its venv, a subprocess); its trials, or None if skipped."""
+    if not (heretic.VENV / "bin" / "heretic").exists():
+        return _skip(f"its virtualenv {heretic.VENV} is missing (create it with: .venv/bin/python "
+                     "bench/peers/heretic.py --out runs/heretic --trials 1)")
+    folder = out / "heretic"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        versions = heretic.ensure_venv(False, folder / "install.log")
+        settings = argparse.Namespace(dtype="float32", batch_size=a.batch_size, max_tokens=a.max_tokens, seed=a.seed,
+                                      auto_prefix=False, system_prompt=system_prompt(model))
+        argv = heretic.heretic_args(settings, model_dir(model, a, out), files, folder / "checkpoints")
+        startup = min(a.startup_trials, a.heretic_trials)
+        argv += ["--n-trials", str(a.heretic_trials), "--n-startup-trials", str(startup)]
+        argv += [] if a.heretic_defaults else PLAIN_FAMILY
+        print(f"running Heretic {versions['heretic-llm']}: {a.heretic_trials} trial(s), log {folder / 'heretic.log'}",
+              flush=True)
+        rc, lines, timed_out = heretic.run_heretic(argv, folder, folder / "heretic.log", a.heretic_timeout)
+        journals = sorted((folder / "checkpoints").glob("*.jsonl"))
+        rows = heretic.trials_table(heretic.read_journal(journals[0])) if journals else []
+    except heretic.Fail as err:
+        return _skip(str(err))
+    (folder / "run.json").write_text(json.dumps({"argv": argv, "return_code": rc, "timed_out": timed_out,
+                                                 "versions": versions}, indent=2), encoding="utf-8")
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    if not done:
+        why = f"exit {rc}{', timed out' if timed_out else ''}"
+        return _skip(f"it completed no trial ({why}); see {folder / 'heretic.log'}")
+    heretic.write_csv(folder / "trials.csv", rows)
+    return pd.DataFrame(done)
+
+
+def model_dir(model, a, out: Path) -> str:
+    """A local HF folder of the base model for Heretic: the embedded model's float weights, the given
+    folder, or an export of the loaded model."""
+    if a.model == "embedded":
+        from circuitlab.embedded import embedded_model_dir
+
+        return str(embedded_model_dir())
+    if Path(a.model).is_dir():
+        return str(Path(a.model).resolve())
+    return str(iv.export_hf(model, out / "base_model"))
+
+
+def system_prompt(model) -> str | None:
+    """The system prompt circuitlab's chat formatting puts in (Qwen-style templates), so Heretic sees
+    the same text; None (Heretic's default) when the template shows none."""
+    found = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", model.format("x"), re.S)
+    return found.group(1) if found else None
+
+
+def heretic_params(row) -> AbliterationParams:
+    """A Heretic trial's parameters as circuitlab's family (Heretic's components renamed)."""
+    kernels = {w: Kernel(**{k: float(row[f"{c}.{k}"]) for k in Kernel.__dataclass_fields__})
+               for w, c in HERETIC_COMPONENTS.items()}
+    index = row.get("direction_index")
+    return AbliterationParams(direction_index=None if index is None or pd.isna(index) else float(index), **kernels)
+
+
+# ---- test points -----------------------------------------------------------------------------------
+
+def test_points(a, model, exp, front, heretic_trials, arditi, h_test, s_test) -> list[dict]:
+    """Every point of the figure, measured on the test split by the same scorer."""
+    plain = list(datasets.load("plaintext", n=a.plaintext_n, seed=a.seed + 1))
+    base = last_logits_shared(model, list(s_test), batch_size=a.batch_size)
+    kwargs = dict(markers=a.judge, max_new_tokens=a.max_tokens, plaintext=plain, batch_size=a.batch_size)
+    rows = []
+    for r in front.to_dict("records"):
+        method = "original" if r["variant"] == "original" else "circuitlab"
+        rows.append({"method": method, **r})
+    with iv.orthogonalized(model, arditi.direction_):
+        scores = score_model(model, h_test, s_test, base, **kwargs)
+    rows.append({"method": "arditi", "variant": f"layer {arditi.layer_}, position {arditi.position_}",
+                 **{f"test_{k}": v for k, v in scores.items()}})
+    if heretic_trials is not None:
+        for r in heretic_trials[heretic_trials.pareto].to_dict("records"):
+            with abliterated(model, heretic_edits(model, exp.directions_, heretic_params(r))):
+                scores = score_model(model, h_test, s_test, base, **kwargs)
+            rows.append({"method": "heretic", "variant": "heretic", "trial": r["trial"],
+                         "same_family": not a.heretic_defaults, "heretic_val_refusals": r["refusals"],
+                         "heretic_val_kl": r["kl"], **{f"test_{k}": v for k, v in scores.items()}})
+    return rows
+
+
+def figure(fronts: pd.DataFrame, model_name: str):
+    """Test refusal against test KL (refusal score; marker refusals too with --judge): circuitlab's
+    fronts, Heretic's front, the original model and the Arditi direction."""
+    import matplotlib.pyplot as plt
+
+    panels = [("test_refusal_score", "refusal score on harmful test prompts")]
+    if "test_marker_refusals" in fronts and fronts.test_marker_refusals.notna().any():
+        panels.append(("test_marker_refusals", "marker refusals on harmful test prompts (count)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, (column, label) in zip(axes[0], panels):
+        searched = fronts[fronts.method.isin(["circuitlab", "heretic"])]
+        for (method, variant), group in searched.groupby(["method", "variant"]):
+            g = group.sort_values("test_kl")
+            name = (f"Heretic search{'' if g.same_family.astype(bool).all() else ' (approx.)'}" if method == "heretic"
+                    else f"circuitlab {variant}")
+            ax.plot(g.test_kl, g[column], "s--" if method == "heretic" else "o-", ms=4, label=name)
+        for method, marker, color, name in (("original", "*", "black", "original model"),
+                                            ("arditi", "D", "tab:red", "Arditi direction (orthogonalized)")):
+            point = fronts[fronts.method == method]
+            ax.scatter(point.test_kl, point[column], marker=marker, s=140, c=color, label=name)
+        ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_xlabel("first-token KL on harmless test prompts (nats)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Val Pareto fronts measured on test prompts, {model_name}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
