@@ -57,19 +57,21 @@ from circuitlab.abliteration import (AbliterationParams, Kernel, abliterated, he
 from circuitlab.direction_eval import last_logits_shared  # noqa: E402
 from circuitlab.experiments.abliteration_search import AbliterationSearch  # noqa: E402
 from circuitlab.experiments.direction import RefusalDirection  # noqa: E402
-from circuitlab.results import Result  # noqa: E402
+from circuitlab.results import Result, check_output_dir  # noqa: E402
 
 PLAIN_FAMILY = ["--row-normalization", "NONE", "--no-orthogonalize-direction"]  # Heretic = circuitlab's family
 HERETIC_COMPONENTS = {"attn": "attn.o_proj", "mlp": "mlp.down_proj"}  # circuitlab writer -> Heretic component
 
 
-def main(argv=None) -> dict:
+def main(argv=None, model=None) -> dict:
+    """Run everything; ``model``: an already loaded ``--model`` (tests pass theirs)."""
     a = parse(argv)
     start = time.time()
     out = Path(a.out)
+    check_output_dir(out / "circuitlab", overwrite=True)  # a stranger's folder fails now, not after the search
     out.mkdir(parents=True, exist_ok=True)
     record = provenance.start()
-    model = load_model(a.model)
+    model = model if model is not None else load_model(a.model)
     store = ActivationStore(a.store) if a.store else ActivationStore()
     files = heretic.write_prompts(out / "prompts", a.harmful, a.harmless,
                                   {"train": a.n_train, "val": a.n_val, "test": a.n_test}, a.seed)

@@ -25,6 +25,7 @@ FAST_PARAMS: dict[str, dict] = {
     "attribution-patching": {"n_pairs": 2},
     "path-patching": {"n_pairs": 1},
     "pattern-patching": {"n_pairs": 2},
+    "abliteration-search": {"n_trials": 2, "n_startup_trials": 2, "plaintext_n": 2, "batch_size": 8},
 }
 
 

@@ -33,6 +33,7 @@ NONSENSE: dict[str, list[dict]] = {
                  {"rank_by": "magic"}, {"judge_at": "sometimes"}, {"max_new_tokens": 0}, {"n_text": 0}, {"ranking": "/no/such/ranking.csv"}],
     "circuit-map": [{"probe_threshold": 1.5}, {"n_neurons": -1}, {"verify_threshold": 2.0}, {"tau": -0.1},
                     {"direction_layer": -1}, {"n_verify": 0}, {"batch_size": 0}, {"read_threshold": 1.5},
+                    {"direction_screen": 0}, {"direction_finalists": 0},
                     {"n_neurons": 0, "n_heads": 0, "n_atp_neurons": 0, "n_atp_heads": 0}],
     "monitor": [{"method": "svm"}, {"layers": [0]}, {"fpr": 2.0}, {"ood": "no-such-set"}, {"n_ood": 0},
                 {"n_neurons": -1}, {"n_canary": 1}, {"weight_tol": 0.0}, {"act_tol": -1.0},
@@ -48,6 +49,10 @@ NONSENSE: dict[str, list[dict]] = {
                           {"batch_size": 0}, {"n_train": 0}, {"attack_positions": [1]}, {"attack_layers": [-1]},
                           {"layers": [-1]}, {"n_attack": 1}, {"kl_weight": -1.0}, {"dataset": "/no/such.jsonl"},
                           {"components_csv": "/no/such.csv"}],
+    "abliteration-search": [{"variants": ["magic"]}, {"variants": []}, {"n_trials": 0}, {"sampler": "magic"},
+                            {"n_startup_trials": -1}, {"sampler": "nsga2", "n_startup_trials": 1}, {"refusal": "magic"},
+                            {"max_new_tokens": 0}, {"kl_budget": 0.0}, {"max_top_n": 0}, {"target_kinds": ["attn_out"]},
+                            {"plaintext_n": 0}, {"batch_size": 0}, {"seed": -1}],
 }
 
 
