@@ -1,5 +1,5 @@
 """circuit-map: the refusal circuit by stage — screen on one half of the prompts, verify causally on
-the other, then assign stages by what each unit reads and writes.
+the other, then assign stages from the edge circuit and from what each unit reads and writes.
 
 Prompts: each set is shuffled with ``seed`` and cut into a SCREENING and a VERIFICATION half
 (``split_halves``; sets of equal length get the same order, so matched pairs stay matched). No
@@ -14,7 +14,8 @@ Screening half:
    ``direction_layer`` when given; otherwise it is chosen as the refusal-direction experiment
    chooses (``direction_eval.score_candidates``, Arditi et al. 2024 §2.4): the screening half is cut
    again into a train part (the candidates) and a val part (bypass score, KL and induce filters,
-   first 80 % of layers). Not the residual-stream attribution estimate, whose agreement with exact
+   first 80 % of layers; every candidate screened on ``direction_screen`` val prompts per side, the best
+   ``direction_finalists`` scored on all). Not the residual-stream attribution estimate, whose agreement with exact
    patching the project's bench measured at Pearson 0.22.
 3. **Candidates**: diff-ranking's best neurons / heads in those layers, plus the largest estimated
    refusal drops of attribution patching (Nanda 2023; Kramár et al. 2024) in any layer
@@ -33,14 +34,40 @@ Verification half (``n_verify`` prompts per side):
    instruction tokens (attention pattern × values before the post-instruction template) rather than
    from the post-instruction positions. A neuron at a post-instruction position reads only that
    position's stream, so its ``content_read`` is 0.
-6. **Stages** (``assign_stage``), by role rather than depth, so a model whose harmfulness is readable
-   from layer 1 can fill every stage. In order, the first that holds:
+6. **Edge circuit** (``edges``, on by default; Syed et al. 2023, Hanna et al. 2024, via
+   ``circuitlab.graph``): every edge of the residual-stream graph is scored (``edge_method``) on
+   equal-length harmful/harmless pairs (``patching.pairs.make_pairs``, ``edge_pairing``) from the
+   SCREENING half; the circuit is selected (``edge_selection``: by default Hanna et al.'s greedy
+   growth from the logits, which keeps a small circuit connected where the top-|score| edges are
+   often pruned to nothing; ``edge_fraction`` or ``n_edges`` of the graph, pruned to embedding ->
+   logits paths); its
+   faithfulness is measured exactly on pairs from the VERIFICATION half (every edge outside it
+   ablated to the harmless run, ``(m(C) - m(∅)) / (m(N) - m(∅))``, refusal score; an empty pruned
+   circuit scores 0). At most ``n_verify`` pairs per half. Each candidate is the graph node that
+   holds it: a head is ``a{l}.h{h}``; a neuron is its layer's whole MLP ``m{l}`` (the graph does
+   not split MLPs, so every edge column of a neuron describes its MLP). Columns: ``edge_node``,
+   ``in_edge_circuit`` (the circuit keeps an edge out of the node), ``edge_in_mass`` /
+   ``edge_out_mass`` (share of the graph's total |score| on edges into / out of the node; a GQA
+   head's shared k/v edges count fully), ``edge_in_from`` / ``edge_out_to`` (the other end of the
+   node's strongest KEPT edge in / out; empty outside the circuit). The circuit's size and faithfulness are in the summary and
+   in the ``edge_circuit`` table; its edges in ``circuit_edges``. Skipped, with the reason in the
+   summary, when a half yields no equal-length pair.
+7. **Stages**, by role rather than depth, so a model whose harmfulness is readable from layer 1
+   can fill every stage. ``stage_rule`` names the rule that decided.
+   ``graph`` (``graph_stage``), for nodes in the edge circuit, first that holds:
+   production — the node's strongest kept outgoing edge goes to the logits;
+   detection — its strongest kept incoming edge comes from the token embedding (it reads the
+   tokens themselves, not a formed representation).
+   ``reads-writes`` (``assign_stage``), for every other node (outside the circuit, edges off or
+   skipped, or neither graph condition holds), first that holds:
    production — writes refusal logits (logit_attribution >= ``tau``);
    detection — reads the instruction's content (content_read >= ``read_threshold``); checked before
    decision because in a short circuit the content reader may also write the direction itself
    (the planted head (1, 2) does: its output IS the difference at layer 2);
    decision — writes the refusal direction (direction_attribution >= ``tau``);
    evaluation — verified but none of these: reads the formed representation, writes neither.
+   The graph never assigns decision or evaluation: which node "writes the direction" is a
+   statement about a direction, not about edges, so those stay with the reads-writes rule.
 """
 
 from __future__ import annotations
@@ -52,11 +79,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import graph as eg
 from .. import hooks as hk
 from .. import metrics, plots
 from ..attribution import mean_patch_estimates
 from ..components import Component, hook_name
 from ..datasets import PromptSet
+from ..graph.plot import plot_circuit
 from ..direction_eval import score_candidates
 from ..directions import candidate_directions, mean_differences, refusal_direction
 from ..probes import best_position_accuracy
@@ -65,13 +94,15 @@ from ..ranking import rank_components, top_components
 from ..results import Result
 from ..store import ActivationStore
 from ..weights import final_norm_weight, unembedding_weight, write_vector
-from .base import Experiment, check, register
+from .base import Experiment, check, check_choice, register
 from .checks import check_at_least, check_fraction, check_types
 from .patching.engine import Sweep, run_sweeps
+from .patching.pairs import PAIRINGS, make_pairs
 
-__all__ = ["CircuitMap", "assign_stage", "split_halves", "STAGES"]
+__all__ = ["CircuitMap", "assign_stage", "graph_stage", "split_halves", "STAGES", "STAGE_RULES"]
 
 STAGES = ("detection", "evaluation", "decision", "production")
+STAGE_RULES = ("graph", "reads-writes")
 
 
 def assign_stage(direction_frac: float, logit_frac: float, content_read: float, tau: float,
@@ -86,6 +117,17 @@ def assign_stage(direction_frac: float, logit_frac: float, content_read: float, 
     return "evaluation"
 
 
+def graph_stage(in_circuit: bool | None, top_in: str | None, top_out: str | None) -> str | None:
+    """Graph rule of the module docstring: production, detection, or None (the graph does not decide)."""
+    if not in_circuit:
+        return None
+    if top_out == "logits":
+        return "production"
+    if top_in == "embed":
+        return "detection"
+    return None
+
+
 def split_halves(prompts, seed: int) -> tuple[PromptSet, PromptSet]:
     """(screening, verification): shuffled with ``seed``, the first ceil(n/2) and the rest; disjoint."""
     prompts = prompts if isinstance(prompts, PromptSet) else PromptSet("prompts", tuple(prompts))
@@ -97,6 +139,27 @@ def split_halves(prompts, seed: int) -> tuple[PromptSet, PromptSet]:
     cut = -(-len(order) // 2)
     return tuple(PromptSet(f"{prompts.name}:{name}", tuple(prompts.prompts[i] for i in part))
                  for name, part in (("screen", order[:cut]), ("verify", order[cut:])))
+
+
+def _node_columns(edge: eg.FoundCircuit | None, c: Component) -> dict:
+    """The table's edge columns for candidate ``c`` (missing values when there is no edge circuit)."""
+    if edge is None:
+        return {"edge_node": None, "in_edge_circuit": None, "edge_in_mass": float("nan"),
+                "edge_out_mass": float("nan"), "edge_in_from": None, "edge_out_to": None}
+    node = edge.node(c.kind, c.layer, c.index)
+    return {"edge_node": node.node, "in_edge_circuit": node.in_circuit, "edge_in_mass": node.in_mass,
+            "edge_out_mass": node.out_mass, "edge_in_from": node.top_in, "edge_out_to": node.top_out}
+
+
+def _edge_summary(edge: eg.FoundCircuit | None, status: str, table: pd.DataFrame) -> dict:
+    """Summary entries of the edge stage: what ran, the circuit's size and faithfulness, nodes it staged."""
+    info = edge.info if edge is not None else {}
+    faith = info.get("faithfulness")
+    return {"edge_circuit": status,
+            "edge_faithfulness": None if faith is None or np.isnan(faith) else round(faith, 4),
+            "edge_circuit_edges": info.get("n_edges"), "edge_graph_edges": info.get("n_graph_edges"),
+            "edge_circuit_pct": None if edge is None else round(info["pct_edges"], 3),
+            "staged_by_graph": int((table.stage_rule == "graph").sum())}
 
 
 @register("circuit-map")
@@ -113,9 +176,17 @@ class CircuitMap(Experiment):
     tau: float = 0.1  # attribution fraction that counts as "writes" the direction or the refusal logits
     read_threshold: float = 0.5  # content_read share that makes a head a content reader (detection)
     direction_layer: int | None = None  # None: chosen by validation bypass score as refusal-direction does
+    direction_screen: int | None = 8  # val prompts per side every direction is first screened on (None: all)
+    direction_finalists: int = 4  # directions (whole Pareto fronts of the screen) then scored on every val prompt
     n_verify: int = 16  # prompts per side taken from each half for the attribution screen and the verification
     batch_size: int = 16  # prompts per forward pass
     seed: int = 0  # seed of the screening/verification split and of the probes' folds
+    edges: bool = True  # score the edge graph, select a circuit, measure its faithfulness, stage nodes by it
+    edge_method: str = "eap-ig"  # edge scores: eap (one backward) | eap-ig (integrated gradients, 5 steps)
+    edge_selection: str = "greedy"  # greedy (grown from the logits, stays connected) | topn (largest |score|, pruned)
+    edge_fraction: float = 0.05  # share of the graph's edges the circuit keeps before pruning
+    n_edges: int | None = None  # edges the circuit keeps before pruning (None: edge_fraction of the graph)
+    edge_pairing: str = "length"  # equal-length pairs: length (exact token length) | pad (pad the shorter request)
 
     def __post_init__(self):
         check_types(self)
@@ -124,7 +195,12 @@ class CircuitMap(Experiment):
         check(self.n_neurons + self.n_heads + self.n_atp_neurons + self.n_atp_heads > 0,
               "n_neurons, n_heads, n_atp_neurons and n_atp_heads are all 0: ask for at least one candidate "
               "(e.g. --set n_neurons=10)")
-        check_at_least(self, 1, "n_verify", "batch_size")
+        check_at_least(self, 1, "n_verify", "batch_size", "n_edges", "direction_screen", "direction_finalists")
+        check_choice("edge_method", self.edge_method, eg.METHODS)
+        check_choice("edge_selection", self.edge_selection, eg.SELECTIONS)
+        check_choice("edge_pairing", self.edge_pairing, PAIRINGS)
+        check(0 < self.edge_fraction <= 1, f"edge_fraction={self.edge_fraction!r} must be in (0, 1] "
+                                           "(e.g. --set edge_fraction=0.05)")
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
         store = store if store is not None else ActivationStore()
@@ -145,13 +221,18 @@ class CircuitMap(Experiment):
         attribution = self._attribution(model, candidates, h_ver, s_ver, direction, store)
         reads = self._content_reads(model, [c for c in candidates if c.kind == "head"], list(h_ver)[:n],
                                     list(s_ver)[:n])
+        edge, edge_status = (self._edge_circuit(model, (h_scr, s_scr), (h_ver, s_ver)) if self.edges
+                             else (None, "off (edges=False)"))
         rows = []
         for c in candidates:
             r = ranking[(ranking.component == c.kind) & (ranking.layer == c.layer) &
                         (ranking["neuron" if c.kind == "neuron" else "head"] == c.index)].iloc[0]
             dir_frac, logit_frac = attribution[c]
             read = reads.get(c, 0.0)
-            rows.append({"stage": assign_stage(dir_frac, logit_frac, read, self.tau, self.read_threshold),
+            node = _node_columns(edge, c)
+            by_graph = graph_stage(node["in_edge_circuit"], node["edge_in_from"], node["edge_out_to"])
+            rows.append({"stage": by_graph or assign_stage(dir_frac, logit_frac, read, self.tau, self.read_threshold),
+                         "stage_rule": "graph" if by_graph else "reads-writes",
                          "layer": c.layer, "component": c.kind, "head": c.index if c.kind == "head" else None,
                          "neuron": c.index if c.kind == "neuron" else None,
                          "probe_accuracy": float(layer_acc[min(c.layer + 1, model.n_layers - 1)]),
@@ -159,10 +240,11 @@ class CircuitMap(Experiment):
                          "atp_estimate": atp[c.kind][c.layer, c.index].item() / screen_gap
                          if abs(screen_gap) > 1e-9 else float("nan"),
                          "patch_effect": patch[c], "direction_attribution": dir_frac, "logit_attribution": logit_frac,
-                         "content_read": read, "verified": bool(patch[c] >= self.verify_threshold)})
+                         "content_read": read, "verified": bool(patch[c] >= self.verify_threshold), **node})
         table = pd.DataFrame(rows)
         for col in ("head", "neuron"):
             table[col] = pd.array(table[col], dtype="Int64")
+        table["in_edge_circuit"] = pd.array(table["in_edge_circuit"], dtype="boolean")  # NA when edges are off
         table["stage"] = pd.Categorical(table["stage"], STAGES, ordered=True)
         table = table.sort_values(["stage", "layer", "patch_effect"], ascending=[True, True, False]).reset_index(drop=True)
         table["stage"] = table["stage"].astype(str)
@@ -170,10 +252,41 @@ class CircuitMap(Experiment):
         summary = {"first_readable_layer": first_readable, "direction_layer": direction_layer, **dir_info,
                    "n_screen": f"{len(h_scr)}+{len(s_scr)}", "n_verify": f"{min(n, len(h_ver))}+{min(n, len(s_ver))}",
                    "verify_gap": round(gap, 4), "n_candidates": len(table), "n_verified": int(table.verified.sum()),
-                   **{f"verified_{s}": int(((table.stage == s) & table.verified).sum()) for s in STAGES}}
-        return Result(table, self.config(model, harmful=harmful, harmless=harmless), tables={"layers": layers},
-                      figures={"circuit": plots.circuit_diagram(table, layers, first_readable, direction_layer, model.name)},
-                      summary=summary)
+                   **{f"verified_{s}": int(((table.stage == s) & table.verified).sum()) for s in STAGES},
+                   **_edge_summary(edge, edge_status, table)}
+        tables = {"layers": layers}
+        figures = {"circuit": plots.circuit_diagram(table, layers, first_readable, direction_layer, model.name)}
+        if edge is not None:
+            tables.update(edge_circuit=pd.DataFrame([edge.info]), circuit_edges=edge.edges_table())
+            if edge.mask.any():
+                figures["edge_circuit"] = plot_circuit(edge.graph, edge.mask, edge.scores,
+                                                       f"{model.name}: {edge.info['method']} edge circuit")
+        return Result(table, self.config(model, harmful=harmful, harmless=harmless), tables=tables,
+                      figures=figures, summary=summary)
+
+    def _edge_circuit(self, model, screen, verify) -> tuple[eg.FoundCircuit | None, str]:
+        """Score edges on screening-half pairs, select the circuit, measure its faithfulness on
+        verification-half pairs; ``(None, reason)`` when a half has no equal-length pair."""
+        halves = []
+        for name, (harmful, harmless) in (("screening", screen), ("verification", verify)):
+            try:
+                halves.append(make_pairs(model, harmful, harmless, n_pairs=self.n_verify, pairing=self.edge_pairing).pairs)
+            except ValueError:  # the node table still stands without the edge stage
+                return None, (f"skipped: no equal-length harmful/harmless pair in the {name} half; pass more "
+                              "prompts or --set edge_pairing=pad")
+        tokens = metrics.refusal_tokens(model)
+
+        def metric(logits):
+            return metrics.refusal_score_from_logits(logits, tokens)
+
+        graph = eg.EdgeGraph.from_model(model)
+        found = eg.find_circuit(model, *halves, metric, self.n_edges or eg.n_for_fraction(graph, self.edge_fraction),
+                                method=self.edge_method, selection=self.edge_selection, graph=graph, progress=True,
+                                batch_size=min(self.batch_size, 8))  # edge scoring holds [readers, pairs, tokens, d] gradients
+        i = found.info
+        return found, (f"{i['method']} {i['selection']}: {i['n_edges']} of {i['n_graph_edges']} edges "
+                       f"({i['pct_edges']:.1f} %), faithfulness {i['faithfulness']:.3f} on {i['n_eval_pairs']} "
+                       f"held-out verification pairs (scored on {i['n_discover_pairs']} screening pairs)")
 
     def _probe(self, model, harmful, harmless, store):
         """Probe accuracy per layer, the first readable layer, and the harmless means AtP patches to."""
@@ -200,6 +313,7 @@ class CircuitMap(Experiment):
         dirs = {k: d for k, d in candidate_directions(model, h_train, s_train, store,
                                                      batch_size=self.batch_size).items() if k[1] == -1}
         table, rule, _ = score_candidates(model, dirs, h_val, s_val, positions=[-1], prune_layer_frac=0.2,
+                                          screen_prompts=self.direction_screen, n_finalists=self.direction_finalists,
                                           batch_size=self.batch_size)
         best = table[table.selected].iloc[0]
         cols = {"bypass_score": "direction_bypass_score", "kl": "direction_kl", "induce_score": "direction_induce_score"}

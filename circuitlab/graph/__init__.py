@@ -1,21 +1,26 @@
 """Circuits as graphs: the residual-stream edge graph (GQA-aware), EAP / EAP-IG edge scores,
-circuit selection, and exact whole-circuit faithfulness with MIB's CPR / CMD summaries.
+circuit selection, exact whole-circuit faithfulness with MIB's CPR / CMD summaries, and where a
+located unit (head, neuron) sits in a circuit (``nodes``); ``discovery`` runs the whole pipeline at
+one circuit size.
 
 Library layer: builds on ``circuitlab.model`` / ``hooks`` / ``metrics`` only (never on
-``circuitlab.experiments``); the ``edge-attribution`` experiment composes these modules.
+``circuitlab.experiments``); the ``edge-attribution`` and ``circuit-map`` experiments compose these
+modules.
 """
 
 from .circuits import SELECTIONS, bootstrap_stability, greedy, jaccard, n_for_fraction, prune, random_circuit, select, top_n
+from .discovery import FoundCircuit, find_circuit
 from .curve import MIB_FRACTIONS, area_under_curve, curve_summary, faithfulness_curve, smallest_faithful
 from .faithfulness import ABLATIONS, CircuitEval, CircuitRunner, evaluate_circuits, faithfulness, mean_writers
 from .graph import READER_KINDS, EdgeGraph, edge_counts
+from .nodes import MLP_KINDS, NodeEdges, node_edges, node_writer
 from .scores import METHODS, MODES, EdgeScores, edge_scores, scores_table
 
 __all__ = [
-    "EdgeGraph", "edge_counts", "READER_KINDS",
+    "EdgeGraph", "edge_counts", "READER_KINDS", "node_writer", "node_edges", "NodeEdges", "MLP_KINDS",
     "edge_scores", "EdgeScores", "scores_table", "METHODS", "MODES",
     "evaluate_circuits", "CircuitRunner", "CircuitEval", "faithfulness", "mean_writers", "ABLATIONS",
     "top_n", "greedy", "prune", "random_circuit", "select", "n_for_fraction", "jaccard", "bootstrap_stability",
-    "SELECTIONS",
+    "SELECTIONS", "find_circuit", "FoundCircuit",
     "faithfulness_curve", "curve_summary", "area_under_curve", "smallest_faithful", "MIB_FRACTIONS",
 ]
