@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import tempfile
 import time
@@ -35,6 +36,7 @@ from circuitlab import ActivationStore, datasets, load_model, metrics
 from circuitlab import interventions as iv
 from circuitlab.direction_eval import evaluate_direction
 from circuitlab.experiments.direction import RefusalDirection, split_three
+from circuitlab.results import check_output_dir
 
 # Numbers quoted by issue 4 for Arditi et al.'s Qwen-1.8B-chat (not re-derived here).
 PAPER = {"model": "Qwen-1.8B-chat", "compliance_baseline": 0.30, "compliance_ablation": 0.99}
@@ -57,6 +59,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/arditi_2024")
     args = ap.parse_args(argv)
+    check_output_dir(args.out, overwrite=True)  # a folder we may not write fails now, not after the run
     start = time.time()
     model = load_model("embedded")
     store = ActivationStore()
@@ -95,10 +98,11 @@ def main(argv=None) -> None:
                                "subsampling": f"candidates scored at layers {args.layers or 'all'}, all post "
                                               "positions, on --n-val prompts per side"}
     result.figures["refusal_rates"] = main_figure(evaluation)
-    out = result.save(args.out, overwrite=True)
     # 896 floats: lets anyone re-apply this exact direction without rerunning the search
-    torch.save({"direction": exp.direction_, "layer": exp.layer_, "position": exp.position_}, out / "direction.pt")
-    (out / "table.parquet").unlink(missing_ok=True)  # the csv carries the same candidates table
+    buffer = io.BytesIO()
+    torch.save({"direction": exp.direction_, "layer": exp.layer_, "position": exp.position_}, buffer)
+    result.files["direction.pt"] = buffer.getvalue()
+    result.save(args.out, overwrite=True)
     print(json.dumps(result.summary, indent=1))
 
 

@@ -31,7 +31,7 @@ import torch
 from circuitlab import ActivationStore, datasets, load_model
 from circuitlab.direction_eval import evaluate_direction
 from circuitlab.experiments.direction import RefusalDirection, split_three
-from circuitlab.results import Result, run_config
+from circuitlab.results import Result, check_output_dir, run_config
 
 POST_HOC_NOTE = ("rows with post_hoc=True are test numbers of candidates NOT selected on validation; they "
                  "describe the trade-off, and picking one of them now would be selection on the test split")
@@ -43,6 +43,7 @@ def main(argv=None) -> None:
     ap.add_argument("--top", type=int, default=6, help="lowest-bypass candidates to evaluate besides the selected one")
     ap.add_argument("--out", default="results/arditi_2024_tradeoff")
     args = ap.parse_args(argv)
+    check_output_dir(args.out, overwrite=True)  # a folder we may not write fails now, not after the run
     start = time.time()
     source = json.load(open(f"{args.source}/config.json"))
     run = source["script"]["argv"]

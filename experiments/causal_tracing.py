@@ -17,6 +17,7 @@ from pathlib import Path
 
 import circuitlab as cl
 from circuitlab.experiments import get
+from circuitlab.results import check_output_dir
 
 
 def main(argv=None) -> None:
@@ -28,6 +29,7 @@ def main(argv=None) -> None:
     ap.add_argument("--components", default="resid_pre,attn_out,mlp_out,head")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "results" / "activation_patching"))
     args = ap.parse_args(argv)
+    check_output_dir(args.out, overwrite=True)  # a folder we may not write fails now, not after the run
 
     t0 = time.time()
     model = cl.load_model("embedded")

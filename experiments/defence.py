@@ -32,6 +32,7 @@ from pathlib import Path
 
 import circuitlab as cl
 from circuitlab.experiments import get
+from circuitlab.results import check_output_dir
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "defence"
 
@@ -50,6 +51,8 @@ def main() -> None:
     parser.add_argument("n", nargs="?", type=int, default=100, help="prompts per class (default 100)")
     parser.add_argument("--only", choices=sorted(PARTS), help="run one part; the other's config entry is kept")
     args = parser.parse_args()
+    for sub in PARTS:  # a folder we may not write fails now, not after the run
+        check_output_dir(OUT / PARTS[sub][2], overwrite=True)
     parts = [PARTS[args.only]] if args.only else list(PARTS.values())
     N = args.n
     t0 = time.time()

@@ -31,6 +31,7 @@ import torch
 import circuitlab as cl
 from circuitlab import graph as eg
 from circuitlab.experiments import get
+from circuitlab.results import check_output_dir
 from circuitlab.graph.plot import plot_circuit
 from circuitlab.metrics import refusal_score_from_logits, refusal_tokens
 from circuitlab.planted import planted_prompts
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, few prompts (smoke run)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    check_output_dir(args.out / "edge_attribution", overwrite=True)  # fails now, not after the run
     t0 = time.time()
     if args.quick:  # the planted model: a known circuit, so the smoke run's numbers mean something
         model = cl.load_model("planted")

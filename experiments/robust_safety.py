@@ -29,6 +29,7 @@ from pathlib import Path
 
 import circuitlab as cl
 from circuitlab.experiments import get
+from circuitlab.results import check_output_dir
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "robust_safety"
 
@@ -50,6 +51,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="float32 (default) or bfloat16 (memory-lean)")
     parser.add_argument("--optimizer", default="adam", help="adam | adam8bit | adafactor | sgd")
     args = parser.parse_args()
+    out = OUT / "quick" if args.quick else OUT
+    check_output_dir(out, overwrite=True)  # a folder we may not write fails now, not after the run
     t0 = time.time()
     model = cl.load_model(args.model, dtype=args.dtype)
     print(f"loaded {model} in {time.time() - t0:.1f} s", flush=True)
@@ -58,7 +61,6 @@ def main() -> None:
     params = dict(QUICK if args.quick else FULL, optimizer=args.optimizer)
     if args.quick:
         params.update(attack_layers=sorted({int(model.n_layers * f) for f in (0.5, 0.625, 0.75)}), attack_positions=[-1])
-    out = OUT / "quick" if args.quick else OUT
     start = time.time()
     result = get("robust-hardening")(**params).run(model, harmful, harmless, store=cl.ActivationStore())
     seconds = round(time.time() - start, 1)
