@@ -1,0 +1,83 @@
+"""The demo's conclusions before and after wave 2: every fragility grid point, old vs new.
+
+The old tables are read from git (``--old-rev``, the last pre-wave-2 demo results, commit 7f66d58:
+judge at every point, full decoding); the new ones from ``results/refusal_circuit/``. Per point:
+refusal score, judged refusal rate (new: only at the points ``judge_at="decisive"`` judges), KL.
+Writes ``results/bench/demo_before_after.csv`` (one row per run x selection x seed x k) and
+``demo_before_after.json`` (largest score difference, judged points that agree, units needed to
+halve refusal, whether each old judged rate lies in the new 95 % CI, wall times).
+
+    .venv/bin/python bench/demo_compare.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ("fragility_neuron", "fragility_head", "fragility_neuron_effect_size")
+KEYS = ["selection", "seed", "k"]
+MEASURES = ["refusal_score", "refusal_rate", "kl_harmless", "cross_entropy"]
+
+
+def _old(rev: str, path: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def compare_run(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """Old and new measures side by side on the grid points both runs have."""
+    cols = KEYS + MEASURES
+    both = old[cols].merge(new[cols + ["refusal_rate_ci_low", "refusal_rate_ci_high"]], on=KEYS,
+                           suffixes=("_old", "_new"))
+    judged = both.refusal_rate_new.notna()
+    both["old_rate_in_new_ci"] = pd.array(
+        [bool(lo - 1e-9 <= o <= hi + 1e-9) if j else pd.NA for o, lo, hi, j in
+         zip(both.refusal_rate_old, both.refusal_rate_ci_low, both.refusal_rate_ci_high, judged)], dtype="boolean")
+    return both
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--old-rev", default="7f66d58")
+    ap.add_argument("--new", type=Path, default=ROOT / "results" / "refusal_circuit")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench" / "demo_before_after.csv")
+    args = ap.parse_args(argv)
+    old_summary = json.loads(_old(args.old_rev, "results/refusal_circuit/summary.json"))
+    new_summary = json.loads((args.new / "summary.json").read_text())
+    tables, record = [], {"old_rev": args.old_rev, "runs": {}}
+    for run in RUNS:
+        old = pd.read_csv(io.StringIO(_old(args.old_rev, f"results/refusal_circuit/{run}/table.csv")))
+        both = compare_run(old, pd.read_csv(args.new / run / "table.csv")).assign(run=run)
+        judged = both.refusal_rate_new.notna()
+        record["runs"][run] = {
+            "points_compared": len(both), "points_judged_old": int(both.refusal_rate_old.notna().sum()),
+            "points_judged_new": int(judged.sum()),
+            "max_abs_refusal_score_diff": float((both.refusal_score_old - both.refusal_score_new).abs().max()),
+            "judged_points_equal": int((both.refusal_rate_old[judged] == both.refusal_rate_new[judged]).sum()),
+            "old_rate_in_new_ci": int(both.old_rate_in_new_ci.sum()),
+            "k_to_halve_old": old_summary["fragility"][run].get("k_to_halve_refusal"),
+            "k_to_halve_new": new_summary["fragility"][run].get("k_to_halve_refusal"),
+            "k_to_halve_new_judged": new_summary["fragility"][run].get("k_to_halve_refusal_judged")}
+        tables.append(both)
+    record["seconds_old_warm_store"] = old_summary.get("seconds")
+    record["seconds_new"] = new_summary.get("seconds")
+    table = pd.concat(tables, ignore_index=True)
+    table = table[["run"] + [c for c in table.columns if c != "run"]]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out, index=False)
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=lambda v: None
+                                                        if v is None or (isinstance(v, float) and np.isnan(v)) else v))
+    print(json.dumps(record, indent=2))
+    return record
+
+
+if __name__ == "__main__":
+    main()
