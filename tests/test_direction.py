@@ -151,8 +151,8 @@ def test_selection_never_sees_the_test_split(tiny, harmful, harmless, tmp_path, 
     store = ActivationStore(tmp_path)
     get = store.get
     monkeypatch.setattr(store, "get", lambda model, prompts, *a, **kw: seen.extend(prompts) or get(model, prompts, *a, **kw))
-    select = RefusalDirection.select
-    monkeypatch.setattr(RefusalDirection, "select", lambda self, *a: (select(self, *a), seen.append(done))[0])
+    evaluate = RefusalDirection._evaluate  # merge calls it once the direction is selected
+    monkeypatch.setattr(RefusalDirection, "_evaluate", lambda self, *a: (seen.append(done), evaluate(self, *a))[1])
     result = exp.run(tiny, harmful, harmless, store=store)
     cut = next(i for i, x in enumerate(seen) if x is done)
     assert not test & set(seen[:cut]), "a test prompt reached the model before the direction was selected"
@@ -210,6 +210,24 @@ def test_experiment_runs_and_selects_one(tiny, harmful, harmless, tmp_path):
     assert {"passes_kl", "passes_induce", "passes_induce_relative", "pareto_front", "fallback_step",
             "selection_rule", "finalist"} <= set(result.tables["candidates"].columns)
     assert exp.position_ == best.position
+
+
+def test_run_units_score_candidates_as_select_does(tiny, harmful, harmless, tmp_path):
+    """run's units (a screening round, then the finalists) give the candidates table select gives in one call."""
+    exp = RefusalDirection(progress=False, filter_by="score", min_kept=1, screen_prompts=2, n_finalists=2,
+                           judge=False, plaintext=None, n_boot=20, component_prompts=2)
+    store = ActivationStore(tmp_path)
+    plan = exp.plan(tiny, harmful, harmless, store=store)
+    assert {u.stage for u in plan.units} == {"screen"} and len(plan.units) > 2
+    h_train, h_val, _ = split_three(harmful, exp.train_frac, exp.val_frac, exp.seed)
+    s_train, s_val, _ = split_three(harmless, exp.train_frac, exp.val_frac, exp.seed)
+    table, filtered, _, baseline = exp.select(tiny, h_train, s_train, h_val, s_val, store)
+    chosen = exp.direction_
+    result = exp.run(tiny, harmful, harmless, store=store)
+    pd.testing.assert_frame_equal(result.table, table, check_exact=True)
+    pd.testing.assert_frame_equal(result.tables["filter"], filtered, check_exact=True)
+    assert torch.equal(exp.direction_, chosen) and result.summary["val_baseline_harmful_score"] == round(
+        baseline["harmful"], 4)
 
 
 @pytest.mark.slow

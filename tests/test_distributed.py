@@ -10,7 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from circuitlab import ActivationStore
 from circuitlab.distributed import DistributedError, run_distributed
+from circuitlab.experiments import get
 from circuitlab.experiments.base import Experiment
 from circuitlab.experiments.patching.activation import ActivationPatching
 
@@ -54,6 +56,16 @@ def _same(a, b):
     pd.testing.assert_frame_equal(a.tables["average"], b.tables["average"], check_exact=True)
 
 
+def _same_everything(a, b):
+    """Every table and the summary identical (the working tree's diff hash aside: others edit it meanwhile)."""
+    pd.testing.assert_frame_equal(a.table, b.table, check_exact=True)
+    assert a.tables.keys() == b.tables.keys()
+    for name in a.tables:
+        pd.testing.assert_frame_equal(a.tables[name], b.tables[name], check_exact=True)
+    assert {k: v for k, v in a.summary.items() if k != "dirty_tree"} == \
+        {k: v for k, v in b.summary.items() if k != "dirty_tree"}
+
+
 @pytest.fixture(scope="module")
 def reference(tiny, harmful, harmless):
     """The single-process run every distributed run must reproduce exactly."""
@@ -68,8 +80,8 @@ def test_refuses_experiments_without_units(tiny, harmful, harmless):
     with pytest.raises(DistributedError, match="_Whole does not split into independent units") as err:
         run_distributed(_Whole(), "tiny", harmful, harmless, workers=2, model=tiny)
     assert "plan/run_unit/merge" in str(err.value)
-    assert {"activation-patching", "attribution-patching", "path-patching", "pattern-patching"} <= \
-        set(str(err.value).split("can: ")[1].split(", "))
+    assert {"activation-patching", "attribution-patching", "path-patching", "pattern-patching", "ablation",
+            "edge-attribution", "refusal-direction"} <= set(str(err.value).split("can: ")[1].split(", "))
 
 
 def test_unreachable_address_names_it_and_the_local_option(tiny, harmful, harmless):
@@ -131,6 +143,41 @@ def test_killed_worker_is_retried_then_resume_skips_finished_units(cluster, tiny
                             address="127.0.0.1:9")
     assert _calls(calls) == [1]
     _same(again, reference)
+
+
+# Small settings that still take every round: ablation judges where its scores decide (two rounds);
+# edge-attribution scores batches, then runs circuits on batches (two); refusal-direction screens, then
+# scores the finalists (two).
+UNIT_CASES = {
+    "ablation": dict(k_grid=[1, 3], random_seeds=2, max_new_tokens=2, n_text=4),
+    "edge-attribution": dict(n_pairs=6, batch_size=2, ig_steps=2, fractions=[0.1, 0.5, 1.0], random_seeds=1,
+                             n_boot=2),
+    "refusal-direction": dict(filter_train=False, filter_val=False, screen_prompts=2, n_finalists=2,
+                              max_new_tokens=2, plaintext_n=2, n_boot=20, component_prompts=2, progress=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNIT_CASES))
+def test_unit_experiments_on_the_cluster_match_single_process(cluster, name, tiny, harmful, harmless):
+    local = get(name)(**UNIT_CASES[name]).run(tiny, harmful, harmless, store=ActivationStore(memory=True, disk=False))
+    result = run_distributed(get(name)(**UNIT_CASES[name]), "tiny", harmful, harmless, workers=2, model=tiny,
+                             store=ActivationStore(memory=True, disk=False))
+    _same_everything(result, local)
+    rounds = result.config["distributed"]["rounds"]
+    assert len(rounds) == 2 and min(rounds) >= 1 and result.config["distributed"]["units"] == sum(rounds)
+
+
+def test_a_later_round_resumes_from_its_own_checkpoints(cluster, tiny, harmful, harmless, tmp_path):
+    """Both rounds checkpoint; a rerun runs nothing (no Ray needed) and gives the same table."""
+    exp = get("ablation")(**UNIT_CASES["ablation"])
+    store = ActivationStore(memory=True, disk=False)
+    first = run_distributed(exp, "tiny", harmful, harmless, workers=2, model=tiny, checkpoint_dir=tmp_path,
+                            store=store)
+    assert (tmp_path / "round-1" / "unit-000000.pkl").is_file()
+    again = run_distributed(exp, "tiny", harmful, harmless, workers=2, model=tiny, checkpoint_dir=tmp_path,
+                            address="127.0.0.1:9", store=store)
+    assert again.config["distributed"]["resumed_units"] == again.config["distributed"]["units"]
+    _same_everything(again, first)
 
 
 def test_checkpoints_of_another_run_are_refused(tiny, harmful, harmless, tmp_path):

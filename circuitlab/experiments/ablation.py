@@ -40,10 +40,16 @@ earlier experiment cached it), and the mean-ablation reference of both unit kind
 one pass. Under zero / mean ablation (hooks that treat every position and row alike) the scored
 forward passes compute the chat-template prefix a batch shares once
 (``direction_eval.last_logits_shared``, exact), harmful and harmless prompts in one length-sorted call.
+
+**Units** (``UnitExperiment``, so ``--ray`` spreads them): ``plan`` computes the ranking, the ablation
+reference and the baseline once (shared state); round one scores one grid point (``GridPoint``: top-k
+or one random draw at one k) per unit; round two (``next_plan``) judges the points the score curve
+made decisive, one per unit; ``merge`` fills the verdicts in. ``run`` is the same rounds in one process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -59,15 +65,14 @@ from ..attribution import mean_patch_estimates
 from ..components import Component
 from ..direction_eval import bootstrap_ci, last_logits_shared
 from ..interventions import ABLATION_METHODS, ablation_hooks, reference_activations
-from ..progress import progress_bar
 from ..ranking import rank_components, top_components
 from ..results import Result
 from ..store import ActivationStore
-from .base import Experiment, check, check_choice, register
+from .base import Plan, UnitExperiment, check, check_choice, register
 from .checks import check_at_least, check_files, check_types
 
-__all__ = ["Ablation", "attribution_ranking", "halve_split", "halving_k", "matched_random", "KINDS", "RANK_BY",
-           "JUDGE_AT"]
+__all__ = ["Ablation", "GridPoint", "attribution_ranking", "halve_split", "halving_k", "matched_random", "KINDS",
+           "RANK_BY", "JUDGE_AT"]
 
 KINDS = ("neuron", "head")
 RANK_BY = ("effect_size", "attribution")
@@ -152,9 +157,26 @@ def halving_k(table: pd.DataFrame) -> int | None:
     return int(hit.k.min()) if len(hit) else None
 
 
+@dataclass(frozen=True)
+class GridPoint:
+    """One point of the fragility curve: ``selection`` (top | random) with its draw ``seed`` (-1 for top),
+    ``k`` and the units ablated; ``judge`` marks a judge unit (second round) instead of a scored one."""
+
+    selection: str
+    seed: int
+    k: int
+    components: tuple[Component, ...]
+    judge: bool = False
+    judge_harmless: bool = False  # judge units: also judge over-refusal on the harmless prompts
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return self.selection, self.seed, self.k
+
+
 @register("ablation")
 @dataclass
-class Ablation(Experiment):
+class Ablation(UnitExperiment):
     """Fragility curve: refusal and side effects as top-k ranked units are ablated, vs k random units."""
 
     kind: str = "neuron"  # neuron | head
@@ -184,6 +206,11 @@ class Ablation(Experiment):
 
     def run(self, model, harmful, harmless, *, store=None, shared: dict | None = None) -> Result:
         """The fragility curve; ``shared``: a dict shared by several runs (module docstring, "Computed once")."""
+        plan = self.plan(model, harmful, harmless, store=store, shared=shared)
+        return self.run_plan(model, harmful, harmless, plan)
+
+    def plan(self, model, harmful, harmless, *, store=None, shared: dict | None = None) -> Plan:
+        """Ranking, ablation reference and baseline once; units: one grid point (top-k or a random draw) each."""
         grid = sorted(set(self.k_grid))
         width = model.d_mlp if self.kind == "neuron" else model.n_heads
         if grid[-1] > width * model.n_layers:
@@ -194,34 +221,48 @@ class Ablation(Experiment):
         ranking = self._ranking(model, rank_h, rank_b, grid[-1], store, shared)
         reference = None if self.method == "zero" else self._reference(model, rank_h + rank_b, store)
         base = self.baseline(model, harmful, harmless, store=store, shared=shared)
-        texts = self._texts()
-        conditions = []
+        points = []
         for k in grid:
             top = top_components(ranking, self.kind, k)
-            conditions.append(("top", -1, k, top))
+            points.append(GridPoint("top", -1, k, tuple(top)))
             for s in range(self.random_seeds):
-                conditions.append(("random", s, k, matched_random(top, width, model.n_layers, self.seed * 1000 + s)))
+                draw = matched_random(top, width, model.n_layers, self.seed * 1000 + s)
+                points.append(GridPoint("random", s, k, tuple(draw)))
+        state = {"reference": reference, "harmful": eval_h, "harmless": eval_b, "texts": self._texts(),
+                 "base_logits": base["harmless_logits"]}
+        return Plan(points, state, {"grid": grid, "ranking": ranking, "base_row": base["row"]},
+                    label=f"scoring {self.kind} ablations")
 
-        def hooks(comps):
-            return ablation_hooks(model, comps, self.method, reference=reference, seed=self.seed)
+    def run_unit(self, model, state: dict, unit: "GridPoint") -> dict:
+        """A scored row (first round) or the judge's verdicts (second round) at one grid point."""
+        hooks = ablation_hooks(model, list(unit.components), self.method, reference=state["reference"],
+                               seed=self.seed)
+        if unit.judge:
+            return self._judge(model, hooks, state["harmful"], state["harmless"] if unit.judge_harmless else None)
+        return self._score(model, hooks, state["harmful"], state["harmless"], state["texts"], state["base_logits"])
 
-        rows = [dict(selection="baseline", seed=-1, k=0, **base["row"])]
-        for selection, s, k, comps in progress_bar(conditions, True, desc=f"scoring {self.kind} ablations"):
-            rows.append(dict(selection=selection, seed=s, k=k,
-                             **self._score(model, hooks(comps), eval_h, eval_b, texts, base)))
+    def next_plan(self, model, harmful, harmless, plan: Plan, outputs: list) -> Plan | None:
+        """After scoring: judge the points the score curve makes decisive (``judge_at``); after judging: done."""
+        if "table" in plan.context:
+            return None
+        rows = [dict(selection="baseline", seed=-1, k=0, **plan.context["base_row"])]
+        rows += [dict(selection=p.selection, seed=p.seed, k=p.k, **row) for p, row in zip(plan.units, outputs)]
         table = pd.DataFrame(rows)
-        on_harmful, on_harmless = self._judged_points(grid, halving_k(table))
-        todo = [c for c in conditions if c[:3] in on_harmful]
-        for selection, s, k, comps in progress_bar(todo, True, desc=f"judging {self.kind} ablations"):
-            verdicts = self._judge(model, hooks(comps), eval_h,
-                                   eval_b if (selection, s, k) in on_harmless else None)
-            at = (table.selection == selection) & (table.seed == s) & (table.k == k)
+        on_harmful, on_harmless = self._judged_points(plan.context["grid"], halving_k(table))
+        judged = [dataclasses.replace(p, judge=True, judge_harmless=p.key in on_harmless)
+                  for p in plan.units if p.key in on_harmful]
+        return Plan(judged, plan.state, {**plan.context, "table": table}, label=f"judging {self.kind} ablations")
+
+    def merge(self, model, harmful, harmless, plan: Plan, outputs: list) -> Result:
+        table = plan.context["table"].copy()
+        for point, verdicts in zip(plan.units, outputs):
+            at = (table.selection == point.selection) & (table.seed == point.seed) & (table.k == point.k)
             for col, value in verdicts.items():
                 table.loc[at, col] = value
         table.insert(0, "component", self.kind)
         summary = _summary(table, self.kind, self.judge_at)
         return Result(table, self.config(model, harmful=harmful, harmless=harmless),
-                      tables={"ranking_used": ranking.head(grid[-1])},
+                      tables={"ranking_used": plan.context["ranking"].head(plan.context["grid"][-1])},
                       figures={f"fragility_{self.kind}": plots.fragility(table, self.kind, model.name)},
                       summary=summary)
 
@@ -242,8 +283,9 @@ class Ablation(Experiment):
         name = hk.final_resid()  # cached at the last position by the circuit map: no forward pass then
         resid = store.get(model, eval_h + eval_b, [name], "last", batch_size=self.batch_size,
                           progress=False)[name][:, -1]
-        with torch.no_grad():
-            logits = torch.cat([model.final_logits(r).float().cpu() for r in resid.split(self.batch_size)])
+        with torch.no_grad():  # the store keeps float32: back to the model's dtype (lossless) for its final norm
+            logits = torch.cat([model.final_logits(r.to(model.dtype)).float().cpu()
+                                for r in resid.split(self.batch_size)])
         scores = metrics.refusal_score_from_logits(logits[:len(eval_h)], metrics.refusal_tokens(model)).numpy()
         base = {"harmless_logits": logits[len(eval_h):]}
         row = self._row(model, scores, base["harmless_logits"], None, [], texts)
@@ -284,11 +326,11 @@ class Ablation(Experiment):
         controls = {("random", 0, k) for k in ks} if self.random_seeds else set()
         return top | controls, (top if self.judge_harmless else set())
 
-    def _score(self, model, hooks, harmful, harmless, texts, base) -> dict:
+    def _score(self, model, hooks, harmful, harmless, texts, base_logits) -> dict:
         """The forward-pass measures under ``hooks`` (refusal score, KL, cross-entropy); no judge."""
         logits = self._last_logits(model, list(harmful) + list(harmless), hooks)
         scores = metrics.refusal_score_from_logits(logits[:len(harmful)], metrics.refusal_tokens(model)).numpy()
-        return self._row(model, scores, logits[len(harmful):], base["harmless_logits"], hooks, texts)
+        return self._row(model, scores, logits[len(harmful):], base_logits, hooks, texts)
 
     def _last_logits(self, model, prompts, hooks):
         # zero / mean ablation act on every position and row alike, so the chat-template prefix a batch

@@ -93,20 +93,28 @@ def _recorded(run):
 
 @dataclasses.dataclass
 class Plan:
-    """What ``UnitExperiment.plan`` returns: independent, idempotent ``units`` and the shared ``state``
-    (picklable: tensors, tables, prompt lists) every unit needs."""
+    """What ``UnitExperiment.plan`` (and ``next_plan``) returns: independent, idempotent ``units``, the
+    shared ``state`` (picklable: tensors, tables, prompt lists) every unit needs, and ``context``: what
+    ``next_plan`` / ``merge`` need and the units do not (kept where the plan was made, never shipped)."""
 
     units: list
     state: dict = dataclasses.field(default_factory=dict)
+    context: dict = dataclasses.field(default_factory=dict)
+    label: str = ""  # what the units do, for progress bars
 
 
 class UnitExperiment(Experiment):
     """An experiment whose work is independent units (patching pairs, grid points, candidates) and a merge.
 
     ``run`` = ``plan`` → ``run_unit`` for every unit → ``merge``; a distributed runner
-    (``circuitlab.distributed``) calls the same three methods with the units spread over workers, so a
+    (``circuitlab.distributed``) calls the same methods with the units spread over workers, so a
     local run is the same code with one worker and both give the same table. ``run_unit`` must depend
     only on ``(model, plan.state, unit)`` (idempotent: a retried unit gives the same output).
+
+    Rounds: where which units to run depends on earlier units' outputs (judge where the scores say,
+    score the finalists of a screen), ``next_plan(model, harmful, harmless, plan, outputs)`` returns
+    the next round's Plan (its ``context`` carries what later rounds and ``merge`` need), or None;
+    ``merge`` then gets the last round's plan and outputs.
     """
 
     def plan(self, model: HookedModel, harmful: PromptSet, harmless: PromptSet, *, store=None) -> Plan:
@@ -115,14 +123,25 @@ class UnitExperiment(Experiment):
     def run_unit(self, model: HookedModel, state: dict, unit):
         raise NotImplementedError
 
+    def next_plan(self, model: HookedModel, harmful: PromptSet, harmless: PromptSet, plan: Plan,
+                  outputs: list) -> Plan | None:
+        return None  # one round: merge right away
+
     def merge(self, model: HookedModel, harmful: PromptSet, harmless: PromptSet, plan: Plan, outputs: list) -> Result:
         raise NotImplementedError
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
-        plan = self.plan(model, harmful, harmless, store=store)
-        outputs = [self.run_unit(model, plan.state, unit)
-                   for unit in progress_bar(plan.units, True, total=len(plan.units), desc=self.name)]
-        return self.merge(model, harmful, harmless, plan, outputs)
+        return self.run_plan(model, harmful, harmless, self.plan(model, harmful, harmless, store=store))
+
+    def run_plan(self, model, harmful, harmless, plan: Plan) -> Result:
+        """Every round from ``plan`` on in this process, then ``merge`` (the distributed runner's steps, one worker)."""
+        while True:
+            outputs = [self.run_unit(model, plan.state, unit) for unit in
+                       progress_bar(plan.units, True, total=len(plan.units), desc=plan.label or self.name)]
+            following = self.next_plan(model, harmful, harmless, plan, outputs)
+            if following is None:
+                return self.merge(model, harmful, harmless, plan, outputs)
+            plan = following
 
 
 def register(name: str) -> Callable[[type], type]:

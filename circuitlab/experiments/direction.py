@@ -23,10 +23,16 @@ split is first touched after a direction is chosen (tests/test_direction.py coun
    and ``fallback_step``.
 4. Evaluation on the test split (``direction_eval.evaluate_direction``) and direct attribution of
    heads / MLPs / neurons onto the direction (``direction_eval.direction_components``).
+
+Units (``UnitExperiment``, so ``--ray`` spreads them): ``plan`` does steps 1-2 and the unintervened val
+logits; a unit scores one candidate on the val split (the screening round, then the finalists, as
+``score_candidates`` does); ``merge`` selects and runs step 4. ``select`` (and the experiments that call
+``score_candidates`` directly) get the same table in one call.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 
@@ -34,13 +40,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import interventions as iv
 from .. import metrics
 from ..datasets import PromptSet
-from ..direction_eval import CONDITIONS, direction_components, evaluate_direction, score_candidates
+from ..direction_eval import (CONDITIONS, direction_components, evaluate_direction, last_logits_shared, pareto_ranks,
+                              score_candidates, select_candidate)
 from ..directions import candidate_directions
 from ..results import Result
 from ..store import ActivationStore
-from .base import Experiment, check, check_layers, register
+from .base import Plan, UnitExperiment, check, check_layers, register
 from .checks import check_at_least, check_fraction, check_subset, check_types
 
 __all__ = ["RefusalDirection", "split_three", "FILTERS"]
@@ -66,7 +74,7 @@ def split_three(prompts: PromptSet, train_frac: float, val_frac: float, seed: in
 
 @register("refusal-direction")
 @dataclass
-class RefusalDirection(Experiment):
+class RefusalDirection(UnitExperiment):
     """Refusal direction (Arditi et al. 2024): diff-in-means candidates, selection, ablation/addition evaluation.
 
     ``select`` (train/val only), ``filter_refused``, ``candidate_directions`` and ``score_candidates``
@@ -133,13 +141,76 @@ class RefusalDirection(Experiment):
     def params(self) -> dict:
         return {k: v for k, v in super().params().items() if not k.endswith("_")}
 
-    def run(self, model, harmful, harmless, *, store=None) -> Result:
+    def plan(self, model, harmful, harmless, *, store=None) -> Plan:
+        """Splits, filter and candidate directions (train), the unintervened val logits; units: one candidate
+        scored on the val split each (a screening round first when ``screen_prompts`` applies)."""
         store = store if store is not None else ActivationStore()
         harmful, harmless = _as_set(harmful, "harmful"), _as_set(harmless, "harmless")
         h_train, h_val, h_test = split_three(harmful, self.train_frac, self.val_frac, self.seed)
         s_train, s_val, s_test = split_three(harmless, self.train_frac, self.val_frac, self.seed)
-        table, filtered, rule, baseline = self.select(model, h_train, s_train, h_val, s_val, store)
-        # the test split is used from here on only
+        h_train, s_train, h_val, s_val, filtered = self._filtered(model, h_train, s_train, h_val, s_val)
+        directions = self.candidate_directions(model, h_train, s_train, store)
+        h_val, s_val = list(h_val), list(s_val)
+        base = last_logits_shared(model, h_val + s_val, batch_size=self.batch_size)
+        base_scores = metrics.refusal_score_from_logits(base, metrics.refusal_tokens(model))
+        rows, todo = self._candidate_rows(model, directions, len(h_val), len(s_val))
+        k = self.screen_prompts
+        stage = "screen" if k and k < min(len(h_val), len(s_val)) and len(todo) > self.n_finalists else "full"
+        keys = list(directions)
+        units = [CandidateUnit(stage, i, keys[i][0], directions[keys[i]]) for i in todo]
+        state = {"harmful": h_val, "harmless": s_val, "base_harmless": base[len(h_val):], "screen_prompts": k}
+        context = {"rows": rows, "directions": directions, "filtered": filtered, "test": (h_test, s_test),
+                   "store": store, "baseline": {"harmful": base_scores[:len(h_val)].mean().item(),
+                                                "harmless": base_scores[len(h_val):].mean().item()}}
+        return Plan(units, state, context, label=_stage_label(stage, len(h_val), len(s_val), k))
+
+    def run_unit(self, model, state: dict, unit: "CandidateUnit") -> dict:
+        """One candidate's measures on the val split: the screen's (first k prompts per side, ablation only) or
+        the full ones (bypass score, KL, induce score); as ``direction_eval.score_candidates`` computes them."""
+        h, b, tok, base = state["harmful"], state["harmless"], metrics.refusal_tokens(model), state["base_harmless"]
+        ablate = iv.directional_ablation_hooks(model, unit.direction)
+        if unit.stage == "screen":
+            k = state["screen_prompts"]
+            logits = last_logits_shared(model, h[:k] + b[:k], ablate, batch_size=self.batch_size)
+            return {"screen_bypass_score": metrics.refusal_score_from_logits(logits[:k], tok).mean().item(),
+                    "screen_kl": metrics.kl_divergence(base[:k], logits[k:]).mean().item()}
+        ablated = last_logits_shared(model, h + b, ablate, batch_size=self.batch_size)
+        added = last_logits_shared(model, b, iv.activation_addition_hooks(model, unit.direction, unit.layer),
+                                   batch_size=self.batch_size)
+        return {"finalist": True,
+                "bypass_score": metrics.refusal_score_from_logits(ablated[:len(h)], tok).mean().item(),
+                "kl": metrics.kl_divergence(base, ablated[len(h):]).mean().item(),
+                "induce_score": metrics.refusal_score_from_logits(added, tok).mean().item()}
+
+    def next_plan(self, model, harmful, harmless, plan: Plan, outputs: list) -> Plan | None:
+        """After a screen: score the best whole Pareto fronts (``n_finalists``) fully; after full scoring: done."""
+        if not plan.units or plan.units[0].stage != "screen":
+            return None
+        rows = _updated(plan.context["rows"], plan.units, outputs)
+        ranks = pareto_ranks([rows[u.index]["screen_bypass_score"] for u in plan.units],
+                             [rows[u.index]["screen_kl"] for u in plan.units])
+        last = next(r for r in range(ranks.max() + 1) if (ranks <= r).sum() >= self.n_finalists)
+        finalists = [dataclasses.replace(u, stage="full") for u, r in zip(plan.units, ranks) if r <= last]
+        h, b = plan.state["harmful"], plan.state["harmless"]
+        return Plan(finalists, plan.state, {**plan.context, "rows": rows},
+                    label=_stage_label("full", len(h), len(b), None))
+
+    def merge(self, model, harmful, harmless, plan: Plan, outputs: list) -> Result:
+        """Select on val (``select_candidate``), then evaluate the chosen direction on the test split."""
+        c = plan.context
+        rows = _updated(c["rows"], plan.units, outputs)
+        baseline = c["baseline"]
+        table, rule = select_candidate(pd.DataFrame(rows), self.kl_threshold, self.induce_threshold,
+                                       baseline["harmful"], self.kl_budget)
+        table["baseline_harmful_score"], table["baseline_harmless_score"] = baseline["harmful"], baseline["harmless"]
+        best = table[table.selected].iloc[0]
+        self.layer_, self.position_ = int(best.layer), int(best.position)
+        self.direction_ = c["directions"][(self.layer_, self.position_)]
+        return self._evaluate(model, _as_set(harmful, "harmful"), _as_set(harmless, "harmless"), table,
+                              c["filtered"], rule, baseline, *c["test"], c["store"])
+
+    def _evaluate(self, model, harmful, harmless, table, filtered, rule, baseline, h_test, s_test, store) -> Result:
+        """The chosen direction on the test split (the first time a test prompt is used), and the Result."""
         plain = _plaintext(self.plaintext, self.plaintext_n, self.seed)
         evaluation = evaluate_direction(
             model, self.direction_, self.layer_, list(h_test), list(s_test), plain, judge=self.judge,
@@ -158,11 +229,42 @@ class RefusalDirection(Experiment):
                       tables={"evaluation": evaluation, "components": components, "candidates": table,
                               "filter": filtered}, figures=figures, summary=summary)
 
+    def _candidate_rows(self, model, directions, n_harmful: int, n_harmless: int) -> tuple[list[dict], list[int]]:
+        """One row per candidate (unscored) and the indices of those to score: inside ``layers`` /
+        ``positions``, not pruned (unless ``evaluate_excluded``), non-zero (``direction_eval.score_candidates``)."""
+        cutoff = model.n_layers * (1 - self.prune_layer_frac)
+        layers = set(range(model.n_layers) if self.layers is None else self.layers)
+        offsets = set(range(-model.n_post, 0) if self.positions is None else self.positions)
+        post_tokens = model.tokenizer(model.format("zq"), add_special_tokens=False).input_ids[-model.n_post:]
+        keys = list(directions)
+        rows = [{"layer": l, "component": "direction", "position": o,
+                 "token": model.tokenizer.decode([post_tokens[o]]), "direction_norm": float(directions[(l, o)].norm()),
+                 "excluded": l >= cutoff, "finalist": False, "screen_bypass_score": np.nan, "screen_kl": np.nan,
+                 "bypass_score": np.nan, "induce_score": np.nan, "kl": np.nan, "n_val_harmful": n_harmful,
+                 "n_val_harmless": n_harmless} for l, o in keys]
+        # layer 0 at template tokens: identical embeddings, so a zero difference (nothing to test)
+        todo = [i for i, (l, o) in enumerate(keys) if l in layers and o in offsets
+                and (self.evaluate_excluded or not rows[i]["excluded"]) and directions[(l, o)].norm() > 1e-6]
+        if not todo:
+            raise ValueError("no candidate was evaluated: layers/positions select nothing outside the pruned "
+                             f"last {self.prune_layer_frac:.0%} of layers; widen layers= or set evaluate_excluded=True")
+        return rows, todo
+
     def select(self, model, h_train, s_train, h_val, s_val, store) -> tuple[pd.DataFrame, pd.DataFrame, str, dict]:
         """Filter, candidates and selection from the train and val splits only (no test prompt comes in).
 
         Sets ``direction_``, ``layer_``, ``position_``; returns (candidates table, filter table, rule,
-        val baselines)."""
+        val baselines). The same numbers as ``run``'s units (tests/test_direction.py checks it)."""
+        h_train, s_train, h_val, s_val, filtered = self._filtered(model, h_train, s_train, h_val, s_val)
+        directions = self.candidate_directions(model, h_train, s_train, store)
+        table, rule, baseline = self.score_candidates(model, directions, h_val, s_val)
+        best = table[table.selected].iloc[0]
+        self.layer_, self.position_ = int(best.layer), int(best.position)
+        self.direction_ = directions[(self.layer_, self.position_)]
+        return table, filtered, rule, baseline
+
+    def _filtered(self, model, h_train, s_train, h_val, s_val) -> tuple:
+        """``filter_train`` / ``filter_val`` applied: (h_train, s_train, h_val, s_val, filter table)."""
         filtered = []
         if self.filter_train:
             h_train, s_train, rows = self.filter_refused(model, h_train, s_train, "train")
@@ -170,13 +272,8 @@ class RefusalDirection(Experiment):
         if self.filter_val:
             h_val, s_val, rows = self.filter_refused(model, h_val, s_val, "val")
             filtered += rows
-        directions = self.candidate_directions(model, h_train, s_train, store)
-        table, rule, baseline = self.score_candidates(model, directions, h_val, s_val)
-        best = table[table.selected].iloc[0]
-        self.layer_, self.position_ = int(best.layer), int(best.position)
-        self.direction_ = directions[(self.layer_, self.position_)]
         columns = ["split", "side", "n", "kept", "used", "filter_by", "filter_fallback"]
-        return table, pd.DataFrame(filtered, columns=columns), rule, baseline
+        return h_train, s_train, h_val, s_val, pd.DataFrame(filtered, columns=columns)
 
     def filter_refused(self, model, harmful, harmless, split: str) -> tuple[PromptSet, PromptSet, list[dict]]:
         """Refused harmful and answered harmless prompts of one split, by ``filter_by``; a side with fewer
@@ -211,6 +308,30 @@ class RefusalDirection(Experiment):
                                 kl_threshold=self.kl_threshold, induce_threshold=self.induce_threshold,
                                 kl_budget=self.kl_budget, screen_prompts=self.screen_prompts,
                                 n_finalists=self.n_finalists, batch_size=self.batch_size, progress=self.progress)
+
+
+@dataclass(frozen=True)
+class CandidateUnit:
+    """One candidate direction to score on the val split: ``index`` into the candidate rows, its ``layer``
+    (where addition adds it) and ``stage``: ``screen`` (first k prompts per side) or ``full``."""
+
+    stage: str
+    index: int
+    layer: int
+    direction: torch.Tensor
+
+
+def _updated(rows: list[dict], units, outputs) -> list[dict]:
+    """Copies of the candidate rows with each scored unit's measures filled in."""
+    rows = [dict(r) for r in rows]
+    for unit, out in zip(units, outputs):
+        rows[unit.index].update(out)
+    return rows
+
+
+def _stage_label(stage: str, n_harmful: int, n_harmless: int, k) -> str:
+    return (f"screening candidates ({k}+{k} val prompts)" if stage == "screen"
+            else f"candidates ({n_harmful}+{n_harmless} val prompts)")
 
 
 def _as_set(prompts, name) -> PromptSet:

@@ -17,6 +17,12 @@ Table (one row per method and edge): writer, reader, layer (the writer's; -1 = e
 reader_layer (``n_layers`` = logits), component (the writer: ``embed`` / ``head`` / ``mlp_out``),
 head, reader_kind, score, abs_rank, method, mode. Extra tables: ``curve``, ``summary`` (CPR/CMD),
 ``stability``, ``graph`` (edge counts by reader kind, GQA included).
+
+Units (``UnitExperiment``, so ``--ray`` spreads them): round one scores one batch of discovery pairs
+with one method per unit (the batches ``edge_scores`` itself forms, so every number is the one a
+whole-set call gives); round two runs every circuit of the curve (selected on the driver from the
+merged scores) on one batch of evaluation pairs per unit; ``merge`` assembles the per-pair metrics and
+builds the curve exactly as ``graph.faithfulness_curve`` does.
 """
 
 from __future__ import annotations
@@ -25,20 +31,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .. import metrics as mx
 from .. import graph as eg
+from ..graph.forward import pair_batches
 from ..results import Result
-from .base import Experiment, check, check_choice, register
+from .base import Plan, UnitExperiment, check, check_choice, register
 from .checks import check_types
+from .patching.common import pair_on
 from .patching.pairs import PAIRINGS, make_pairs
 
-__all__ = ["EdgeAttribution"]
+__all__ = ["EdgeAttribution", "PairBatch"]
 
 
 @register("edge-attribution")
 @dataclass
-class EdgeAttribution(Experiment):
+class EdgeAttribution(UnitExperiment):
     """Edge attribution (EAP, EAP-IG) on the residual-stream graph, with whole-circuit faithfulness curves (MIB CPR/CMD)."""
 
     methods: list[str] = field(default_factory=lambda: ["eap", "eap-ig"])  # scoring methods: eap (one backward) and/or eap-ig (integrated gradients over inputs)
@@ -87,19 +96,40 @@ class EdgeAttribution(Experiment):
         items = [pairs.pairs[i] for i in order]
         return items[:n_disc], items[n_disc:], pairs.n_unpaired
 
-    def run(self, model, harmful, harmless, *, store=None) -> Result:
-        graph = eg.EdgeGraph.from_model(model)
+    def plan(self, model, harmful, harmless, *, store=None) -> Plan:
+        """Split the pairs; first round: one unit per method and scoring batch (``edge_scores``'s own batches)."""
         discover, evaluate, n_unpaired = self.split(model, harmful, harmless)
-        tokens = mx.refusal_tokens(model)
+        discover, evaluate = [pair_on(p, "cpu") for p in discover], [pair_on(p, "cpu") for p in evaluate]
+        units = [PairBatch("score", method, tuple(idx), tuple(discover[i] for i in idx))
+                 for method in self.methods for idx in _batches(model, discover, self.batch_size)]
+        context = {"discover": discover, "evaluate": evaluate, "n_unpaired": n_unpaired}
+        return Plan(units, {}, context, label="edge scores")
 
-        def metric(logits):
-            return mx.refusal_score_from_logits(logits, tokens)
+    def run_unit(self, model, state: dict, unit: "PairBatch") -> dict:
+        """Per-pair edge scores of one batch (first round) or per-pair circuit metrics of one batch (second)."""
+        graph, metric = eg.EdgeGraph.from_model(model), _metric(model)
+        pairs = [pair_on(p, model.device) for p in unit.pairs]
+        if unit.task == "score":
+            s = eg.edge_scores(model, pairs, metric, method=unit.method, steps=self.ig_steps, mode=self.mode,
+                               batch_size=self.batch_size, graph=graph)
+            return {"per_pair": s.per_pair, "clean": s.clean_metric, "corrupt": s.corrupt_metric, "steps": s.steps}
+        # mean ablation: the mean over every evaluation pair, as one whole-set run takes it
+        mean_pairs = [pair_on(p, model.device) for p in state["evaluate"]] if self.ablation == "mean" else None
+        runner = eg.CircuitRunner(model, pairs, metric, ablation=self.ablation, batch_size=self.batch_size,
+                                  graph=graph, mean_pairs=mean_pairs)
+        return {"clean": runner.clean, "empty": runner.empty, "circuits": runner.run(state["masks"])}
 
+    def next_plan(self, model, harmful, harmless, plan: Plan, outputs: list) -> Plan | None:
+        """After scoring: the score tables, stability, and the circuits of the curve; second round: one unit
+        per evaluation batch, every circuit on it. After that: done."""
+        if "scores" in plan.context:
+            return None
+        graph = eg.EdgeGraph.from_model(model)
         scores, frames, stability = {}, [], []
         n_stable = eg.n_for_fraction(graph, self.stability_fraction)
         for method in self.methods:
-            s = eg.edge_scores(model, discover, metric, method=method, steps=self.ig_steps, mode=self.mode,
-                               batch_size=self.batch_size, graph=graph, progress=True)
+            s = _gather_scores(graph, self.mode, self.batch_size, len(plan.context["discover"]),
+                               [(u, o) for u, o in zip(plan.units, outputs) if u.method == method])
             scores[method] = s.mean
             frames.append(s.table())
             if self.n_boot:
@@ -107,17 +137,27 @@ class EdgeAttribution(Experiment):
                                              selection=self.selection)
                 stability.append({"method": method, "n_edges": n_stable, "n_boot": self.n_boot,
                                   "jaccard_mean": jac.mean(), "jaccard_min": jac.min(), "jaccard_max": jac.max()})
-        table = pd.concat(frames, ignore_index=True)
-        curve = eg.faithfulness_curve(model, evaluate, metric, scores, fractions=self.fractions,
-                                      selection=self.selection, random_seeds=self.random_seeds,
-                                      ablation=self.ablation, batch_size=self.batch_size, graph=graph, progress=True)
+        jobs, where, masks = _curve_jobs(graph, scores, self.fractions, self.selection, self.random_seeds)
+        evaluate = plan.context["evaluate"]
+        units = [PairBatch("faithfulness", "", tuple(idx), tuple(evaluate[i] for i in idx))
+                 for idx in _batches(model, evaluate, self.batch_size)]
+        state = {"masks": masks, "evaluate": evaluate if self.ablation == "mean" else None}
+        context = {**plan.context, "scores": scores, "table": pd.concat(frames, ignore_index=True),
+                   "stability": stability, "jobs": jobs, "where": where, "graph": graph}
+        return Plan(units, state, context, label="circuit faithfulness")
+
+    def merge(self, model, harmful, harmless, plan: Plan, outputs: list) -> Result:
+        c = plan.context
+        graph, table, n_eval = c["graph"], c["table"], len(c["evaluate"])
+        measured = _gather_eval(plan.units, outputs, n_eval, self.ablation)
+        curve = _curve_table(c["jobs"], c["where"], measured, self.ablation)
         summary_table = pd.concat([eg.curve_summary(curve, "fraction"), eg.curve_summary(curve, "log")],
                                   ignore_index=True)
         counts = graph.counts()
         graph_table = pd.DataFrame([{"quantity": k, "count": v} for k, v in counts.items()])
         mib = summary_table[summary_table.x == "fraction"].set_index("method")
         summary = {
-            "graph": counts, "n_discover": len(discover), "n_evaluate": len(evaluate), "n_unpaired": n_unpaired,
+            "graph": counts, "n_discover": len(c["discover"]), "n_evaluate": n_eval, "n_unpaired": c["n_unpaired"],
             "cpr": mib.cpr.round(4).to_dict(), "cmd": mib.cmd.round(4).to_dict(),
             "top_edges": {m: table[table.method == m].head(5)[["writer", "reader", "score"]].to_dict("records")
                           for m in self.methods},
@@ -129,6 +169,80 @@ class EdgeAttribution(Experiment):
         except ImportError:  # matplotlib missing: the tables still hold everything
             pass
         return Result(table, self.config(model, harmful=harmful, harmless=harmless),
-                      tables={"curve": curve, "summary": summary_table, "stability": pd.DataFrame(stability),
+                      tables={"curve": curve, "summary": summary_table, "stability": pd.DataFrame(c["stability"]),
                               "graph": graph_table},
                       figures=figures, summary=summary)
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """One unit: the pairs of one forward batch (``indices`` into the discovery or evaluation pairs), to
+    score with ``method`` (``task="score"``) or to run every circuit on (``task="faithfulness"``)."""
+
+    task: str
+    method: str
+    indices: tuple[int, ...]
+    pairs: tuple
+
+
+def _metric(model):
+    tokens = mx.refusal_tokens(model)
+
+    def metric(logits):
+        return mx.refusal_score_from_logits(logits, tokens)
+    return metric
+
+
+def _batches(model, pairs, batch_size: int) -> list[list[int]]:
+    """The pair indices of each batch the graph functions form (sorted by length), so a unit holding one
+    batch's pairs runs exactly the forward passes a whole-set call runs for that batch."""
+    return [batch.index for batch in pair_batches(model, pairs, batch_size)]
+
+
+def _gather_scores(graph, mode: str, batch_size: int, n_pairs: int, parts) -> eg.EdgeScores:
+    """One method's ``EdgeScores`` over every discovery pair, from its batch units' outputs."""
+    per_pair = torch.full((n_pairs, graph.n_writers, graph.n_readers), float("nan"))
+    clean, corrupt = np.zeros(n_pairs), np.zeros(n_pairs)
+    for unit, out in parts:
+        idx = list(unit.indices)
+        per_pair[idx], clean[idx], corrupt[idx] = out["per_pair"], out["clean"], out["corrupt"]
+    method, steps = parts[0][0].method, parts[0][1]["steps"]
+    return eg.EdgeScores(graph, per_pair, method, mode, steps, clean, corrupt,
+                         meta={"batch_size": batch_size, "n_pairs": n_pairs})
+
+
+def _gather_eval(units, outputs, n_pairs: int, ablation: str) -> eg.CircuitEval:
+    """Per-pair clean, fully ablated and circuit metrics over every evaluation pair, from the batch units."""
+    n_circuits = outputs[0]["circuits"].shape[0]
+    clean, empty, circuits = np.zeros(n_pairs), np.zeros(n_pairs), np.zeros((n_circuits, n_pairs))
+    for unit, out in zip(units, outputs):
+        idx = list(unit.indices)
+        clean[idx], empty[idx], circuits[:, idx] = out["clean"], out["empty"], out["circuits"]
+    return eg.CircuitEval(clean, empty, circuits, ablation)
+
+
+def _curve_jobs(graph, scores: dict, fractions, selection: str, random_seeds: int):
+    """``(jobs, where, masks)`` as ``graph.faithfulness_curve`` builds them: (method, seed, fraction, mask)
+    per curve point, each point's index into the distinct non-empty ``masks`` (None: pruned to nothing)."""
+    fractions = tuple(sorted(float(f) for f in fractions))
+    jobs = [(name, pd.NA, frac, eg.select(graph, s, eg.n_for_fraction(graph, frac), selection))
+            for name, s in scores.items() for frac in fractions]
+    jobs += [("random", seed, frac, eg.random_circuit(graph, eg.n_for_fraction(graph, frac), seed))
+             for seed in range(random_seeds) for frac in fractions]
+    unique, where = {}, []
+    for *_, mask in jobs:  # a circuit pruned to nothing is the empty circuit: f = 0, not run
+        where.append(unique.setdefault(mask.numpy().tobytes(), (len(unique), mask))[0] if mask.any() else None)
+    return jobs, where, [m for _, m in sorted(unique.values(), key=lambda t: t[0])]
+
+
+def _curve_table(jobs, where, result: eg.CircuitEval, ablation: str) -> pd.DataFrame:
+    """The curve table ``graph.faithfulness_curve`` returns, from the jobs and the circuits' metrics."""
+    faith = result.faithfulness()
+    rows = [{"method": name, "seed": seed, "fraction": frac, "n_edges": int(mask.sum()),
+             "faithfulness": 0.0 if k is None else float(faith[k]),
+             "metric": float((result.empty if k is None else result.circuits[k]).mean())}
+            for (name, seed, frac, mask), k in zip(jobs, where)]
+    df = pd.DataFrame(rows)
+    df["seed"] = df["seed"].astype("Int64")
+    df["clean_metric"], df["empty_metric"], df["ablation"] = result.clean.mean(), result.empty.mean(), ablation
+    return df
