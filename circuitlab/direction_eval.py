@@ -32,7 +32,8 @@ from .store import ActivationStore
 from .weights import writer_weight
 
 __all__ = ["bootstrap_ci", "evaluate_direction", "direction_components", "select_candidate", "score_candidates",
-           "last_logits_shared", "pareto_ranks", "CONDITIONS", "SELECTION_STEPS"]
+           "last_logits_shared", "pareto_ranks", "candidate_rows", "screens", "score_candidate", "finalists",
+           "select_scored", "CONDITIONS", "SELECTION_STEPS"]
 
 CONDITIONS = ("baseline", "ablation", "orthogonalized", "addition")
 # the steps of select_candidate's rule, in the order they are tried (fallback_step names one)
@@ -257,6 +258,73 @@ def select_candidate(table: pd.DataFrame, kl_threshold: float, induce_threshold:
     return t, rule
 
 
+def candidate_rows(model: HookedModel, directions: dict, n_harmful: int, n_harmless: int, *,
+                   layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
+                   prune_layer_frac: float = 0.2, evaluate_excluded: bool = False) -> tuple[list[dict], list[int]]:
+    """One unscored row per candidate ``{(layer, offset): direction}`` and the indices of those to score:
+    inside ``layers`` / ``positions``, not in the last ``prune_layer_frac`` of layers (unless
+    ``evaluate_excluded``), non-zero."""
+    cutoff = model.n_layers * (1 - prune_layer_frac)
+    layers = set(range(model.n_layers) if layers is None else layers)
+    offsets = set(range(-model.n_post, 0) if positions is None else positions)
+    post_tokens = model.tokenizer(model.format("zq"), add_special_tokens=False).input_ids[-model.n_post:]
+    keys = list(directions)
+    rows = [{"layer": l, "component": "direction", "position": o, "token": model.tokenizer.decode([post_tokens[o]]),
+             "direction_norm": float(directions[(l, o)].norm()), "excluded": l >= cutoff, "finalist": False,
+             "screen_bypass_score": np.nan, "screen_kl": np.nan, "bypass_score": np.nan, "induce_score": np.nan,
+             "kl": np.nan, "n_val_harmful": n_harmful, "n_val_harmless": n_harmless} for l, o in keys]
+    # layer 0 at template tokens: identical embeddings, so a zero difference (nothing to test)
+    todo = [i for i, (l, o) in enumerate(keys) if l in layers and o in offsets
+            and (evaluate_excluded or not rows[i]["excluded"]) and directions[(l, o)].norm() > 1e-6]
+    if not todo:
+        raise ValueError("no candidate was evaluated: layers/positions select nothing outside the pruned "
+                         f"last {prune_layer_frac:.0%} of layers; widen layers= or set evaluate_excluded=True")
+    return rows, todo
+
+
+def screens(screen_prompts: int | None, n_harmful: int, n_harmless: int, n_todo: int, n_finalists: int) -> bool:
+    """Whether a screening round runs first: k set, below both sides, and more candidates than finalists."""
+    return bool(screen_prompts) and screen_prompts < min(n_harmful, n_harmless) and n_todo > n_finalists
+
+
+def score_candidate(model: HookedModel, direction: torch.Tensor, layer: int, harmful: Sequence[str],
+                    harmless: Sequence[str], base_harmless: torch.Tensor, *, screen_prompts: int | None = None,
+                    batch_size: int = 32) -> dict:
+    """One candidate's val measures. Screening (``screen_prompts`` k): ablation on the first k prompts per
+    side (``screen_bypass_score``, ``screen_kl``). Otherwise ``bypass_score``, ``kl`` (against
+    ``base_harmless``, the unintervened logits of ``harmless``) and ``induce_score`` on every prompt."""
+    harmful, harmless, tok = list(harmful), list(harmless), metrics.refusal_tokens(model)
+    ablate = iv.directional_ablation_hooks(model, direction)
+    if screen_prompts:
+        k = screen_prompts
+        logits = last_logits_shared(model, harmful[:k] + harmless[:k], ablate, batch_size=batch_size)
+        return {"screen_bypass_score": metrics.refusal_score_from_logits(logits[:k], tok).mean().item(),
+                "screen_kl": metrics.kl_divergence(base_harmless[:k], logits[k:]).mean().item()}
+    ablated = last_logits_shared(model, harmful + harmless, ablate, batch_size=batch_size)
+    added = last_logits_shared(model, harmless, iv.activation_addition_hooks(model, direction, layer),
+                               batch_size=batch_size)
+    return {"finalist": True,
+            "bypass_score": metrics.refusal_score_from_logits(ablated[:len(harmful)], tok).mean().item(),
+            "kl": metrics.kl_divergence(base_harmless, ablated[len(harmful):]).mean().item(),
+            "induce_score": metrics.refusal_score_from_logits(added, tok).mean().item()}
+
+
+def finalists(rows: list[dict], screened: Sequence[int], n_finalists: int) -> list[int]:
+    """The screened candidates on the best whole Pareto fronts of (screen bypass score, screen KL), until
+    at least ``n_finalists`` are in."""
+    ranks = pareto_ranks([rows[i]["screen_bypass_score"] for i in screened], [rows[i]["screen_kl"] for i in screened])
+    last = next(r for r in range(ranks.max() + 1) if (ranks <= r).sum() >= n_finalists)
+    return [i for i, r in zip(screened, ranks) if r <= last]
+
+
+def select_scored(rows: list[dict], baseline: dict, kl_threshold: float, induce_threshold: float | None,
+                  kl_budget: float | None) -> tuple[pd.DataFrame, str]:
+    """``select_candidate`` on the scored rows, with the val baselines as columns: (table, rule)."""
+    table, rule = select_candidate(pd.DataFrame(rows), kl_threshold, induce_threshold, baseline["harmful"], kl_budget)
+    table["baseline_harmful_score"], table["baseline_harmless_score"] = baseline["harmful"], baseline["harmless"]
+    return table, rule
+
+
 def score_candidates(model: HookedModel, directions: dict, harmful: Sequence[str], harmless: Sequence[str], *,
                      layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
                      prune_layer_frac: float = 0.2, evaluate_excluded: bool = False, kl_threshold: float = 0.1,
@@ -276,48 +344,28 @@ def score_candidates(model: HookedModel, directions: dict, harmful: Sequence[str
     candidate's ablation on the first k prompts per side (``screen_bypass_score``, ``screen_kl``);
     only whole Pareto fronts of those two, best first, until ``n_finalists`` are reached
     (``finalist``), are then scored on all prompts and can be selected. A race, to fit a CPU: the
-    selection itself rests on every prompt given.
+    selection itself rests on every prompt given. The pieces (``candidate_rows``, ``score_candidate``,
+    ``finalists``, ``select_scored``) are public so a sharded run (refusal-direction's units) computes the same.
     """
     harmful, harmless = list(harmful), list(harmless)
-    tok, nh = metrics.refusal_tokens(model), len(harmful)
+    nh = len(harmful)
     base = last_logits_shared(model, harmful + harmless, batch_size=batch_size)
-    base_scores = metrics.refusal_score_from_logits(base, tok)
-    base_harmful, base_harmless = base_scores[:nh].mean().item(), base_scores[nh:].mean().item()
-    cutoff = model.n_layers * (1 - prune_layer_frac)
-    layers = set(range(model.n_layers) if layers is None else layers)
-    offsets = set(range(-model.n_post, 0) if positions is None else positions)
-    post_tokens = model.tokenizer(model.format("zq"), add_special_tokens=False).input_ids[-model.n_post:]
+    base_scores = metrics.refusal_score_from_logits(base, metrics.refusal_tokens(model))
+    baseline = {"harmful": base_scores[:nh].mean().item(), "harmless": base_scores[nh:].mean().item()}
+    rows, todo = candidate_rows(model, directions, nh, len(harmless), layers=layers, positions=positions,
+                                prune_layer_frac=prune_layer_frac, evaluate_excluded=evaluate_excluded)
     keys = list(directions)
-    rows = [{"layer": l, "component": "direction", "position": o, "token": model.tokenizer.decode([post_tokens[o]]),
-             "direction_norm": float(directions[(l, o)].norm()), "excluded": l >= cutoff, "finalist": False,
-             "screen_bypass_score": np.nan, "screen_kl": np.nan, "bypass_score": np.nan, "induce_score": np.nan,
-             "kl": np.nan, "n_val_harmful": nh, "n_val_harmless": len(harmless)} for l, o in keys]
-    # layer 0 at template tokens: identical embeddings, so a zero difference (nothing to test)
-    todo = [i for i, (l, o) in enumerate(keys) if l in layers and o in offsets
-            and (evaluate_excluded or not rows[i]["excluded"]) and directions[(l, o)].norm() > 1e-6]
-    if not todo:
-        raise ValueError("no candidate was evaluated: layers/positions select nothing outside the pruned "
-                         f"last {prune_layer_frac:.0%} of layers; widen layers= or set evaluate_excluded=True")
-    k = screen_prompts
-    if k and k < min(nh, len(harmless)) and len(todo) > n_finalists:
-        screen, screen_base = harmful[:k] + harmless[:k], base[nh:nh + k]
+
+    def score(i: int, k: int | None) -> None:
+        rows[i].update(score_candidate(model, directions[keys[i]], keys[i][0], harmful, harmless, base[nh:],
+                                       screen_prompts=k, batch_size=batch_size))
+
+    if screens(screen_prompts, nh, len(harmless), len(todo), n_finalists):
+        k = screen_prompts
         for i in progress_bar(todo, progress, desc=f"screening candidates ({k}+{k} val prompts)"):
-            logits = last_logits_shared(model, screen, iv.directional_ablation_hooks(model, directions[keys[i]]),
-                                        batch_size=batch_size)
-            rows[i]["screen_bypass_score"] = metrics.refusal_score_from_logits(logits[:k], tok).mean().item()
-            rows[i]["screen_kl"] = metrics.kl_divergence(screen_base, logits[k:]).mean().item()
-        ranks = pareto_ranks([rows[i]["screen_bypass_score"] for i in todo], [rows[i]["screen_kl"] for i in todo])
-        last = next(r for r in range(ranks.max() + 1) if (ranks <= r).sum() >= n_finalists)
-        todo = [i for i, r in zip(todo, ranks) if r <= last]
+            score(i, k)
+        todo = finalists(rows, todo, n_finalists)
     for i in progress_bar(todo, progress, desc=f"candidates ({nh}+{len(harmless)} val prompts)"):
-        (l, _), d = keys[i], directions[keys[i]]
-        ablated = last_logits_shared(model, harmful + harmless, iv.directional_ablation_hooks(model, d),
-                                     batch_size=batch_size)
-        added = last_logits_shared(model, harmless, iv.activation_addition_hooks(model, d, l), batch_size=batch_size)
-        rows[i].update(finalist=True,
-                       bypass_score=metrics.refusal_score_from_logits(ablated[:nh], tok).mean().item(),
-                       kl=metrics.kl_divergence(base[nh:], ablated[nh:]).mean().item(),
-                       induce_score=metrics.refusal_score_from_logits(added, tok).mean().item())
-    table, rule = select_candidate(pd.DataFrame(rows), kl_threshold, induce_threshold, base_harmful, kl_budget)
-    table["baseline_harmful_score"], table["baseline_harmless_score"] = base_harmful, base_harmless
-    return table, rule, {"harmful": base_harmful, "harmless": base_harmless}
+        score(i, None)
+    table, rule = select_scored(rows, baseline, kl_threshold, induce_threshold, kl_budget)
+    return table, rule, baseline

@@ -40,11 +40,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import interventions as iv
 from .. import metrics
 from ..datasets import PromptSet
-from ..direction_eval import (CONDITIONS, direction_components, evaluate_direction, last_logits_shared, pareto_ranks,
-                              score_candidates, select_candidate)
+from ..direction_eval import (CONDITIONS, candidate_rows, direction_components, evaluate_direction, finalists,
+                              last_logits_shared, score_candidate, score_candidates, screens, select_scored)
 from ..directions import candidate_directions
 from ..results import Result
 from ..store import ActivationStore
@@ -153,9 +152,11 @@ class RefusalDirection(UnitExperiment):
         h_val, s_val = list(h_val), list(s_val)
         base = last_logits_shared(model, h_val + s_val, batch_size=self.batch_size)
         base_scores = metrics.refusal_score_from_logits(base, metrics.refusal_tokens(model))
-        rows, todo = self._candidate_rows(model, directions, len(h_val), len(s_val))
+        rows, todo = candidate_rows(model, directions, len(h_val), len(s_val), layers=self.layers,
+                                    positions=self.positions, prune_layer_frac=self.prune_layer_frac,
+                                    evaluate_excluded=self.evaluate_excluded)
         k = self.screen_prompts
-        stage = "screen" if k and k < min(len(h_val), len(s_val)) and len(todo) > self.n_finalists else "full"
+        stage = "screen" if screens(k, len(h_val), len(s_val), len(todo), self.n_finalists) else "full"
         keys = list(directions)
         units = [CandidateUnit(stage, i, keys[i][0], directions[keys[i]]) for i in todo]
         state = {"harmful": h_val, "harmless": s_val, "base_harmless": base[len(h_val):], "screen_prompts": k}
@@ -167,32 +168,20 @@ class RefusalDirection(UnitExperiment):
     def run_unit(self, model, state: dict, unit: "CandidateUnit") -> dict:
         """One candidate's measures on the val split: the screen's (first k prompts per side, ablation only) or
         the full ones (bypass score, KL, induce score); as ``direction_eval.score_candidates`` computes them."""
-        h, b, tok, base = state["harmful"], state["harmless"], metrics.refusal_tokens(model), state["base_harmless"]
-        ablate = iv.directional_ablation_hooks(model, unit.direction)
-        if unit.stage == "screen":
-            k = state["screen_prompts"]
-            logits = last_logits_shared(model, h[:k] + b[:k], ablate, batch_size=self.batch_size)
-            return {"screen_bypass_score": metrics.refusal_score_from_logits(logits[:k], tok).mean().item(),
-                    "screen_kl": metrics.kl_divergence(base[:k], logits[k:]).mean().item()}
-        ablated = last_logits_shared(model, h + b, ablate, batch_size=self.batch_size)
-        added = last_logits_shared(model, b, iv.activation_addition_hooks(model, unit.direction, unit.layer),
-                                   batch_size=self.batch_size)
-        return {"finalist": True,
-                "bypass_score": metrics.refusal_score_from_logits(ablated[:len(h)], tok).mean().item(),
-                "kl": metrics.kl_divergence(base, ablated[len(h):]).mean().item(),
-                "induce_score": metrics.refusal_score_from_logits(added, tok).mean().item()}
+        return score_candidate(model, unit.direction, unit.layer, state["harmful"], state["harmless"],
+                               state["base_harmless"], batch_size=self.batch_size,
+                               screen_prompts=state["screen_prompts"] if unit.stage == "screen" else None)
 
     def next_plan(self, model, harmful, harmless, plan: Plan, outputs: list) -> Plan | None:
         """After a screen: score the best whole Pareto fronts (``n_finalists``) fully; after full scoring: done."""
         if not plan.units or plan.units[0].stage != "screen":
             return None
         rows = _updated(plan.context["rows"], plan.units, outputs)
-        ranks = pareto_ranks([rows[u.index]["screen_bypass_score"] for u in plan.units],
-                             [rows[u.index]["screen_kl"] for u in plan.units])
-        last = next(r for r in range(ranks.max() + 1) if (ranks <= r).sum() >= self.n_finalists)
-        finalists = [dataclasses.replace(u, stage="full") for u, r in zip(plan.units, ranks) if r <= last]
+        by_index = {u.index: u for u in plan.units}
+        chosen = finalists(rows, list(by_index), self.n_finalists)
         h, b = plan.state["harmful"], plan.state["harmless"]
-        return Plan(finalists, plan.state, {**plan.context, "rows": rows},
+        return Plan([dataclasses.replace(by_index[i], stage="full") for i in chosen], plan.state,
+                    {**plan.context, "rows": rows},
                     label=_stage_label("full", len(h), len(b), None))
 
     def merge(self, model, harmful, harmless, plan: Plan, outputs: list) -> Result:
@@ -200,9 +189,7 @@ class RefusalDirection(UnitExperiment):
         c = plan.context
         rows = _updated(c["rows"], plan.units, outputs)
         baseline = c["baseline"]
-        table, rule = select_candidate(pd.DataFrame(rows), self.kl_threshold, self.induce_threshold,
-                                       baseline["harmful"], self.kl_budget)
-        table["baseline_harmful_score"], table["baseline_harmless_score"] = baseline["harmful"], baseline["harmless"]
+        table, rule = select_scored(rows, baseline, self.kl_threshold, self.induce_threshold, self.kl_budget)
         best = table[table.selected].iloc[0]
         self.layer_, self.position_ = int(best.layer), int(best.position)
         self.direction_ = c["directions"][(self.layer_, self.position_)]
@@ -228,27 +215,6 @@ class RefusalDirection(UnitExperiment):
         return Result(table, self.config(model, harmful=harmful, harmless=harmless),
                       tables={"evaluation": evaluation, "components": components, "candidates": table,
                               "filter": filtered}, figures=figures, summary=summary)
-
-    def _candidate_rows(self, model, directions, n_harmful: int, n_harmless: int) -> tuple[list[dict], list[int]]:
-        """One row per candidate (unscored) and the indices of those to score: inside ``layers`` /
-        ``positions``, not pruned (unless ``evaluate_excluded``), non-zero (``direction_eval.score_candidates``)."""
-        cutoff = model.n_layers * (1 - self.prune_layer_frac)
-        layers = set(range(model.n_layers) if self.layers is None else self.layers)
-        offsets = set(range(-model.n_post, 0) if self.positions is None else self.positions)
-        post_tokens = model.tokenizer(model.format("zq"), add_special_tokens=False).input_ids[-model.n_post:]
-        keys = list(directions)
-        rows = [{"layer": l, "component": "direction", "position": o,
-                 "token": model.tokenizer.decode([post_tokens[o]]), "direction_norm": float(directions[(l, o)].norm()),
-                 "excluded": l >= cutoff, "finalist": False, "screen_bypass_score": np.nan, "screen_kl": np.nan,
-                 "bypass_score": np.nan, "induce_score": np.nan, "kl": np.nan, "n_val_harmful": n_harmful,
-                 "n_val_harmless": n_harmless} for l, o in keys]
-        # layer 0 at template tokens: identical embeddings, so a zero difference (nothing to test)
-        todo = [i for i, (l, o) in enumerate(keys) if l in layers and o in offsets
-                and (self.evaluate_excluded or not rows[i]["excluded"]) and directions[(l, o)].norm() > 1e-6]
-        if not todo:
-            raise ValueError("no candidate was evaluated: layers/positions select nothing outside the pruned "
-                             f"last {self.prune_layer_frac:.0%} of layers; widen layers= or set evaluate_excluded=True")
-        return rows, todo
 
     def select(self, model, h_train, s_train, h_val, s_val, store) -> tuple[pd.DataFrame, pd.DataFrame, str, dict]:
         """Filter, candidates and selection from the train and val splits only (no test prompt comes in).

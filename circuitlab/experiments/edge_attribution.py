@@ -137,7 +137,7 @@ class EdgeAttribution(UnitExperiment):
                                              selection=self.selection)
                 stability.append({"method": method, "n_edges": n_stable, "n_boot": self.n_boot,
                                   "jaccard_mean": jac.mean(), "jaccard_min": jac.min(), "jaccard_max": jac.max()})
-        jobs, where, masks = _curve_jobs(graph, scores, self.fractions, self.selection, self.random_seeds)
+        jobs, where, masks = eg.curve_jobs(graph, scores, self.fractions, self.selection, self.random_seeds)
         evaluate = plan.context["evaluate"]
         units = [PairBatch("faithfulness", "", tuple(idx), tuple(evaluate[i] for i in idx))
                  for idx in _batches(model, evaluate, self.batch_size)]
@@ -150,7 +150,7 @@ class EdgeAttribution(UnitExperiment):
         c = plan.context
         graph, table, n_eval = c["graph"], c["table"], len(c["evaluate"])
         measured = _gather_eval(plan.units, outputs, n_eval, self.ablation)
-        curve = _curve_table(c["jobs"], c["where"], measured, self.ablation)
+        curve = eg.curve_table(c["jobs"], c["where"], measured, self.ablation)
         summary_table = pd.concat([eg.curve_summary(curve, "fraction"), eg.curve_summary(curve, "log")],
                                   ignore_index=True)
         counts = graph.counts()
@@ -219,30 +219,3 @@ def _gather_eval(units, outputs, n_pairs: int, ablation: str) -> eg.CircuitEval:
         idx = list(unit.indices)
         clean[idx], empty[idx], circuits[:, idx] = out["clean"], out["empty"], out["circuits"]
     return eg.CircuitEval(clean, empty, circuits, ablation)
-
-
-def _curve_jobs(graph, scores: dict, fractions, selection: str, random_seeds: int):
-    """``(jobs, where, masks)`` as ``graph.faithfulness_curve`` builds them: (method, seed, fraction, mask)
-    per curve point, each point's index into the distinct non-empty ``masks`` (None: pruned to nothing)."""
-    fractions = tuple(sorted(float(f) for f in fractions))
-    jobs = [(name, pd.NA, frac, eg.select(graph, s, eg.n_for_fraction(graph, frac), selection))
-            for name, s in scores.items() for frac in fractions]
-    jobs += [("random", seed, frac, eg.random_circuit(graph, eg.n_for_fraction(graph, frac), seed))
-             for seed in range(random_seeds) for frac in fractions]
-    unique, where = {}, []
-    for *_, mask in jobs:  # a circuit pruned to nothing is the empty circuit: f = 0, not run
-        where.append(unique.setdefault(mask.numpy().tobytes(), (len(unique), mask))[0] if mask.any() else None)
-    return jobs, where, [m for _, m in sorted(unique.values(), key=lambda t: t[0])]
-
-
-def _curve_table(jobs, where, result: eg.CircuitEval, ablation: str) -> pd.DataFrame:
-    """The curve table ``graph.faithfulness_curve`` returns, from the jobs and the circuits' metrics."""
-    faith = result.faithfulness()
-    rows = [{"method": name, "seed": seed, "fraction": frac, "n_edges": int(mask.sum()),
-             "faithfulness": 0.0 if k is None else float(faith[k]),
-             "metric": float((result.empty if k is None else result.circuits[k]).mean())}
-            for (name, seed, frac, mask), k in zip(jobs, where)]
-    df = pd.DataFrame(rows)
-    df["seed"] = df["seed"].astype("Int64")
-    df["clean_metric"], df["empty_metric"], df["ablation"] = result.clean.mean(), result.empty.mean(), ablation
-    return df

@@ -10,7 +10,8 @@ modules.
 
 from .circuits import SELECTIONS, bootstrap_stability, greedy, jaccard, n_for_fraction, prune, random_circuit, select, top_n
 from .discovery import FoundCircuit, find_circuit
-from .curve import MIB_FRACTIONS, area_under_curve, curve_summary, faithfulness_curve, smallest_faithful
+from .curve import (MIB_FRACTIONS, area_under_curve, curve_jobs, curve_summary, curve_table, faithfulness_curve,
+                    smallest_faithful)
 from .faithfulness import ABLATIONS, CircuitEval, CircuitRunner, evaluate_circuits, faithfulness, mean_writers
 from .graph import READER_KINDS, EdgeGraph, edge_counts
 from .nodes import MLP_KINDS, NodeEdges, node_edges, node_writer
@@ -22,5 +23,6 @@ __all__ = [
     "evaluate_circuits", "CircuitRunner", "CircuitEval", "faithfulness", "mean_writers", "ABLATIONS",
     "top_n", "greedy", "prune", "random_circuit", "select", "n_for_fraction", "jaccard", "bootstrap_stability",
     "SELECTIONS", "find_circuit", "FoundCircuit",
-    "faithfulness_curve", "curve_summary", "area_under_curve", "smallest_faithful", "MIB_FRACTIONS",
+    "faithfulness_curve", "curve_summary", "area_under_curve", "smallest_faithful", "MIB_FRACTIONS", "curve_jobs",
+    "curve_table",
 ]

@@ -28,7 +28,8 @@ from .circuits import n_for_fraction, random_circuit, select
 from .faithfulness import CircuitEval, CircuitRunner, evaluate_circuits
 from .graph import EdgeGraph
 
-__all__ = ["MIB_FRACTIONS", "area_under_curve", "faithfulness_curve", "curve_summary", "smallest_faithful"]
+__all__ = ["MIB_FRACTIONS", "area_under_curve", "faithfulness_curve", "curve_summary", "smallest_faithful", "curve_jobs",
+           "curve_table"]
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -58,27 +59,36 @@ def faithfulness_curve(model, pairs, metric, scores: Mapping[str, torch.Tensor],
     Identical circuits (e.g. every method's 100 % circuit) are run once.
     """
     graph = graph or EdgeGraph.from_model(model)
-    fractions = tuple(sorted(float(f) for f in fractions))
-    jobs = []  # (method, seed, fraction, mask)
-    for name, s in scores.items():
-        for frac in fractions:
-            jobs.append((name, pd.NA, frac, select(graph, s, n_for_fraction(graph, frac), selection)))
-    for seed in range(random_seeds):
-        for frac in fractions:
-            jobs.append(("random", seed, frac, random_circuit(graph, n_for_fraction(graph, frac), seed)))
-    unique, where = {}, []
-    for *_, mask in jobs:  # a circuit pruned to nothing is the empty circuit: f = 0, not run
-        key = mask.numpy().tobytes()
-        where.append(unique.setdefault(key, (len(unique), mask))[0] if mask.any() else None)
-    masks = [m for _, m in sorted(unique.values(), key=lambda t: t[0])]
+    jobs, where, masks = curve_jobs(graph, scores, fractions, selection, random_seeds)
     result = evaluate_circuits(model, pairs, metric, masks, ablation=ablation, batch_size=batch_size, graph=graph,
                                progress=progress)
+    return curve_table(jobs, where, result, ablation)
+
+
+def curve_jobs(graph: EdgeGraph, scores: Mapping[str, torch.Tensor], fractions=MIB_FRACTIONS, selection: str = "topn",
+               random_seeds: int = 3):
+    """The curve's circuits: ``(jobs, where, masks)`` — (method, seed, fraction, mask) per curve point, each
+    point's index into the distinct non-empty ``masks`` (None: pruned to nothing), so identical circuits
+    (e.g. every method's 100 % circuit) are run once."""
+    fractions = tuple(sorted(float(f) for f in fractions))
+    jobs = [(name, pd.NA, frac, select(graph, s, n_for_fraction(graph, frac), selection))
+            for name, s in scores.items() for frac in fractions]
+    jobs += [("random", seed, frac, random_circuit(graph, n_for_fraction(graph, frac), seed))
+             for seed in range(random_seeds) for frac in fractions]
+    unique, where = {}, []
+    for *_, mask in jobs:  # a circuit pruned to nothing is the empty circuit: f = 0, not run
+        where.append(unique.setdefault(mask.numpy().tobytes(), (len(unique), mask))[0] if mask.any() else None)
+    return jobs, where, [m for _, m in sorted(unique.values(), key=lambda t: t[0])]
+
+
+def curve_table(jobs, where, result, ablation: str) -> pd.DataFrame:
+    """The tidy curve (method, seed, fraction, n_edges, faithfulness, metric, ...) from ``curve_jobs`` and
+    the circuits' evaluation (``evaluate_circuits`` of its masks)."""
     faith = result.faithfulness()
-    rows = []
-    for (name, seed, frac, mask), k in zip(jobs, where):
-        rows.append({"method": name, "seed": seed, "fraction": frac, "n_edges": int(mask.sum()),
-                     "faithfulness": 0.0 if k is None else float(faith[k]),
-                     "metric": float((result.empty if k is None else result.circuits[k]).mean())})
+    rows = [{"method": name, "seed": seed, "fraction": frac, "n_edges": int(mask.sum()),
+             "faithfulness": 0.0 if k is None else float(faith[k]),
+             "metric": float((result.empty if k is None else result.circuits[k]).mean())}
+            for (name, seed, frac, mask), k in zip(jobs, where)]
     df = pd.DataFrame(rows)
     df["seed"] = df["seed"].astype("Int64")
     df["clean_metric"], df["empty_metric"], df["ablation"] = result.clean.mean(), result.empty.mean(), ablation
