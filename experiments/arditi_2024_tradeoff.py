@@ -93,8 +93,7 @@ def main(argv=None) -> None:
     config = run_config("arditi-2024-tradeoff", {"source": args.source, "top": args.top, "source_argv": run},
                         model, {"harmful": harmful, "harmless": harmless}, seed=run["seed"])
     summary = {"seconds": round(time.time() - start), "post_hoc_note": POST_HOC_NOTE}
-    out = Result(table, config, figures={"tradeoff_test": figure(table)}, summary=summary).save(args.out, overwrite=True)
-    (out / "table.parquet").unlink(missing_ok=True)  # the csv carries the same table
+    Result(table, config, figures={"tradeoff_test": figure(table)}, summary=summary).save(args.out, overwrite=True)
     print(table.round(3).to_string())
     print(f"NOTE: {POST_HOC_NOTE}")
 
