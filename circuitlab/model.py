@@ -195,8 +195,8 @@ class HookedModel:
 
     def final_logits(self, resid: torch.Tensor) -> torch.Tensor:
         """Apply the final norm and unembedding to residual vectors ``[..., d_model]``."""
-        # With a device map the final norm may sit on another device than the last block.
-        resid = resid.to(_module_device(self.bridge.ln_final, self.bridge.cfg))
+        # With a device map the final norm may sit on another device; stored activations may be float32.
+        resid = resid.to(device=_module_device(self.bridge.ln_final, self.bridge.cfg), dtype=self.dtype)
         return self.bridge.unembed(self.bridge.ln_final(resid))
 
     def last_logits(self, prompts: Sequence[str], *, chat: bool = True, batch_size: int = 16,

@@ -283,8 +283,8 @@ class Ablation(UnitExperiment):
         name = hk.final_resid()  # cached at the last position by the circuit map: no forward pass then
         resid = store.get(model, eval_h + eval_b, [name], "last", batch_size=self.batch_size,
                           progress=False)[name][:, -1]
-        with torch.no_grad():  # the store keeps float32: back to the model's dtype (lossless) for its final norm
-            logits = torch.cat([model.final_logits(r.to(model.dtype)).float().cpu()
+        with torch.no_grad():  # final_logits casts the stored float32 back to the model dtype (lossless)
+            logits = torch.cat([model.final_logits(r).float().cpu()
                                 for r in resid.split(self.batch_size)])
         scores = metrics.refusal_score_from_logits(logits[:len(eval_h)], metrics.refusal_tokens(model)).numpy()
         base = {"harmless_logits": logits[len(eval_h):]}
