@@ -28,12 +28,10 @@ methods instead of importing ``UnitExperiment``. Ray is an optional extra (``pip
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import pickle
 import socket
-import tempfile
 from collections import deque
 from pathlib import Path
 
@@ -43,6 +41,7 @@ from . import provenance
 from .loading import check_model_name, load_model
 from .progress import progress_bar
 from .store import ActivationStore
+from .unit_cache import atomic_write, digest
 
 __all__ = ["run_distributed", "is_unit_experiment", "unit_experiment_names", "DistributedError", "UNIT_METHODS"]
 
@@ -149,43 +148,14 @@ def _resources(ray, device, workers: int, address) -> tuple[dict, str | None]:
 
 # ---- checkpoints ------------------------------------------------------------------------------
 
-class _StablePickler(pickle.Pickler):
-    """Pickles tensors as (dtype, shape, bytes): torch's own pickle of two equal tensors differs."""
-
-    def reducer_override(self, obj):
-        if isinstance(obj, torch.Tensor):
-            raw = obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-            return tuple, ((str(obj.dtype), tuple(obj.shape), raw),)
-        return NotImplemented
-
-
-def _digest(obj) -> str:
-    buffer = io.BytesIO()
-    _StablePickler(buffer, protocol=4).dump(obj)
-    return hashlib.sha256(buffer.getvalue()).hexdigest()
-
-
 def _run_key(experiment, model, model_name, dtype, harmful, harmless, plan) -> str:
     """What makes two runs the same: experiment class and parameters, weights, prompts, the units themselves."""
     parts = [type(experiment).__module__, type(experiment).__qualname__, repr(experiment),
              getattr(model, "fingerprint", model_name), str(dtype),
-             getattr(harmful, "hash", None) or _digest(list(harmful)),
-             getattr(harmless, "hash", None) or _digest(list(harmless)),
-             _digest(plan.units), str(len(plan.units))]
+             getattr(harmful, "hash", None) or digest(list(harmful)),
+             getattr(harmless, "hash", None) or digest(list(harmless)),
+             digest(plan.units), str(len(plan.units))]
     return hashlib.sha256("\x1e".join(map(str, parts)).encode()).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never half
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class _Checkpoints:
@@ -201,7 +171,7 @@ class _Checkpoints:
                                    f"different parameters, model, prompts or units); pass a new directory "
                                    f"or delete it")
         if held is None or held.get("key") != key:  # replace: a later round built from other outputs
-            _atomic_write(manifest, json.dumps({"key": key, "experiment": name, "n_units": n_units}).encode())
+            atomic_write(manifest, json.dumps({"key": key, "experiment": name, "n_units": n_units}).encode())
 
     def _path(self, index: int) -> Path:
         return self.dir / f"unit-{index:06d}.pkl"
@@ -219,7 +189,7 @@ class _Checkpoints:
         return done
 
     def save(self, index: int, output) -> None:
-        _atomic_write(self._path(index), pickle.dumps({"key": self.key, "index": index, "output": output}))
+        atomic_write(self._path(index), pickle.dumps({"key": self.key, "index": index, "output": output}))
 
 
 def _round_checkpoints(checkpoint_dir, index: int, key: str, n_units: int, name: str) -> _Checkpoints | None:

@@ -25,6 +25,10 @@ Guarantees:
   directory and the fix, before any forward pass where it can, and leaves no partial file.
 - ``dtype=torch.bfloat16`` / ``torch.float16`` halves disk and memory use; ``get`` always returns
   float32 (rounded through the storage dtype, so hits and misses agree exactly).
+- Beside the activations, ``root/units/`` holds unit experiments' unit outputs keyed by content
+  (``unit_cache``, module ``circuitlab.unit_cache``): a rerun of the same code, parameters, weights
+  and prompts reads its scored grid points back instead of recomputing them. ``units=False`` turns
+  it off; a memory-only store (``disk=False``) has none.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from safetensors.torch import save_file
 from .embedded import cache_dir
 from .model import HookedModel, resolve_positions
 from .progress import progress_bar
+from .unit_cache import UnitCache
 
 __all__ = ["ActivationStore", "StoreNotWritableError", "prompt_key"]
 
@@ -121,7 +126,7 @@ class ActivationStore:
     """
 
     def __init__(self, root: str | os.PathLike | None = None, *, memory: bool = True, disk: bool = True,
-                 memory_bytes: int | str | None = None, dtype: torch.dtype | None = None):
+                 memory_bytes: int | str | None = None, dtype: torch.dtype | None = None, units: bool = True):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype={dtype!r} is not supported; use None (float32), torch.bfloat16 or torch.float16")
         self.root = Path(root) if root is not None else _default_root()
@@ -139,11 +144,18 @@ class ActivationStore:
         self._warned = False
         self.hits = self.misses = self.forward_batches = self.corrupt_shards = 0
         self.files_read = self.bytes_read = 0
+        self._units = UnitCache(self.root / "units") if disk and units else None
 
     def stats(self) -> dict:
         return {"hits": self.hits, "misses": self.misses, "forward_batches": self.forward_batches,
                 "corrupt_shards": self.corrupt_shards, "files_read": self.files_read,
-                "bytes_read": self.bytes_read, "memory_bytes": self._mem_used}
+                "bytes_read": self.bytes_read, "memory_bytes": self._mem_used,
+                "units_reused": self._units.reused if self._units else 0,
+                "units_computed": self._units.computed if self._units else 0}
+
+    def unit_cache(self) -> UnitCache | None:
+        """The content-keyed cache of unit outputs under ``root/units`` (None: memory-only or ``units=False``)."""
+        return self._units
 
     def clear_memory(self) -> None:
         self._mem.clear()

@@ -207,7 +207,7 @@ class Ablation(UnitExperiment):
     def run(self, model, harmful, harmless, *, store=None, shared: dict | None = None) -> Result:
         """The fragility curve; ``shared``: a dict shared by several runs (module docstring, "Computed once")."""
         plan = self.plan(model, harmful, harmless, store=store, shared=shared)
-        return self.run_plan(model, harmful, harmless, plan)
+        return self.run_plan(model, harmful, harmless, plan, store=store)
 
     def plan(self, model, harmful, harmless, *, store=None, shared: dict | None = None) -> Plan:
         """Ranking, ablation reference and baseline once; units: one grid point (top-k or a random draw) each."""

@@ -131,17 +131,37 @@ class UnitExperiment(Experiment):
         raise NotImplementedError
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
-        return self.run_plan(model, harmful, harmless, self.plan(model, harmful, harmless, store=store))
+        return self.run_plan(model, harmful, harmless, self.plan(model, harmful, harmless, store=store), store=store)
 
-    def run_plan(self, model, harmful, harmless, plan: Plan) -> Result:
-        """Every round from ``plan`` on in this process, then ``merge`` (the distributed runner's steps, one worker)."""
+    def run_plan(self, model, harmful, harmless, plan: Plan, *, store=None) -> Result:
+        """Every round from ``plan`` on in this process, then ``merge`` (the distributed runner's steps, one worker).
+
+        With a ``store`` that keeps a unit cache (an on-disk ``ActivationStore``), each unit's output is
+        read back when the same code, parameters, model, state and unit computed it before, else computed
+        and saved; the Result's config says how many were reused (``unit_cache``).
+        """
+        cache = store.unit_cache() if store is not None else None
+        reused = computed = 0
         while True:
-            outputs = [self.run_unit(model, plan.state, unit) for unit in
-                       progress_bar(plan.units, True, total=len(plan.units), desc=plan.label or self.name)]
+            keys = cache.keys(self, model, plan.state, plan.units) if cache else [None] * len(plan.units)
+            outputs = []
+            for unit, key in progress_bar(list(zip(plan.units, keys)), True, total=len(plan.units),
+                                          desc=plan.label or self.name):
+                found, output = cache.load(model, self, key) if cache else (False, None)
+                if not found:
+                    output = self.run_unit(model, plan.state, unit)
+                    if cache:
+                        cache.save(model, self, key, output)
+                reused, computed = reused + found, computed + (not found)
+                outputs.append(output)
             following = self.next_plan(model, harmful, harmless, plan, outputs)
             if following is None:
-                return self.merge(model, harmful, harmless, plan, outputs)
+                break
             plan = following
+        result = self.merge(model, harmful, harmless, plan, outputs)
+        if cache and isinstance(getattr(result, "config", None), dict):
+            result.config["unit_cache"] = {"reused": reused, "computed": computed, "root": str(cache.root)}
+        return result
 
 
 def register(name: str) -> Callable[[type], type]:

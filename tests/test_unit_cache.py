@@ -1,0 +1,66 @@
+"""The store's unit cache: a rerun reads unit outputs back exactly; any changed input recomputes; damage is not trusted."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from circuitlab import ActivationStore
+from circuitlab.experiments import get
+from circuitlab.unit_cache import UnitCache, digest
+
+PARAMS = dict(k_grid=[1, 4], method="zero", random_seeds=1, judge_at="decisive", judge_harmless=False, n_text=4,
+              max_new_tokens=4)
+
+
+def _run(model, sets, store, **overrides):
+    harmful, harmless = sets
+    return get("ablation")(**{**PARAMS, **overrides}).run(model, harmful, harmless, store=store)
+
+
+def test_rerun_reuses_every_unit_and_gives_the_same_table(planted, planted_sets, tmp_path, monkeypatch):
+    first = _run(planted, planted_sets, ActivationStore(tmp_path))
+    n = first.config["unit_cache"]["computed"]
+    assert first.config["unit_cache"]["reused"] == 0 and n >= 4  # 4 scored grid points + judged points
+
+    calls = []
+    cls = get("ablation")
+    original = cls.run_unit
+    monkeypatch.setattr(cls, "run_unit", lambda self, *a: calls.append(1) or original(self, *a))
+    store = ActivationStore(tmp_path)  # a new process's store over the same directory
+    second = _run(planted, planted_sets, store)
+    assert calls == [] and second.config["unit_cache"] == {**first.config["unit_cache"], "reused": n, "computed": 0}
+    assert store.stats()["units_reused"] == n
+    pd.testing.assert_frame_equal(first.table, second.table)
+
+    changed = _run(planted, planted_sets, ActivationStore(tmp_path), k_grid=[1, 2])  # a parameter differs
+    assert changed.config["unit_cache"]["reused"] == 0 and len(calls) == changed.config["unit_cache"]["computed"]
+
+
+def test_damaged_or_foreign_files_are_recomputed(planted, planted_sets, tmp_path):
+    first = _run(planted, planted_sets, ActivationStore(tmp_path))
+    files = sorted((tmp_path / "units").rglob("*.pkl"))
+    assert len(files) == first.config["unit_cache"]["computed"]
+    files[0].write_bytes(b"not a pickle")  # cut short
+    files[1].write_bytes(files[2].read_bytes())  # another unit's output under this key
+    again = _run(planted, planted_sets, ActivationStore(tmp_path))
+    assert again.config["unit_cache"]["computed"] == 2
+    pd.testing.assert_frame_equal(first.table, again.table)
+
+
+def test_memory_only_or_switched_off_stores_keep_no_units(planted, planted_sets, tmp_path):
+    assert ActivationStore(disk=False).unit_cache() is None
+    assert ActivationStore(tmp_path, units=False).unit_cache() is None
+    result = _run(planted, planted_sets, ActivationStore(tmp_path, units=False))
+    assert "unit_cache" not in result.config and not (tmp_path / "units").exists()
+
+
+def test_keys_separate_model_dtype_state_and_unit(tiny, tmp_path):
+    cache = UnitCache(tmp_path)
+    exp = get("ablation")(**PARAMS)
+    state = {"x": torch.ones(3)}
+    base = cache.keys(exp, tiny, state, ["a", "b"])
+    assert len(set(base)) == 2 and cache.keys(exp, tiny, {"x": torch.ones(3)}, ["a", "b"]) == base
+    assert cache.keys(exp, tiny, {"x": torch.ones(3).double()}, ["a", "b"])[0] != base[0]
+    assert cache.keys(get("ablation")(**{**PARAMS, "seed": 1}), tiny, state, ["a"])[0] != base[0]
+    assert digest(torch.zeros(2)) == digest(torch.zeros(2)) != digest(torch.zeros(3))
