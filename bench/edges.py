@@ -11,9 +11,10 @@ One process:
    d_model 896, d_mlp 4864, vocab 151936): EAP edge scores of the ``--tl-pairs`` shortest pairs
    and one faithfulness evaluation (a top-1 % circuit, ``--faith-fraction``, on one pair), both
    tools on the same pairs: time ratio and max |difference|. TransformerLens loops in Python over
-   per-position edges (~180k per position at full size): measured at 6 layers and 54 tokens on a
-   loaded 2-core machine, its EAP took 165 s vs 11.5 s here and its faithfulness did not finish
-   in 15 min; at 24 layers expect hours. ``--tl-layers 6`` gives a comparison in minutes.
+   per-position edges (~180k per position at full size), so each of its calls runs under a time limit
+   (``--tl-timeout``, default 600 s, a SIGALRM in this process): a call cut off is reported as
+   ``timed_out`` and its ratio as a lower bound (``>= limit / ours``). ``--tl-layers 2,24`` compares
+   at several depths in one run (the shallow one finishes; the full-size one shows the trend).
 
 ``--quick`` swaps in the tiny model (part 1) and a 4-layer non-GQA model (part 2) with a few pairs:
 a smoke run that exercises every code path in about a minute.
@@ -26,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import signal
 import sys
+from contextlib import contextmanager
 import threading
 import time
 from pathlib import Path
@@ -73,6 +77,42 @@ class PeakRSS:
                 "rss_growth_gib": round((self.peak - self.start) / 2**30, 3)}
 
 
+class TimeLimit(Exception):
+    """A TransformerLens call ran past ``--tl-timeout``."""
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Raise TimeLimit inside the block after ``seconds`` (SIGALRM: TransformerLens's loops are Python)."""
+    def expire(signum, frame):
+        raise TimeLimit()
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def timed_tl(call, limit: float):
+    """(TransformerLens's result or None, its PeakRSS record with ``timed_out``)."""
+    result = None
+    with PeakRSS() as rss:
+        try:
+            with time_limit(limit):
+                result = call()
+        except TimeLimit:
+            pass
+    return result, {**rss.record(), "timed_out": result is None, "limit_s": limit}
+
+
+def ratio(theirs: dict, ours: dict) -> str:
+    """TransformerLens seconds / circuitlab seconds; '>= x' where TransformerLens was cut off."""
+    value = round(theirs["seconds"] / ours["seconds"], 2)
+    return f">= {value}" if theirs["timed_out"] else str(value)
+
+
 def metric_for(model):
     toks = refusal_tokens(model)
     return lambda logits: refusal_score_from_logits(logits, toks)
@@ -110,9 +150,9 @@ def part_circuitlab(args) -> dict:
     return out
 
 
-def part_transformerlens(args) -> dict:
+def part_transformerlens(args, n_layers: int) -> dict:
     size = (dict(n_layers=4, d_model=128, n_heads=4, d_mlp=256, init_std=0.1) if args.quick else
-            dict(n_layers=args.tl_layers, d_model=896, n_heads=14, d_mlp=4864, vocab_size=151936, init_std=None))
+            dict(n_layers=n_layers, d_model=896, n_heads=14, d_mlp=4864, vocab_size=151936, init_std=None))
     model = build_mha(**size)
     graph = eg.EdgeGraph.from_model(model)
     # TransformerLens's cost grows with edges x positions: compare on the shortest pairs
@@ -123,27 +163,25 @@ def part_transformerlens(args) -> dict:
     with PeakRSS() as rss:
         ours = eg.edge_scores(model, pairs, metric, method="eap", batch_size=args.batch_size, graph=graph).mean
     out["eap_circuitlab"] = rss.record()
-    with PeakRSS() as rss:
-        theirs = tl_edge_scores(model, pairs, metric)
-    out["eap_transformerlens"] = rss.record()
-    out["eap_ratio"] = round(out["eap_transformerlens"]["seconds"] / out["eap_circuitlab"]["seconds"], 2)
-    out["eap_max_abs_diff"] = float((ours - theirs).abs().nan_to_num().max())
-    print(f"EAP scores: circuitlab {out['eap_circuitlab']}, TransformerLens {out['eap_transformerlens']}, "
-          f"ratio {out['eap_ratio']}, max|diff| {out['eap_max_abs_diff']:.2e}", flush=True)
+    theirs, out["eap_transformerlens"] = timed_tl(lambda: tl_edge_scores(model, pairs, metric), args.tl_timeout)
+    out["eap_ratio"] = ratio(out["eap_transformerlens"], out["eap_circuitlab"])
+    if theirs is not None:
+        out["eap_max_abs_diff"] = float((ours - theirs).abs().nan_to_num().max())
+    print(f"{size['n_layers']} layers, EAP scores: circuitlab {out['eap_circuitlab']}, TransformerLens "
+          f"{out['eap_transformerlens']}, ratio {out['eap_ratio']}, max|diff| {out.get('eap_max_abs_diff')}", flush=True)
     circuit = eg.top_n(graph, ours, eg.n_for_fraction(graph, args.faith_fraction), pruned=False)
     pair = (pairs[0].harmful_ids, pairs[0].harmless_ids)
     with PeakRSS() as rss:
         f_ours = eg.faithfulness(model, [pair], metric, circuit, graph=graph)
     out["faith_circuitlab"] = rss.record()
-    with PeakRSS() as rss:
-        f_theirs = tl_faithfulness(model, pair, metric, circuit)
-    out["faith_transformerlens"] = rss.record()
-    out["faith_ratio"] = round(out["faith_transformerlens"]["seconds"] / out["faith_circuitlab"]["seconds"], 2)
-    out["faithfulness"] = {"circuitlab": f_ours, "transformerlens": f_theirs, "abs_diff": abs(f_ours - f_theirs),
-                           "n_edges": int(circuit.sum())}
-    print(f"faithfulness (1 pair, {int(circuit.sum())} edges): circuitlab {out['faith_circuitlab']}, "
-          f"TransformerLens {out['faith_transformerlens']}, ratio {out['faith_ratio']}, "
-          f"f = {f_ours:.6f} vs {f_theirs:.6f}", flush=True)
+    f_theirs, out["faith_transformerlens"] = timed_tl(lambda: tl_faithfulness(model, pair, metric, circuit),
+                                                     args.tl_timeout)
+    out["faith_ratio"] = ratio(out["faith_transformerlens"], out["faith_circuitlab"])
+    out["faithfulness"] = {"circuitlab": f_ours, "transformerlens": f_theirs, "n_edges": int(circuit.sum()),
+                           "abs_diff": None if f_theirs is None else abs(f_ours - f_theirs)}
+    print(f"{size['n_layers']} layers, faithfulness (1 pair, {int(circuit.sum())} edges): circuitlab "
+          f"{out['faith_circuitlab']}, TransformerLens {out['faith_transformerlens']}, ratio {out['faith_ratio']}, "
+          f"f = {f_ours:.6f} vs {f_theirs}", flush=True)
     return out
 
 
@@ -156,9 +194,11 @@ def main() -> None:
     parser.add_argument("--random-seeds", type=int, default=1, help="random circuits in the curve")
     parser.add_argument("--tl-pairs", type=int, default=1, help="pairs for the TransformerLens comparison")
     parser.add_argument("--faith-fraction", type=float, default=0.01, help="edge fraction of the compared circuit")
-    parser.add_argument("--tl-layers", type=int, default=24,
-                        help="layers of the non-GQA comparison model (24 = embedded size; TransformerLens's "
-                             "per-position edge loops make it slow: fewer layers for a quicker comparison)")
+    parser.add_argument("--tl-layers", default="24",
+                        help="comma-separated layer counts of the non-GQA comparison models (24 = embedded size; "
+                             "TransformerLens's per-position edge loops make it slow: add a shallow one, e.g. 2,24)")
+    parser.add_argument("--tl-timeout", type=float, default=600.0,
+                        help="seconds each TransformerLens call may run before it is cut off (ratio: lower bound)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip", choices=["circuitlab", "transformerlens"], default=None)
     parser.add_argument("--out", type=Path, default=None, help=f"JSON report (default {OUT}; --quick: not saved)")
@@ -168,11 +208,13 @@ def main() -> None:
     if args.quick:
         args.n_pairs, args.tl_pairs, args.faith_fraction = min(args.n_pairs, 4), min(args.tl_pairs, 2), 0.1
     report = {"argv": sys.argv[1:], "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-              "torch": torch.__version__}
+              "torch": torch.__version__, "load_average_start": [round(x, 2) for x in os.getloadavg()]}
     if args.skip != "circuitlab":
         report["circuitlab"] = part_circuitlab(args)
     if args.skip != "transformerlens":
-        report["vs_transformerlens"] = part_transformerlens(args)
+        layers = [4] if args.quick else [int(n) for n in str(args.tl_layers).split(",")]
+        report["vs_transformerlens"] = [part_transformerlens(args, n) for n in layers]
+    report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     out = args.out or (None if args.quick else OUT)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
