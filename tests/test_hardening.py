@@ -145,8 +145,9 @@ def test_experiment_runs_and_compares_at_equal_parameters(tiny, harmful, harmles
     curves = result.tables["curves"]
     assert set(curves.curve) == {"units", "directions"} and set(curves.k) == {1, 2, 3}
     for col in ("refusal_direction_ablation", "refusal_unit_ablation", "refusal_orthogonalization", "units_to_halve",
-                "top_unit_share", "kl_from_original", "cross_entropy"):
+                "top_unit_share", "kl_from_original", "cross_entropy", "edge_faithfulness", "edge_circuit_edges"):
         assert col in comp.columns
+    assert comp.edge_circuit_edges.nunique() == 1, "every model's edge circuit has the same size"
     cands = result.tables["attack_candidates"]
     assert (cands.groupby(["variant", "mode"]).selected.sum() == 1).all(), "one attack direction per model"
     result.save(tmp_path / "run")

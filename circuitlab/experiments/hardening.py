@@ -19,7 +19,10 @@ the top-n candidate directions (by validation bypass score, orthonormalised) is 
 over-refusal, KL to the original, plain-text cross-entropy, training seconds; bootstrap 95 % CIs.
 In ``comparison``: ``units_to_halve`` / ``directions_to_halve`` = the smallest grid value that halves the
 refusal probability (NaN: not within the grid); ``top_unit_share`` = the top unit's drop / the top-k drop
-(k = max of ``k_grid``): near 1 means one unit carries refusal. Memory-lean training: ``optimizer`` and
+(k = max of ``k_grid``): near 1 means one unit carries refusal; ``edge_faithfulness`` = the faithfulness
+(``graph.find_circuit``) of an EAP-IG top-n circuit of ``edge_fraction`` of the edges, scored on train
+pairs and measured on test pairs of these weights: lower at equal size = refusal spread over more edges.
+Memory-lean training: ``optimizer`` and
 bf16 weights (``load_model(..., dtype="bfloat16")``), arithmetic in ``circuitlab.finetune``.
 """
 
@@ -34,6 +37,7 @@ import pandas as pd
 import torch
 
 from .. import datasets, metrics
+from .. import graph as eg
 from ..attribution import mean_patch_estimates
 from ..components import from_table
 from .. import hooks as hk
@@ -48,6 +52,7 @@ from ..store import ActivationStore
 from ..weights import weights_restored
 from .base import Experiment, check, check_choice, check_layers, register
 from .checks import check_at_least, check_files, check_fraction, check_subset, check_types
+from .patching.pairs import make_pairs
 
 __all__ = ["RobustHardening", "adaptive_direction_attack", "attribution_units", "subspace_hooks", "MODES",
            "VARIANTS", "ATTACKS"]
@@ -122,6 +127,8 @@ class RobustHardening(Experiment):
     n_val: int = 16  # validation prompts per class for choosing the attack direction
     k_grid: list[int] = field(default_factory=lambda: [1, 4, 16, 64])  # top units ablated; the largest is the attack
     n_dirs: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # directions ablated together
+    edge_fraction: float | None = 0.02  # edge circuit of this share of the graph (EAP-IG, top-n): its faithfulness (None: off)
+    n_edge_pairs: int = 8  # equal-length pairs (padded) to score edges on (train) and to measure faithfulness on (test)
     n_eval: int = 16  # held-out test prompts per class
     n_text: int = 8  # plain texts for cross-entropy
     judge: bool = True  # judge refusal by generation too (False: logit measures only)
@@ -151,6 +158,9 @@ class RobustHardening(Experiment):
                        "adv_directions", "k_grid", "n_dirs", "n_eval", "n_text", "max_new_tokens", "n_boot",
                        "batch_size_eval")
         check_at_least(self, 2, "n_adv", "n_attack", "n_val")
+        check(self.edge_fraction is None or 0 < self.edge_fraction <= 1,
+              f"edge_fraction={self.edge_fraction!r} must be None or in (0, 1] (e.g. --set edge_fraction=0.02)")
+        check_at_least(self, 1, "n_edge_pairs")
         check(len(self.k_grid) > 0 and len(self.n_dirs) > 0,
               "k_grid and n_dirs must be non-empty (e.g. --set k_grid=1,4)")
         check(bool(self.components_csv) or self.n_neurons + self.n_heads > 0,
@@ -167,6 +177,9 @@ class RobustHardening(Experiment):
                       "s_test": list(sp["s_test"].sample(self.n_eval, self.seed)),
                       "text": list(datasets.load("plaintext", n=self.n_text, seed=self.seed + 1))}
         self._base = model.last_logits(self._sets["s_test"], batch_size=self.batch_size_eval)
+        self._edge_pairs = None if self.edge_fraction is None else [  # token lengths do not depend on the weights
+            make_pairs(model, sp[f"h_{s}"], sp[f"s_{s}"], n_pairs=self.n_edge_pairs, pairing="pad").pairs
+            for s in ("train", "test")]
         pairs = self._pairs(model, list(sp["h_train"]))
         components = (from_table(pd.read_csv(self.components_csv)) if self.components_csv else
                       locate_components(model, sp["h_train"], sp["s_train"], n_neurons=self.n_neurons,
@@ -272,7 +285,20 @@ class RobustHardening(Experiment):
                                units.attribution.iloc[0] / units.attribution.clip(lower=0).sum())})
         rows.append({**tag, "condition": "attacks", "set": "-", "measure": "attack_seconds",
                      "value": time.perf_counter() - start, "n": 1})
+        if self._edge_pairs is not None:
+            self._edge_circuit(model, tag, tok, rows)
         return table
+
+    def _edge_circuit(self, model, tag: dict, tokens, rows) -> None:
+        """Faithfulness of a fixed-size edge circuit found on these weights (EAP-IG on train pairs, top-n,
+        measured on test pairs): a smaller value at the same size means refusal is spread over more edges."""
+        graph = eg.EdgeGraph.from_model(model)
+        found = eg.find_circuit(model, *self._edge_pairs, lambda logits: metrics.refusal_score_from_logits(logits, tokens),
+                                eg.n_for_fraction(graph, self.edge_fraction), method="eap-ig", selection="topn",
+                                graph=graph, batch_size=min(self.batch_size_eval, 8))
+        i = found.info
+        rows.append({**tag, "condition": "edge_circuit", "set": "harmful_test", "measure": "edge_faithfulness",
+                     "k": i["n_edges"], "value": i["faithfulness"], "n": i["n_eval_pairs"]})
 
 
 def _first_k(curve: pd.DataFrame, target: float) -> float:
@@ -308,6 +334,9 @@ def _comparison(table, curves, training, judge) -> pd.DataFrame:
         r["top_unit_share"] = (p0 - units.refusal_prob.iloc[0]) / drop_all if drop_all > 1e-6 else np.nan
         r["top_unit_attribution_share"] = units.top_attribution_share.iloc[0]
         r["top_unit"] = units.top_unit.iloc[0]
+        edge = g[g.measure == "edge_faithfulness"]
+        if len(edge):
+            r["edge_faithfulness"], r["edge_circuit_edges"] = edge.value.iloc[0], int(edge.k.iloc[0])
         t = training[(training.variant == variant) & (training["mode"] == mode)] if len(training) else training
         r["train_seconds"] = float(t.seconds.iloc[0]) if len(t) else 0.0
         r["n_params"] = int(t.n_params.iloc[0]) if len(t) else 0
