@@ -41,7 +41,7 @@ NONSENSE: dict[str, list[dict]] = {
     "robust-hardening": [{"variants": ["magic"]}, {"modes": ["magic"]}, {"steps": -1}, {"lr": 0.0},
                          {"optimizer": "magic"}, {"adv_prob": 1.5}, {"refresh_every": 0}, {"adv_directions": 0},
                          {"k_grid": [0]}, {"n_dirs": [0]}, {"n_eval": 0}, {"max_new_tokens": 0},
-                         {"dataset": "/no/such.jsonl"}],
+                         {"dataset": "/no/such.jsonl"}, {"edge_fraction": 0.0}, {"n_edge_pairs": 0}],
     "edge-attribution": [{"methods": ["magic"]}, {"ig_steps": 0}, {"mode": "magic"}, {"n_pairs": 0},
                          {"discover_fraction": 1.5}, {"fractions": [0.0]}, {"selection": "magic"},
                          {"ablation": "magic"}, {"n_boot": -1}, {"batch_size": 0}],
