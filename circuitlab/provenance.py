@@ -2,7 +2,9 @@
 
 A result saved later (or by a script that runs several experiments) still names the code that
 produced it: the git commit read at the start, a dirty flag and, when dirty, a hash of the diff
-against that commit, so two runs from different uncommitted states never look alike.
+against that commit, so two runs from different uncommitted states never look alike. The flag is
+about code: changes under the repository's ``results/`` (outputs, often written by the same script
+a moment earlier) do not make a tree dirty.
 """
 
 from __future__ import annotations
@@ -24,21 +26,27 @@ _PACKAGES = ("circuitlab", "torch", "transformer-lens", "transformers", "scikit-
 _REPO = Path(__file__).resolve().parent
 
 
-def _git(*args: str) -> str | None:
+_CODE = (":/", ":(top,exclude)results/")  # pathspecs: the whole tree but its outputs
+
+
+def _git(*args: str, repo: Path = _REPO) -> str | None:
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=_REPO)
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=repo)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout if out.returncode == 0 else None
 
 
-def git_state() -> dict:
-    """``{commit, dirty, diff_sha256}`` of the source tree circuitlab is imported from (None outside git)."""
-    commit = _git("rev-parse", "HEAD")
+def git_state(repo: str | os.PathLike | None = None) -> dict:
+    """``{commit, dirty, diff_sha256}`` of the source tree circuitlab is imported from, or of ``repo``
+    (None outside git)."""
+    where = Path(repo) if repo is not None else _REPO
+    commit = _git("rev-parse", "HEAD", repo=where)
     if commit is None:
         return {"commit": None, "dirty": None, "diff_sha256": None}
-    # tracked changes and untracked files both change what ran
-    diff = (_git("diff", "HEAD") or "") + (_git("ls-files", "--others", "--exclude-standard") or "")
+    # tracked changes and untracked files both change what ran; outputs under results/ do not
+    diff = ((_git("diff", "HEAD", "--", *_CODE, repo=where) or "")
+            + (_git("ls-files", "--others", "--exclude-standard", "--", *_CODE, repo=where) or ""))
     return {"commit": commit.strip(), "dirty": bool(diff),
             "diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None}
 

@@ -3,7 +3,8 @@
 A ``UnitExperiment``'s ``run_unit`` depends only on ``(model, plan.state, unit)`` (the contract in
 ``experiments.base``), so its output is keyed by a sha256 over exactly that and what runs it:
 
-- the circuitlab source code (every ``.py`` file of the installed package): any code change recomputes;
+- the circuitlab source code (every ``.py`` file of the installed package) and the source file of the
+  experiment's class (an experiment registered from outside the package): any code change recomputes;
 - the experiment's class and parameters (its ``repr``);
 - the model's weights fingerprint, dtype and device type, and torch's thread count (CPU kernels split
   sums by thread count, so another count can round differently in the last digits);
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import io
 import os
 import pickle
@@ -71,6 +73,19 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _class_source_digest(cls) -> str:
+    """sha256 of the file defining ``cls`` ('' where there is none: an interactive session's class)."""
+    try:
+        return _file_digest(inspect.getsourcefile(cls) or "")
+    except (TypeError, OSError):
+        return ""
+
+
 class UnitCache:
     """Unit outputs on disk under ``root``; ``reused`` / ``computed`` count this object's lookups."""
 
@@ -81,7 +96,8 @@ class UnitCache:
     def keys(self, experiment, model, state, units: list) -> list[str]:
         """One key per unit of a plan round (the state is hashed once)."""
         device = getattr(getattr(model, "device", None), "type", str(getattr(model, "device", "")))
-        run = [code_fingerprint(), type(experiment).__module__, type(experiment).__qualname__, repr(experiment),
+        run = [code_fingerprint(), _class_source_digest(type(experiment)), type(experiment).__module__,
+               type(experiment).__qualname__, repr(experiment),
                getattr(model, "fingerprint", ""), str(getattr(model, "dtype", "")), device,
                str(torch.get_num_threads()), digest(state)]
         prefix = "\x1e".join(run)

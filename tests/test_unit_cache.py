@@ -64,3 +64,24 @@ def test_keys_separate_model_dtype_state_and_unit(tiny, tmp_path):
     assert cache.keys(exp, tiny, {"x": torch.ones(3).double()}, ["a", "b"])[0] != base[0]
     assert cache.keys(get("ablation")(**{**PARAMS, "seed": 1}), tiny, state, ["a"])[0] != base[0]
     assert digest(torch.zeros(2)) == digest(torch.zeros(2)) != digest(torch.zeros(3))
+
+
+def test_an_experiment_defined_outside_the_package_is_keyed_by_its_source(tiny, tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    cache = UnitCache(tmp_path / "cache")
+
+    def keys_after_loading(folder, comment):
+        folder.mkdir()
+        (folder / "plugin_exp.py").write_text(
+            "from dataclasses import dataclass\nfrom circuitlab.experiments.base import UnitExperiment\n\n"
+            f"@dataclass\nclass Plugin(UnitExperiment):\n    k: int = 1  # {comment}\n")
+        spec = importlib.util.spec_from_file_location("plugin_exp", folder / "plugin_exp.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "plugin_exp", module)  # as an import would
+        spec.loader.exec_module(module)
+        return repr(module.Plugin()), cache.keys(module.Plugin(), tiny, {}, ["u"])
+
+    (repr_a, keys_a), (repr_b, keys_b) = keys_after_loading(tmp_path / "a", "one"), keys_after_loading(tmp_path / "b", "two")
+    assert repr_a == repr_b and keys_a != keys_b
