@@ -38,7 +38,7 @@ import torch
 
 from . import hooks as hk
 from . import metrics
-from .direction_eval import direction_components, last_logits_shared
+from .direction_eval import bootstrap_ci, direction_components, last_logits_shared
 from .directions import mean_differences, project_out, unit
 from .heretic_scoring import first_token_kl, load_markers, marker_refusals
 from .interventions import export_hf
@@ -377,15 +377,18 @@ def export_abliterated(model: HookedModel, edits: Sequence[Edit], path) -> Path:
 # ---- scoring -------------------------------------------------------------------------------------
 
 def score_model(model: HookedModel, harmful: Sequence[str], harmless: Sequence[str], base_harmless: torch.Tensor, *,
-                refusal_tokens: Sequence[int] | None = None, markers: bool = False, max_new_tokens: int = 24,
-                plaintext: Sequence[str] | None = None, batch_size: int = 32) -> dict:
+                refusal_tokens: Sequence[int] | None = None, markers: bool = False, judge: bool = False,
+                max_new_tokens: int = 24, plaintext: Sequence[str] | None = None, batch_size: int = 32,
+                seed: int = 0) -> dict:
     """Score the model as it is now (wrap the call in ``abliterated`` or any other edit).
 
     ``refusal_score``: mean refusal score of ``harmful`` (``metrics``' calibrated refusal tokens);
     ``kl``: Heretic's first-token KL(base || now) on ``harmless`` (``base_harmless``: the unedited
     model's ``last_logits_shared(model, harmless, batch_size=batch_size)``); with ``markers``,
     ``marker_refusals``: how many greedy responses of ``max_new_tokens`` tokens contain a Heretic
-    refusal marker; with ``plaintext``, ``cross_entropy`` (nats per token).
+    refusal marker; with ``judge``, circuitlab's own judge (``metrics.judge_refusals``, same length):
+    ``judge_refusal_rate`` on ``harmful`` and ``over_refusal_rate`` on ``harmless``, each with a bootstrap
+    95 % CI (``_ci_low`` / ``_ci_high``, ``seed``); with ``plaintext``, ``cross_entropy`` (nats per token).
     """
     harmful, harmless = list(harmful), list(harmless)
     tok = list(refusal_tokens) if refusal_tokens is not None else metrics.refusal_tokens(model)
@@ -400,6 +403,12 @@ def score_model(model: HookedModel, harmful: Sequence[str], harmless: Sequence[s
         texts = model.generate(harmful, max_new_tokens, batch_size=batch_size, share_prefix=True,
                                stop_when=lambda t: bool(t.strip()) and marker_refusals([t], found)[0])
         out["marker_refusals"] = int(sum(marker_refusals(texts, found)))
+    if judge:
+        for name, prompts in (("judge_refusal_rate", harmful), ("over_refusal_rate", harmless)):
+            verdicts = metrics.judge_refusals(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                              share_prefix=True)
+            out[name] = sum(verdicts) / len(verdicts)
+            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_ci(verdicts, seed=seed)
     if plaintext:
         out["cross_entropy"] = metrics.cross_entropy(model, list(plaintext), batch_size=max(1, batch_size // 4))
     return out

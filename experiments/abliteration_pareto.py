@@ -27,7 +27,8 @@ both searches are done.
 
 Test measures (``abliteration.score_model``): refusal score (calibrated refusal tokens), Heretic's
 first-token KL on harmless, cross-entropy on ``--plaintext-n`` plain texts, and with ``--judge``
-Heretic-marker refusals of ``--max-tokens`` greedy tokens. Writes ``--out`` (results/abliteration):
+Heretic-marker refusals of ``--max-tokens`` greedy tokens plus circuitlab's judge: refusal rate on
+harmful and over-refusal on harmless, each with a bootstrap 95 % CI. Writes ``--out`` (results/abliteration):
 ``fronts.csv`` (every test point: method, family, trial, val objectives, test measures, parameters),
 ``pareto_test.png``, ``summary.json`` (settings, prompt files and hashes, model fingerprint, versions,
 timings), ``circuitlab/`` (the search's run folder: trials.csv, table.csv, config.json) and
@@ -216,7 +217,8 @@ def test_points(a, model, exp, front, heretic_trials, arditi, h_test, s_test) ->
     """Every point of the figure, measured on the test split by the same scorer."""
     plain = list(datasets.load("plaintext", n=a.plaintext_n, seed=a.seed + 1))
     base = last_logits_shared(model, list(s_test), batch_size=a.batch_size)
-    kwargs = dict(markers=a.judge, max_new_tokens=a.max_tokens, plaintext=plain, batch_size=a.batch_size)
+    kwargs = dict(markers=a.judge, judge=a.judge, max_new_tokens=a.max_tokens, plaintext=plain,
+                  batch_size=a.batch_size, seed=a.seed)
     rows = []
     for r in front.to_dict("records"):
         method = "original" if r["variant"] == "original" else "circuitlab"

@@ -271,9 +271,14 @@ def test_pareto_script_smoke_on_tiny(tiny, tmp_path, monkeypatch, capsys):
     out = tmp_path / "abliteration"
     abliteration_pareto.main(["--model", "tiny", "--variants", "heretic,targeted", "--trials", "2", "--n-train", "6",
                               "--n-val", "4", "--n-test", "4", "--plaintext-n", "2", "--arditi-filter", "none",
-                              "--out", str(out), "--store", str(tmp_path / "store")], model=tiny)
+                              "--judge", "--max-tokens", "3", "--out", str(out), "--store", str(tmp_path / "store")],
+                             model=tiny)
     for name in ("fronts.csv", "pareto_test.png", "summary.json", "circuitlab/trials.csv", "prompts/harmful_test.txt"):
         assert (out / name).is_file(), name
     fronts = pd.read_csv(out / "fronts.csv")
     assert set(fronts.method) == {"circuitlab", "original", "arditi", "heretic"}
     assert sorted(fronts[fronts.method == "heretic"].trial) == [1, 2] and fronts.test_kl.notna().all()
+    for measure in ("judge_refusal_rate", "over_refusal_rate"):  # circuitlab's judge beside Heretic's markers
+        values, low, high = (fronts[f"test_{measure}{end}"] for end in ("", "_ci_low", "_ci_high"))
+        assert values.between(0, 1).all() and (low <= values).all() and (values <= high).all()
+    assert fronts.test_marker_refusals.notna().all()

@@ -67,7 +67,7 @@ class AbliterationSearch(Experiment):
     n_startup_trials: int = 10  # TPE: random trials before it models the front; NSGA-II: population size
     refusal: str = "score"  # val refusal objective: score (refusal score, cheap) or markers (Heretic, generates)
     max_new_tokens: int = 24  # tokens generated per prompt for marker refusals (objective, test judge)
-    judge: bool = False  # also count marker refusals of the front on the test split (generation)
+    judge: bool = False  # on the test split also generate: marker refusals, circuitlab's judge and over-refusal
     kl_budget: float | None = None  # select the front's lowest val refusal with val KL <= this (None: no pick)
     max_top_n: int = 8  # targeted: most writers a trial may edit
     target_kinds: list[str] = field(default_factory=lambda: ["head", "mlp_out"])  # targeted: head, mlp_out, neuron
@@ -178,8 +178,8 @@ class AbliterationSearch(Experiment):
         h_test, s_test = list(h_test), list(s_test)
         plain = _plaintext(self.plaintext, self.plaintext_n, self.seed)
         base = last_logits_shared(model, s_test, batch_size=self.batch_size)
-        kwargs = dict(markers=self.judge, max_new_tokens=self.max_new_tokens, plaintext=plain,
-                      batch_size=self.batch_size)
+        kwargs = dict(markers=self.judge, judge=self.judge, max_new_tokens=self.max_new_tokens, plaintext=plain,
+                      batch_size=self.batch_size, seed=self.seed)
         rows = [{"trial": -1, "variant": "original", "component": "direction",
                  **_test(score_model(model, h_test, s_test, base, **kwargs))}]
         front = self.trials_[self.trials_.variant_front]
