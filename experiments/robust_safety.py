@@ -1,8 +1,11 @@
 """Safety that survives its own attack: plain vs adversarial (ReFAT) hardening under adaptive attacks.
 Writes results/robust_safety/ (``--quick``: results/robust_safety/quick/).
 
-Usage: ``python experiments/robust_safety.py [N] [--quick] [--model NAME] [--dtype bfloat16] [--optimizer adam]``
-(N prompts per class, default 100; AdvBench and the harmless set subsampled with seed 0, split 60/20/20).
+Usage: ``python experiments/robust_safety.py [N] [--quick] [--set KEY=VALUE ...] [--out DIR] [--model NAME]
+[--dtype bfloat16] [--optimizer adam]`` (N prompts per class, default 100; AdvBench and the harmless set
+subsampled with seed 0, split 60/20/20). ``--set`` overrides one experiment parameter of the chosen
+configuration (as ``circuitlab run --set``), e.g. ``--quick --set n_eval=20 --set steps=16``; the
+overrides and the parameters used are recorded in ``run.json``.
 
 Runs the ``robust-hardening`` experiment: the hardening demo (refusals written by the project on the
 harmful train prompts the model refuses least; retain set of the model's own harmless answers + KL),
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import circuitlab as cl
 from circuitlab.experiments import get
+from circuitlab.experiments.base import coerce_params
 from circuitlab.results import check_output_dir
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "robust_safety"
@@ -50,8 +54,15 @@ def main() -> None:
     parser.add_argument("--model", default="embedded", help="model name, HF id or local dir (default embedded)")
     parser.add_argument("--dtype", default=None, help="float32 (default) or bfloat16 (memory-lean)")
     parser.add_argument("--optimizer", default="adam", help="adam | adam8bit | adafactor | sgd")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one robust-hardening parameter (repeatable)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default results/robust_safety[/quick])")
     args = parser.parse_args()
-    out = OUT / "quick" if args.quick else OUT
+    malformed = [item for item in args.set if "=" not in item]
+    if malformed:
+        parser.error(f"--set {malformed[0]!r}: expected KEY=VALUE, e.g. --set n_eval=20")
+    overrides = coerce_params(get("robust-hardening"), dict(item.split("=", 1) for item in args.set))
+    out = args.out or (OUT / "quick" if args.quick else OUT)
     check_output_dir(out, overwrite=True)  # a folder we may not write fails now, not after the run
     t0 = time.time()
     model = cl.load_model(args.model, dtype=args.dtype)
@@ -61,6 +72,7 @@ def main() -> None:
     params = dict(QUICK if args.quick else FULL, optimizer=args.optimizer)
     if args.quick:
         params.update(attack_layers=sorted({int(model.n_layers * f) for f in (0.5, 0.625, 0.75)}), attack_positions=[-1])
+    params.update(overrides)
     start = time.time()
     result = get("robust-hardening")(**params).run(model, harmful, harmless, store=cl.ActivationStore())
     seconds = round(time.time() - start, 1)
@@ -70,10 +82,12 @@ def main() -> None:
     print(comparison[cols].to_string(), flush=True)
     print(result.tables["training"].to_string(), flush=True)
     run = {"script": "experiments/robust_safety.py", "command": "python experiments/robust_safety.py "
-           + " ".join([str(args.n)] + (["--quick"] if args.quick else [])
+           + " ".join([str(args.n)] + (["--quick"] if args.quick else []) + [f"--set {x}" for x in args.set]
+                      + ([f"--out {args.out}"] if args.out else [])
                       + [f"--{k} {v}" for k, v in (("model", args.model), ("dtype", args.dtype),
                                                     ("optimizer", args.optimizer)) if v and v not in ("embedded", "adam")]),
-           "n_per_class": args.n, "params": params, "seconds": seconds, "total_seconds": round(time.time() - t0, 1),
+           "n_per_class": args.n, "overrides": overrides, "params": params, "seconds": seconds,
+           "total_seconds": round(time.time() - t0, 1),
            "model": {"id": model.name, "fingerprint": model.fingerprint, "dtype": str(model.dtype)},
            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
            "machine": "2-core CPU shared with other jobs (timings include contention)"}
