@@ -142,3 +142,20 @@ def test_matches_heretic_itself():
     ours = first_token_kl(base, other)
     assert ours == theirs["kl"]  # same float32 operations: bit-identical
     assert list(heretic_objective(3, 4, ours)) == pytest.approx(theirs["score"], rel=1e-12)
+
+
+def test_heretic_gets_absolute_paths(tmp_path, monkeypatch):
+    """Heretic runs in its own folder: a relative prompt file would be taken for a Hub dataset name."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from bench.peers import heretic
+
+    monkeypatch.chdir(tmp_path)
+    files = {f"{side}_{split}": {"file": f"prompts/{side}_{split}.txt"}
+             for side in ("harmful", "harmless") for split in ("train", "val")}
+    settings = argparse.Namespace(dtype="float32", batch_size=4, max_tokens=8, seed=0, auto_prefix=False,
+                                  system_prompt=None)
+    args = heretic.heretic_args(settings, "/models/m", files, Path("out/checkpoints"))
+    paths = [args[i + 1] for i, a in enumerate(args) if a.endswith(".dataset") or a == "--study-checkpoint-dir"]
+    assert len(paths) == 5 and all(Path(p).is_absolute() and p.startswith(str(tmp_path)) for p in paths)

@@ -121,16 +121,18 @@ def write_prompts(folder: Path, harmful: str, harmless: str, n: dict, seed: int)
 
 
 def heretic_args(a, model: str, prompts: dict, checkpoints: Path) -> list[str]:
+    """Heretic's command line; every path absolute, since Heretic runs in its own folder (a relative prompt
+    file it cannot find is taken for a Hugging Face dataset name)."""
     args = [str(VENV / "bin" / "heretic"), "--model", model, "--dtypes", json.dumps([a.dtype]),
             "--device-map", "cpu", "--batch-size", str(a.batch_size), "--max-response-length", str(a.max_tokens),
-            "--seed", str(a.seed), "--study-checkpoint-dir", str(checkpoints)]
+            "--seed", str(a.seed), "--study-checkpoint-dir", str(Path(checkpoints).resolve())]
     if not a.auto_prefix:  # Heretic's automatic prefix check generates for 200 prompts before anything else
         args += ["--response-prefix", ""]
     if a.system_prompt is not None:
         args += ["--system-prompt", a.system_prompt]
     for split, (good, bad) in ROLES.items():
-        args += [f"--{good.replace('_', '-')}.dataset", prompts[f"harmless_{split}"]["file"],
-                 f"--{bad.replace('_', '-')}.dataset", prompts[f"harmful_{split}"]["file"]]
+        args += [f"--{good.replace('_', '-')}.dataset", str(Path(prompts[f"harmless_{split}"]["file"]).resolve()),
+                 f"--{bad.replace('_', '-')}.dataset", str(Path(prompts[f"harmful_{split}"]["file"]).resolve())]
     return args
 
 
