@@ -22,8 +22,8 @@ refusal probability (NaN: not within the grid); ``top_unit_share`` = the top uni
 (k = max of ``k_grid``): near 1 means one unit carries refusal; ``edge_faithfulness`` = the faithfulness
 (``graph.find_circuit``) of an EAP-IG top-n circuit of ``edge_fraction`` of the edges, scored on train
 pairs and measured on test pairs of these weights: lower at equal size = refusal spread over more edges.
-Memory-lean training: ``optimizer`` and
-bf16 weights (``load_model(..., dtype="bfloat16")``), arithmetic in ``circuitlab.finetune``.
+Memory-lean training: ``optimizer`` and bf16 weights (``load_model(..., dtype="bfloat16")``), arithmetic
+in ``circuitlab.finetune``.
 """
 
 from __future__ import annotations
@@ -293,9 +293,11 @@ class RobustHardening(Experiment):
         """Faithfulness of a fixed-size edge circuit found on these weights (EAP-IG on train pairs, top-n,
         measured on test pairs): a smaller value at the same size means refusal is spread over more edges."""
         graph = eg.EdgeGraph.from_model(model)
-        found = eg.find_circuit(model, *self._edge_pairs, lambda logits: metrics.refusal_score_from_logits(logits, tokens),
-                                eg.n_for_fraction(graph, self.edge_fraction), method="eap-ig", selection="topn",
-                                graph=graph, batch_size=min(self.batch_size_eval, 8))
+        def metric(logits):
+            return metrics.refusal_score_from_logits(logits, tokens)
+
+        found = eg.find_circuit(model, *self._edge_pairs, metric, eg.n_for_fraction(graph, self.edge_fraction),
+                                method="eap-ig", selection="topn", graph=graph, batch_size=min(self.batch_size_eval, 8))
         i = found.info
         rows.append({**tag, "condition": "edge_circuit", "set": "harmful_test", "measure": "edge_faithfulness",
                      "k": i["n_edges"], "value": i["faithfulness"], "n": i["n_eval_pairs"]})
