@@ -50,8 +50,6 @@ made decisive, one per unit; ``merge`` fills the verdicts in. ``run`` is the sam
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import random
 from dataclasses import dataclass, field
 
@@ -68,6 +66,7 @@ from ..interventions import ABLATION_METHODS, ablation_hooks, reference_activati
 from ..ranking import rank_components, top_components
 from ..results import Result
 from ..store import ActivationStore
+from ..unit_cache import digest
 from .base import Plan, UnitExperiment, check, check_choice, register
 from .checks import check_at_least, check_files, check_types
 
@@ -78,11 +77,6 @@ KINDS = ("neuron", "head")
 RANK_BY = ("effect_size", "attribution")
 JUDGE_AT = ("decisive", "all", "none")
 _JUDGE_COLUMNS = ["refusal_rate", "refusal_rate_ci_low", "refusal_rate_ci_high", "over_refusal_rate", "judged"]
-
-
-def _digest(*parts) -> str:
-    """A short content key for what a shared measurement depends on."""
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 
 def _memo(shared: dict | None, key: tuple, compute):
@@ -141,7 +135,7 @@ def attribution_ranking(model, harmful, harmless, kind: str, store, batch_size: 
         return mean_patch_estimates(model, list(harmful), {n: t.mean(0) for n, t in acts.items()},
                                     batch_size=batch_size)
 
-    key = ("attribution", _digest(model.fingerprint, list(harmful), list(harmless), batch_size))
+    key = ("attribution", digest((model.fingerprint, list(harmful), list(harmless), batch_size)))
     est = _memo(shared, key, estimates)[kind]
     layer, index = np.divmod(np.arange(est.numel()), est.shape[1])
     table = pd.DataFrame({"layer": layer, "component": kind, kind: index, "attribution": est.flatten().numpy()})
@@ -275,8 +269,8 @@ class Ablation(UnitExperiment):
         eval_h, eval_b = halve_split(harmful, self.seed)[1], halve_split(harmless, self.seed)[1]
         judge = self.judge_at != "none"
         texts = self._texts()
-        key = ("baseline", _digest(model.fingerprint, eval_h, eval_b, texts, self.max_new_tokens, judge,
-                                   judge and self.judge_harmless, self.batch_size, self.seed))
+        key = ("baseline", digest((model.fingerprint, eval_h, eval_b, texts, self.max_new_tokens, judge,
+                                  judge and self.judge_harmless, self.batch_size, self.seed)))
         return _memo(shared, key, lambda: self._measure_baseline(model, eval_h, eval_b, texts, store, judge))
 
     def _measure_baseline(self, model, eval_h, eval_b, texts, store, judge: bool) -> dict:
