@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def main() -> None:
            "total_seconds": round(time.time() - t0, 1),
            "model": {"id": model.name, "fingerprint": model.fingerprint, "dtype": str(model.dtype)},
            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "machine": "2-core CPU shared with other jobs (timings include contention)"}
+           "machine": f"{os.cpu_count()}-core CPU; load average at start and end in config.json (provenance)"}
     (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
     print(f"\nsaved {out} ({run['total_seconds']} s total)")
 
