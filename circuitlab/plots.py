@@ -114,7 +114,8 @@ def fragility(table: pd.DataFrame, kind: str, model_name: str, broken_kl: float 
     ax2.set_xlabel(f"{kind}s ablated (k)")
     ax2.set_ylabel("KL (nats)")
     ax3 = ax2.twinx()
-    ax3.plot(top.k, top.cross_entropy, "^:", color="C2", label="cross-entropy, top-k")
+    measured = top.dropna(subset=["cross_entropy"])  # measured at the judged points only by default
+    ax3.plot(measured.k, measured.cross_entropy, "^:", color="C2", label="cross-entropy, top-k")
     ax3.axhline(base.cross_entropy, color="C2", lw=0.8, ls=":")
     ax3.set_ylabel("cross-entropy on text (nats/token)")
     lines = ax2.get_legend_handles_labels()[0] + ax3.get_legend_handles_labels()[0]

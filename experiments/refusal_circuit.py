@@ -11,7 +11,8 @@ One command, embedded model, shared activation store:
 Writes results/refusal_circuit/{circuit,fragility_neuron,fragility_head,fragility_neuron_effect_size}/
 and summary.json, then prints a short text summary. Subsampling (aimed at under 15 min on 2 cores):
 N = 64 prompts per set, 2 random seeds (1 for the effect-size comparison), the generation judge reads
-12 new tokens.
+12 new tokens; edges scored by EAP-IG on 8 screening pairs (faithfulness still measured on 16 held-out
+pairs); plain-text cross-entropy measured with the judge (baseline and judged points only).
 ``bench/demo_profile.py`` times it by phase and kind of work.
 
 Usage: python experiments/refusal_circuit.py [--n 64] [--quick] [--model planted] [--store memory]
@@ -50,7 +51,7 @@ def settings(model_name: str, quick: bool) -> dict:
         neuron = [1, 10, 50] if quick else [1, 10, 50, 200, 1000]
         head = [1, 5] if quick else [1, 5, 20, 50]
         extra = [5000]
-        circuit = dict(n_neurons=20, n_heads=10, n_verify=16)
+        circuit = dict(n_neurons=20, n_heads=10, n_verify=16, n_edge_pairs=8)
         ablation = dict(max_new_tokens=12)
     # Most safety-relevant first: units ranked by their attribution-estimated refusal drop; the
     # effect-size (diff-ranking) neuron ranking is the comparison that shows why causal ranking matters.

@@ -132,6 +132,23 @@ def test_judge_at_all_and_none(planted, planted_sets):
     assert not t.judged.any() and t.refusal_rate.isna().all()
 
 
+def test_cross_entropy_is_measured_with_the_judge_and_equals_the_every_point_value(planted, planted_sets, monkeypatch):
+    harmful, harmless = planted_sets
+    kw = dict(k_grid=[1, 2, 4], method="zero", random_seeds=1, max_new_tokens=2, n_text=4, judge_harmless=False)
+    ce_calls = _counting(monkeypatch, metrics, "cross_entropy")
+    judged = get("ablation")(**kw).run(planted, harmful, harmless).table
+    measured = judged[judged.cross_entropy.notna()]
+    assert set(zip(measured.selection, measured.k)) == {("baseline", 0), ("top", 1), ("top", 4), ("random", 1),
+                                                        ("random", 4)}
+    assert len(ce_calls) == len(measured) == judged.judged.sum()  # one plain-text pass per judged row, none elsewhere
+    every = get("ablation")(cross_entropy_at="all", **kw).run(planted, harmful, harmless).table
+    assert every.cross_entropy.notna().all()
+    both = measured.merge(every, on=["selection", "seed", "k"], suffixes=("", "_all"))
+    assert (both.cross_entropy - both.cross_entropy_all).abs().max() < 1e-5  # same hooks, same texts: same value
+    with pytest.raises(ValueError, match="cross_entropy_at"):
+        get("ablation")(cross_entropy_at="some")
+
+
 def test_baseline_is_shared_across_runs_and_read_from_the_store(planted, planted_sets, monkeypatch):
     harmful, harmless = planted_sets
     store = ActivationStore(memory=True, disk=False)

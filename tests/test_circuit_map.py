@@ -75,11 +75,12 @@ def test_screen_and_verify_use_disjoint_prompts(tiny, harmful, harmless, tmp_pat
     def spy(model, discover, evaluate, *a, **kw):  # token ids of every prompt the edge stage scores / evaluates on
         for key, pairs in (("edge_screen", discover), ("edge_verify", evaluate)):
             seen[key].update(tuple(ids.tolist()) for p in pairs for ids in (p.harmful_ids, p.harmless_ids))
+        seen["n_pairs"] = (len(discover), len(evaluate))
         return find(model, discover, evaluate, *a, **kw)
 
     monkeypatch.setattr(eg, "find_circuit", spy)
     exp = CircuitMap(n_neurons=3, n_heads=2, n_atp_neurons=2, n_atp_heads=1, n_verify=4, probe_threshold=0.6,
-                     n_edges=16)  # 5 % of the tiny graph (4 edges) prunes to nothing; 16 keep a connected circuit
+                     n_edges=16, n_edge_pairs=1)  # 5 % of the tiny graph (4 edges) prunes to nothing; 16 keep a connected circuit
     result = exp.run(tiny, harmful, harmless, store=ActivationStore(tmp_path))
     assert seen["screen"] and seen["verify"] and not seen["screen"] & seen["verify"]
     assert seen["screen"] <= set(screen) and seen["verify"] <= set(verify) | set(split_halves(harmless, 0)[1])
@@ -90,6 +91,7 @@ def test_screen_and_verify_use_disjoint_prompts(tiny, harmful, harmless, tmp_pat
     assert seen["edge_screen"] and seen["edge_verify"] and not seen["edge_screen"] & seen["edge_verify"]
     assert seen["edge_screen"] <= halves["screen"] and seen["edge_verify"] <= halves["verify"]
     assert result.summary["edge_circuit"].startswith("eap-ig greedy") and result.summary["edge_circuit_edges"] > 0
+    assert seen["n_pairs"][0] == 1 < seen["n_pairs"][1]  # n_edge_pairs bounds the scoring pairs, not the evaluation
     in_circuit = result.table[result.table.in_edge_circuit.astype(bool)]
     assert set(in_circuit.edge_node) <= set(result.tables["circuit_edges"].writer)  # a kept node writes a kept edge
 

@@ -6,11 +6,11 @@ prompts, or read from a ranking csv) are ablated, and so are k random units of t
 drawn with the same per-layer counts (``random_seeds`` draws).
 
 **Scored everywhere.** Every condition (baseline, and each k for top-k and every random draw) gets
-the measures that cost a forward pass: the refusal score (log-odds that the next token opens a
+the measures that cost one forward pass of the prompts: the refusal score (log-odds that the next token opens a
 refusal, ``metrics.refusal_score``; it ranks prompts like the generation judge, AUROC 0.95 on the
 embedded model) on harmful prompts and its ``refusal_prob`` = mean over prompts of
 sigmoid(score), the refusal-token probability; the same score on harmless prompts; KL of the
-harmless next-token distributions against the unablated model; cross-entropy on plain text.
+harmless next-token distributions against the unablated model.
 
 **Judged where it decides.** The generation judge (greedy decoding + refusal phrases:
 ``refusal_rate`` on harmful prompts, ``over_refusal_rate`` on harmless ones) costs a decoding per
@@ -23,6 +23,9 @@ prompt, so ``judge_at`` says where it runs:
 
 Over-refusal (harmless prompts, ``judge_harmless``) is judged at the judged top-k points and the
 baseline only. The table's ``judged`` column marks the rows with a judged refusal rate.
+Cross-entropy on plain text (a forward pass of ``n_text`` passages that shares no prefix) is
+measured with the judge (``cross_entropy_at="judged"``, default: the baseline and every judged
+point; with ``judge_at="none"`` the baseline only) or at every point (``"all"``); elsewhere it is NaN.
 
 **Halving rule.** The smallest k that halves refusal is read off the score curve: the first top-k
 whose ``refusal_prob`` is at most half the baseline's. Halving is taken on the probability, not the
@@ -71,11 +74,12 @@ from .base import Plan, UnitExperiment, check, check_choice, register
 from .checks import check_at_least, check_files, check_types
 
 __all__ = ["Ablation", "GridPoint", "attribution_ranking", "halve_split", "halving_k", "matched_random", "KINDS",
-           "RANK_BY", "JUDGE_AT"]
+           "RANK_BY", "JUDGE_AT", "CROSS_ENTROPY_AT"]
 
 KINDS = ("neuron", "head")
 RANK_BY = ("effect_size", "attribution")
 JUDGE_AT = ("decisive", "all", "none")
+CROSS_ENTROPY_AT = ("judged", "all")
 _JUDGE_COLUMNS = ["refusal_rate", "refusal_rate_ci_low", "refusal_rate_ci_high", "over_refusal_rate", "judged"]
 
 
@@ -181,6 +185,7 @@ class Ablation(UnitExperiment):
     rank_by: str = "effect_size"  # effect_size (diff-ranking's Cohen's d) | attribution (AtP refusal drop)
     judge_at: str = "decisive"  # generation judge: decisive (baseline, k that halves the score, largest k) | all | none
     judge_harmless: bool = True  # also judge over-refusal on harmless prompts (baseline and judged top-k points)
+    cross_entropy_at: str = "judged"  # plain-text cross-entropy: judged (baseline + judged points) | all (every point)
     max_new_tokens: int = 16  # tokens generated per prompt for the judge
     n_text: int = 16  # plain-text passages for cross-entropy
     batch_size: int = 16  # prompts per forward pass
@@ -192,6 +197,7 @@ class Ablation(UnitExperiment):
         check_choice("method", self.method, ABLATION_METHODS)
         check_choice("rank_by", self.rank_by, RANK_BY)
         check_choice("judge_at", self.judge_at, JUDGE_AT)
+        check_choice("cross_entropy_at", self.cross_entropy_at, CROSS_ENTROPY_AT)
         check(len(self.k_grid) > 0 and all(k >= 1 for k in self.k_grid),
               f"k_grid={self.k_grid!r} must be a non-empty list of ints >= 1 (e.g. --set k_grid=1,5,10,50)")
         check_at_least(self, 0, "random_seeds", "seed")
@@ -232,8 +238,12 @@ class Ablation(UnitExperiment):
         hooks = ablation_hooks(model, list(unit.components), self.method, reference=state["reference"],
                                seed=self.seed)
         if unit.judge:
-            return self._judge(model, hooks, state["harmful"], state["harmless"] if unit.judge_harmless else None)
-        return self._score(model, hooks, state["harmful"], state["harmless"], state["texts"], state["base_logits"])
+            verdicts = self._judge(model, hooks, state["harmful"], state["harmless"] if unit.judge_harmless else None)
+            if self.cross_entropy_at == "judged":
+                verdicts["cross_entropy"] = self._cross_entropy(model, hooks, state["texts"])
+            return verdicts
+        texts = state["texts"] if self.cross_entropy_at == "all" else None
+        return self._score(model, hooks, state["harmful"], state["harmless"], texts, state["base_logits"])
 
     def next_plan(self, model, harmful, harmless, plan: Plan, outputs: list) -> Plan | None:
         """After scoring: judge the points the score curve makes decisive (``judge_at``); after judging: done."""
@@ -321,7 +331,7 @@ class Ablation(UnitExperiment):
         return top | controls, (top if self.judge_harmless else set())
 
     def _score(self, model, hooks, harmful, harmless, texts, base_logits) -> dict:
-        """The forward-pass measures under ``hooks`` (refusal score, KL, cross-entropy); no judge."""
+        """The forward-pass measures under ``hooks`` (refusal score, KL; cross-entropy unless ``texts`` is None)."""
         logits = self._last_logits(model, list(harmful) + list(harmless), hooks)
         scores = metrics.refusal_score_from_logits(logits[:len(harmful)], metrics.refusal_tokens(model)).numpy()
         return self._row(model, scores, logits[len(harmful):], base_logits, hooks, texts)
@@ -340,9 +350,12 @@ class Ablation(UnitExperiment):
         row["refusal_score_ci_low"], row["refusal_score_ci_high"] = bootstrap_ci(scores, seed=self.seed)
         row["kl_harmless"] = 0.0 if base_logits is None else float(
             metrics.kl_divergence(base_logits, harmless_logits).mean())
-        row["cross_entropy"] = metrics.cross_entropy(model, texts, fwd_hooks=hooks, batch_size=self.batch_size)
+        row["cross_entropy"] = np.nan if texts is None else self._cross_entropy(model, hooks, texts)
         row.update(dict.fromkeys(_JUDGE_COLUMNS[:-1], np.nan), judged=False)
         return row
+
+    def _cross_entropy(self, model, hooks, texts) -> float:
+        return metrics.cross_entropy(model, texts, fwd_hooks=hooks, batch_size=self.batch_size)
 
     def _judge(self, model, hooks, harmful, harmless) -> dict:
         """Judged refusal rate (with CI) on ``harmful``; over-refusal rate on ``harmless`` unless None."""
@@ -386,7 +399,8 @@ def _summary(table: pd.DataFrame, kind: str, judge_at: str) -> dict:
     out["halving_rule"] = "refusal_prob <= baseline/2"
     if k_half is not None:
         out["kl_at_halving"] = float(top.loc[k_half, "kl_harmless"])
-        out["cross_entropy_at_halving"] = float(top.loc[k_half, "cross_entropy"])
+        ce = top.loc[k_half, "cross_entropy"]
+        out["cross_entropy_at_halving"] = None if np.isnan(ce) else float(ce)  # not measured there (cross_entropy_at)
         if k_half in judged and base_rate is not None:
             out["refusal_rate_at_halving"] = float(top.loc[k_half, "refusal_rate"])
             out["halving_confirmed_by_judge"] = bool(base_rate > 0 and top.loc[k_half, "refusal_rate"] <= base_rate / 2)

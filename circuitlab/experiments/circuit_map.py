@@ -187,6 +187,7 @@ class CircuitMap(Experiment):
     edge_fraction: float = 0.05  # share of the graph's edges the circuit keeps before pruning
     n_edges: int | None = None  # edges the circuit keeps before pruning (None: edge_fraction of the graph)
     edge_pairing: str = "length"  # equal-length pairs: length (exact token length) | pad (pad the shorter request)
+    n_edge_pairs: int | None = None  # screening pairs the edges are scored on (None: n_verify); EAP-IG's cost scales with it
 
     def __post_init__(self):
         check_types(self)
@@ -195,7 +196,8 @@ class CircuitMap(Experiment):
         check(self.n_neurons + self.n_heads + self.n_atp_neurons + self.n_atp_heads > 0,
               "n_neurons, n_heads, n_atp_neurons and n_atp_heads are all 0: ask for at least one candidate "
               "(e.g. --set n_neurons=10)")
-        check_at_least(self, 1, "n_verify", "batch_size", "n_edges", "direction_screen", "direction_finalists")
+        check_at_least(self, 1, "n_verify", "batch_size", "n_edges", "direction_screen", "direction_finalists",
+                       "n_edge_pairs")
         check_choice("edge_method", self.edge_method, eg.METHODS)
         check_choice("edge_selection", self.edge_selection, eg.SELECTIONS)
         check_choice("edge_pairing", self.edge_pairing, PAIRINGS)
@@ -268,9 +270,10 @@ class CircuitMap(Experiment):
         """Score edges on screening-half pairs, select the circuit, measure its faithfulness on
         verification-half pairs; ``(None, reason)`` when a half has no equal-length pair."""
         halves = []
-        for name, (harmful, harmless) in (("screening", screen), ("verification", verify)):
+        for name, (harmful, harmless), n in (("screening", screen, self.n_edge_pairs or self.n_verify),
+                                             ("verification", verify, self.n_verify)):
             try:
-                halves.append(make_pairs(model, harmful, harmless, n_pairs=self.n_verify, pairing=self.edge_pairing).pairs)
+                halves.append(make_pairs(model, harmful, harmless, n_pairs=n, pairing=self.edge_pairing).pairs)
             except ValueError:  # the node table still stands without the edge stage
                 return None, (f"skipped: no equal-length harmful/harmless pair in the {name} half; pass more "
                               "prompts or --set edge_pairing=pad")
