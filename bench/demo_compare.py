@@ -2,7 +2,8 @@
 
 The old tables are read from git (``--old-rev``, the last pre-wave-2 demo results, commit 7f66d58:
 judge at every point, full decoding); the new ones from ``results/refusal_circuit/``. Per point:
-refusal score, judged refusal rate (new: only at the points ``judge_at="decisive"`` judges), KL.
+refusal score, judged refusal rate (new: only at the points ``judge_at="decisive"`` judges), KL,
+cross-entropy (new: measured with the judge only).
 Writes ``results/bench/demo_before_after.csv`` (one row per run x selection x seed x k) and
 ``demo_before_after.json`` (largest score difference, judged points that agree, units needed to
 halve refusal, whether each old judged rate lies in the new 95 % CI, wall times).
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
             "points_compared": len(both), "points_judged_old": int(both.refusal_rate_old.notna().sum()),
             "points_judged_new": int(judged.sum()),
             "max_abs_refusal_score_diff": float((both.refusal_score_old - both.refusal_score_new).abs().max()),
+            "cross_entropy_points_new": int(both.cross_entropy_new.notna().sum()),  # measured with the judge only
+            "max_abs_cross_entropy_diff": float((both.cross_entropy_old - both.cross_entropy_new).abs().max()),
             "judged_points_equal": int((both.refusal_rate_old[judged] == both.refusal_rate_new[judged]).sum()),
             "old_rate_in_new_ci": int(both.old_rate_in_new_ci.sum()),
             "k_to_halve_old": old_summary["fragility"][run].get("k_to_halve_refusal"),
