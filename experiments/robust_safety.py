@@ -12,8 +12,9 @@ harmful train prompts the model refuses least; retain set of the model's own har
 ``plain`` vs ``adversarial`` (the refusal direction recomputed on the weights being trained every 4
 steps and ablated on the hardening rows), training located components / random components with
 exactly as many parameters / every block, at equal steps. Every model then faces three adaptive
-attacks recomputed on its own weights — directional ablation with the best of all layers × post-
-instruction positions chosen on validation prompts, mean-ablation of the top-64 attribution-ranked
+attacks recomputed on its own weights — directional ablation with the strongest of all layers × post-
+instruction positions on validation prompts (lowest bypass score, any KL; ``--set attack_rule=arditi``
+for the paper's filters), mean-ablation of the top-64 attribution-ranked
 units, weight orthogonalization — plus the distribution measures (refusal as the top-1..64 units and
 the top-1..8 candidate directions are ablated) and the costs (over-refusal, KL, cross-entropy, wall
 time), with bootstrap 95 % CIs. No completions are saved: scores and judgments only.

@@ -10,7 +10,11 @@ random components with exactly as many parameters (``random``), every block (``f
 
 Every model (original and trained) then faces three ADAPTIVE attacks, recomputed on its own weights:
 directional ablation with the best difference-in-means direction over layers × post-instruction
-positions chosen on validation prompts (Arditi et al. 2024, ``direction_eval.score_candidates``);
+positions chosen on validation prompts (candidates scored as in Arditi et al. 2024,
+``direction_eval.score_candidates``; ``attack_rule="strongest"``, default: the lowest validation bypass
+score whatever its KL, the same rule for every model — the paper's KL and induce filters with their
+fallbacks, ``"arditi"``, pick a weaker direction on a model where a weak candidate happens to pass the
+KL filter, so models would be attacked under different rules);
 mean-ablation of the top-k units (neurons and heads ranked together by attribution patching, Nanda
 2023, ``attribution.mean_patch_estimates``); weight orthogonalization against the chosen direction.
 How distributed refusal is: refusal probability (P(first token is a refusal token)) as the top-k
@@ -29,6 +33,7 @@ in ``circuitlab.finetune``.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -55,25 +60,34 @@ from .checks import check_at_least, check_files, check_fraction, check_subset, c
 from .patching.pairs import make_pairs
 
 __all__ = ["RobustHardening", "adaptive_direction_attack", "attribution_units", "subspace_hooks", "MODES",
-           "VARIANTS", "ATTACKS"]
+           "VARIANTS", "ATTACKS", "ATTACK_RULES"]
 
 MODES = ("plain", "adversarial")
 VARIANTS = ("targeted", "random", "full")
 ATTACKS = ("none", "direction_ablation", "unit_ablation", "orthogonalization")
+ATTACK_RULES = ("strongest", "arditi")
+_STRONGEST = ("strongest: lowest val bypass_score among eligible (not pruned, fully scored on val) candidates, "
+              "any kl (an attacker removes refusal whatever it costs)")
 
 
 def adaptive_direction_attack(model, h_train, s_train, h_val, s_val, *, layers=None, positions=None,
-                              prune_layer_frac: float = 0.2, batch_size: int = 16):
+                              prune_layer_frac: float = 0.2, rule: str = "strongest", batch_size: int = 16):
     """Candidate directions recomputed on the CURRENT weights, scored on validation prompts; returns
-    ``(directions {(layer, offset): vector}, candidate table with 'selected')`` (Arditi et al. 2024, §2.4)."""
+    ``(directions {(layer, offset): vector}, candidate table with 'selected')``. ``rule``: ``strongest``
+    (lowest val bypass score, any KL) or ``arditi`` (Arditi et al. 2024, §2.4, with fallbacks)."""
+    check_choice("rule", rule, ATTACK_RULES)
     store = ActivationStore(disk=False)  # these weights' activations are never reused
     directions = candidate_directions(model, list(h_train), list(s_train), store, batch_size=batch_size)
     layers = list(range(model.n_layers)) if layers is None else list(layers)
     positions = list(range(-model.n_post, 0)) if positions is None else list(positions)
     directions = {k: d for k, d in directions.items() if k[0] in layers and k[1] in positions}
-    table, rule, _ = score_candidates(model, directions, list(h_val), list(s_val), layers=layers, positions=positions,
-                                      prune_layer_frac=prune_layer_frac, batch_size=batch_size)
-    table["selection_rule"] = rule
+    strongest = rule == "strongest"  # an infinite KL budget: the lowest bypass score among all eligible
+    table, text, _ = score_candidates(model, directions, list(h_val), list(s_val), layers=layers, positions=positions,
+                                      prune_layer_frac=prune_layer_frac, kl_budget=math.inf if strongest else None,
+                                      batch_size=batch_size)
+    table["selection_rule"] = _STRONGEST if strongest else text
+    if strongest:
+        table["fallback_step"] = "strongest"
     return directions, table
 
 
@@ -123,6 +137,7 @@ class RobustHardening(Experiment):
     attack_layers: list[int] | None = None  # candidate layers of the direction attack (None: all)
     attack_positions: list[int] | None = None  # post-instruction offsets (None: all)
     prune_layer_frac: float = 0.2  # skip candidates in the last fraction of layers (Arditi et al.)
+    attack_rule: str = "strongest"  # the direction attack's pick: strongest (lowest val bypass, any KL) | arditi
     n_attack: int = 24  # train prompts per class for the attacks' directions and unit ranking
     n_val: int = 16  # validation prompts per class for choosing the attack direction
     k_grid: list[int] = field(default_factory=lambda: [1, 4, 16, 64])  # top units ablated; the largest is the attack
@@ -142,6 +157,7 @@ class RobustHardening(Experiment):
         check_subset(self, "variants", VARIANTS)
         check_subset(self, "modes", MODES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("attack_rule", self.attack_rule, ATTACK_RULES)
         check_files(self, "dataset", "components_csv")
         check_layers("attack_layers", self.attack_layers)
         positions = self.attack_positions
@@ -263,7 +279,8 @@ class RobustHardening(Experiment):
         start = time.perf_counter()
         directions, table = adaptive_direction_attack(model, s["h_train"], s["s_train"], s["h_val"], s["s_val"],
                                                       layers=self.attack_layers, positions=self.attack_positions,
-                                                      prune_layer_frac=self.prune_layer_frac, batch_size=bs)
+                                                      prune_layer_frac=self.prune_layer_frac, rule=self.attack_rule,
+                                                      batch_size=bs)
         cands.append(table.assign(**tag))
         best = table[table.selected].iloc[0]
         d = directions[(int(best.layer), int(best.position))]
