@@ -6,9 +6,9 @@ prompts, or read from a ranking csv) are ablated, and so are k random units of t
 drawn with the same per-layer counts (``random_seeds`` draws).
 
 **Scored everywhere.** Every condition (baseline, and each k for top-k and every random draw) gets
-the measures that cost one forward pass of the prompts: the refusal score (log-odds that the next token opens a
-refusal, ``metrics.refusal_score``; it ranks prompts like the generation judge, AUROC 0.95 on the
-embedded model) on harmful prompts and its ``refusal_prob`` = mean over prompts of
+the measures that cost one forward pass of the prompts: the refusal score (log-odds that the next
+token opens a refusal, ``metrics.refusal_score``; it ranks prompts like the generation judge, AUROC
+0.95 on the embedded model) on harmful prompts and its ``refusal_prob`` = mean over prompts of
 sigmoid(score), the refusal-token probability; the same score on harmless prompts; KL of the
 harmless next-token distributions against the unablated model.
 
