@@ -96,6 +96,12 @@ def test_attack_rules_strongest_takes_the_lowest_bypass_score_whatever_its_kl(pl
     assert picked >= eligible.bypass_score.min()  # never a stronger attack than "strongest"
     with pytest.raises(ValueError, match="rule"):
         adaptive_direction_attack(planted, *args, rule="weakest", **kw)
+    _, screened = adaptive_direction_attack(planted, *args, screen_prompts=2, n_finalists=1, **kw)
+    tried = screened[screened.screen_bypass_score.notna()]  # planted layers 0-1 give zero directions: not scored
+    finalist = screened.finalist.astype(bool)
+    assert len(tried) >= 2 and 1 <= finalist.sum() < len(tried) and screened.loc[~finalist, "bypass_score"].isna().all()
+    assert finalist[tried.screen_bypass_score.idxmin()]  # the lowest screened bypass is always a finalist
+    assert finalist[screened.index[screened.selected]].all()
 
 
 def test_subspace_hooks_project_out_the_span(tiny):

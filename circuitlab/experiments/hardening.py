@@ -71,10 +71,13 @@ _STRONGEST = ("strongest: lowest val bypass_score among eligible (not pruned, fu
 
 
 def adaptive_direction_attack(model, h_train, s_train, h_val, s_val, *, layers=None, positions=None,
-                              prune_layer_frac: float = 0.2, rule: str = "strongest", batch_size: int = 16):
+                              prune_layer_frac: float = 0.2, rule: str = "strongest", screen_prompts: int | None = None,
+                              n_finalists: int = 8, batch_size: int = 16):
     """Candidate directions recomputed on the CURRENT weights, scored on validation prompts; returns
     ``(directions {(layer, offset): vector}, candidate table with 'selected')``. ``rule``: ``strongest``
-    (lowest val bypass score, any KL) or ``arditi`` (Arditi et al. 2024, §2.4, with fallbacks)."""
+    (lowest val bypass score, any KL) or ``arditi`` (Arditi et al. 2024, §2.4, with fallbacks).
+    ``screen_prompts``: screen every candidate on that many val prompts per side first and score only
+    ``n_finalists`` (whole bypass/KL Pareto fronts, which always hold the lowest screened bypass) on all."""
     check_choice("rule", rule, ATTACK_RULES)
     store = ActivationStore(disk=False)  # these weights' activations are never reused
     directions = candidate_directions(model, list(h_train), list(s_train), store, batch_size=batch_size)
@@ -84,7 +87,7 @@ def adaptive_direction_attack(model, h_train, s_train, h_val, s_val, *, layers=N
     strongest = rule == "strongest"  # an infinite KL budget: the lowest bypass score among all eligible
     table, text, _ = score_candidates(model, directions, list(h_val), list(s_val), layers=layers, positions=positions,
                                       prune_layer_frac=prune_layer_frac, kl_budget=math.inf if strongest else None,
-                                      batch_size=batch_size)
+                                      screen_prompts=screen_prompts, n_finalists=n_finalists, batch_size=batch_size)
     table["selection_rule"] = _STRONGEST if strongest else text
     if strongest:
         table["fallback_step"] = "strongest"
@@ -138,6 +141,7 @@ class RobustHardening(Experiment):
     attack_positions: list[int] | None = None  # post-instruction offsets (None: all)
     prune_layer_frac: float = 0.2  # skip candidates in the last fraction of layers (Arditi et al.)
     attack_rule: str = "strongest"  # the direction attack's pick: strongest (lowest val bypass, any KL) | arditi
+    attack_screen: int | None = None  # screen every attack candidate on this many val prompts per side first (None: off)
     n_attack: int = 24  # train prompts per class for the attacks' directions and unit ranking
     n_val: int = 16  # validation prompts per class for choosing the attack direction
     k_grid: list[int] = field(default_factory=lambda: [1, 4, 16, 64])  # top units ablated; the largest is the attack
@@ -174,6 +178,7 @@ class RobustHardening(Experiment):
                        "adv_directions", "k_grid", "n_dirs", "n_eval", "n_text", "max_new_tokens", "n_boot",
                        "batch_size_eval")
         check_at_least(self, 2, "n_adv", "n_attack", "n_val")
+        check_at_least(self, 1, "attack_screen")
         check(self.edge_fraction is None or 0 < self.edge_fraction <= 1,
               f"edge_fraction={self.edge_fraction!r} must be None or in (0, 1] (e.g. --set edge_fraction=0.02)")
         check_at_least(self, 1, "n_edge_pairs")
@@ -280,7 +285,7 @@ class RobustHardening(Experiment):
         directions, table = adaptive_direction_attack(model, s["h_train"], s["s_train"], s["h_val"], s["s_val"],
                                                       layers=self.attack_layers, positions=self.attack_positions,
                                                       prune_layer_frac=self.prune_layer_frac, rule=self.attack_rule,
-                                                      batch_size=bs)
+                                                      screen_prompts=self.attack_screen, batch_size=bs)
         cands.append(table.assign(**tag))
         best = table[table.selected].iloc[0]
         d = directions[(int(best.layer), int(best.position))]
