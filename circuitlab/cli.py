@@ -80,16 +80,6 @@ def describe(name: str = typer.Argument(..., help="experiment name (see `circuit
         _fail(str(err.args[0]))
 
 
-def _parse_sets(pairs: List[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            _fail(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = value.strip()
-    return out
-
-
 def _load_sets(harmful: str, harmless: str, split: str, n, seed: int, column):
     """Both prompt sets; a user file is used whole unless --split names a part (and says so)."""
     from . import datasets as ds
@@ -113,7 +103,7 @@ def _checked_experiment(name: str, sets: List[str], seed: int, batch_size):
     from . import experiments
 
     cls = experiments.get(name)
-    params = experiments.coerce_params(cls, _parse_sets(sets))
+    params = experiments.params_from_sets(cls, sets)
     fields = set(getattr(cls, "__dataclass_fields__", {}))
     if "seed" in fields:
         params.setdefault("seed", seed)

@@ -33,8 +33,7 @@ import time
 from pathlib import Path
 
 import circuitlab as cl
-from circuitlab.experiments import get
-from circuitlab.experiments.base import coerce_params
+from circuitlab.experiments import get, params_from_sets
 from circuitlab.results import check_output_dir
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "robust_safety"
@@ -60,21 +59,22 @@ def main() -> None:
                         help="override one robust-hardening parameter (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default results/robust_safety[/quick])")
     args = parser.parse_args()
-    malformed = [item for item in args.set if "=" not in item]
-    if malformed:
-        parser.error(f"--set {malformed[0]!r}: expected KEY=VALUE, e.g. --set n_eval=20")
-    overrides = coerce_params(get("robust-hardening"), dict(item.split("=", 1) for item in args.set))
     out = args.out or (OUT / "quick" if args.quick else OUT)
-    check_output_dir(out, overwrite=True)  # a folder we may not write fails now, not after the run
+    try:  # bad --set, parameters or output folder: one line, exit 2, before the model loads
+        overrides = params_from_sets(get("robust-hardening"), args.set)
+        params = dict(QUICK if args.quick else FULL, optimizer=args.optimizer, **overrides)
+        get("robust-hardening")(**params)  # the constructor validates every parameter
+        check_output_dir(out, overwrite=True)  # a folder we may not write fails now, not after the run
+    except ValueError as err:
+        parser.error(str(err))
     t0 = time.time()
     model = cl.load_model(args.model, dtype=args.dtype)
     print(f"loaded {model} in {time.time() - t0:.1f} s", flush=True)
     harmful = cl.datasets.load("advbench", n=args.n, seed=0)
     harmless = cl.datasets.load("harmless", n=args.n, seed=0)
-    params = dict(QUICK if args.quick else FULL, optimizer=args.optimizer)
     if args.quick:
-        params.update(attack_layers=sorted({int(model.n_layers * f) for f in (0.5, 0.625, 0.75)}), attack_positions=[-1])
-    params.update(overrides)
+        quick = dict(attack_layers=sorted({int(model.n_layers * f) for f in (0.5, 0.625, 0.75)}), attack_positions=[-1])
+        params.update({k: v for k, v in quick.items() if k not in overrides})
     start = time.time()
     result = get("robust-hardening")(**params).run(model, harmful, harmless, store=cl.ActivationStore())
     seconds = round(time.time() - start, 1)

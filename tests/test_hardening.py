@@ -179,3 +179,18 @@ def test_experiment_runs_and_compares_at_equal_parameters(tiny, harmful, harmles
     cands = result.tables["attack_candidates"]
     assert (cands.groupby(["variant", "mode"]).selected.sum() == 1).all(), "one attack direction per model"
     result.save(tmp_path / "run")
+
+
+@pytest.mark.parametrize("bad, message", [(["--set", "judge"], "key=value"), (["--set", "nope=1"], "no parameter 'nope'"),
+                                          (["--quick", "--set", "attack_rule=weakest"], "attack_rule")])
+def test_robust_safety_script_refuses_bad_sets_before_loading(bad, message, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "robust_safety.py"
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(script), *bad, "--out", str(out)], capture_output=True, text=True)
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert run.returncode == 2 and len(errors) == 1 and message in errors[0] and "loaded" not in run.stdout
+    assert not out.exists()

@@ -22,7 +22,8 @@ from ..datasets import PromptSet
 from ..model import HookedModel
 from ..results import Result, run_config
 
-__all__ = ["Experiment", "register", "get", "names", "describe", "coerce_params", "check", "check_choice",
+__all__ = ["Experiment", "register", "get", "names", "describe", "coerce_params", "params_from_sets", "check",
+           "check_choice",
            "check_layers", "ParameterError", "parameters",
            "Plan", "UnitExperiment"]
 
@@ -206,6 +207,17 @@ def coerce_params(cls: type[Experiment], raw: dict[str, str]) -> dict:
             raise ValueError(f"{cls.name} has no parameter {key!r}; parameters: {', '.join(fields) or 'none'}")
         out[key] = _coerce(value, hints.get(key, str), key)
     return out
+
+
+def params_from_sets(cls: type[Experiment], pairs) -> dict:
+    """Typed parameters of ``cls`` from ``--set`` strings ``["key=value", ...]`` (the CLI's and the scripts')."""
+    raw = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ParameterError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        raw[key.strip()] = value.strip()
+    return coerce_params(cls, raw)
 
 
 def _coerce(value: str, hint, key: str):
