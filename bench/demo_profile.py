@@ -54,19 +54,19 @@ sys.path.insert(0, str(ROOT))
 
 # (module, attribute or Class.method, kind); targets a module lacks are skipped
 TARGETS = (
-    ("circuitlab.direction_eval", "last_logits_shared", "last_logits"),
-    ("circuitlab.model", "HookedModel.run_with_cache", "activations"),
-    ("circuitlab.store", "ActivationStore.get", "store"),
-    ("circuitlab.experiments.patching.engine", "run_sweeps", "patching"),
-    ("circuitlab.attribution", "mean_patch_estimates", "attribution"),
-    ("circuitlab.model", "HookedModel.last_logits", "last_logits"),
-    ("circuitlab.generation", "prefill", "generation prefill"),
-    ("circuitlab.generation", "decode_groups", "generation decode"),
-    ("circuitlab.generation", "generate", "generation decode"),
-    ("circuitlab.model", "HookedModel.generate", "generation decode"),
-    ("circuitlab.metrics", "judge_refusals", "generation decode"),
-    ("circuitlab.metrics", "kl_divergence", "kl"),
-    ("circuitlab.metrics", "cross_entropy", "cross-entropy"),
+    ("circuitlab.methods.direction_eval", "last_logits_shared", "last_logits"),
+    ("circuitlab.core.model", "HookedModel.run_with_cache", "activations"),
+    ("circuitlab.io.store", "ActivationStore.get", "store"),
+    ("circuitlab.methods.patching", "run_sweeps", "patching"),
+    ("circuitlab.methods.attribution", "mean_patch_estimates", "attribution"),
+    ("circuitlab.core.model", "HookedModel.last_logits", "last_logits"),
+    ("circuitlab.core.generation", "prefill", "generation prefill"),
+    ("circuitlab.core.generation", "decode_groups", "generation decode"),
+    ("circuitlab.core.generation", "generate", "generation decode"),
+    ("circuitlab.core.model", "HookedModel.generate", "generation decode"),
+    ("circuitlab.methods.metrics", "judge_refusals", "generation decode"),
+    ("circuitlab.methods.metrics", "kl_divergence", "kl"),
+    ("circuitlab.methods.metrics", "cross_entropy", "cross-entropy"),
 )
 # a kind counted only inside another one (elsewhere the call's time stays with its caller's kind):
 # prefill is judged generation only inside decoding; direct calls are last-logits forwards

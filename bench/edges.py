@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import circuitlab as cl  # noqa: E402
 from circuitlab import graph as eg  # noqa: E402
-from circuitlab.experiments.patching.pairs import make_pairs  # noqa: E402
+from circuitlab.methods.pairs import make_pairs  # noqa: E402
 from circuitlab.graph.oracle import build_mha, tl_edge_scores, tl_faithfulness  # noqa: E402
-from circuitlab.metrics import refusal_score_from_logits, refusal_tokens  # noqa: E402
+from circuitlab.methods.metrics import refusal_score_from_logits, refusal_tokens  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "bench" / "edges.json"
 

@@ -54,8 +54,8 @@ def build(shape: dict, device: torch.device, seed: int = 0):
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from circuitlab.model import HookedModel
-    from circuitlab.tiny import build_tokenizer
+    from circuitlab.core.model import HookedModel
+    from circuitlab.models.tiny import build_tokenizer
 
     tok = build_tokenizer()
     cfg = Qwen2Config(vocab_size=shape["vocab"], hidden_size=shape["d_model"], intermediate_size=shape["d_mlp"],
@@ -116,7 +116,7 @@ def bench_patching(model, device, seq: int, n_layers: int, n_pos: int, batch_siz
     from transformer_lens import patching as tlp
 
     from circuitlab.experiments.patching.activation import layer_sweeps
-    from circuitlab.experiments.patching.engine import run_sweeps
+    from circuitlab.methods.patching import run_sweeps
 
     g = torch.Generator().manual_seed(1)
     clean = torch.randint(0, model.bridge.cfg.d_vocab, (seq,), generator=g).to(device)
@@ -155,7 +155,7 @@ def bench_patching(model, device, seq: int, n_layers: int, n_pos: int, batch_siz
 
 
 def bench_generate(model, device, batch: int, new_tokens: int) -> dict:
-    from circuitlab import hooks as hk
+    from circuitlab.core import hooks as hk
 
     words = "how do i make a cake write a poem about the moon tell me a story with a dog".split()
     prompts = [" ".join(words[i % 7:i % 7 + 5 + i % 9]) for i in range(batch)]

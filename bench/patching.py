@@ -38,12 +38,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from circuitlab import datasets, load_model  # noqa: E402
-from circuitlab import hooks as hk  # noqa: E402
+from circuitlab.io import datasets
+from circuitlab import load_model  # noqa: E402
+from circuitlab.core import hooks as hk  # noqa: E402
 from circuitlab.experiments.patching.activation import layer_sweeps, refusal_metric  # noqa: E402
 from circuitlab.experiments.patching.attribution import attribution_pair  # noqa: E402
-from circuitlab.experiments.patching.engine import Sweep, run_sweeps  # noqa: E402
-from circuitlab.experiments.patching.pairs import make_pairs  # noqa: E402
+from circuitlab.methods.patching import Sweep, run_sweeps  # noqa: E402
+from circuitlab.methods.pairs import make_pairs  # noqa: E402
 
 
 class PeakRSS:

@@ -1,7 +1,7 @@
 """The ``circuitlab`` command: list models, datasets and experiments; describe and run an experiment.
 
 Everything that can be checked is checked before the model is loaded: the output folder (never a
-user's files: see ``circuitlab.results``), the model name or path, the experiment's parameters (its
+user's files: see ``circuitlab.io.results``), the model name or path, the experiment's parameters (its
 constructor validates them), the prompt files and splits. Errors are one line and exit 2;
 ``--debug`` shows the traceback instead.
 """
@@ -28,7 +28,7 @@ def _fail(message: str, code: int = 2) -> None:
 @app.command()
 def models() -> None:
     """List the built-in model names (any local HF directory or cached HF id also works)."""
-    from .loading import MODEL_NAMES
+    from circuitlab.models.loading import MODEL_NAMES
 
     for name, text in MODEL_NAMES.items():
         typer.echo(f"{name:10s} {text}")
@@ -37,7 +37,7 @@ def models() -> None:
 @app.command()
 def datasets() -> None:
     """List the built-in prompt sets and whether their data package is installed."""
-    from . import datasets as ds
+    from circuitlab.io import datasets as ds
 
     for name, info in ds.BUILTINS.items():
         try:
@@ -50,7 +50,7 @@ def datasets() -> None:
 @app.command("list")
 def list_experiments() -> None:
     """List the registered experiments."""
-    from . import experiments
+    from circuitlab import experiments
 
     for name in experiments.names():
         typer.echo(f"{name:22s} {experiments.describe(name)}")
@@ -58,8 +58,8 @@ def list_experiments() -> None:
 
 def describe_text(name: str) -> str:
     """An experiment's one-line description and every ``--set`` parameter: type, default, meaning."""
-    from . import experiments
-    from .experiments.base import parameters
+    from circuitlab import experiments
+    from circuitlab.experiments.base import parameters
 
     cls = experiments.get(name)
     lines = [f"{name}: {experiments.describe(name)}", "",
@@ -82,7 +82,7 @@ def describe(name: str = typer.Argument(..., help="experiment name (see `circuit
 
 def _load_sets(harmful: str, harmless: str, split: str, n, seed: int, column):
     """Both prompt sets; a user file is used whole unless --split names a part (and says so)."""
-    from . import datasets as ds
+    from circuitlab.io import datasets as ds
 
     sets = []
     for label, source in (("harmful", harmful), ("harmless", harmless)):
@@ -100,7 +100,7 @@ def _load_sets(harmful: str, harmless: str, split: str, n, seed: int, column):
 
 
 def _checked_experiment(name: str, sets: List[str], seed: int, batch_size):
-    from . import experiments
+    from circuitlab import experiments
 
     cls = experiments.get(name)
     params = experiments.params_from_sets(cls, sets)
@@ -143,11 +143,11 @@ def run(
     """Run experiment NAME on a model and two prompt sets; save its run folder."""
     global _DEBUG
     _DEBUG = debug
-    from . import datasets as ds
-    from . import experiments
-    from .loading import check_model_name, load_model
-    from .results import OutputError, check_output_dir
-    from .store import ActivationStore, StoreNotWritableError
+    from circuitlab.io import datasets as ds
+    from circuitlab import experiments
+    from circuitlab.models.loading import check_model_name, load_model
+    from circuitlab.io.results import OutputError, check_output_dir
+    from circuitlab.io.store import ActivationStore, StoreNotWritableError
 
     if split not in ds.SPLIT_CHOICES + ("auto",):
         _fail(f"--split {split!r} is not one of auto, {', '.join(ds.SPLIT_CHOICES)}")
@@ -180,7 +180,7 @@ def run(
     typer.echo(f"running {name} on {loaded.name}: {len(harmful_set)} harmful vs {len(harmless_set)} harmless prompts")
     try:
         if ray_address:
-            from .distributed import run_distributed
+            from circuitlab.distributed import run_distributed
             result = run_distributed(experiment, model, harmful_set, harmless_set, workers=workers,
                                      address=ray_address, device=device, dtype=dtype, store=ActivationStore(),
                                      checkpoint_dir=checkpoint, model=loaded)
@@ -200,7 +200,7 @@ def run(
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) >= 3 and argv[0] == "run" and ("--help" in argv or "-h" in argv):
-        from . import experiments
+        from circuitlab import experiments
         if argv[1] in experiments.names():  # `run NAME --help` also lists NAME's parameters
             typer.echo(describe_text(argv[1]) + "\n")
     try:

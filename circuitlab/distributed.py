@@ -1,6 +1,6 @@
 """Run an experiment's independent units on Ray actors that each hold a model replica; merge as locally.
 
-design.md, "Layers": distribution wraps experiments from outside. An experiment that exposes
+docs/guide/architecture.md, "Layers": distribution wraps experiments from outside. An experiment that exposes
 ``plan(model, harmful, harmless, *, store) -> Plan(units, state)``, ``run_unit(model, state, unit)``
 and ``merge(model, harmful, harmless, plan, outputs) -> Result`` (``experiments.base.UnitExperiment``)
 runs here with its units spread over ``workers`` actors; ``experiment.run`` is the same three calls
@@ -37,11 +37,11 @@ from pathlib import Path
 
 import torch
 
-from . import provenance
-from .loading import check_model_name, load_model
-from .progress import progress_bar
-from .store import ActivationStore
-from .unit_cache import atomic_write, digest
+from circuitlab.io import provenance
+from circuitlab.models.loading import check_model_name, load_model
+from circuitlab.core.progress import progress_bar
+from circuitlab.io.store import ActivationStore
+from circuitlab.io.unit_cache import atomic_write, digest
 
 __all__ = ["run_distributed", "is_unit_experiment", "unit_experiment_names", "DistributedError", "UNIT_METHODS"]
 

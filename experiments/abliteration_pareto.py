@@ -51,14 +51,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.peers import heretic  # noqa: E402
-from circuitlab import ActivationStore, datasets, load_model, provenance  # noqa: E402
-from circuitlab import interventions as iv  # noqa: E402
-from circuitlab.abliteration import (AbliterationParams, Kernel, abliterated, heretic_edits,  # noqa: E402
-                                     score_model)
-from circuitlab.direction_eval import last_logits_shared  # noqa: E402
+from circuitlab import ActivationStore, load_model
+from circuitlab.io import datasets, provenance  # noqa: E402
+from circuitlab.methods import interventions as iv  # noqa: E402
+from circuitlab.methods.abliteration import (AbliterationParams, Kernel, abliterated, heretic_edits,
+    score_model)
+from circuitlab.methods.direction_eval import last_logits_shared  # noqa: E402
 from circuitlab.experiments.abliteration_search import AbliterationSearch  # noqa: E402
 from circuitlab.experiments.direction import RefusalDirection  # noqa: E402
-from circuitlab.results import Result, check_output_dir  # noqa: E402
+from circuitlab.io.results import Result, check_output_dir  # noqa: E402
 
 PLAIN_FAMILY = ["--row-normalization", "NONE", "--no-orthogonalize-direction"]  # Heretic = circuitlab's family
 HERETIC_COMPONENTS = {"attn": "attn.o_proj", "mlp": "mlp.down_proj"}  # circuitlab writer -> Heretic component
@@ -188,7 +189,7 @@ def model_dir(model, a, out: Path) -> str:
     """A local HF folder of the base model for Heretic: the embedded model's float weights, the given
     folder, or an export of the loaded model."""
     if a.model == "embedded":
-        from circuitlab.embedded import embedded_model_dir
+        from circuitlab.models.embedded import embedded_model_dir
 
         return str(embedded_model_dir())
     if Path(a.model).is_dir():

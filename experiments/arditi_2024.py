@@ -32,11 +32,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from circuitlab import ActivationStore, datasets, load_model, metrics
-from circuitlab import interventions as iv
-from circuitlab.direction_eval import evaluate_direction
+from circuitlab import ActivationStore, load_model
+from circuitlab.io import datasets
+from circuitlab.methods import metrics
+from circuitlab.methods import interventions as iv
+from circuitlab.methods.direction_eval import evaluate_direction
 from circuitlab.experiments.direction import RefusalDirection, split_three
-from circuitlab.results import check_output_dir
+from circuitlab.io.results import check_output_dir
 
 # Numbers quoted by issue 4 for Arditi et al.'s Qwen-1.8B-chat (not re-derived here).
 PAPER = {"model": "Qwen-1.8B-chat", "compliance_baseline": 0.30, "compliance_ablation": 0.99}

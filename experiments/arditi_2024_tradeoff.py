@@ -28,10 +28,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from circuitlab import ActivationStore, datasets, load_model
-from circuitlab.direction_eval import evaluate_direction
+from circuitlab import ActivationStore, load_model
+from circuitlab.io import datasets
+from circuitlab.methods.direction_eval import evaluate_direction
 from circuitlab.experiments.direction import RefusalDirection, split_three
-from circuitlab.results import Result, check_output_dir, run_config
+from circuitlab.io.results import Result, check_output_dir, run_config
 
 POST_HOC_NOTE = ("rows with post_hoc=True are test numbers of candidates NOT selected on validation; they "
                  "describe the trade-off, and picking one of them now would be selection on the test split")

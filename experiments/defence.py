@@ -32,7 +32,7 @@ from pathlib import Path
 
 import circuitlab as cl
 from circuitlab.experiments import get
-from circuitlab.results import check_output_dir
+from circuitlab.io.results import check_output_dir
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "defence"
 

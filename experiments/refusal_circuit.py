@@ -28,7 +28,7 @@ from pathlib import Path
 
 import circuitlab as cl
 from circuitlab.experiments import get
-from circuitlab.results import check_output_dir
+from circuitlab.io.results import check_output_dir
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "refusal_circuit"
 RUNS = ("fragility_neuron", "fragility_head", "fragility_neuron_effect_size")
@@ -65,7 +65,7 @@ def settings(model_name: str, quick: bool) -> dict:
 def _load(args):
     model = cl.load_model(args.model)
     if args.model == "planted":
-        from circuitlab.planted import planted_prompts
+        from circuitlab.models.planted import planted_prompts
 
         harmful, harmless = planted_prompts(args.n)
     else:

@@ -13,7 +13,7 @@ graph counts, faithfulness_curve.png), smallest_circuit_<method>.csv, circuit_<m
 summary.json.
 
 Usage: python experiments/refusal_edges.py [--n 128] [--quick]
-(``--quick``: the planted model (``circuitlab.planted``) and its 32 prompt pairs, whose known circuit
+(``--quick``: the planted model (``circuitlab.models.planted``) and its 32 prompt pairs, whose known circuit
 embedding -> head 1.2 key/value -> MLP 2 -> logits the run should recover; a smoke run in about a
 minute, not the committed numbers.)
 """
@@ -31,10 +31,10 @@ import torch
 import circuitlab as cl
 from circuitlab import graph as eg
 from circuitlab.experiments import get
-from circuitlab.results import check_output_dir
+from circuitlab.io.results import check_output_dir
 from circuitlab.graph.plot import plot_circuit
-from circuitlab.metrics import refusal_score_from_logits, refusal_tokens
-from circuitlab.planted import planted_prompts
+from circuitlab.methods.metrics import refusal_score_from_logits, refusal_tokens
+from circuitlab.models.planted import planted_prompts
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "refusal_edges"
 

@@ -19,7 +19,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 import circuitlab as cl
-from circuitlab import metrics
+from circuitlab.methods import metrics
 from circuitlab.experiments import get
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 48

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import circuitlab as cl
 from circuitlab.experiments import get, params_from_sets
-from circuitlab.results import check_output_dir
+from circuitlab.io.results import check_output_dir
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "robust_safety"
 

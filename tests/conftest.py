@@ -32,14 +32,14 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def harmful():
-    from circuitlab.datasets import PromptSet
+    from circuitlab.io.datasets import PromptSet
 
     return PromptSet("tiny-harmful", tuple(HARMFUL))
 
 
 @pytest.fixture(scope="session")
 def harmless():
-    from circuitlab.datasets import PromptSet
+    from circuitlab.io.datasets import PromptSet
 
     return PromptSet("tiny-harmless", tuple(HARMLESS))
 
@@ -53,7 +53,7 @@ def embedded():
 
 @pytest.fixture(scope="session")
 def planted():
-    """The planted-circuit model (circuitlab.planted): the known answer every locating method must find."""
+    """The planted-circuit model (circuitlab.models.planted): the known answer every locating method must find."""
     from circuitlab import load_model
 
     return load_model("planted")
@@ -62,7 +62,7 @@ def planted():
 @pytest.fixture(scope="session")
 def planted_sets():
     """16 harmful / 16 harmless planted prompts, pairwise equal length, differing in one keyword."""
-    from circuitlab.planted import planted_prompts
+    from circuitlab.models.planted import planted_prompts
 
     return planted_prompts(16, seed=0)
 

@@ -3,14 +3,15 @@
 import pandas as pd
 import pytest
 
-from circuitlab import ActivationStore, metrics
-from circuitlab.components import Component
+from circuitlab import ActivationStore
+from circuitlab.methods import metrics
+from circuitlab.core.components import Component
 from circuitlab.experiments import get
 from circuitlab.experiments import ablation as ablation_module
 from circuitlab.experiments.ablation import attribution_ranking, halve_split, matched_random
-from circuitlab.ranking import top_components
-from circuitlab.interventions import ablation_hooks
-from circuitlab.planted import PLANTED_HEAD, PLANTED_NEURON
+from circuitlab.methods.ranking import top_components
+from circuitlab.methods.interventions import ablation_hooks
+from circuitlab.models.planted import PLANTED_HEAD, PLANTED_NEURON
 
 
 def test_matched_random_keeps_layer_counts_and_avoids_top():

@@ -1,4 +1,4 @@
-"""abliteration-search and circuitlab.abliteration on the tiny model: the front is non-dominated, runs
+"""abliteration-search and circuitlab.methods.abliteration on the tiny model: the front is non-dominated, runs
 are reproducible, the test split stays out of the search, weight edits equal their hooks, zero weights
 change nothing, an exported front point reloads with transformers, an unmet KL budget says so."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from circuitlab import ActivationStore
-from circuitlab import abliteration as ab
+from circuitlab.methods import abliteration as ab
 from circuitlab.experiments.abliteration_search import AbliterationSearch
 
 ROOT = Path(__file__).resolve().parents[1]

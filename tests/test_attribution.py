@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuitlab import hooks as hk
-from circuitlab.attribution import refusal_metric
+from circuitlab.core import hooks as hk
+from circuitlab.methods.attribution import refusal_metric
 from circuitlab.experiments.patching.attribution import AttributionPatching, attribution_pair
-from circuitlab.experiments.patching.engine import Sweep, run_sweeps
+from circuitlab.methods.patching import Sweep, run_sweeps
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_attribution_is_the_directional_derivative(tiny, pair):
 
 def test_planted_circuit_ranked_first():
     from circuitlab import load_model
-    from circuitlab.planted import PLANTED_HEAD, PLANTED_NEURON, planted_prompts
+    from circuitlab.models.planted import PLANTED_HEAD, PLANTED_NEURON, planted_prompts
 
     model = load_model("planted")
     harmful, harmless = planted_prompts(4, seed=1)

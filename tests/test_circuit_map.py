@@ -9,8 +9,9 @@ import torch
 from circuitlab import ActivationStore, load_model
 from circuitlab import graph as eg
 from circuitlab.experiments import circuit_map, get
-from circuitlab.experiments.circuit_map import STAGE_RULES, CircuitMap, assign_stage, graph_stage, split_halves
-from circuitlab.planted import FEATURE_LAYER, PLANTED_HEAD, PLANTED_NEURON, planted_prompts
+from circuitlab.experiments.circuit_map import (STAGE_RULES, CircuitMap, assign_stage, graph_stage,
+    split_halves)
+from circuitlab.models.planted import FEATURE_LAYER, PLANTED_HEAD, PLANTED_NEURON, planted_prompts
 
 EDGE_COLUMNS = ["stage_rule", "edge_node", "in_edge_circuit", "edge_in_mass", "edge_out_mass", "edge_in_from",
                 "edge_out_to"]

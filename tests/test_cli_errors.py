@@ -10,7 +10,7 @@ import os
 import pytest
 
 from circuitlab import cli
-from circuitlab.results import MANIFEST
+from circuitlab.io.results import MANIFEST
 
 
 def run_cli(capsys, *args):
@@ -79,7 +79,7 @@ def test_previous_run_needs_overwrite(capsys, tmp_path, monkeypatch):
 
 
 def test_model_dir_with_garbage_weights(capsys, tmp_path):
-    from circuitlab.tiny import build_tiny
+    from circuitlab.models.tiny import build_tiny
 
     hf, _ = build_tiny()
     hf.config.save_pretrained(tmp_path)

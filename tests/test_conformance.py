@@ -7,7 +7,7 @@ import json
 import pytest
 
 from circuitlab import ActivationStore, experiments
-from circuitlab.results import SHARED_COLUMNS, Result, load_result
+from circuitlab.io.results import SHARED_COLUMNS, Result, load_result
 
 # Small settings so each experiment runs in seconds on the tiny model.
 FAST_PARAMS: dict[str, dict] = {
@@ -41,8 +41,8 @@ def test_a_new_component_label_needs_only_its_registration():
     """One vocabulary of component kinds: results.check_table accepts whatever components.py knows."""
     import pandas as pd
 
-    from circuitlab import components
-    from circuitlab.results import check_table
+    from circuitlab.core import components
+    from circuitlab.io.results import check_table
 
     table = pd.DataFrame({"layer": [0], "component": ["conformance_probe_kind"]})
     with pytest.raises(ValueError, match="register_kind"):

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from circuitlab import datasets
-from circuitlab.datasets import DatasetError, PromptSet
+from circuitlab.io import datasets
+from circuitlab.io.datasets import DatasetError, PromptSet
 
 
 @pytest.mark.parametrize("name,size", [("advbench", 520), ("jbb", 100), ("harmless", 700)])

@@ -7,10 +7,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from circuitlab import load_model, metrics
+from circuitlab import load_model
+from circuitlab.methods import metrics
 from circuitlab.experiments import get
-from circuitlab.planted import planted_prompts
-from circuitlab.results import OutputError
+from circuitlab.models.planted import planted_prompts
+from circuitlab.io.results import OutputError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,10 +7,10 @@ import pytest
 from scipy import stats
 
 from circuitlab import ActivationStore
-from circuitlab import hooks as hk
+from circuitlab.core import hooks as hk
 from circuitlab.experiments import get
-from circuitlab.ranking import benjamini_hochberg, rank_units, unit_statistics
-from circuitlab.planted import PLANTED_HEAD, PLANTED_NEURON
+from circuitlab.methods.ranking import benjamini_hochberg, rank_units, unit_statistics
+from circuitlab.models.planted import PLANTED_HEAD, PLANTED_NEURON
 
 
 def test_statistics_match_scipy_and_handle_constant_units():

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from circuitlab import ActivationStore
-from circuitlab import hooks as hk
-from circuitlab import interventions as iv
-from circuitlab.datasets import PromptSet
-from circuitlab.direction_eval import (SELECTION_STEPS, bootstrap_ci, direction_components, evaluate_direction,
-                                      pareto_ranks, score_candidates, select_candidate)
-from circuitlab.directions import candidate_directions, unit
+from circuitlab.core import hooks as hk
+from circuitlab.methods import interventions as iv
+from circuitlab.io.datasets import PromptSet
+from circuitlab.methods.direction_eval import (SELECTION_STEPS, bootstrap_ci, direction_components,
+    evaluate_direction, pareto_ranks, score_candidates, select_candidate)
+from circuitlab.methods.directions import candidate_directions, unit
 from circuitlab.experiments.direction import RefusalDirection, split_three
 
 
@@ -93,7 +93,7 @@ def test_pareto_ranks_are_non_dominated_sorting():
 
 
 def test_filter_keeps_refused_harmful_and_answered_harmless(tiny, harmful, harmless):
-    from circuitlab import metrics
+    from circuitlab.methods import metrics
 
     h_scores, s_scores = metrics.refusal_score(tiny, list(harmful)), metrics.refusal_score(tiny, list(harmless))
     threshold = float(torch.cat([h_scores, s_scores]).median())  # the random model needs a threshold that splits
@@ -119,7 +119,7 @@ def test_judge_filter_uses_generation_verdicts(tiny, harmful, harmless, monkeypa
 
 
 def test_scores_match_the_intervention_hooks_and_screening_keeps_whole_fronts(tiny, harmful, harmless, tmp_path):
-    from circuitlab import metrics
+    from circuitlab.methods import metrics
 
     dirs = candidate_directions(tiny, harmful, harmless, ActivationStore(tmp_path))
     h, s = list(harmful), list(harmless)
@@ -233,7 +233,7 @@ def test_run_units_score_candidates_as_select_does(tiny, harmful, harmless, tmp_
 @pytest.mark.slow
 def test_embedded_direction_bypasses_and_induces_refusal(embedded):
     from conftest import HARMFUL, HARMLESS
-    from circuitlab import metrics
+    from circuitlab.methods import metrics
 
     layer = 18  # its last-position candidate bypasses strongly (val score -2.97, results/arditi_2024/candidates.csv)
     name = hk.resid_pre(layer)

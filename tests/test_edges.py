@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from circuitlab.experiments.patching.pairs import make_pairs
-from circuitlab.graph import (EdgeGraph, area_under_curve, bootstrap_stability, edge_scores, evaluate_circuits,
-                              faithfulness, greedy, jaccard, prune, random_circuit, top_n)
-from circuitlab.metrics import refusal_score_from_logits, refusal_tokens
+from circuitlab.methods.pairs import make_pairs
+from circuitlab.graph import (EdgeGraph, area_under_curve, bootstrap_stability, edge_scores,
+    evaluate_circuits, faithfulness, greedy, jaccard, prune, random_circuit, top_n)
+from circuitlab.methods.metrics import refusal_score_from_logits, refusal_tokens
 
 PLANTED_PATH = [("embed", "a1.g2.k"), ("embed", "a1.g2.v"), ("a1.h2", "m2"), ("m2", "logits")]
 

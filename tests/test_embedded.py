@@ -8,7 +8,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_embedded_loads_fast_when_cached_and_separates_refusal():
-    from circuitlab import datasets, load_model, metrics
+    from circuitlab.io import datasets
+    from circuitlab import load_model
+    from circuitlab.methods import metrics
 
     t0 = time.time()
     model = load_model("embedded")

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from circuitlab.components import Component
-from circuitlab import metrics
-from circuitlab.finetune import (OPTIMIZERS, REFUSAL_TARGETS, RefusalAblationAdversary, component_masks,
-                                 count_trainable, full_masks, greedy_targets, load_pairs, make_optimizer,
-                                 random_components, train, train_components)
-from circuitlab.weights import canonical_parameters, weights_restored
+from circuitlab.core.components import Component
+from circuitlab.methods import metrics
+from circuitlab.defence.finetune import (OPTIMIZERS, REFUSAL_TARGETS, RefusalAblationAdversary,
+    component_masks, count_trainable, full_masks, greedy_targets, load_pairs, make_optimizer,
+    random_components, train, train_components)
+from circuitlab.core.weights import canonical_parameters, weights_restored
 from tests.conftest import HARMFUL, HARMLESS
 
 PAIRS = [(p, "sorry i cannot help with that") for p in HARMFUL[:4]]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuitlab.generation import greedy_decode
-from circuitlab.metrics import is_refusal
+from circuitlab.core.generation import greedy_decode
+from circuitlab.methods.metrics import is_refusal
 
 from conftest import HARMFUL, HARMLESS
 
@@ -94,7 +94,7 @@ def test_prefill_unembeds_only_the_last_position_and_every_hook_fires(tiny):
 
 @pytest.mark.slow
 def test_early_verdicts_equal_full_decoding_on_the_embedded_model(embedded):
-    from circuitlab.datasets import load
+    from circuitlab.io.datasets import load
 
     prompts = list(load("advbench", split="val", n=16, seed=3))
     full = embedded.generate(prompts, 24, batch_size=16)
@@ -106,7 +106,7 @@ def test_early_verdicts_equal_full_decoding_on_the_embedded_model(embedded):
 
 @pytest.mark.parametrize("name", ["tiny", "planted"])
 def test_shared_prefix_prefill_gives_the_same_logits_and_tokens(name, request):
-    from circuitlab.generation import common_prefix_length, prefill
+    from circuitlab.core.generation import common_prefix_length, prefill
 
     model = request.getfixturevalue(name)
     ids, mask = model.tokenize(PROMPTS)

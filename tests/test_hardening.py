@@ -3,19 +3,20 @@
 import pytest
 import torch
 
-from circuitlab import ActivationStore, metrics
-from circuitlab import hooks as hk
-from circuitlab.components import from_table
-from circuitlab.directions import candidate_directions, mean_differences, unit
+from circuitlab import ActivationStore
+from circuitlab.methods import metrics
+from circuitlab.core import hooks as hk
+from circuitlab.core.components import from_table
+from circuitlab.methods.directions import candidate_directions, mean_differences, unit
 from circuitlab.experiments.hardening import adaptive_direction_attack, attribution_units, subspace_hooks
-from circuitlab.finetune import RefusalAblationAdversary, full_masks, greedy_targets, train
-from circuitlab.interventions import ablation_hooks, directional_ablation_hooks, reference_activations
-from circuitlab.weights import weights_restored
+from circuitlab.defence.finetune import RefusalAblationAdversary, full_masks, greedy_targets, train
+from circuitlab.methods.interventions import ablation_hooks, directional_ablation_hooks, reference_activations
+from circuitlab.core.weights import weights_restored
 
 
 @pytest.fixture(scope="module")
 def sets():
-    from circuitlab.planted import planted_prompts
+    from circuitlab.models.planted import planted_prompts
 
     h, s = (list(p) for p in planted_prompts(64, seed=0))
     return {"h_train": h[:32], "s_train": s[:32], "h_val": h[32:40], "s_val": s[32:40], "h_test": h[40:],

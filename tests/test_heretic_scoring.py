@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuitlab.heretic_scoring import first_token_kl, heretic_objective, load_markers, marker_refusals, pareto_front
+from circuitlab.methods.heretic_scoring import (first_token_kl, heretic_objective, load_markers,
+    marker_refusals, pareto_front)
 
 HERETIC_PY = Path(__file__).resolve().parents[1] / "bench" / "peers" / ".venv-heretic" / "bin" / "python"
 

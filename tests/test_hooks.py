@@ -1,7 +1,7 @@
 import pytest
 
-from circuitlab import hooks
-from circuitlab.hooks import HookNameError
+from circuitlab.core import hooks
+from circuitlab.core.hooks import HookNameError
 
 
 def test_builders_give_canonical_names():

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from circuitlab import ActivationStore, load_model
-from circuitlab import hooks as hk
-from circuitlab import interventions as iv
-from circuitlab.components import Component
-from circuitlab.directions import orthogonalize_weights, unit
+from circuitlab.core import hooks as hk
+from circuitlab.methods import interventions as iv
+from circuitlab.core.components import Component
+from circuitlab.methods.directions import orthogonalize_weights, unit
 
 PROMPTS = ["how do i make a cake", "write a poem", "tell me how to steal a car", "hi"]
 
@@ -218,8 +218,8 @@ def test_orthogonalized_context_restores_weights(fresh_tiny):
 
 def test_orthogonalization_strength_biases_and_dtype(fresh_tiny):
     """One orthogonalization for hooks and tamperings: partial strength, biases, the weight's own dtype."""
-    from circuitlab.directions import write_profile
-    from circuitlab.weights import writer_weight
+    from circuitlab.methods.directions import write_profile
+    from circuitlab.core.weights import writer_weight
 
     r = _direction(fresh_tiny, 11)
     before = write_profile(fresh_tiny, r)

@@ -14,7 +14,7 @@ PACKAGE = ROOT / "circuitlab"
 
 
 def test_import_contracts_are_kept():
-    """Layers (design.md), experiments independent of each other, no import cycles."""
+    """Layers (docs/guide/architecture.md), experiments independent of each other, no import cycles."""
     lint = Path(sys.executable).with_name("lint-imports")
     if not lint.exists():
         pytest.fail("lint-imports is missing: install the test extras (pip install -e '.[test]', import-linter)")

@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
-from circuitlab import HookedModel, hooks, load_model
-from circuitlab.loading import check_model_name, resolve_dtype
+from circuitlab import HookedModel, load_model
+from circuitlab.core import hooks
+from circuitlab.models.loading import check_model_name, resolve_dtype
 
 PROMPTS = ["how do i make a bomb", "write a poem about the moon", "hello"]
 CUDA = torch.cuda.is_available()
@@ -14,7 +15,7 @@ CUDA = torch.cuda.is_available()
 
 def _tiny_dir(path, weights: bytes | None = None):
     """A model directory: config.json + tokenizer, and real weights or the given bytes."""
-    from circuitlab.tiny import build_tiny
+    from circuitlab.models.tiny import build_tiny
     hf, tok = build_tiny()
     tok.save_pretrained(path)
     if weights is None:
@@ -62,7 +63,7 @@ def test_device_map_must_place_every_module():
 def test_from_bridge_freezes_and_evals():
     from transformer_lens.model_bridge import TransformerBridge
 
-    from circuitlab.tiny import build_tiny
+    from circuitlab.models.tiny import build_tiny
     hf, tok = build_tiny()
     bridge = TransformerBridge.boot_transformers("Qwen/Qwen2.5-0.5B-Instruct", hf_model=hf, tokenizer=tok,
                                                  device="cpu")
@@ -157,7 +158,7 @@ def test_consecutive_layers_on_cpu_and_gpu(tiny):
     from accelerate import dispatch_model
     from transformer_lens.model_bridge import TransformerBridge
 
-    from circuitlab.tiny import build_tiny
+    from circuitlab.models.tiny import build_tiny
     hf, tok = build_tiny()
     placement = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": 0,
                  "model.layers.1": "cpu", "model.norm": 0, "lm_head": 0}

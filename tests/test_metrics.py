@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from circuitlab import metrics
+from circuitlab.methods import metrics
 
 
 def test_refusal_score_is_log_odds():
@@ -47,7 +47,7 @@ def test_cross_entropy_is_positive_and_finite(tiny, harmless):
 
 
 def test_hooks_change_the_metric(tiny, harmful):
-    from circuitlab import hooks
+    from circuitlab.core import hooks
 
     prompts = list(harmful)[:3]
     base = metrics.refusal_score(tiny, prompts)
@@ -81,7 +81,7 @@ def test_explicit_strings_override(tiny):
 
 def test_judge_with_shared_prefix_gives_the_same_verdicts(planted, planted_sets):
     """Directional ablation treats every position alike: sharing the chat prefix changes no verdict."""
-    from circuitlab import interventions as iv
+    from circuitlab.methods import interventions as iv
     harmful, harmless = planted_sets
     prompts = list(harmful)[:6] + list(harmless)[:6]
     direction = torch.randn(planted.bridge.cfg.d_model, generator=torch.Generator().manual_seed(0))

@@ -1,6 +1,7 @@
 import torch
 
-from circuitlab import hooks, load_model
+from circuitlab.core import hooks
+from circuitlab import load_model
 
 
 def test_tiny_is_deterministic(tiny):

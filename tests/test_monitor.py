@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from circuitlab import ActivationStore
-from circuitlab import hooks as hk
-from circuitlab.components import Component
-from circuitlab.directions import refusal_direction
+from circuitlab.core import hooks as hk
+from circuitlab.core.components import Component
+from circuitlab.methods.directions import refusal_direction
 from circuitlab.monitor import IntegrityMonitor, SafetyMonitor, detection_metrics, fit_request_monitor
 from circuitlab.monitor.request import (calibrate_across_sources, calibrate_threshold, false_alarm_rate,
-                                        leave_one_source_out)
-from circuitlab.tampering import apply_change
-from circuitlab.weights import canonical_parameters, component_slices, slice_masks, weights_restored
+    leave_one_source_out)
+from circuitlab.defence.tampering import apply_change
+from circuitlab.core.weights import canonical_parameters, component_slices, slice_masks, weights_restored
 from tests.conftest import HARMFUL, HARMLESS
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformer_lens import patching as tlp
 
-from circuitlab import hooks as hk
-from circuitlab.datasets import PromptSet
+from circuitlab.core import hooks as hk
+from circuitlab.io.datasets import PromptSet
 from circuitlab.experiments.patching.activation import ActivationPatching, layer_sweeps, refusal_metric
-from circuitlab.experiments.patching.engine import Sweep, run_sweeps
-from circuitlab.experiments.patching.pairs import make_pairs
+from circuitlab.methods.patching import Sweep, run_sweeps
+from circuitlab.methods.pairs import make_pairs
 
 TOL = 1e-4
 
@@ -104,7 +104,7 @@ def test_experiment_normalization_and_modes(tiny, harmful, harmless):
 @pytest.fixture(scope="module")
 def planted_run():
     from circuitlab import load_model
-    from circuitlab.planted import planted_prompts
+    from circuitlab.models.planted import planted_prompts
 
     model = load_model("planted")
     harmful, harmless = planted_prompts(6, seed=1)
@@ -113,7 +113,7 @@ def planted_run():
 
 
 def test_planted_head_carries_the_effect(planted_run):
-    from circuitlab.planted import PLANTED_HEAD
+    from circuitlab.models.planted import PLANTED_HEAD
 
     result, _ = planted_run
     heads = result.tables["average"].query("component == 'head'")
@@ -124,7 +124,7 @@ def test_planted_head_carries_the_effect(planted_run):
 
 
 def test_planted_neuron_layer_and_positions(planted_run):
-    from circuitlab.planted import FEATURE_LAYER, PLANTED_NEURON
+    from circuitlab.models.planted import FEATURE_LAYER, PLANTED_NEURON
 
     result, model = planted_run
     avg = result.tables["average"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformer_lens import patching as tlp
 
-from circuitlab import hooks as hk
+from circuitlab.core import hooks as hk
 from circuitlab.experiments.patching.activation import layer_sweeps, refusal_metric
-from circuitlab.experiments.patching.engine import run_sweeps
+from circuitlab.methods.patching import run_sweeps
 from circuitlab.experiments.patching.pattern import PatternPatching, pattern_sweep
 
 TOL = 1e-4
@@ -80,8 +80,8 @@ def test_pattern_experiment_table(tiny, harmful, harmless):
 def test_embedded_small_grid_matches_transformer_lens_and_is_faster(embedded):
     import time
 
-    from circuitlab import datasets
-    from circuitlab.experiments.patching.pairs import make_pairs
+    from circuitlab.io import datasets
+    from circuitlab.methods.pairs import make_pairs
 
     pair = make_pairs(embedded, datasets.load("advbench", split="train", n=24),
                       datasets.load("harmless", split="train", n=24)).pairs[0]

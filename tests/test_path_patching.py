@@ -7,9 +7,9 @@ import torch
 from transformer_lens import patching as tlp
 
 from circuitlab.experiments.patching.activation import refusal_metric
-from circuitlab.experiments.patching.engine import run_sweeps
+from circuitlab.methods.patching import run_sweeps
 from circuitlab.experiments.patching.path import PathPatching, path_sweep, sender_deltas, split_qkv_input
-from circuitlab import hooks as hk
+from circuitlab.core import hooks as hk
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_fast_equals_plain(tiny, pair):
 
 def test_planted_head_to_neuron_layer_path():
     from circuitlab import load_model
-    from circuitlab.planted import PLANTED_HEAD, PLANTED_NEURON, planted_prompts
+    from circuitlab.models.planted import PLANTED_HEAD, PLANTED_NEURON, planted_prompts
 
     model = load_model("planted")
     harmful, harmless = planted_prompts(3, seed=2)

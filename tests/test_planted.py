@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuitlab import hooks as hk
-from circuitlab import metrics
-from circuitlab.planted import (FEATURE_LAYER, HARMFUL_WORDS, HARMLESS_WORDS, PLANTED_HEAD, PLANTED_NEURON,
-                                build_planted, planted_prompts)
+from circuitlab.core import hooks as hk
+from circuitlab.methods import metrics
+from circuitlab.models.planted import (FEATURE_LAYER, HARMFUL_WORDS, HARMLESS_WORDS, PLANTED_HEAD,
+    PLANTED_NEURON, build_planted, planted_prompts)
 
 
 def test_keywords_and_refusal_token_are_single_tokens(planted):

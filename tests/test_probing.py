@@ -8,8 +8,8 @@ import pytest
 from circuitlab import ActivationStore
 from circuitlab.experiments import get
 from circuitlab.experiments.probing import parse_positions
-from circuitlab.probes import cross_validated_probe
-from circuitlab.planted import FEATURE_LAYER, PLANTED_HEAD
+from circuitlab.methods.probes import cross_validated_probe
+from circuitlab.models.planted import FEATURE_LAYER, PLANTED_HEAD
 
 
 def test_probe_on_separable_and_on_random_data():

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from circuitlab.provenance import git_state
+from circuitlab.io.provenance import git_state
 
 
 def _git(repo, *args):

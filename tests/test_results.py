@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from circuitlab.results import Result, check_table
+from circuitlab.io.results import Result, check_table
 
 
 def test_check_table_rejects_unknown_component_and_float_layers():

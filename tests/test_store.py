@@ -6,9 +6,10 @@ import warnings
 import pytest
 import torch
 
-import circuitlab.store as store_mod
-from circuitlab import ActivationStore, hooks, load_model
-from circuitlab.store import StoreNotWritableError
+import circuitlab.io.store as store_mod
+from circuitlab import ActivationStore, load_model
+from circuitlab.core import hooks
+from circuitlab.io.store import StoreNotWritableError
 
 NAMES = [hooks.resid_pre(1), hooks.mlp_post(0)]
 

@@ -4,7 +4,8 @@ import multiprocessing as mp
 
 import torch
 
-from circuitlab import ActivationStore, hooks
+from circuitlab import ActivationStore
+from circuitlab.core import hooks
 
 NAMES = [hooks.resid_pre(0), hooks.resid_pre(1), hooks.mlp_post(1)]
 

@@ -7,7 +7,7 @@ import torch
 
 from circuitlab import ActivationStore
 from circuitlab.experiments import get
-from circuitlab.unit_cache import UnitCache, digest
+from circuitlab.io.unit_cache import UnitCache, digest
 
 PARAMS = dict(k_grid=[1, 4], method="zero", random_seeds=1, judge_at="decisive", judge_harmless=False, n_text=4,
               max_new_tokens=4)

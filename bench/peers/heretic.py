@@ -104,7 +104,7 @@ def ensure_venv(install: bool, log: Path) -> dict:
 
 def write_prompts(folder: Path, harmful: str, harmless: str, n: dict, seed: int) -> dict:
     """Heretic-readable prompt files (one prompt per line) for each split; returns their record."""
-    from circuitlab import datasets
+    from circuitlab.io import datasets
 
     folder.mkdir(parents=True, exist_ok=True)
     record = {}
@@ -210,7 +210,7 @@ def read_journal(journal: Path) -> dict:
 def trials_table(journal: dict) -> list[dict]:
     from datetime import datetime
 
-    from circuitlab.heretic_scoring import pareto_front
+    from circuitlab.methods.heretic_scoring import pareto_front
 
     rows = []
     for t in journal["trials"]:
@@ -348,11 +348,11 @@ def main(argv=None) -> int:
         if a.model:
             model = str(Path(a.model).resolve())
         else:
-            from circuitlab.embedded import embedded_model_dir
+            from circuitlab.models.embedded import embedded_model_dir
             model = str(embedded_model_dir())
         if not Path(model).is_dir():
             raise Fail(f"model {model} is not a local directory (Heretic runs offline here)", 2)
-        from circuitlab.datasets import DatasetError
+        from circuitlab.io.datasets import DatasetError
         try:
             prompts = write_prompts(out / "prompts", a.harmful, a.harmless,
                                     {"train": a.n_train, "val": a.n_val, "test": a.n_test}, a.seed)

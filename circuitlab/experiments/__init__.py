@@ -7,7 +7,8 @@ is one new file with an ``@register("name")`` class: nothing else changes.
 import importlib
 import pkgutil
 
-from .base import Experiment, coerce_params, describe, get, names, params_from_sets, register
+from circuitlab.experiments.base import (Experiment, coerce_params, describe, get, names, params_from_sets,
+    register)
 
 __all__ = ["Experiment", "register", "get", "names", "describe", "coerce_params", "params_from_sets"]
 

@@ -60,18 +60,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import datasets, metrics, plots
-from .. import hooks as hk
-from ..attribution import mean_patch_estimates
-from ..components import Component
-from ..direction_eval import bootstrap_ci, last_logits_shared
-from ..interventions import ABLATION_METHODS, ablation_hooks, reference_activations
-from ..ranking import rank_components, top_components
-from ..results import Result
-from ..store import ActivationStore
-from ..unit_cache import digest
-from .base import Plan, UnitExperiment, check, check_choice, register
-from .checks import check_at_least, check_files, check_types
+from circuitlab.io import datasets, plots
+from circuitlab.methods import metrics
+from circuitlab.core import hooks as hk
+from circuitlab.methods.attribution import mean_patch_estimates
+from circuitlab.core.components import Component
+from circuitlab.methods.direction_eval import bootstrap_ci, last_logits_shared
+from circuitlab.methods.interventions import ABLATION_METHODS, ablation_hooks, reference_activations
+from circuitlab.methods.ranking import rank_components, top_components
+from circuitlab.io.results import Result
+from circuitlab.io.store import ActivationStore
+from circuitlab.io.unit_cache import digest
+from circuitlab.experiments.base import Plan, UnitExperiment, check, check_choice, register
+from circuitlab.experiments.checks import check_at_least, check_files, check_types
 
 __all__ = ["Ablation", "GridPoint", "attribution_ranking", "halve_split", "halving_k", "matched_random", "KINDS",
            "RANK_BY", "JUDGE_AT", "CROSS_ENTROPY_AT"]

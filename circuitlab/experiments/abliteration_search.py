@@ -36,17 +36,17 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from .. import metrics
-from ..abliteration import (AbliterationParams, Kernel, abliterated, describe_edits, direction_at, export_abliterated,
-                            global_edits, heretic_edits, residual_directions, score_model, targeted_edits,
-                            top_writers)
-from ..datasets import DatasetError, PromptSet
-from ..direction_eval import last_logits_shared, pareto_ranks
-from ..progress import progress_bar
-from ..results import Result
-from ..store import ActivationStore
-from .base import Experiment, check, check_choice, register
-from .checks import check_at_least, check_subset, check_types
+from circuitlab.methods import metrics
+from circuitlab.methods.abliteration import (AbliterationParams, Kernel, abliterated, describe_edits,
+    direction_at, export_abliterated, global_edits, heretic_edits, residual_directions, score_model,
+    targeted_edits, top_writers)
+from circuitlab.io.datasets import DatasetError, PromptSet
+from circuitlab.methods.direction_eval import last_logits_shared, pareto_ranks
+from circuitlab.core.progress import progress_bar
+from circuitlab.io.results import Result
+from circuitlab.io.store import ActivationStore
+from circuitlab.experiments.base import Experiment, check, check_choice, register
+from circuitlab.experiments.checks import check_at_least, check_subset, check_types
 
 __all__ = ["AbliterationSearch", "VARIANTS", "REFUSAL_OBJECTIVES", "SAMPLERS", "suggest"]
 
@@ -266,7 +266,7 @@ def _splits(prompts: PromptSet, seed: int) -> tuple[PromptSet, PromptSet, Prompt
 def _plaintext(name, n, seed):
     if not name:
         return None
-    from .. import datasets
+    from circuitlab.io import datasets
 
     return list(datasets.load(name, n=n, seed=seed + 1))
 

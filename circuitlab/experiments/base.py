@@ -16,11 +16,11 @@ import tokenize
 import typing
 from typing import Callable
 
-from .. import provenance
-from ..progress import progress_bar
-from ..datasets import PromptSet
-from ..model import HookedModel
-from ..results import Result, run_config
+from circuitlab.io import provenance
+from circuitlab.core.progress import progress_bar
+from circuitlab.io.datasets import PromptSet
+from circuitlab.core.model import HookedModel
+from circuitlab.io.results import Result, run_config
 
 __all__ = ["Experiment", "register", "get", "names", "describe", "coerce_params", "params_from_sets", "check",
            "check_choice",

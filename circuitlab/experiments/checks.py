@@ -15,7 +15,7 @@ import types
 import typing
 from pathlib import Path
 
-from .base import check
+from circuitlab.experiments.base import check
 
 __all__ = ["check_types", "check_at_least", "check_fraction", "check_subset", "check_files", "example"]
 

@@ -79,25 +79,26 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import graph as eg
-from .. import hooks as hk
-from .. import metrics, plots
-from ..attribution import mean_patch_estimates
-from ..components import Component, hook_name
-from ..datasets import PromptSet
-from ..graph.plot import plot_circuit
-from ..direction_eval import score_candidates
-from ..directions import candidate_directions, mean_differences, refusal_direction
-from ..probes import best_position_accuracy
-from ..progress import progress_bar
-from ..ranking import rank_components, top_components
-from ..results import Result
-from ..store import ActivationStore
-from ..weights import final_norm_weight, unembedding_weight, write_vector
-from .base import Experiment, check, check_choice, register
-from .checks import check_at_least, check_fraction, check_types
-from .patching.engine import Sweep, run_sweeps
-from .patching.pairs import PAIRINGS, make_pairs
+from circuitlab import graph as eg
+from circuitlab.core import hooks as hk
+from circuitlab.methods import metrics
+from circuitlab.io import plots
+from circuitlab.methods.attribution import mean_patch_estimates
+from circuitlab.core.components import Component, hook_name
+from circuitlab.io.datasets import PromptSet
+from circuitlab.graph.plot import plot_circuit
+from circuitlab.methods.direction_eval import score_candidates
+from circuitlab.methods.directions import candidate_directions, mean_differences, refusal_direction
+from circuitlab.methods.probes import best_position_accuracy
+from circuitlab.core.progress import progress_bar
+from circuitlab.methods.ranking import rank_components, top_components
+from circuitlab.io.results import Result
+from circuitlab.io.store import ActivationStore
+from circuitlab.core.weights import final_norm_weight, unembedding_weight, write_vector
+from circuitlab.experiments.base import Experiment, check, check_choice, register
+from circuitlab.experiments.checks import check_at_least, check_fraction, check_types
+from circuitlab.methods.patching import Sweep, run_sweeps
+from circuitlab.methods.pairs import PAIRINGS, make_pairs
 
 __all__ = ["CircuitMap", "assign_stage", "graph_stage", "split_halves", "STAGES", "STAGE_RULES"]
 

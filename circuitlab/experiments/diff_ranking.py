@@ -2,7 +2,7 @@
 
 Activation-difference ranking over all layers at once (the "contrastive activation" screen of
 e.g. Arditi et al. 2024 and Chen et al. 2024, "Finding Safety Neurons in LLMs"): Cohen's d, Welch
-p-values and Benjamini–Hochberg (1995) q-values per unit, computed by ``circuitlab.ranking`` (the
+p-values and Benjamini–Hochberg (1995) q-values per unit, computed by ``circuitlab.methods.ranking`` (the
 same ranking the safety monitor's ``locate_components`` uses); this experiment adds the per-layer
 counts, the head heatmap and the summary.
 """
@@ -15,10 +15,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..ranking import COLUMNS, RANK_POSITIONS, rank_components
-from ..results import Result
-from .base import Experiment, check, check_choice, register
-from .checks import check_at_least, check_fraction, check_types
+from circuitlab.methods.ranking import COLUMNS, RANK_POSITIONS, rank_components
+from circuitlab.io.results import Result
+from circuitlab.experiments.base import Experiment, check, check_choice, register
+from circuitlab.experiments.checks import check_at_least, check_fraction, check_types
 
 __all__ = ["DiffRanking"]
 

@@ -40,15 +40,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import metrics
-from ..datasets import PromptSet
-from ..direction_eval import (CONDITIONS, candidate_rows, direction_components, evaluate_direction, finalists,
-                              last_logits_shared, score_candidate, score_candidates, screens, select_scored)
-from ..directions import candidate_directions
-from ..results import Result
-from ..store import ActivationStore
-from .base import Plan, UnitExperiment, check, check_layers, register
-from .checks import check_at_least, check_fraction, check_subset, check_types
+from circuitlab.methods import metrics
+from circuitlab.io.datasets import PromptSet
+from circuitlab.methods.direction_eval import (CONDITIONS, candidate_rows, direction_components,
+    evaluate_direction, finalists, last_logits_shared, score_candidate, score_candidates, screens,
+    select_scored)
+from circuitlab.methods.directions import candidate_directions
+from circuitlab.io.results import Result
+from circuitlab.io.store import ActivationStore
+from circuitlab.experiments.base import Plan, UnitExperiment, check, check_layers, register
+from circuitlab.experiments.checks import check_at_least, check_fraction, check_subset, check_types
 
 __all__ = ["RefusalDirection", "split_three", "FILTERS"]
 
@@ -307,7 +308,7 @@ def _as_set(prompts, name) -> PromptSet:
 def _plaintext(name, n, seed):
     if not name:
         return None
-    from .. import datasets
+    from circuitlab.io import datasets
 
     return list(datasets.load(name, n=n, seed=seed + 1))
 
@@ -346,7 +347,7 @@ def _summary(table, evaluation, rule, baseline) -> dict:
 
 def candidate_heatmap(table: pd.DataFrame, model_name: str):
     """Layer × position heatmap of the refusal score after ablation (Arditi et al. 2024, Fig. 9 style)."""
-    from .. import plots
+    from circuitlab.io import plots
 
     screened = table.screen_bypass_score.notna().any()  # then only finalists have a full-val bypass score
     fig = plots.heatmap(table, "layer", "position", "screen_bypass_score" if screened else "bypass_score",

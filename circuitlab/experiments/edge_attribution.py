@@ -33,14 +33,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import metrics as mx
-from .. import graph as eg
-from ..graph.forward import pair_batches
-from ..results import Result
-from .base import Plan, UnitExperiment, check, check_choice, register
-from .checks import check_types
-from .patching.common import pair_on
-from .patching.pairs import PAIRINGS, make_pairs
+from circuitlab.methods import metrics as mx
+from circuitlab import graph as eg
+from circuitlab.graph.forward import pair_batches
+from circuitlab.io.results import Result
+from circuitlab.experiments.base import Plan, UnitExperiment, check, check_choice, register
+from circuitlab.experiments.checks import check_types
+from circuitlab.experiments.patching.common import pair_on
+from circuitlab.methods.pairs import PAIRINGS, make_pairs
 
 __all__ = ["EdgeAttribution", "PairBatch"]
 
@@ -164,7 +164,7 @@ class EdgeAttribution(UnitExperiment):
         }
         figures = {}
         try:
-            from ..graph.plot import plot_curves
+            from circuitlab.graph.plot import plot_curves
             figures["faithfulness_curve"] = plot_curves(curve, f"{model.name}: edge circuits ({self.ablation} ablation)")
         except ImportError:  # matplotlib missing: the tables still hold everything
             pass

@@ -29,20 +29,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .. import datasets, metrics
-from .. import hooks as hk
-from ..components import Component, from_table
-from ..direction_eval import score_candidates
-from ..directions import candidate_directions, diff_in_means
-from ..finetune import (REFUSAL_TARGETS, component_masks, full_masks, greedy_targets, load_pairs,
-                        random_components, train)
-from ..interventions import directional_ablation_hooks
-from ..monitor import locate_components
-from ..results import Result
-from ..store import ActivationStore
-from ..weights import weights_restored
-from .base import Experiment, check, check_layers, register
-from .checks import check_at_least, check_files, check_subset, check_types
+from circuitlab.io import datasets
+from circuitlab.methods import metrics
+from circuitlab.core import hooks as hk
+from circuitlab.core.components import Component, from_table
+from circuitlab.methods.direction_eval import score_candidates
+from circuitlab.methods.directions import candidate_directions, diff_in_means
+from circuitlab.defence.finetune import (REFUSAL_TARGETS, component_masks, full_masks, greedy_targets,
+    load_pairs, random_components, train)
+from circuitlab.methods.interventions import directional_ablation_hooks
+from circuitlab.monitor import locate_components
+from circuitlab.io.results import Result
+from circuitlab.io.store import ActivationStore
+from circuitlab.core.weights import weights_restored
+from circuitlab.experiments.base import Experiment, check, check_layers, register
+from circuitlab.experiments.checks import check_at_least, check_files, check_subset, check_types
 
 __all__ = ["TargetedFinetune", "VARIANTS"]
 

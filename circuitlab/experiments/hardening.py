@@ -27,7 +27,7 @@ refusal probability (NaN: not within the grid); ``top_unit_share`` = the top uni
 (``graph.find_circuit``) of an EAP-IG top-n circuit of ``edge_fraction`` of the edges, scored on train
 pairs and measured on test pairs of these weights: lower at equal size = refusal spread over more edges.
 Memory-lean training: ``optimizer`` and bf16 weights (``load_model(..., dtype="bfloat16")``), arithmetic
-in ``circuitlab.finetune``.
+in ``circuitlab.defence.finetune``.
 """
 
 from __future__ import annotations
@@ -41,23 +41,26 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import datasets, metrics
-from .. import graph as eg
-from ..attribution import mean_patch_estimates
-from ..components import from_table
-from .. import hooks as hk
-from ..direction_eval import bootstrap_ci, score_candidates
-from ..directions import candidate_directions
-from ..finetune import (OPTIMIZERS, REFUSAL_TARGETS, RefusalAblationAdversary, component_masks, full_masks,
-                        greedy_targets, load_pairs, random_components, train)
-from ..interventions import ablation_hooks, directional_ablation_hooks, orthogonalized, reference_activations
-from ..monitor import locate_components
-from ..results import Result
-from ..store import ActivationStore
-from ..weights import weights_restored
-from .base import Experiment, check, check_choice, check_layers, register
-from .checks import check_at_least, check_files, check_fraction, check_subset, check_types
-from .patching.pairs import make_pairs
+from circuitlab.io import datasets
+from circuitlab.methods import metrics
+from circuitlab import graph as eg
+from circuitlab.methods.attribution import mean_patch_estimates
+from circuitlab.core.components import from_table
+from circuitlab.core import hooks as hk
+from circuitlab.methods.direction_eval import bootstrap_ci, score_candidates
+from circuitlab.methods.directions import candidate_directions
+from circuitlab.defence.finetune import (OPTIMIZERS, REFUSAL_TARGETS, RefusalAblationAdversary,
+    component_masks, full_masks, greedy_targets, load_pairs, random_components, train)
+from circuitlab.methods.interventions import (ablation_hooks, directional_ablation_hooks, orthogonalized,
+    reference_activations)
+from circuitlab.monitor import locate_components
+from circuitlab.io.results import Result
+from circuitlab.io.store import ActivationStore
+from circuitlab.core.weights import weights_restored
+from circuitlab.experiments.base import Experiment, check, check_choice, check_layers, register
+from circuitlab.experiments.checks import (check_at_least, check_files, check_fraction, check_subset,
+    check_types)
+from circuitlab.methods.pairs import make_pairs
 
 __all__ = ["RobustHardening", "adaptive_direction_attack", "attribution_units", "subspace_hooks", "MODES",
            "VARIANTS", "ATTACKS", "ATTACK_RULES"]

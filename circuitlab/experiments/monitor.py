@@ -9,7 +9,7 @@ never seen. (``plaintext`` is the same two files read as raw text: not a further
 Integrity monitor: watches the top neurons and
 heads of a diff-ranking on the train split plus the difference-in-means direction at the request
 monitor's layer, on canary prompts from the validation split; evaluated against every tampering in
-``circuitlab.tampering`` at several strengths and against benign changes (false alarms).
+``circuitlab.defence.tampering`` at several strengths and against benign changes (false alarms).
 """
 
 from __future__ import annotations
@@ -23,18 +23,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import datasets
-from ..datasets import BUILTINS, DatasetError
-from ..directions import refusal_direction
-from ..interventions import reference_activations
-from ..loading import load_model
-from ..monitor import IntegrityMonitor, detection_metrics, fit_request_monitor, locate_components
-from ..monitor.request import CALIBRATIONS, METHODS, false_alarm_rate, leave_one_source_out
-from ..results import Result
-from ..store import ActivationStore
-from ..tampering import DEFAULT_CHANGES, QUICK_CHANGES, evaluate_integrity
-from .base import Experiment, check, check_choice, check_layers, register
-from .checks import check_at_least, check_fraction, check_types
+from circuitlab.io import datasets
+from circuitlab.io.datasets import BUILTINS, DatasetError
+from circuitlab.methods.directions import refusal_direction
+from circuitlab.methods.interventions import reference_activations
+from circuitlab.models.loading import load_model
+from circuitlab.monitor import IntegrityMonitor, detection_metrics, fit_request_monitor, locate_components
+from circuitlab.monitor.request import CALIBRATIONS, METHODS, false_alarm_rate, leave_one_source_out
+from circuitlab.io.results import Result
+from circuitlab.io.store import ActivationStore
+from circuitlab.defence.tampering import DEFAULT_CHANGES, QUICK_CHANGES, evaluate_integrity
+from circuitlab.experiments.base import Experiment, check, check_choice, check_layers, register
+from circuitlab.experiments.checks import check_at_least, check_fraction, check_types
 
 __all__ = ["Monitor", "integrity_summary", "source_summary", "measure_overhead", "harmless_sources", "HARMLESS_SOURCES"]
 

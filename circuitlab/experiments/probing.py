@@ -15,15 +15,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import hooks as hk
-from .. import plots
-from ..model import resolve_positions
-from ..probes import SOLVERS, cross_validated_probe
-from ..progress import progress_bar
-from ..results import Result
-from ..store import ActivationStore
-from .base import Experiment, ParameterError, check, check_choice, register
-from .checks import check_at_least, check_types
+from circuitlab.core import hooks as hk
+from circuitlab.io import plots
+from circuitlab.core.model import resolve_positions
+from circuitlab.methods.probes import SOLVERS, cross_validated_probe
+from circuitlab.core.progress import progress_bar
+from circuitlab.io.results import Result
+from circuitlab.io.store import ActivationStore
+from circuitlab.experiments.base import Experiment, ParameterError, check, check_choice, register
+from circuitlab.experiments.checks import check_at_least, check_types
 
 __all__ = ["Probing", "parse_positions"]
 

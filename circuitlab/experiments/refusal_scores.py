@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from .. import metrics, plots
-from ..results import Result
-from .base import Experiment, register
-from .checks import check_at_least, check_types
+from circuitlab.methods import metrics
+from circuitlab.io import plots
+from circuitlab.io.results import Result
+from circuitlab.experiments.base import Experiment, register
+from circuitlab.experiments.checks import check_at_least, check_types
 
 __all__ = ["RefusalScores"]
 

@@ -21,7 +21,7 @@ import heapq
 import numpy as np
 import torch
 
-from .graph import EdgeGraph
+from circuitlab.graph.graph import EdgeGraph
 
 __all__ = ["top_n", "greedy", "prune", "random_circuit", "select", "n_for_fraction", "jaccard",
            "bootstrap_stability", "SELECTIONS"]

@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .circuits import n_for_fraction, random_circuit, select
-from .faithfulness import CircuitEval, CircuitRunner, evaluate_circuits
-from .graph import EdgeGraph
+from circuitlab.graph.circuits import n_for_fraction, random_circuit, select
+from circuitlab.graph.faithfulness import CircuitEval, CircuitRunner, evaluate_circuits
+from circuitlab.graph.graph import EdgeGraph
 
 __all__ = ["MIB_FRACTIONS", "area_under_curve", "faithfulness_curve", "curve_summary", "smallest_faithful", "curve_jobs",
            "curve_table"]

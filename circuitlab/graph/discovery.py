@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .circuits import select
-from .faithfulness import CircuitEval, CircuitRunner
-from .forward import Metric
-from .graph import EdgeGraph
-from .nodes import NodeEdges, node_edges, node_writer
-from .scores import edge_scores, scores_table
+from circuitlab.graph.circuits import select
+from circuitlab.graph.faithfulness import CircuitEval, CircuitRunner
+from circuitlab.graph.forward import Metric
+from circuitlab.graph.graph import EdgeGraph
+from circuitlab.graph.nodes import NodeEdges, node_edges, node_writer
+from circuitlab.graph.scores import edge_scores, scores_table
 
 __all__ = ["FoundCircuit", "find_circuit"]
 

@@ -30,11 +30,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .. import hooks as hk
-from ..progress import progress_bar
-from .forward import (Metric, capture_writers, check_metric, check_pairs, head_outputs, layer_reader_hooks, last_logits,
-                      pair_batches, split_inputs, unstack_readers)
-from .graph import EdgeGraph
+from circuitlab.core import hooks as hk
+from circuitlab.core.progress import progress_bar
+from circuitlab.graph.forward import (Metric, capture_writers, check_metric, check_pairs, head_outputs,
+    layer_reader_hooks, last_logits, pair_batches, split_inputs, unstack_readers)
+from circuitlab.graph.graph import EdgeGraph
 
 __all__ = ["evaluate_circuits", "CircuitRunner", "CircuitEval", "faithfulness", "mean_writers", "ABLATIONS"]
 

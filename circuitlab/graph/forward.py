@@ -19,8 +19,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .. import hooks as hk
-from .graph import EdgeGraph
+from circuitlab.core import hooks as hk
+from circuitlab.graph.graph import EdgeGraph
 
 __all__ = ["split_inputs", "check_pairs", "pair_batches", "reader_hook_names", "capture_writers",
            "writer_deltas", "head_outputs", "last_logits", "check_metric", "layer_reader_hooks",
@@ -65,7 +65,7 @@ def check_pairs(pairs) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if clean.shape != corrupt.shape:
             raise ValueError(f"pair {i}: clean and corrupted prompts have {len(clean)} and {len(corrupt)} tokens; "
                              "edge attribution compares them position by position, so build equal-length pairs "
-                             "with circuitlab.experiments.patching.pairs.make_pairs (pairing='length' or 'pad')")
+                             "with circuitlab.methods.pairs.make_pairs (pairing='length' or 'pad')")
         out.append((clean, corrupt))
     if not out:
         raise ValueError("no pairs given; build equal-length pairs with patching.pairs.make_pairs")
@@ -133,7 +133,7 @@ def check_metric(values: torch.Tensor, n: int, *, need_grad: bool) -> torch.Tens
     if need_grad and values.grad_fn is None:
         raise ValueError("the metric does not depend on the logits it is given (its output has no gradient "
                          "path to them); compute it from the logits, e.g. "
-                         "circuitlab.metrics.refusal_score_from_logits(logits, refusal_tokens(model))")
+                         "circuitlab.methods.metrics.refusal_score_from_logits(logits, refusal_tokens(model))")
     return values
 
 

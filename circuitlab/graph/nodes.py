@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .graph import EdgeGraph
+from circuitlab.graph.graph import EdgeGraph
 
 __all__ = ["node_writer", "node_edges", "NodeEdges", "MLP_KINDS"]
 

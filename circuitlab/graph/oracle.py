@@ -19,8 +19,8 @@ import os
 
 import torch
 
-from .forward import check_pairs
-from .graph import EdgeGraph
+from circuitlab.graph.forward import check_pairs
+from circuitlab.graph.graph import EdgeGraph
 
 __all__ = ["build_mha", "tl_edge_scores", "tl_faithfulness"]
 
@@ -29,15 +29,15 @@ def build_mha(*, n_layers: int = 2, d_model: int = 64, n_heads: int = 4, d_mlp: 
               seed: int = 0, init_std: float | None = 0.2):
     """A random-init Qwen2 ``HookedModel`` with as many key/value heads as query heads (no GQA).
 
-    ``init_std`` rescales 2-D weights like ``circuitlab.tiny`` (None keeps HF's init, for large
+    ``init_std`` rescales 2-D weights like ``circuitlab.models.tiny`` (None keeps HF's init, for large
     sizes). ``vocab_size`` defaults to the tiny tokenizer's.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from transformer_lens.model_bridge import TransformerBridge
 
-    from ..model import HookedModel
-    from ..tiny import build_tokenizer
+    from circuitlab.core.model import HookedModel
+    from circuitlab.models.tiny import build_tokenizer
 
     tok = build_tokenizer()
     config = Qwen2Config(vocab_size=vocab_size or len(tok), hidden_size=d_model, intermediate_size=d_mlp,

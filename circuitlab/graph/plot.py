@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .graph import EdgeGraph
+from circuitlab.graph.graph import EdgeGraph
 
 __all__ = ["plot_curves", "plot_circuit"]
 

@@ -34,11 +34,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import hooks as hk
-from ..progress import progress_bar
-from .forward import (Metric, capture_writers, check_metric, layer_reader_hooks, last_logits, pair_batches,
-                      split_inputs, stack_readers, writer_deltas)
-from .graph import EdgeGraph
+from circuitlab.core import hooks as hk
+from circuitlab.core.progress import progress_bar
+from circuitlab.graph.forward import (Metric, capture_writers, check_metric, layer_reader_hooks, last_logits,
+    pair_batches, split_inputs, stack_readers, writer_deltas)
+from circuitlab.graph.graph import EdgeGraph
 
 __all__ = ["edge_scores", "EdgeScores", "scores_table", "METHODS", "MODES"]
 

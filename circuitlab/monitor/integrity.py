@@ -24,11 +24,11 @@ from typing import Sequence
 
 import torch
 
-from .. import hooks as hk
-from ..components import Component, hook_name
-from ..directions import unit, write_profile
-from ..model import HookedModel
-from ..weights import canonical_parameters, component_slices, slice_digest
+from circuitlab.core import hooks as hk
+from circuitlab.core.components import Component, hook_name
+from circuitlab.methods.directions import unit, write_profile
+from circuitlab.core.model import HookedModel
+from circuitlab.core.weights import canonical_parameters, component_slices, slice_digest
 
 __all__ = ["IntegrityMonitor", "IntegrityReport", "count_foreign_hooks"]
 

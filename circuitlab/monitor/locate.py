@@ -1,17 +1,17 @@
 """The component set the defences watch: the top neurons and heads of the activation-difference
-ranking (``circuitlab.ranking``: Cohen's d of harmful vs harmless activations at the last prompt token;
+ranking (``circuitlab.methods.ranking``: Cohen's d of harmful vs harmless activations at the last prompt token;
 the ranking the ``diff-ranking`` experiment reports). The watched direction is
-``circuitlab.directions.refusal_direction`` (Arditi et al. 2024, §2.3).
+``circuitlab.methods.directions.refusal_direction`` (Arditi et al. 2024, §2.3).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from ..components import Component
-from ..model import HookedModel
-from ..ranking import rank_components, top_components
-from ..store import ActivationStore
+from circuitlab.core.components import Component
+from circuitlab.core.model import HookedModel
+from circuitlab.methods.ranking import rank_components, top_components
+from circuitlab.io.store import ActivationStore
 
 __all__ = ["locate_components"]
 

@@ -22,11 +22,11 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from .. import hooks as hk
-from ..direction_eval import bootstrap_ci
-from ..directions import diff_in_means
-from ..model import HookedModel
-from ..store import ActivationStore
+from circuitlab.core import hooks as hk
+from circuitlab.methods.direction_eval import bootstrap_ci
+from circuitlab.methods.directions import diff_in_means
+from circuitlab.core.model import HookedModel
+from circuitlab.io.store import ActivationStore
 
 __all__ = ["RequestMonitor", "RequestCheck", "fit_request_monitor", "detection_metrics", "METHODS", "CALIBRATIONS",
            "calibrate_across_sources", "false_alarm_rate", "leave_one_source_out"]

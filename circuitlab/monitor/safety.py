@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..model import HookedModel
-from .integrity import IntegrityMonitor, IntegrityReport
-from .request import RequestCheck, RequestMonitor
+from circuitlab.core.model import HookedModel
+from circuitlab.monitor.integrity import IntegrityMonitor, IntegrityReport
+from circuitlab.monitor.request import RequestCheck, RequestMonitor
 
 __all__ = ["SafetyMonitor"]
 

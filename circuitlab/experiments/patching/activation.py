@@ -23,14 +23,15 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ... import hooks as hk
-from ... import plots
-from ...results import Result
-from ..base import check_choice, check_layers, register
-from ..checks import check_subset
+from circuitlab.core import hooks as hk
+from circuitlab.io import plots
+from circuitlab.io.results import Result
+from circuitlab.experiments.base import check_choice, check_layers, register
+from circuitlab.experiments.checks import check_subset
 # refusal_metric is imported from here by scripts and tests (the old home of the default metric).
-from .common import PairPatchingExperiment, average_over_pairs, model_layers, refusal_metric  # noqa: F401
-from .engine import Sweep
+from circuitlab.experiments.patching.common import (PairPatchingExperiment, average_over_pairs, model_layers,
+    refusal_metric)  # noqa: F401
+from circuitlab.methods.patching import Sweep
 
 __all__ = ["ActivationPatching", "layer_sweeps", "LAYER_COMPONENTS", "POSITION_SETS", "PATCHABLE"]
 

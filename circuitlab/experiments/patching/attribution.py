@@ -9,7 +9,7 @@ estimated by the first-order Taylor term
 
 One forward of the source prompt, one forward + one backward of the target prompt give the estimate
 for every layer, position, head (``attn_z``) and MLP neuron (``mlp_post``) at once (the engine is
-``circuitlab.attribution``). Same pairs, modes and normalization as ``activation-patching``
+``circuitlab.methods.attribution``). Same pairs, modes and normalization as ``activation-patching``
 (0 = corrupted, 1 = clean), so the two tables join.
 
 Known limit (Kramár et al. 2024 §3.1): when a patch saturates an attention softmax the linear
@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ... import hooks as hk
-from ...attribution import gradients, patch_estimate
-from ...results import Result
-from ..base import check_choice, check_layers, register
-from ..checks import check_at_least, check_subset, check_types
-from .common import MODES, PairUnits, average_over_pairs, model_layers, normalize, refusal_metric, target_and_source
-from .pairs import PAIRINGS
+from circuitlab.core import hooks as hk
+from circuitlab.methods.attribution import gradients, patch_estimate
+from circuitlab.io.results import Result
+from circuitlab.experiments.base import check_choice, check_layers, register
+from circuitlab.experiments.checks import check_at_least, check_subset, check_types
+from circuitlab.experiments.patching.common import (MODES, PairUnits, average_over_pairs, model_layers,
+    normalize, refusal_metric, target_and_source)
+from circuitlab.methods.pairs import PAIRINGS
 
 __all__ = ["AttributionPatching", "attribution_pair", "ATP_COMPONENTS"]
 

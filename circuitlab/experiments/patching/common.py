@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ...attribution import refusal_metric
-from ..base import Plan, UnitExperiment, check_choice
-from ..checks import check_at_least, check_types
-from .engine import run_sweeps
-from .pairs import PAIRINGS, make_pairs
+from circuitlab.methods.attribution import refusal_metric
+from circuitlab.experiments.base import Plan, UnitExperiment, check_choice
+from circuitlab.experiments.checks import check_at_least, check_types
+from circuitlab.methods.patching import run_sweeps
+from circuitlab.methods.pairs import PAIRINGS, make_pairs
 
 __all__ = ["MODES", "refusal_metric", "target_and_source", "normalize", "model_layers", "int_columns", "patch_pair",
            "patch_pairs", "average_over_pairs", "pair_on", "PairUnits", "PairPatchingExperiment"]

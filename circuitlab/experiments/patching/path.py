@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ... import hooks as hk
-from ...results import Result
-from ..base import check_layers, register
-from ..checks import check_subset
-from .common import PairPatchingExperiment, model_layers
-from .engine import Sweep
+from circuitlab.core import hooks as hk
+from circuitlab.io.results import Result
+from circuitlab.experiments.base import check_layers, register
+from circuitlab.experiments.checks import check_subset
+from circuitlab.experiments.patching.common import PairPatchingExperiment, model_layers
+from circuitlab.methods.patching import Sweep
 
 __all__ = ["PathPatching", "path_sweep", "split_qkv_input", "RECEIVERS"]
 
@@ -39,7 +39,7 @@ RECEIVERS = ("q", "mlp", "logits")
 
 
 def _q_input(layer: int) -> str:
-    # Not in circuitlab.hooks: exists only while the bridge's split-QKV fork is on.
+    # Not in circuitlab.core.hooks: exists only while the bridge's split-QKV fork is on.
     return f"blocks.{layer}.attn.hook_q_input"
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ... import hooks as hk
-from ...results import Result
-from ..base import check_layers, register
-from .common import PairPatchingExperiment, average_over_pairs, model_layers
-from .engine import Sweep
+from circuitlab.core import hooks as hk
+from circuitlab.io.results import Result
+from circuitlab.experiments.base import check_layers, register
+from circuitlab.experiments.patching.common import PairPatchingExperiment, average_over_pairs, model_layers
+from circuitlab.methods.patching import Sweep
 
 __all__ = ["PatternPatching", "pattern_sweep"]
 

@@ -132,6 +132,6 @@ def validate(names, valid_names, n_layers: int) -> list[str]:
         hint = f" Nearest valid names: {', '.join(close)}." if close else ""
         raise HookNameError(
             f"hook {name!r} is not a hook point of this model.{hint} "
-            "Build names with circuitlab.hooks (e.g. hooks.resid_pre(3))."
+            "Build names with circuitlab.core.hooks (e.g. hooks.resid_pre(3))."
         )
     return names

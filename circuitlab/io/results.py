@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import components, provenance
+from circuitlab.core import components
+from circuitlab.io import provenance
 
 __all__ = ["Result", "check_table", "SHARED_COLUMNS", "load_result", "run_config", "check_output_dir",
            "OutputError", "MANIFEST"]
@@ -44,7 +45,7 @@ def check_table(table: pd.DataFrame) -> None:
         unknown = set(table["component"].dropna().unique()) - kinds
         if unknown:
             raise ValueError(f"unknown component values {sorted(unknown)}; allowed: {sorted(kinds)} "
-                             "(register a new kind with circuitlab.components.register_kind)")
+                             "(register a new kind with circuitlab.core.components.register_kind)")
     if "layer" in table.columns and len(table) and not pd.api.types.is_integer_dtype(table["layer"].dropna()):
         raise ValueError("column 'layer' must hold integers")
     if table.columns.duplicated().any():

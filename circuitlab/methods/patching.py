@@ -31,8 +31,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ... import hooks as hk
-from ...progress import progress_bar
+from circuitlab.core import hooks as hk
+from circuitlab.core.progress import progress_bar
 
 __all__ = ["Sweep", "PairContext", "run_sweeps", "vector_setter", "capture"]
 

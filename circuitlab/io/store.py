@@ -26,7 +26,7 @@ Guarantees:
 - ``dtype=torch.bfloat16`` / ``torch.float16`` halves disk and memory use; ``get`` always returns
   float32 (rounded through the storage dtype, so hits and misses agree exactly).
 - Beside the activations, ``root/units/`` holds unit experiments' unit outputs keyed by content
-  (``unit_cache``, module ``circuitlab.unit_cache``): a rerun of the same code, parameters, weights
+  (``unit_cache``, module ``circuitlab.io.unit_cache``): a rerun of the same code, parameters, weights
   and prompts reads its scored grid points back instead of recomputing them. ``units=False`` turns
   it off; a memory-only store (``disk=False``) has none.
 """
@@ -49,10 +49,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
-from .embedded import cache_dir
-from .model import HookedModel, resolve_positions
-from .progress import progress_bar
-from .unit_cache import UnitCache
+from circuitlab.io.paths import cache_dir
+from circuitlab.core.model import HookedModel, resolve_positions
+from circuitlab.core.progress import progress_bar
+from circuitlab.io.unit_cache import UnitCache
 
 __all__ = ["ActivationStore", "StoreNotWritableError", "prompt_key"]
 

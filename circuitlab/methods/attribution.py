@@ -23,8 +23,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import hooks as hk
-from . import metrics as mx
+from circuitlab.core import hooks as hk
+from circuitlab.methods import metrics as mx
 
 __all__ = ["Gradients", "gradients", "patch_estimate", "projection_estimate", "mean_patch_estimates", "refusal_metric"]
 

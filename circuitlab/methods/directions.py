@@ -16,9 +16,9 @@ from typing import Sequence
 
 import torch
 
-from . import hooks as hk
-from .store import ActivationStore
-from .weights import original, residual_writers
+from circuitlab.core import hooks as hk
+from circuitlab.io.store import ActivationStore
+from circuitlab.core.weights import original, residual_writers
 
 __all__ = ["unit", "project_out", "check_strength", "diff_in_means", "mean_differences", "refusal_direction",
            "candidate_directions", "orthogonalize_weights", "write_profile"]

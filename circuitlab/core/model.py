@@ -14,9 +14,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from . import hooks as hk
-from .generation import generate
-from .progress import progress_bar
+from circuitlab.core import hooks as hk
+from circuitlab.core.generation import generate
+from circuitlab.core.progress import progress_bar
 
 __all__ = ["HookedModel", "Positions", "resolve_positions"]
 
@@ -263,7 +263,7 @@ class HookedModel:
         return {n: torch.stack(v) for n, v in results.items()}
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 24, **kwargs) -> list[str]:
-        """Greedy completions with hooks active at every step (see ``circuitlab.generation.generate``)."""
+        """Greedy completions with hooks active at every step (see ``circuitlab.core.generation.generate``)."""
         return generate(self, prompts, max_new_tokens, **kwargs)
 
 

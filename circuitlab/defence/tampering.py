@@ -8,7 +8,7 @@ slices (here on harmless plain text: the monitor sees weights, not the training 
 Benign changes: float32→bfloat16→float32 weight round trip, re-loading, and small Gaussian noise on
 weights outside the monitored slices.
 
-This module sits above both ``circuitlab.monitor`` and ``circuitlab.finetune`` (fine-tuning is one
+This module sits above both ``circuitlab.monitor`` and ``circuitlab.defence.finetune`` (fine-tuning is one
 tampering), so neither of those imports the other.
 """
 
@@ -20,13 +20,13 @@ from typing import Callable, Iterator, Sequence
 import pandas as pd
 import torch
 
-from .components import Component
-from .directions import orthogonalize_weights
-from .finetune import train_components
-from .interventions import ablation_hooks, directional_ablation_hooks
-from .model import HookedModel
-from .monitor import IntegrityMonitor, IntegrityReport
-from .weights import canonical_parameters, component_slices, slice_masks, weights_restored
+from circuitlab.core.components import Component
+from circuitlab.methods.directions import orthogonalize_weights
+from circuitlab.defence.finetune import train_components
+from circuitlab.methods.interventions import ablation_hooks, directional_ablation_hooks
+from circuitlab.core.model import HookedModel
+from circuitlab.monitor import IntegrityMonitor, IntegrityReport
+from circuitlab.core.weights import canonical_parameters, component_slices, slice_masks, weights_restored
 
 __all__ = ["TAMPERINGS", "BENIGN", "DEFAULT_CHANGES", "QUICK_CHANGES", "apply_change", "evaluate_integrity",
            "report_row"]

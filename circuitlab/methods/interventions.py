@@ -23,12 +23,12 @@ from typing import Sequence
 
 import torch
 
-from . import hooks as hk
-from .components import Component, hook_name, kind_info
-from .directions import check_strength, orthogonalize_weights, project_out, unit
-from .model import HookedModel
-from .store import ActivationStore
-from .weights import canonical_name, residual_writers, weights_restored
+from circuitlab.core import hooks as hk
+from circuitlab.core.components import Component, hook_name, kind_info
+from circuitlab.methods.directions import check_strength, orthogonalize_weights, project_out, unit
+from circuitlab.core.model import HookedModel
+from circuitlab.io.store import ActivationStore
+from circuitlab.core.weights import canonical_name, residual_writers, weights_restored
 
 __all__ = [
     "directional_ablation_hooks", "activation_addition_hooks", "orthogonalized", "export_hf",
@@ -125,7 +125,7 @@ def _group(components: Sequence[Component]) -> dict[str, list[Component]]:
     groups: dict[str, list[Component]] = defaultdict(list)
     for c in components:
         if not isinstance(c, Component):
-            raise TypeError(f"components must be circuitlab.components.Component, got {type(c).__name__}")
+            raise TypeError(f"components must be circuitlab.core.components.Component, got {type(c).__name__}")
         groups[hook_name(c)].append(c)
     return dict(groups)
 

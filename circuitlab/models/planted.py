@@ -26,8 +26,8 @@ import random
 
 import torch
 
-from .datasets import PromptSet
-from .tiny import build_tokenizer
+from circuitlab.io.datasets import PromptSet
+from circuitlab.models.tiny import build_tokenizer
 
 __all__ = ["build_planted", "planted_prompts", "PLANTED_HEAD", "PLANTED_NEURON", "FEATURE_LAYER",
            "HARMFUL_WORDS", "HARMLESS_WORDS", "TEMPLATES", "DIMS", "N_LAYERS"]

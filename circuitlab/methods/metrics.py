@@ -14,8 +14,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .model import HookedModel
-from .progress import progress_bar
+from circuitlab.core.model import HookedModel
+from circuitlab.core.progress import progress_bar
 
 __all__ = ["refusal_tokens", "refusal_token_record", "refusal_score", "refusal_score_from_logits", "judge_refusals",
            "calibrate_refusal_tokens", "set_refusal_tokens", "is_refusal", "kl_divergence", "cross_entropy",
@@ -83,7 +83,7 @@ def _cached_calibration(model: HookedModel) -> dict:
     """The model's calibrated refusal tokens, computed once per weight fingerprint and kept in the cache."""
     import json
 
-    from .embedded import cache_dir
+    from circuitlab.io.paths import cache_dir
 
     explicit = getattr(model.hf_model.config, "refusal_strings", None)
     if explicit:  # a model (e.g. the planted one) may declare its refusal tokens in its config
@@ -94,7 +94,7 @@ def _cached_calibration(model: HookedModel) -> dict:
         return model.refusal_token_record
     except (OSError, ValueError):
         pass
-    from . import datasets
+    from circuitlab.io import datasets
 
     try:  # calibration prompts come from the train splits, never from evaluation prompts
         harmful = datasets.load("advbench", split="train", n=32, seed=101)

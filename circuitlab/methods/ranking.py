@@ -25,9 +25,9 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from . import hooks as hk
-from .components import Component
-from .store import ActivationStore
+from circuitlab.core import hooks as hk
+from circuitlab.core.components import Component
+from circuitlab.io.store import ActivationStore
 
 __all__ = ["unit_statistics", "benjamini_hochberg", "rank_units", "head_scores", "rank_components",
            "top_components", "RANK_POSITIONS", "COLUMNS"]

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from .model import HookedModel
+from circuitlab.core.model import HookedModel
 
 __all__ = ["load_model", "check_model_name", "resolve_dtype", "resolve_device", "MODEL_NAMES"]
 
 MODEL_NAMES = {
     "embedded": "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF shipped on PyPI, dequantized once)",
     "tiny": "2-layer Qwen2-architecture model built locally with a fixed seed (tests)",
-    "planted": "hand-set tiny model with a known refusal circuit (circuitlab.planted)",
+    "planted": "hand-set tiny model with a known refusal circuit (circuitlab.models.planted)",
 }
 # TransformerLens picks its architecture adapter from this id; no weights are fetched for it.
 _QWEN2_ARCH = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -269,12 +269,12 @@ def load_model(name: str = "embedded", *, device=None, dtype=None, device_map=No
     dtype = resolve_dtype(dtype, device)
     with _offline():
         if name in ("tiny", "planted"):
-            from .planted import build_planted
-            from .tiny import build_tiny
+            from circuitlab.models.planted import build_planted
+            from circuitlab.models.tiny import build_tiny
             hf, tok = (build_tiny if name == "tiny" else build_planted)()
             arch = _QWEN2_ARCH
         elif name == "embedded":
-            from .embedded import HF_ARCHITECTURE_ID, embedded_model_dir
+            from circuitlab.models.embedded import HF_ARCHITECTURE_ID, embedded_model_dir
             hf, tok = _from_pretrained(embedded_model_dir(), dtype, None)
             arch = HF_ARCHITECTURE_ID
         else:

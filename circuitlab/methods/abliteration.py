@@ -36,15 +36,15 @@ from typing import Iterable, Sequence
 import pandas as pd
 import torch
 
-from . import hooks as hk
-from . import metrics
-from .direction_eval import bootstrap_ci, direction_components, last_logits_shared
-from .directions import mean_differences, project_out, unit
-from .heretic_scoring import first_token_kl, load_markers, marker_refusals
-from .interventions import export_hf
-from .model import HookedModel
-from .store import ActivationStore
-from .weights import residual_writers, weights_restored, writer_weight
+from circuitlab.core import hooks as hk
+from circuitlab.methods import metrics
+from circuitlab.methods.direction_eval import bootstrap_ci, direction_components, last_logits_shared
+from circuitlab.methods.directions import mean_differences, project_out, unit
+from circuitlab.methods.heretic_scoring import first_token_kl, load_markers, marker_refusals
+from circuitlab.methods.interventions import export_hf
+from circuitlab.core.model import HookedModel
+from circuitlab.io.store import ActivationStore
+from circuitlab.core.weights import residual_writers, weights_restored, writer_weight
 
 __all__ = ["Kernel", "AbliterationParams", "Edit", "EDIT_KINDS", "WRITERS", "layer_weights", "residual_directions",
            "direction_at", "heretic_edits", "targeted_edits", "global_edits", "top_writers", "abliterated",

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .progress import progress_bar
+from circuitlab.core.progress import progress_bar
 
 __all__ = ["generate", "decode_groups", "greedy_decode", "prefill", "common_prefix_length"]
 

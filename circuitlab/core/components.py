@@ -17,7 +17,7 @@ from typing import Callable
 
 import pandas as pd
 
-from . import hooks as hk
+from circuitlab.core import hooks as hk
 
 __all__ = ["Component", "Kind", "register_kind", "known_kinds", "addressable_kinds", "kind_info", "from_table",
            "hook_name", "UNIT_KINDS"]
@@ -64,7 +64,7 @@ def kind_info(name: str) -> Kind:
     """The registered Kind ``name`` (error lists the known kinds)."""
     if name not in _KINDS:
         raise ValueError(f"component kind {name!r} is not one of {', '.join(known_kinds())}; "
-                         "register a new one with circuitlab.components.register_kind")
+                         "register a new one with circuitlab.core.components.register_kind")
     return _KINDS[name]
 
 

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .components import Component
+from circuitlab.core.components import Component
 
 __all__ = ["original", "decoder_layers", "canonical_name", "canonical_parameters", "kv_group_size", "component_slices",
            "slice_masks", "slice_digest", "Slice", "residual_writers", "writer_weight", "write_vector",
@@ -66,7 +66,7 @@ def kv_group_size(model) -> int:
 
 def _check_unit(model, c: Component) -> None:
     if not isinstance(c, Component):
-        raise TypeError(f"components must be circuitlab.components.Component, got {type(c).__name__}")
+        raise TypeError(f"components must be circuitlab.core.components.Component, got {type(c).__name__}")
     if not 0 <= c.layer < model.n_layers:
         raise ValueError(f"component {c} is outside layers 0..{model.n_layers - 1}")
     limit = {"neuron": model.d_mlp, "head": model.n_heads}.get(c.kind)

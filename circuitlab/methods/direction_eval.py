@@ -20,16 +20,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import hooks as hk
-from . import interventions as iv
-from . import metrics
-from .directions import unit
-from .generation import prefill
-from .heretic_scoring import pareto_front
-from .model import HookedModel
-from .progress import progress_bar
-from .store import ActivationStore
-from .weights import writer_weight
+from circuitlab.core import hooks as hk
+from circuitlab.methods import interventions as iv
+from circuitlab.methods import metrics
+from circuitlab.methods.directions import unit
+from circuitlab.core.generation import prefill
+from circuitlab.methods.heretic_scoring import pareto_front
+from circuitlab.core.model import HookedModel
+from circuitlab.core.progress import progress_bar
+from circuitlab.io.store import ActivationStore
+from circuitlab.core.weights import writer_weight
 
 __all__ = ["bootstrap_ci", "evaluate_direction", "direction_components", "select_candidate", "score_candidates",
            "last_logits_shared", "pareto_ranks", "candidate_rows", "screens", "score_candidate", "finalists",

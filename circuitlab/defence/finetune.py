@@ -48,13 +48,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import hooks as hk
-from .components import Component
-from .directions import diff_in_means, unit
-from .interventions import directional_ablation_hooks
-from .model import HookedModel
-from .progress import progress_bar
-from .weights import canonical_parameters, component_slices, kv_group_size, slice_masks
+from circuitlab.core import hooks as hk
+from circuitlab.core.components import Component
+from circuitlab.methods.directions import diff_in_means, unit
+from circuitlab.methods.interventions import directional_ablation_hooks
+from circuitlab.core.model import HookedModel
+from circuitlab.core.progress import progress_bar
+from circuitlab.core.weights import canonical_parameters, component_slices, kv_group_size, slice_masks
 
 __all__ = ["train", "train_components", "component_masks", "full_masks", "random_components", "load_pairs",
            "count_trainable", "greedy_targets", "REFUSAL_TARGETS", "OPTIMIZERS", "make_optimizer",
