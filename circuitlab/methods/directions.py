@@ -8,6 +8,10 @@ orthogonalization — one implementation each.
 - ``orthogonalize_weights``: ``W ← W − s · r̂ r̂ᵀ W`` on every matrix (and bias) that writes the
   residual stream (Arditi et al. 2024, §4.1), computed on each weight's own device and dtype.
 - ``write_profile``: ``Wᵀ r̂`` of those matrices — what orthogonalization sends to zero.
+- ``direction_from_pairs``: one direction from paired (or randomly paired) activations, the one
+  implementation behind difference in means (``method="mean"``) and LAT reading vectors
+  (``method="pca"``, ``lat_direction``: Zou et al. 2023, "Representation Engineering", §3.1.1
+  Linear Artificial Tomography); ``reading_accuracy`` / ``projection_threshold`` read them out.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from circuitlab.io.store import ActivationStore
 from circuitlab.core.weights import original, residual_writers
 
 __all__ = ["unit", "project_out", "check_strength", "diff_in_means", "mean_differences", "refusal_direction",
-           "candidate_directions", "orthogonalize_weights", "write_profile"]
+           "candidate_directions", "orthogonalize_weights", "write_profile", "paired_differences",
+           "direction_from_pairs", "lat_direction", "projection_threshold", "reading_accuracy", "PAIR_METHODS"]
+
+PAIR_METHODS = ("mean", "pca")
 
 
 def unit(direction: torch.Tensor, d_model: int | None = None) -> torch.Tensor:
@@ -118,3 +125,96 @@ def write_profile(model, direction: torch.Tensor) -> torch.Tensor:
         w, rr = w.detach().float(), r.to(device=w.device)
         parts.append((w @ rr if axis == 1 or w.dim() == 1 else rr @ w).reshape(-1).cpu())
     return torch.cat(parts)
+
+
+# ---- directions from paired activations (difference in means and LAT) ---------------------------
+
+def _as_rows(x, name: str) -> torch.Tensor:
+    """``x`` as a float64 ``[n, d]`` tensor (clear error for another shape, an empty or non-finite set)."""
+    x = torch.as_tensor(x).detach().to(torch.float64)
+    if x.dim() != 2 or len(x) == 0:
+        raise ValueError(f"{name} must be a non-empty [n_prompts, d] array of activations, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or infinite activations")
+    return x
+
+
+def paired_differences(harmful, harmless, *, paired: bool = True, seed: int = 0) -> torch.Tensor:
+    """``harmful[i] − harmless[j]`` for each pair ``[n_pairs, d]`` (float64).
+
+    ``paired``: row i of both sets is a matched pair (equal counts required). Otherwise the sets are
+    paired at random (seeded), ``min(n_harmful, n_harmless)`` pairs, as RepE does for unmatched stimuli.
+    """
+    h, s = _as_rows(harmful, "harmful"), _as_rows(harmless, "harmless")
+    if h.shape[1] != s.shape[1]:
+        raise ValueError(f"harmful and harmless activations differ in width: {h.shape[1]} vs {s.shape[1]}")
+    if paired:
+        if len(h) != len(s):
+            raise ValueError(f"paired=True needs as many harmful as harmless rows, got {len(h)} and {len(s)} "
+                             "(pass paired=False to pair them at random)")
+        return h - s
+    gen = torch.Generator().manual_seed(seed)
+    n = min(len(h), len(s))
+    return h[torch.randperm(len(h), generator=gen)[:n]] - s[torch.randperm(len(s), generator=gen)[:n]]
+
+
+def direction_from_pairs(harmful, harmless, method: str = "mean", *, paired: bool = True,
+                         seed: int = 0) -> torch.Tensor:
+    """A direction ``[d]`` (float32) from paired activations ``[n, d]``: the one implementation of
+    "a direction from paired activations".
+
+    - ``mean``: ``diff_in_means`` over all rows (Arditi et al. 2024, §2.3; the mass-mean direction of
+      Li et al. 2023), equal to the mean matched difference; not normalised.
+    - ``pca``: LAT (Zou et al. 2023, §3.1.1 and the reference ``PCARepReader``): each pair's difference
+      gets a random sign (the stimuli order within a pair is shuffled in RepE), the differences are
+      centred, and the first principal component is the reading vector, unit length, its sign fixed
+      so that harmful activations project higher than harmless ones on average.
+    """
+    if method not in PAIR_METHODS:
+        raise ValueError(f"method={method!r} is not one of {', '.join(PAIR_METHODS)}")
+    diffs = paired_differences(harmful, harmless, paired=paired, seed=seed)
+    h, s = _as_rows(harmful, "harmful"), _as_rows(harmless, "harmless")
+    if method == "mean":  # every row counts, however the pairs were drawn (= mean of matched differences)
+        return diff_in_means(h, s).float()
+    if len(diffs) < 2:
+        raise ValueError(f"LAT needs at least 2 pairs for a principal component, got {len(diffs)}")
+    signs = torch.randint(0, 2, (len(diffs), 1), generator=torch.Generator().manual_seed(seed + 1)) * 2 - 1
+    flipped = diffs * signs.to(diffs)
+    flipped = flipped - flipped.mean(0)
+    _, sv, vt = torch.linalg.svd(flipped, full_matrices=False)
+    if sv[0] <= 0:
+        raise ValueError("the paired differences are all zero: no direction separates the two sets")
+    v = vt[0]
+    if (h @ v).mean() < (s @ v).mean():  # RepE fixes the sign with the labels: harmful reads higher
+        v = -v
+    return v.float()
+
+
+def lat_direction(harmful, harmless, *, paired: bool = False, seed: int = 0) -> torch.Tensor:
+    """LAT reading vector (Zou et al. 2023): ``direction_from_pairs(..., method="pca")``, unit ``[d]``."""
+    return direction_from_pairs(harmful, harmless, "pca", paired=paired, seed=seed)
+
+
+def projection_threshold(harmful, harmless, direction) -> float:
+    """Midpoint of the two class means of the projections on ``direction`` (fit on training rows)."""
+    h, s = _as_rows(harmful, "harmful"), _as_rows(harmless, "harmless")
+    v = unit(direction, h.shape[1]).to(torch.float64)
+    return float(((h @ v).mean() + (s @ v).mean()) / 2)
+
+
+def reading_accuracy(harmful, harmless, direction, threshold: float | None = None) -> float:
+    """How well projection on ``direction`` reads harmful vs harmless activations ``[n, d]``.
+
+    ``threshold`` given (from ``projection_threshold`` on training rows): the fraction of rows on the
+    right side (harmful above it). ``None``: the pairwise accuracy of Zou et al. 2023 — the fraction of
+    matched pairs (row i of both sets) whose harmful member projects higher.
+    """
+    h, s = _as_rows(harmful, "harmful"), _as_rows(harmless, "harmless")
+    v = unit(direction, h.shape[1]).to(torch.float64)
+    ph, ps = h @ v, s @ v
+    if threshold is None:
+        if len(h) != len(s):
+            raise ValueError(f"pairwise reading accuracy needs matched pairs (equal counts), got {len(h)} and "
+                             f"{len(s)}; pass threshold= (projection_threshold on training rows) instead")
+        return float((ph > ps).double().mean())
+    return float(torch.cat([ph > threshold, ps <= threshold]).double().mean())
