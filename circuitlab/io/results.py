@@ -25,7 +25,7 @@ import pandas as pd
 from circuitlab.core import components
 from circuitlab.io import provenance
 
-__all__ = ["Result", "check_table", "SHARED_COLUMNS", "load_result", "run_config", "check_output_dir",
+__all__ = ["Result", "SavedFigure", "check_table", "SHARED_COLUMNS", "load_result", "run_config", "check_output_dir",
            "OutputError", "MANIFEST"]
 
 SHARED_COLUMNS = ("layer", "component", "head", "neuron", "position")
@@ -153,8 +153,9 @@ class Result:
                 if Path(name).name != name or name in ("config.json", MANIFEST):
                     raise ValueError(f"extra file name {name!r} must be a plain file name other than config.json")
                 (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
-            config = dict(self.config, summary=self.summary)
+            config = dict(self.config)
             config.setdefault("provenance", {**provenance.git_state(), "recorded": "at save (not inside a run)"})
+            config["summary"] = self.summary  # last, so a loaded run saves back byte for byte
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=_json_default))
             files = sorted(p.name for p in tmp.iterdir())
             (tmp / MANIFEST).write_text(json.dumps({"files": files}))
@@ -174,6 +175,11 @@ class Result:
         """The result's figures (``{name: Figure}``)."""
         return self.figures
 
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Result":
+        """The Result that ``save`` wrote to ``directory``: table, config, tables, figures, summary, files."""
+        return load_result(directory)
+
 
 def _json_default(obj):
     if hasattr(obj, "item"):
@@ -185,10 +191,40 @@ def _json_default(obj):
     return str(obj)
 
 
+class SavedFigure:
+    """A figure read back from a run folder: its PNG bytes, written unchanged by ``savefig``."""
+
+    def __init__(self, png: bytes):
+        self.png = png
+
+    def savefig(self, path, **_ignored) -> None:
+        Path(path).write_bytes(self.png)
+
+    def _repr_png_(self) -> bytes:  # shown inline in notebooks
+        return self.png
+
+
 def load_result(directory: str | os.PathLike) -> Result:
-    """Read a run directory written by ``Result.save``."""
-    directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())
-    tables = {p.stem: pd.read_csv(p) for p in directory.glob("*.csv") if p.stem != "table"}
-    return Result(pd.read_parquet(directory / "table.parquet"), config, tables=tables,
-                  summary=config.get("summary", {}))
+    """Read a run folder written by ``Result.save``: table, config, extra tables, figures and files.
+
+    Raises ``OutputError`` (one line) for a folder that is not a run or lacks its table.
+    """
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise OutputError(f"{directory} is not a folder; give the folder a circuitlab run was saved to")
+    try:
+        config = json.loads((directory / "config.json").read_text())
+        config["experiment"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OutputError(f"{directory} is not a circuitlab run (no readable config.json naming its experiment)") from None
+    if not (directory / "table.parquet").is_file():
+        raise OutputError(f"{directory} is a circuitlab run without its table.parquet; it cannot be loaded")
+    written = _run_files(directory) or set()
+    tables = {p.stem: pd.read_csv(p) for p in sorted(directory.glob("*.csv")) if p.stem != "table"}
+    figures = {p.stem: SavedFigure(p.read_bytes()) for p in sorted(directory.glob("*.png"))}
+    known = {"table.parquet", "table.csv", "config.json", MANIFEST} | {f"{n}.csv" for n in tables} | \
+        {f"{n}.png" for n in figures}
+    files = {name: (directory / name).read_bytes() for name in sorted(written - known) if (directory / name).is_file()}
+    summary = config.pop("summary", {})
+    return Result(pd.read_parquet(directory / "table.parquet"), config, tables=tables, figures=figures,
+                  summary=summary, files=files)
