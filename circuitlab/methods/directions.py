@@ -158,13 +158,13 @@ def paired_differences(harmful, harmless, *, paired: bool = True, seed: int = 0)
     return h[torch.randperm(len(h), generator=gen)[:n]] - s[torch.randperm(len(s), generator=gen)[:n]]
 
 
-def direction_from_pairs(harmful, harmless, method: str = "mean", *, paired: bool = True,
+def direction_from_pairs(harmful, harmless, method: str = "mean", *, paired: bool = False,
                          seed: int = 0) -> torch.Tensor:
     """A direction ``[d]`` (float32) from paired activations ``[n, d]``: the one implementation of
     "a direction from paired activations".
 
     - ``mean``: ``diff_in_means`` over all rows (Arditi et al. 2024, §2.3; the mass-mean direction of
-      Li et al. 2023), equal to the mean matched difference; not normalised.
+      Li et al. 2023), equal to the mean matched difference; not normalised; ``paired`` is moot.
     - ``pca``: LAT (Zou et al. 2023, §3.1.1 and the reference ``PCARepReader``): each pair's difference
       gets a random sign (the stimuli order within a pair is shuffled in RepE), the differences are
       centred, and the first principal component is the reading vector, unit length, its sign fixed
@@ -172,10 +172,12 @@ def direction_from_pairs(harmful, harmless, method: str = "mean", *, paired: boo
     """
     if method not in PAIR_METHODS:
         raise ValueError(f"method={method!r} is not one of {', '.join(PAIR_METHODS)}")
-    diffs = paired_differences(harmful, harmless, paired=paired, seed=seed)
     h, s = _as_rows(harmful, "harmful"), _as_rows(harmless, "harmless")
-    if method == "mean":  # every row counts, however the pairs were drawn (= mean of matched differences)
+    if method == "mean":  # every row counts: the pairing cannot change a difference of means
+        if h.shape[1] != s.shape[1]:
+            raise ValueError(f"harmful and harmless activations differ in width: {h.shape[1]} vs {s.shape[1]}")
         return diff_in_means(h, s).float()
+    diffs = paired_differences(h, s, paired=paired, seed=seed)
     if len(diffs) < 2:
         raise ValueError(f"LAT needs at least 2 pairs for a principal component, got {len(diffs)}")
     signs = torch.randint(0, 2, (len(diffs), 1), generator=torch.Generator().manual_seed(seed + 1)) * 2 - 1
