@@ -80,6 +80,12 @@ def test_heldout_head_probes_find_the_planted_head(planted):
     assert (after > before + 1.0).all()
 
 
+def test_select_heads_breaks_accuracy_ties_by_validation_log_loss():
+    table = pd.DataFrame({"layer": [0, 5, 3, 1], "head": [0, 1, 2, 3], "val_accuracy": [1.0, 1.0, 0.9, 1.0],
+                          "val_log_loss": [0.30, 0.01, 0.001, 0.30]})
+    assert select_heads(table, 3) == [(5, 1), (0, 0), (1, 3)]
+
+
 def test_match_kl_interpolates_a_power_law_exactly():
     coeffs = [0.25, 0.5, 1.0, 2.0]
     coeff, inside = match_kl(coeffs, [c ** 2 for c in coeffs], 0.5 ** 2 * 2)
@@ -93,7 +99,7 @@ def test_bad_parameters_fail_in_one_line(tiny, tiny_shifts):
         (lambda: iti_hooks(tiny, [HeadShift(0, 9, torch.ones(tiny.d_head), 1.0)], 1.0), "does not fit the model"),
         (lambda: iti_hooks(tiny, tiny_shifts, float("nan")), "alpha must be a finite number"),
         (lambda: select_heads(pd.DataFrame({"layer": [0], "head": [0], "val_accuracy": [1.0],
-                                            "train_accuracy": [1.0]}), 2), "k=2 must be an int between 1"),
+                                            "val_log_loss": [0.1]}), 2), "k=2 must be an int between 1"),
         (lambda: fit_shifts({0: torch.zeros(3, 2, 4)}, {0: torch.ones(3, 2, 4)}, [(1, 0)]), "no train activations"),
         (lambda: InferenceTimeIntervention(n_heads=0), "n_heads=0 must be >= 1"),
         (lambda: InferenceTimeIntervention(alphas=[]), "alphas must be a non-empty list"),

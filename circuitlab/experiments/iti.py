@@ -5,7 +5,8 @@ Splits: each set's deterministic 60/20/20 train/val/test split (``PromptSet.spli
 each part sampled down to ``n_train`` / ``n_val`` / ``n_test`` prompts (None: the whole part).
 
 1. Per head, a logistic probe on ``attn_z`` at the last prompt position, fit on train, scored on
-   val (``methods.iti.probe_heads``); the top ``n_heads`` by val accuracy are shifted.
+   val (``methods.iti.probe_heads``); the top ``n_heads`` by val accuracy are shifted (ties, common
+   here, by val log-loss: ``methods.iti.select_heads``).
 2. Per shifted head the mass-mean direction and σ from train (``methods.iti.fit_shifts``).
 3. α sweep on the test split (``methods.iti.evaluate_intervention``): refusal rate on harmful,
    over-refusal on harmless, refusal scores, first-token KL on harmless vs the unhooked model, and

@@ -106,7 +106,7 @@ class RepresentationReading(Experiment):
                 vh, vs = x[f"h_{split}"][l], x[f"s_{split}"][l]
                 acc = {m: reading_accuracy(vh, vs, d, projection_threshold(th, ts, d)) for m, d in dirs.items()}
                 acc["probe"] = heldout_probe_accuracy(torch.cat([th, ts]).numpy(), y_train, torch.cat([vh, vs]).numpy(),
-                                                      np.r_[np.ones(len(vh)), np.zeros(len(vs))])[1]
+                                                      np.r_[np.ones(len(vh)), np.zeros(len(vs))])["val_accuracy"]
                 rows += [{"layer": l, "component": "resid_pre", "position": -1, "reader": m, "split": split,
                           "accuracy": a, "cosine_lat_mean": cosine} for m, a in acc.items()]
         table = pd.DataFrame(rows)

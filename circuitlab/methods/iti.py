@@ -4,7 +4,7 @@ Answers from a Language Model"), with harmful vs harmless as the probed attribut
 1. ``probe_heads``: per attention head, a logistic probe on that head's output (``attn_z`` at the
    last prompt position) trained on the train split and scored on the validation split (§3.1,
    the layer × head heat map of Fig. 2).
-2. ``select_heads``: the top-K heads by validation accuracy (§3.2).
+2. ``select_heads``: the top-K heads by validation accuracy (§3.2), ties by validation log-loss.
 3. ``fit_shifts``: per selected head the mass-mean direction θ (mean harmful − mean harmless of
    its train activations, unit length) and σ, the standard deviation of the train activations
    projected on θ (§3.2, "mass mean shift").
@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -54,18 +55,20 @@ class HeadShift:
 
 
 def heldout_probe_accuracy(X_train, y_train, X_val, y_val, *, C: float = 1.0, solver: str = "liblinear",
-                           max_iter: int = 1000) -> tuple[float, float]:
-    """(train accuracy, held-out accuracy) of the standardised logistic probe of ``methods.probes``
-    fit on ``X_train`` and scored on ``X_val`` (Li et al. 2023 §3.1: train / validation split)."""
+                           max_iter: int = 1000) -> dict:
+    """``train_accuracy``, held-out ``val_accuracy`` and ``val_log_loss`` of the standardised logistic
+    probe of ``methods.probes``, fit on ``X_train`` and scored on ``X_val`` (Li et al. 2023 §3.1:
+    train / validation split). The log-loss ranks probes that tie on accuracy."""
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} is not one of {', '.join(SOLVERS)}")
-    y_train = np.asarray(y_train)
+    y_train, y_val = np.asarray(y_train), np.asarray(y_val)
     if len(np.unique(y_train)) < 2:
         raise ValueError("the probe needs both classes (harmful and harmless) in its training rows")
+    X_train, X_val = np.asarray(X_train, dtype=np.float64), np.asarray(X_val, dtype=np.float64)
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, solver=solver))
-    probe.fit(np.asarray(X_train, dtype=np.float64), y_train)
-    return (float(probe.score(np.asarray(X_train, dtype=np.float64), y_train)),
-            float(probe.score(np.asarray(X_val, dtype=np.float64), np.asarray(y_val))))
+    probe.fit(X_train, y_train)
+    return {"train_accuracy": float(probe.score(X_train, y_train)), "val_accuracy": float(probe.score(X_val, y_val)),
+            "val_log_loss": float(log_loss(y_val, probe.predict_proba(X_val)[:, 1], labels=[0, 1]))}
 
 
 def _check_heads(acts: Mapping[int, torch.Tensor], name: str) -> None:
@@ -78,7 +81,8 @@ def _check_heads(acts: Mapping[int, torch.Tensor], name: str) -> None:
 def probe_heads(train_harmful: Mapping[int, torch.Tensor], train_harmless: Mapping[int, torch.Tensor],
                 val_harmful: Mapping[int, torch.Tensor], val_harmless: Mapping[int, torch.Tensor], *,
                 C: float = 1.0, solver: str = "liblinear") -> pd.DataFrame:
-    """One row per (layer, head): ``train_accuracy`` and ``val_accuracy`` of a probe on that head's output.
+    """One row per (layer, head): ``train_accuracy``, ``val_accuracy`` and ``val_log_loss`` of a probe on
+    that head's output.
 
     Each argument maps layer -> ``[n_prompts, n_heads, d_head]`` (``attn_z`` at the last position).
     """
@@ -91,19 +95,20 @@ def probe_heads(train_harmful: Mapping[int, torch.Tensor], train_harmless: Mappi
         y_train = np.r_[np.ones(len(th), dtype=int), np.zeros(len(ts), dtype=int)]
         y_val = np.r_[np.ones(len(vh), dtype=int), np.zeros(len(vs), dtype=int)]
         for head in range(th.shape[1]):
-            train_acc, val_acc = heldout_probe_accuracy(np.r_[th[:, head], ts[:, head]], y_train,
-                                                        np.r_[vh[:, head], vs[:, head]], y_val, C=C, solver=solver)
-            rows.append({"layer": layer, "component": "head", "head": head, "position": -1,
-                         "train_accuracy": train_acc, "val_accuracy": val_acc})
+            scores = heldout_probe_accuracy(np.r_[th[:, head], ts[:, head]], y_train,
+                                            np.r_[vh[:, head], vs[:, head]], y_val, C=C, solver=solver)
+            rows.append({"layer": layer, "component": "head", "head": head, "position": -1, **scores})
     return pd.DataFrame(rows)
 
 
 def select_heads(table: pd.DataFrame, k: int) -> list[tuple[int, int]]:
-    """The ``k`` heads with the highest ``val_accuracy`` (ties: higher train accuracy, then lower layer)."""
+    """The ``k`` heads with the highest ``val_accuracy`` (Li et al. 2023 §3.2); ties, common when the
+    attribute is easy to read (harmful vs harmless), go to the lower ``val_log_loss`` (a held-out,
+    continuous version of the same criterion), then the lower layer and head."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(table):
         raise ValueError(f"k={k!r} must be an int between 1 and the number of probed heads ({len(table)})")
-    ranked = table.sort_values(["val_accuracy", "train_accuracy", "layer", "head"],
-                               ascending=[False, False, True, True], kind="stable")
+    ranked = table.sort_values(["val_accuracy", "val_log_loss", "layer", "head"],
+                               ascending=[False, True, True, True], kind="stable")
     return [(int(r.layer), int(r.head)) for r in ranked.head(k).itertuples()]
 
 
