@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from circuitlab.io.provenance import matmul_peak
 from circuitlab.io import datasets
 from circuitlab import load_model  # noqa: E402
 from circuitlab.core import hooks as hk  # noqa: E402
@@ -66,18 +67,6 @@ class PeakRSS:
         self.stop.set()
         self.thread.join()
         self.peak = max(self.peak, self.proc.memory_info().rss)
-
-
-def matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    """Best fp32 matmul FLOP/s of this process (the MFU denominator)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = 0.0
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
-    return best
 
 
 def timed(fn, count_flops=False):

@@ -18,6 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="circuitlab: locate, verify and stress-test a model's refusal circuitry.")
 
 _DEBUG = False
+DEFAULT_N = 32  # prompts per set when --n is not given
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -50,22 +51,27 @@ def datasets() -> None:
 @app.command("list")
 def list_experiments() -> None:
     """List the registered experiments."""
-    from circuitlab import experiments
+    from circuitlab.experiments import catalog
 
-    for name in experiments.names():
-        typer.echo(f"{name:22s} {experiments.describe(name)}")
+    for name, entry in catalog().items():
+        typer.echo(f"{name:22s} {entry['description']}")
 
 
 def describe_text(name: str) -> str:
     """An experiment's one-line description and every ``--set`` parameter: type, default, meaning."""
-    from circuitlab import experiments
-    from circuitlab.experiments.base import parameters
+    import difflib
 
-    cls = experiments.get(name)
-    lines = [f"{name}: {experiments.describe(name)}", "",
+    from circuitlab.experiments import catalog
+
+    entries = catalog()
+    if name not in entries:
+        close = difflib.get_close_matches(name, list(entries), n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(close)}?" if close else f"; known: {', '.join(entries)}"
+        raise KeyError(f"no experiment named {name!r}{hint}")
+    lines = [f"{name}: {entries[name]['description']}", "",
              "Parameters (circuitlab run NAME --set key=value; lists as 0,1 or [0,1]; none for None):"]
-    for p in parameters(cls):
-        lines.append(f"  {p['name']:22s} {p['type']:18s} default {p['default']!r}")
+    for p in entries[name]["parameters"]:
+        lines.append(f"  {p['name']:22s} {p['type']:18s} default {p['default']}")
         if p["meaning"]:
             lines.append(f"  {'':22s} {p['meaning']}")
     return "\n".join(lines)
@@ -85,10 +91,18 @@ def _load_sets(harmful: str, harmless: str, split: str, n, seed: int, column):
     from circuitlab.io import datasets as ds
 
     sets = []
+    asked = DEFAULT_N if n is None else n
     for label, source in (("harmful", harmful), ("harmless", harmless)):
         chosen = split if split != "auto" else ("train" if ds.is_builtin(source) else "all")
         full = ds.load(source, column=None if ds.is_builtin(source) else column)
-        part = ds.load(source, split=chosen, n=n, seed=seed, column=None if ds.is_builtin(source) else column)
+        whole = ds.load(source, split=chosen, column=None if ds.is_builtin(source) else column)
+        if len(whole) < asked:
+            if n is not None:  # an explicit --n that cannot be met would silently unbalance the sets
+                _fail(f"--n {n}: the {label} set {source} (--split {chosen}) has only {len(whole)} prompts; "
+                      f"pass --n {len(whole)} or less, or another --split")
+            typer.echo(f"note: {label} set {source} (--split {chosen}) has {len(whole)} prompts, fewer than the "
+                       f"default --n {DEFAULT_N}: using all {len(whole)}", err=True)
+        part = whole.sample(asked, seed=seed)
         if not ds.is_builtin(source) and len(part) < len(full):
             typer.echo(f"note: {label} file {source}: using {len(part)} of {len(full)} prompts "
                        f"(--split {chosen}{f', --n {n}' if n else ''}); --split all uses every prompt", err=True)
@@ -120,7 +134,8 @@ def run(
     harmless: str = typer.Option("harmless", "--harmless", help="built-in set name or a file"),
     split: str = typer.Option("auto", "--split", help="train, val, test or all; auto = train for built-in sets "
                                                       "(60/20/20 split), all for your own files"),
-    n: Optional[int] = typer.Option(32, "--n", help="prompts per set (subsampled with --seed); 0 or less is refused"),
+    n: Optional[int] = typer.Option(None, "--n", help="prompts per set (subsampled with --seed; default 32); more "
+                                                      "than a set holds, or 0 or less, is refused"),
     seed: int = typer.Option(0, "--seed"),
     column: Optional[str] = typer.Option(None, "--column", help="prompt column of a csv/json/jsonl file"),
     out: Optional[Path] = typer.Option(None, "--out", help="run folder (default results/<name>); must be new, "
@@ -146,7 +161,7 @@ def run(
     from circuitlab.io import datasets as ds
     from circuitlab import experiments
     from circuitlab.models.loading import check_model_name, load_model
-    from circuitlab.io.results import OutputError, check_output_dir
+    from circuitlab.io.results import OutputError, check_output_dir, check_writable
     from circuitlab.io.store import ActivationStore, StoreNotWritableError
 
     if split not in ds.SPLIT_CHOICES + ("auto",):
@@ -167,6 +182,8 @@ def run(
     try:
         experiment = _checked_experiment(name, sets, seed, batch_size)
         check_output_dir(directory, overwrite)
+        if checkpoint is not None:
+            check_writable(checkpoint, "--checkpoint")  # before the model loads, not after
         check_model_name(model)
         harmful_set, harmless_set = _load_sets(harmful, harmless, split, n, seed, column)
     except KeyError as err:
@@ -188,6 +205,8 @@ def run(
             result = experiment.run(loaded, harmful_set, harmless_set, store=ActivationStore())
     except (ValueError, StoreNotWritableError) as err:  # found only with the data, the model or the store
         _fail(f"{name}: {err}")
+    result.config["load"] = {"model": model, "device": device, "dtype": dtype, "device_map": device_map,
+                             "batch_size": batch_size, "ray": ray_address, "workers": workers}
     try:
         saved = result.save(directory, overwrite=overwrite)
     except OutputError as err:  # the folder changed while the run computed
@@ -200,8 +219,8 @@ def run(
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) >= 3 and argv[0] == "run" and ("--help" in argv or "-h" in argv):
-        from circuitlab import experiments
-        if argv[1] in experiments.names():  # `run NAME --help` also lists NAME's parameters
+        from circuitlab.experiments import catalog
+        if argv[1] in catalog():  # `run NAME --help` also lists NAME's parameters
             typer.echo(describe_text(argv[1]) + "\n")
     try:
         rc = app(argv, standalone_mode=False)  # click returns an Exit's code instead of raising it
@@ -212,11 +231,15 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as err:
         sys.exit(err.exit_code)
     except Exception as err:  # noqa: BLE001 - the one place that turns any failure into a one-line answer
-        import click
-        if isinstance(err, click.ClickException):
+        if isinstance(err, typer.BadParameter):  # typer's own click: name the option in one line
+            param = getattr(err, "param", None)
+            name = (getattr(param, "opts", None) or [getattr(err, "param_hint", None) or "argument"])[0]
+            typer.secho(f"error: {name}: {err.format_message()}", fg=typer.colors.RED, err=True)
+            sys.exit(2)
+        if isinstance(err, typer.TyperException) and hasattr(err, "show"):  # usage errors: click's own text
             err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
+            sys.exit(getattr(err, "exit_code", 2))
+        if isinstance(err, typer.Abort):
             sys.exit(1)
         if _DEBUG or "--debug" in argv:
             raise

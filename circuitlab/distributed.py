@@ -41,7 +41,8 @@ from circuitlab.io import provenance
 from circuitlab.models.loading import check_model_name, load_model
 from circuitlab.core.progress import progress_bar
 from circuitlab.io.store import ActivationStore
-from circuitlab.io.unit_cache import atomic_write, digest
+from circuitlab.io.files import atomic_write
+from circuitlab.io.unit_cache import digest
 
 __all__ = ["run_distributed", "is_unit_experiment", "unit_experiment_names", "DistributedError", "UNIT_METHODS"]
 

@@ -317,10 +317,12 @@ def _select(table: pd.DataFrame, kl_budget: float | None, refusal: str) -> tuple
 
 def front_figure(trials: pd.DataFrame, table: pd.DataFrame, model_name: str):
     """Val refusal vs val KL of every trial (fronts joined), and the fronts measured on test."""
-    import matplotlib.pyplot as plt
+    import matplotlib
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    colors = dict(zip(sorted(trials.variant.unique()), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    from circuitlab.io.plots import subplots
+
+    fig, axes = subplots(1, 2, figsize=(10, 4))
+    colors = dict(zip(sorted(trials.variant.unique()), matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]))
     for variant, group in trials.groupby("variant"):
         axes[0].scatter(group.val_kl, group.val_refusal, s=12, alpha=0.4, color=colors[variant], label=variant)
         front = group[group.variant_front].sort_values("val_kl")

@@ -239,10 +239,13 @@ def _coerce(value: str, hint, key: str):
         body = value.strip()
         if body.startswith("[") and body.endswith("]"):  # accept Python/JSON list syntax too
             body = body[1:-1]
-        items = [v.strip().strip("'\"") for v in body.split(",") if v.strip()]
-        if not items:
+        items = [v.strip().strip("'\"") for v in body.split(",")]
+        if items == [""]:
             raise ValueError(f"parameter {key}: an empty list; give values like {key}=0,1 or {key}=[0,1], "
                              f"or {key}=none for the default")
+        if "" in items:  # "1,,2" is a typo, not [1, 2]
+            raise ValueError(f"parameter {key}: {value!r} has an empty item; separate values by single commas "
+                             f"({key}=0,1)")
         return (list if origin is list else tuple)(_coerce(v, inner, key) for v in items)
     try:
         if hint is bool:

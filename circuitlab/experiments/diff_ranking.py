@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import matplotlib.pyplot as plt
+from circuitlab.io.plots import subplots
 import numpy as np
 import pandas as pd
 
@@ -85,7 +85,7 @@ def _summary(full: pd.DataFrame, alpha: float) -> dict:
 def _layer_figure(by_layer: pd.DataFrame, alpha: float, model_name: str):
     """Per layer: significant units each way (bars) and max |d| (line), one panel per component."""
     comps = list(dict.fromkeys(by_layer["component"]))
-    fig, axes = plt.subplots(1, len(comps), figsize=(6 * len(comps), 3.5), squeeze=False)
+    fig, axes = subplots(1, len(comps), figsize=(6 * len(comps), 3.5), squeeze=False)
     for ax, comp in zip(axes[0], comps):
         part = by_layer[by_layer.component == comp]
         ax.bar(part.layer - 0.2, part.n_significant_harmful_higher, 0.4, label="harmful higher")
@@ -105,7 +105,7 @@ def _head_heatmap(heads: pd.DataFrame, model_name: str):
     """Layer × head heatmap of Cohen's d of the head output norm."""
     grid = heads.pivot_table(index="layer", columns="head", values="effect_size", aggfunc="mean")
     lim = float(np.nanmax(np.abs(grid.to_numpy()))) or 1.0
-    fig, ax = plt.subplots(figsize=(max(4, 0.4 * grid.shape[1] + 2), max(3, 0.25 * grid.shape[0] + 1.5)))
+    fig, ax = subplots(figsize=(max(4, 0.4 * grid.shape[1] + 2), max(3, 0.25 * grid.shape[0] + 1.5)))
     im = ax.imshow(grid.to_numpy(), aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
     ax.set_xticks(range(grid.shape[1]), grid.columns)
     ax.set_yticks(range(grid.shape[0]), grid.index)

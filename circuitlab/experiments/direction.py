@@ -365,10 +365,10 @@ def candidate_heatmap(table: pd.DataFrame, model_name: str):
 
 def candidate_tradeoff(table: pd.DataFrame, kl_threshold: float, model_name: str, kl_budget: float | None = None):
     """Bypass score against KL on harmless for every fully scored candidate (val), Pareto front marked."""
-    import matplotlib.pyplot as plt
+    from circuitlab.io.plots import subplots
 
     t = table[table.bypass_score.notna()]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     points = ax.scatter(t.kl, t.bypass_score, c=t.layer, cmap="viridis", s=22)
     for r in t.itertuples():
         ax.annotate(f"{r.layer}/{r.position}", (r.kl, r.bypass_score), fontsize=5, alpha=0.7)
@@ -394,9 +394,9 @@ def candidate_tradeoff(table: pd.DataFrame, kl_threshold: float, model_name: str
 
 def refusal_bars(evaluation: pd.DataFrame, model_name: str):
     """Refusal rate with 95% CI: baseline vs ablation (harmful), baseline vs addition (harmless) (Fig. 1)."""
-    import matplotlib.pyplot as plt
+    from circuitlab.io.plots import subplots
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     picks = [("harmful", "baseline"), ("harmful", "ablation"), ("harmful", "orthogonalized"),
              ("harmless", "baseline"), ("harmless", "addition")]
     ev = evaluation.set_index(["split", "condition"])

@@ -226,13 +226,13 @@ class TargetedFinetune(Experiment):
 
 
 def _figure(wide: pd.DataFrame, model_name: str):
-    import matplotlib.pyplot as plt
+    from circuitlab.io.plots import subplots
 
     measures = [m for m in ("harmful_test_refusal_rate", "harmful_test_refusal_rate_ablated",
                             "harmful_test_refusal_rate_ablated_fixed", "harmless_test_over_refusal_rate", "harmful_test_refusal_score",
                             "harmful_test_refusal_score_ablated", "harmless_test_kl_from_original",
                             "plaintext_cross_entropy") if m in wide.columns]
-    fig, axes = plt.subplots(1, len(measures), figsize=(2.6 * len(measures), 3.2))
+    fig, axes = subplots(1, len(measures), figsize=(2.6 * len(measures), 3.2))
     for ax, m in zip(np.atleast_1d(axes), measures):
         ax.bar(wide.variant.astype(str), wide[m], color="C0")
         ax.set_title(m, fontsize=8)

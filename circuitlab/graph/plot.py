@@ -16,11 +16,9 @@ _STYLE = {"q": "-", "k": "--", "v": ":", "mlp": "-", "logits": "-"}
 
 def plot_curves(curve: pd.DataFrame, title: str = "Circuit faithfulness"):
     """Faithfulness vs edge fraction (log x) per method; random seeds as a min-max band."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from circuitlab.io.plots import subplots
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     rand = curve[curve.method == "random"]
     if len(rand):
         band = rand.groupby("fraction").faithfulness.agg(["min", "max", "mean"]).reset_index()
@@ -53,12 +51,10 @@ def plot_circuit(graph: EdgeGraph, mask: torch.Tensor, scores: torch.Tensor, tit
     """Draw a circuit: x = layer (embedding at -1, MLP l at l + 0.5, logits at n_layers), y = head;
     edge width ~ |score|, colour = sign (red +, blue -), line style = reader kind (q solid, k dashed,
     v dotted; a kv edge is drawn to every query head of its group)."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from circuitlab.io.plots import subplots
 
     edges = torch.nonzero(mask & graph.valid).tolist()
-    fig, ax = plt.subplots(figsize=(max(6, graph.n_layers * 0.5 + 3), max(4, graph.n_heads * 0.35 + 2)))
+    fig, ax = subplots(figsize=(max(6, graph.n_layers * 0.5 + 3), max(4, graph.n_heads * 0.35 + 2)))
     logits_xy = (graph.n_layers + 0.5, (graph.n_heads - 1) / 2)
     vals = np.array([float(scores[w, r]) for w, r in edges]) if edges else np.zeros(0)
     top = np.abs(vals).max() if len(vals) else 1.0

@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,6 +223,9 @@ def load(name_or_path: str, *, split: str | None = None, n: int | None = None, s
     prompts = PromptSet(name, _clean(name, raw))
     if split is not None and split != "all":
         prompts = prompts.split(split, seed=seed)
+    if n is not None and n > len(prompts):  # asked for more than there are: say so, use them all
+        warnings.warn(f"{prompts.name}: n={n} asks for more than the {len(prompts)} prompts there are; "
+                      f"all {len(prompts)} are used", stacklevel=2)
     if n is not None:
         prompts = prompts.sample(n, seed=seed)
     return prompts

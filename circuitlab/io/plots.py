@@ -1,20 +1,28 @@
-"""Figures (matplotlib, headless). One function per figure kind; each returns a Figure."""
+"""Figures (matplotlib). One function per figure kind; each returns a Figure.
+
+Figures are built as plain ``matplotlib.figure.Figure`` objects (``subplots`` below), never through
+pyplot: importing circuitlab leaves the user's matplotlib backend alone, and figures are not kept
+alive by pyplot's figure manager.
+"""
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+__all__ = ["subplots", "score_histogram", "heatmap", "bars", "fragility", "circuit_diagram"]
 
-__all__ = ["score_histogram", "heatmap", "bars", "fragility", "circuit_diagram"]
+
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, **kwargs):
+    """``(Figure, axes)`` like ``pyplot.subplots``, without touching pyplot or the backend."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def score_histogram(scores: dict[str, np.ndarray], title: str, xlabel: str = "refusal score (log-odds)"):
     """Overlaid histograms of a score per prompt set."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     values = np.concatenate([np.asarray(v) for v in scores.values()])
     bins = np.linspace(values.min(), values.max(), 30)
     for name, v in scores.items():
@@ -32,7 +40,7 @@ def heatmap(table: pd.DataFrame, index: str, columns: str, values: str, title: s
             cmap: str = "RdBu_r", center: float | None = 0.0, fmt_labels=None):
     """A ``index`` × ``columns`` heatmap of ``values`` (mean over duplicates)."""
     grid = table.pivot_table(index=index, columns=columns, values=values, aggfunc="mean")
-    fig, ax = plt.subplots(figsize=(max(4, 0.45 * grid.shape[1] + 2), max(3, 0.28 * grid.shape[0] + 1.5)))
+    fig, ax = subplots(figsize=(max(4, 0.45 * grid.shape[1] + 2), max(3, 0.28 * grid.shape[0] + 1.5)))
     data = grid.to_numpy(dtype=float)
     if center is not None:
         lim = np.nanmax(np.abs(data - center)) or 1.0
@@ -52,7 +60,7 @@ def heatmap(table: pd.DataFrame, index: str, columns: str, values: str, title: s
 
 def bars(table: pd.DataFrame, x: str, y: str, hue: str | None, title: str, yerr: tuple[str, str] | None = None):
     """Grouped bar chart; ``yerr`` names (low, high) columns for error bars."""
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = subplots(figsize=(7, 3.5))
     groups = [None] if hue is None else list(dict.fromkeys(table[hue]))
     xs = list(dict.fromkeys(table[x]))
     width = 0.8 / len(groups)
@@ -81,7 +89,7 @@ def fragility(table: pd.DataFrame, kind: str, model_name: str, broken_kl: float 
     base = table[table.selection == "baseline"].iloc[0]
     top = table[table.selection == "top"].sort_values("k")
     rnd = table[table.selection == "random"]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.9))
+    fig, axes = subplots(1, 3, figsize=(14, 3.9))
     panels = [("refusal_rate", "refusal rate (judge)"), ("refusal_score", "refusal score (log-odds)")]
     for ax, (measure, label) in zip(axes[:2], panels):
         ax.plot(top.k, top[measure], "o-", color="C3", label=f"top-k ranked {kind}s")
@@ -131,7 +139,7 @@ def circuit_diagram(table: pd.DataFrame, layers: pd.DataFrame, first_readable: i
     """Layer-by-stage diagram of a circuit map: one marker per candidate (filled = verified,
     size = patch effect), probe accuracy per layer above, readable and direction layers marked."""
     stages = ["detection", "evaluation", "decision", "production"]
-    fig, (top, ax) = plt.subplots(2, 1, figsize=(9, 5.2), sharex=True, gridspec_kw={"height_ratios": [1, 2.4]})
+    fig, (top, ax) = subplots(2, 1, figsize=(9, 5.2), sharex=True, gridspec_kw={"height_ratios": [1, 2.4]})
     top.plot(layers.layer, layers.probe_accuracy, "k.-")
     top.set_ylabel("probe acc.")
     top.set_ylim(0.0, 1.05)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["git_state", "start", "finish", "versions"]
+__all__ = ["git_state", "start", "finish", "versions", "matmul_peak"]
 
 _PACKAGES = ("circuitlab", "torch", "transformer-lens", "transformers", "scikit-learn", "pandas", "numpy")
-_REPO = Path(__file__).resolve().parent
+_REPO = Path(__file__).resolve().parents[1]  # inside the checkout, wherever git runs from
 
 
 _CODE = (":/", ":(top,exclude)results/")  # pathspecs: the whole tree but its outputs
@@ -83,3 +83,15 @@ def finish(record: dict, model=None) -> dict:
     if model is not None:
         out.update(device=str(getattr(model, "device", None)), dtype=str(getattr(model, "dtype", None)))
     return out
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """Best fp32 matmul FLOP/s of this process: the machine-speed figure recorded beside wall times."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+    return best

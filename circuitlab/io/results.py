@@ -25,7 +25,7 @@ import pandas as pd
 from circuitlab.core import components
 from circuitlab.io import provenance
 
-__all__ = ["Result", "SavedFigure", "check_table", "SHARED_COLUMNS", "load_result", "run_config", "check_output_dir",
+__all__ = ["Result", "SavedFigure", "check_table", "SHARED_COLUMNS", "load_result", "run_config", "check_output_dir", "check_writable",
            "OutputError", "MANIFEST"]
 
 SHARED_COLUMNS = ("layer", "component", "head", "neuron", "position")
@@ -74,11 +74,12 @@ def check_output_dir(directory: str | os.PathLike, overwrite: bool = False) -> P
 
     Cheap and side-effect free: call it before computing, so a bad ``--out`` fails in a second.
     """
-    directory = Path(directory).expanduser()
-    for parent in [directory, *directory.parents]:
-        if parent.exists() and not parent.is_dir():
-            what = "is a file" if parent == directory else f"is inside {parent}, which is a file"
-            raise OutputError(f"output {directory} {what}; choose a folder path (nothing was written)")
+    directory = Path(os.path.abspath(Path(directory).expanduser()))  # "." and "" name the current folder
+    cwd = Path(os.getcwd())
+    if directory == cwd or directory in cwd.parents:  # saving replaces the folder: never the one we stand in
+        raise OutputError(f"output {directory} is the current folder (or holds it); choose a new folder path "
+                          "such as runs/my_run (nothing was written)")
+    check_writable(directory)
     if directory.is_dir():
         entries = {p.name for p in directory.iterdir()}
         if entries:
@@ -94,11 +95,21 @@ def check_output_dir(directory: str | os.PathLike, overwrite: bool = False) -> P
             if not overwrite:
                 raise OutputError(f"output folder {directory} holds a previous circuitlab run; pass --overwrite "
                                   "(Result.save(..., overwrite=True)) to replace it, or choose another folder")
+    return directory
+
+
+def check_writable(directory: str | os.PathLike, what: str = "--out") -> Path:
+    """Raise OutputError unless a folder can be created or written at ``directory`` (a real probe)."""
+    directory = Path(os.path.abspath(Path(directory).expanduser()))
+    for parent in [directory, *directory.parents]:
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == directory else f"is inside {parent}, which is a file"
+            raise OutputError(f"{what} {directory} {where}; choose a folder path (nothing was written)")
     existing = next(p for p in [directory, *directory.parents] if p.exists())
     try:  # a real probe: permission bits say nothing for root or on read-only filesystems
         os.rmdir(tempfile.mkdtemp(prefix=".circuitlab-probe.", dir=existing))
     except OSError as err:
-        raise OutputError(f"cannot write under {existing} ({err.strerror}); choose a writable --out folder") from None
+        raise OutputError(f"cannot write under {existing} ({err.strerror}); choose a writable {what} folder") from None
     return directory
 
 

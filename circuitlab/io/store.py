@@ -49,6 +49,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
+from circuitlab.io.files import atomic_path
 from circuitlab.io.paths import cache_dir
 from circuitlab.core.model import HookedModel, resolve_positions
 from circuitlab.core.progress import progress_bar
@@ -281,17 +282,14 @@ class ActivationStore:
         """Write one hook's rows for one batch: temp file in the same directory, then rename."""
         name = hashlib.sha256("".join(keys).encode()).hexdigest()[:24]
         final = hook_dir / f"{name}.safetensors"
-        tmp = hook_dir / f".{name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"  # unique across hosts
         acts = acts.contiguous()
         keys_json = json.dumps(keys)
         meta = {"prompts": keys_json, "checksum": _checksum(keys_json, _tensor_bytes(acts)), "format": "1"}
         try:
-            save_file({"acts": acts}, str(tmp), metadata=meta)
-            os.replace(tmp, final)  # atomic: readers see the whole file or none of it
+            with atomic_path(final) as tmp:  # readers see the whole file or none of it
+                save_file({"acts": acts}, str(tmp), metadata=meta)
         except OSError as e:
             raise self._unwritable(hook_dir, e) from e
-        finally:
-            tmp.unlink(missing_ok=True)
         self._forget(final)
         self._seen.add(final)
         self._index.setdefault(hook_dir, {}).update((k, final) for k in keys)

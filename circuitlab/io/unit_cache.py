@@ -24,12 +24,13 @@ import inspect
 import io
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
-__all__ = ["UnitCache", "digest", "atomic_write", "code_fingerprint"]
+from circuitlab.io.files import atomic_write, code_fingerprint
+
+__all__ = ["UnitCache", "digest"]
 
 
 class _StablePickler(pickle.Pickler):
@@ -47,30 +48,6 @@ def digest(obj) -> str:
     buffer = io.BytesIO()
     _StablePickler(buffer, protocol=4).dump(obj)
     return hashlib.sha256(buffer.getvalue()).hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@functools.lru_cache(maxsize=1)
-def code_fingerprint() -> str:
-    """sha256 over the circuitlab package's Python sources (paths and bytes), computed once per process."""
-    package = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=None)

