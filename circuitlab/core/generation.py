@@ -192,8 +192,11 @@ def greedy_decode(bridge, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens:
 def generate(model, prompts: Sequence[str], max_new_tokens: int = 24, *, chat: bool = True,
              batch_size: int = 16, fwd_hooks: Iterable = (), progress: bool = False,
              desc: str = "generate", stop_when: StopWhen | None = None, shrink: bool = True,
-             share_prefix: bool = False) -> list[str]:
+             share_prefix: bool = False, prefill: str | None = None) -> list[str]:
     """Greedy completions of ``prompts`` (KV-cached, batched), with ``fwd_hooks`` active at every step.
+
+    ``prefill``: the assistant turn starts with this text (``HookedModel.format``); the completion
+    returned is the continuation after it, without the prefill itself.
 
     ``stop_when(text_so_far) -> bool`` ends a row early once it is true, e.g.
     ``lambda t: is_refusal(t, phrases)``: a refusal marker, once present, stays in every longer
@@ -209,13 +212,13 @@ def generate(model, prompts: Sequence[str], max_new_tokens: int = 24, *, chat: b
         return tok.decode(ids, skip_special_tokens=True)
 
     # prompts enter the batch shortest first, so little padding is added
-    lengths = model.token_lengths(prompts, chat)
+    lengths = model.token_lengths(prompts, chat, prefill)
     order = iter(progress_bar(sorted(range(len(prompts)), key=lengths.__getitem__), progress,
                               total=len(prompts), desc=desc))
 
     def next_group(k: int) -> Group | None:
         idx = list(itertools.islice(order, k))
-        return (idx, *model.tokenize([prompts[i] for i in idx], chat)) if idx else None
+        return (idx, *model.tokenize([prompts[i] for i in idx], chat, prefill)) if idx else None
 
     with torch.no_grad(), model.hooks(fwd_hooks):
         tokens = decode_groups(model.bridge, next_group, batch_size, max_new_tokens, eos,

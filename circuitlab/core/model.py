@@ -131,13 +131,17 @@ class HookedModel:
 
     # ---- text -----------------------------------------------------------------------------
 
-    def format(self, prompt: str, chat: bool = True) -> str:
-        """The prompt as the model sees it: in the chat template (default) or raw."""
+    def format(self, prompt: str, chat: bool = True, prefill: str | None = None) -> str:
+        """The prompt as the model sees it: in the chat template (default) or raw. ``prefill``: text the
+        assistant turn starts with (a prefill attack's opener), appended after the generation prompt."""
         if not chat:
+            if prefill:
+                raise ValueError("prefill needs a chat prompt (chat=True): it starts the assistant turn")
             return prompt
-        return self.tokenizer.apply_chat_template(
+        text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
+        return text + (prefill or "")
 
     def _count_post_instruction_tokens(self) -> int:
         """Template tokens after the user's text (e.g. ``<|im_end|>\\n<|im_start|>assistant\\n``)."""
@@ -148,24 +152,25 @@ class HookedModel:
         suffix = text[text.rindex(marker) + len(marker):]
         return len(self.tokenizer(suffix, add_special_tokens=False).input_ids)
 
-    def tokenize(self, prompts: Sequence[str], chat: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ``(input_ids, attention_mask)`` for ``prompts``."""
-        texts = [self.format(p, chat) for p in prompts]
+    def tokenize(self, prompts: Sequence[str], chat: bool = True,
+                 prefill: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ``(input_ids, attention_mask)`` for ``prompts`` (``prefill``: see ``format``)."""
+        texts = [self.format(p, chat, prefill) for p in prompts]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
 
-    def token_lengths(self, prompts: Sequence[str], chat: bool = True) -> list[int]:
-        texts = [self.format(p, chat) for p in prompts]
+    def token_lengths(self, prompts: Sequence[str], chat: bool = True, prefill: str | None = None) -> list[int]:
+        texts = [self.format(p, chat, prefill) for p in prompts]
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False).input_ids]
 
-    def batches(self, prompts: Sequence[str], batch_size: int = 16, chat: bool = True
+    def batches(self, prompts: Sequence[str], batch_size: int = 16, chat: bool = True, prefill: str | None = None
                 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """Yield ``(indices, input_ids, attention_mask)``; prompts sorted by length to cut padding."""
-        lengths = self.token_lengths(prompts, chat)
+        lengths = self.token_lengths(prompts, chat, prefill)
         order = sorted(range(len(prompts)), key=lambda i: lengths[i])
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            ids, mask = self.tokenize([prompts[i] for i in idx], chat)
+            ids, mask = self.tokenize([prompts[i] for i in idx], chat, prefill)
             yield idx, ids, mask
 
     def to_single_token(self, text: str) -> int:
@@ -201,25 +206,29 @@ class HookedModel:
 
     def last_logits(self, prompts: Sequence[str], *, chat: bool = True, batch_size: int = 16,
                     fwd_hooks: Iterable[tuple[str, HookFn]] = (), progress: bool = False,
-                    desc: str = "logits") -> torch.Tensor:
+                    desc: str = "logits", prefill: str | None = None) -> torch.Tensor:
         """Next-token logits at the last prompt position, ``[n_prompts, vocab]`` (float32).
+        ``prefill``: the assistant turn starts with this text (``format``); logits follow it.
 
         Only the last position is unembedded: the unembedding is a large share of the FLOPs.
         """
         out = torch.empty(len(prompts), self.bridge.cfg.d_vocab)
         with torch.no_grad(), self.hooks(fwd_hooks):
-            for idx, ids, mask in progress_bar(self.batches(prompts, batch_size, chat), progress,
+            for idx, ids, mask in progress_bar(self.batches(prompts, batch_size, chat, prefill), progress,
                                                total=-(-len(prompts) // batch_size), desc=desc):
                 resid = self.final_residual(ids, mask)
                 out[idx] = self.final_logits(resid[:, -1]).float().cpu()
         return out
 
-    def final_residual(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """Residual stream after the last block ``[batch, seq, d_model]``; skips the unembedding."""
+    def final_residual(self, input_ids, attention_mask=None, on_final=None) -> torch.Tensor:
+        """Residual stream after the last block ``[batch, seq, d_model]``; skips the unembedding.
+
+        ``on_final(resid)`` may replace it (a hook on the logits' input); gradients flow through.
+        """
         captured = {}
 
         def grab(act, hook):
-            captured["resid"] = act
+            captured["resid"] = on_final(act) if on_final is not None else act
             raise _StopForward
 
         with self.bridge.hooks(fwd_hooks=[(hk.final_resid(), grab)]):
@@ -227,6 +236,8 @@ class HookedModel:
                 self.forward(input_ids, attention_mask)
             except _StopForward:
                 pass
+        if "resid" not in captured:
+            raise RuntimeError(f"the forward pass never reached the final residual ({hk.final_resid()})")
         return captured["resid"]
 
     def run_with_cache(self, prompts: Sequence[str], names, positions="last", *, chat: bool = True,
