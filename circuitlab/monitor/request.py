@@ -29,7 +29,8 @@ from circuitlab.core.model import HookedModel
 from circuitlab.io.store import ActivationStore
 
 __all__ = ["RequestMonitor", "RequestCheck", "fit_request_monitor", "detection_metrics", "METHODS", "CALIBRATIONS",
-           "calibrate_across_sources", "false_alarm_rate", "leave_one_source_out"]
+           "calibrate_across_sources", "calibrate_threshold", "false_alarm_rate", "leave_one_source_out",
+           "direction_readout", "probe_readout", "clopper_pearson"]
 
 METHODS = ("probe", "direction")
 CALIBRATIONS = ("pooled", "max")  # one threshold on all harmless val prompts | the strictest per-source one
@@ -61,6 +62,20 @@ class RequestMonitor:
     calibration: str = "pooled"  # how the threshold was set across harmless sources
     source_thresholds: dict = field(default_factory=dict)  # source -> threshold it alone would get
 
+    def reads(self) -> tuple[list[int], bool]:
+        """What ``score_features`` needs: the ``resid_pre`` layers and whether the refusal log-odds."""
+        return [self.layer], False
+
+    @property
+    def depth(self) -> int:
+        """Layers a check runs: ``check`` stops before ``resid_pre(layer)``'s block."""
+        return self.layer
+
+    def score_features(self, feats: dict) -> torch.Tensor:
+        """Scores from ``{layer: [n, d_model] resid_pre at the last position, "logodds": [n]}``
+        (``circuitlab.monitor.decision.read_features``): the same numbers ``check`` computes."""
+        return self.score_activations(feats[self.layer])
+
     def score_activations(self, acts: torch.Tensor) -> torch.Tensor:
         """Scores for residual vectors ``[n, d_model]``."""
         return acts.float() @ self.weight.to(acts.device) + self.bias
@@ -83,14 +98,14 @@ class RequestMonitor:
                             time.perf_counter() - start)
 
 
-def _direction_readout(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, float]:
+def direction_readout(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, float]:
     """Unit difference-in-means direction; bias centres the midpoint of the two means at 0."""
     diff = diff_in_means(pos, neg)
     w = diff / (np.linalg.norm(diff) + 1e-12)
     return w, -float(w @ (pos.mean(0) + neg.mean(0)) / 2)
 
 
-def _probe_readout(pos: np.ndarray, neg: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+def probe_readout(pos: np.ndarray, neg: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
     """Standardised L2 logistic regression, folded back to raw-residual weights."""
     x = np.concatenate([pos, neg])
     y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
@@ -133,6 +148,18 @@ def calibrate_across_sources(negative_scores: dict, fpr: float, rule: str = "poo
     if rule == "max":
         return max(per_source.values()), per_source
     return calibrate_threshold(np.concatenate([np.asarray(v, float) for v in negative_scores.values()]), fpr), per_source
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper & Pearson 1934) two-sided ``level`` interval for a binomial rate ``k / n``."""
+    from scipy.stats import beta
+
+    if not 0 <= k <= n or n < 1:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    a = (1 - level) / 2
+    low = float(beta.ppf(a, k, n - k + 1)) if k > 0 else 0.0
+    high = float(beta.ppf(1 - a, k + 1, n - k)) if k < n else 1.0
+    return low, high
 
 
 def false_alarm_rate(scores, threshold: float, *, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -184,7 +211,7 @@ def fit_request_monitor(model: HookedModel, harmful_train, harmless_train, harmf
     best, layer_scores = None, {}
     for layer, name in zip(layers, names):
         hp, hn, vp, vn = (a[name][:, 0].double().numpy() for a in acts)
-        w, b = _direction_readout(hp, hn) if method == "direction" else _probe_readout(hp, hn, seed)
+        w, b = direction_readout(hp, hn) if method == "direction" else probe_readout(hp, hn, seed)
         auc = float(roc_auc_score(np.r_[np.ones(len(vp)), np.zeros(len(vn))], np.r_[vp @ w, vn @ w]))
         layer_scores[layer] = auc
         if best is None or auc > best[1] + 1e-9:

@@ -1,0 +1,181 @@
+"""Monitors that read the refusal decision, not the request's topic, behind the ``RequestMonitor`` interface.
+
+A content probe at an early layer reads what a request is about (the features ranking finds in layers
+1-4) and flags benign questions on sensitive topics. These read what the model is about to do:
+
+- ``direction``: projection of ``resid_pre(L)`` on the unit difference-in-means refusal direction at a
+  validation-selected layer ``L`` (Arditi et al. 2024, "Refusal in LMs is mediated by a single direction").
+- ``direction-late``: the mean of each layer's own unit difference-in-means projection over ``L`` and later
+  layers (the decision as it is carried forward, not only where it is first written).
+- ``logodds``: the model's own first-token refusal log-odds (``methods.metrics.refusal_score_from_logits``,
+  Arditi et al. §2.4): one full forward, no fitting.
+- ``multi-probe``: one L2 logistic probe on ``resid_pre`` of several layers concatenated.
+
+Each is a ``FeatureMonitor``: a linear read-out ``w·concat(resid_pre(l) for l in layers) + b`` (or the
+log-odds), with a split-conformal threshold (``circuitlab.monitor.conformal``). ``check`` runs the model
+only up to its deepest read layer (``run_with_cache`` stops there); the log-odds needs the whole model.
+Fitting works on features read once (``read_features``), so many monitors and folds share one forward.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from circuitlab.core import hooks as hk
+from circuitlab.core.model import HookedModel
+from circuitlab.methods.directions import diff_in_means
+from circuitlab.methods.metrics import refusal_score_from_logits, refusal_tokens
+from circuitlab.monitor.conformal import conformal_across_sources
+from circuitlab.monitor.request import RequestCheck, RequestMonitor, probe_readout
+
+__all__ = ["FeatureMonitor", "read_features", "fit_feature_monitor", "select_layer", "DECISION_KINDS",
+           "merge_features", "take"]
+
+DECISION_KINDS = ("probe", "direction", "direction-late", "logodds", "multi-probe")
+LOGODDS = "logodds"
+
+
+def read_features(model: HookedModel, prompts: Sequence[str], layers: Sequence[int], *, logodds: bool = False,
+                  fwd_hooks=(), batch_size: int = 16, progress: bool = False) -> dict:
+    """``{layer: [n, d_model] resid_pre at the last position}`` (+ ``"logodds": [n]``) in one forward.
+
+    Without ``logodds`` the forward stops after the deepest layer read. ``fwd_hooks`` (e.g. an attack's
+    ablation) stay active, and the monitor sees the residual after they act.
+    """
+    prompts = list(getattr(prompts, "prompts", prompts))
+    layers = sorted(set(int(l) for l in layers))
+    bad = [l for l in layers if not 0 <= l < model.n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are outside 0..{model.n_layers - 1}")
+    names = [hk.resid_pre(l) for l in layers] + ([hk.final_resid()] if logodds else [])
+    if not names:
+        raise ValueError("read_features needs at least one layer or logodds=True")
+    acts = model.run_with_cache(prompts, names, "last", fwd_hooks=fwd_hooks, batch_size=batch_size,
+                                progress=progress, desc="monitor features")
+    out = {l: acts[hk.resid_pre(l)][:, 0].float() for l in layers}
+    if logodds:
+        with torch.no_grad():
+            logits = model.final_logits(acts[hk.final_resid()][:, 0]).float().cpu()
+        out[LOGODDS] = refusal_score_from_logits(logits, refusal_tokens(model)).float()
+    return out
+
+
+def merge_features(*parts: dict) -> dict:
+    """Rows of several feature dicts stacked (keys every part has)."""
+    keys = set(parts[0]).intersection(*parts[1:])
+    return {k: torch.cat([p[k] for p in parts]) for k in keys}
+
+
+def take(feats: dict, idx) -> dict:
+    """The rows ``idx`` of a feature dict."""
+    idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+    return {k: v[idx] for k, v in feats.items()}
+
+
+@dataclass
+class FeatureMonitor(RequestMonitor):
+    """``score = w · concat(resid_pre(l) for l in layers) + b``, or the refusal log-odds (``kind="logodds"``).
+
+    ``layer`` (the base field) is the deepest layer read; ``depth`` the layers a check computes.
+    """
+
+    layers: tuple = ()
+    kind: str = "probe"
+    n_model_layers: int = 0  # the whole model's depth (the log-odds runs all of it)
+    source_thresholds: dict = field(default_factory=dict)
+
+    def reads(self) -> tuple[list[int], bool]:
+        return list(self.layers), self.kind == LOGODDS
+
+    @property
+    def depth(self) -> int:
+        return self.n_model_layers if self.kind == LOGODDS else max(self.layers) + 1
+
+    def score_features(self, feats: dict) -> torch.Tensor:
+        if self.kind == LOGODDS:
+            return feats[LOGODDS].float()
+        x = torch.cat([feats[l].float() for l in self.layers], dim=-1)
+        return x @ self.weight.to(x.device) + self.bias
+
+    def check(self, model: HookedModel, prompts: Sequence[str], *, batch_size: int = 16,
+              fwd_hooks=()) -> RequestCheck:
+        """Score and flag ``prompts``: one forward up to the deepest layer read (all layers for the log-odds)."""
+        start = time.perf_counter()
+        layers, logodds = self.reads()
+        scores = self.score_features(read_features(model, prompts, layers, logodds=logodds, fwd_hooks=fwd_hooks,
+                                                   batch_size=batch_size))
+        return RequestCheck(scores, scores > self.threshold, self.threshold, self.layer,
+                            time.perf_counter() - start)
+
+
+def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
+
+
+def _stack(feats: dict, layers) -> np.ndarray:
+    return torch.cat([feats[l].double() for l in layers], dim=-1).numpy()
+
+
+def select_layer(train_pos: dict, train_neg: dict, val_pos: dict, val_neg: dict, layers: Sequence[int],
+                 method: str = "probe", seed: int = 0) -> tuple[int, dict]:
+    """The candidate layer whose ``method`` read-out (fit on train) has the best validation AUROC; ties go to
+    the earliest (cheapest) layer. Returns it and ``{layer: val AUROC}``."""
+    scores = {}
+    for l in layers:
+        w, b = _readout(method, [l], train_pos, train_neg, seed)
+        scores[l] = _auroc(_stack(val_pos, [l]) @ w, _stack(val_neg, [l]) @ w)
+    best = max(layers, key=lambda l: (round(scores[l], 9), -l))
+    return best, scores
+
+
+def _readout(method, layers, pos, neg, seed):
+    hp, hn = _stack(pos, layers), _stack(neg, layers)
+    if method in ("probe", "multi-probe"):
+        return probe_readout(hp, hn, seed)
+    ws, bs = [], []
+    for l in layers:  # per-layer unit direction; the score is their mean projection
+        d = diff_in_means(_stack(pos, [l]), _stack(neg, [l]))
+        w = d / (np.linalg.norm(d) + 1e-12)
+        ws.append(w / len(layers))
+        bs.append(-float(w @ (_stack(pos, [l]).mean(0) + _stack(neg, [l]).mean(0)) / 2) / len(layers))
+    return np.concatenate(ws), float(sum(bs))
+
+
+def fit_feature_monitor(kind: str, train_pos: dict, train_neg: dict, val_pos: dict, val_neg: dict | list,
+                        *, layers: Sequence[int] = (), n_model_layers: int, alpha: float = 0.05,
+                        calibration: str = "pooled", seed: int = 0) -> FeatureMonitor:
+    """Fit a ``kind`` monitor on train features (``{layer: tensor}`` per class) and set its threshold by
+    split-conformal calibration on the benign validation features.
+
+    ``val_neg``: one feature dict or ``{source: feature dict}`` (``calibration="max"`` keeps the strictest
+    source's conformal threshold). ``layers``: the layer(s) read (``probe``/``direction``: one; the others:
+    several; ``logodds``: none). AUROC is recorded on the validation features.
+    """
+    if kind not in DECISION_KINDS:
+        raise ValueError(f"kind={kind!r}; use one of {', '.join(DECISION_KINDS)}")
+    layers = tuple(int(l) for l in layers)
+    if kind in ("probe", "direction") and len(layers) != 1:
+        raise ValueError(f"kind={kind!r} reads one layer; got layers={list(layers)}")
+    if kind != LOGODDS and not layers:
+        raise ValueError(f"kind={kind!r} needs layers (e.g. layers=[12])")
+    by_source = val_neg if isinstance(val_neg, dict) and not any(isinstance(k, int) or k == LOGODDS
+                                                                 for k in val_neg) else {"val": val_neg}
+    if kind == LOGODDS:
+        w, b, layers = np.zeros(0), 0.0, ()
+    else:
+        w, b = _readout("probe" if kind == "multi-probe" else ("direction" if kind.startswith("direction") else kind),
+                        layers, train_pos, train_neg, seed)
+    mon = FeatureMonitor(layer=(n_model_layers if kind == LOGODDS else max(layers)), method=kind,
+                         weight=torch.tensor(w, dtype=torch.float32), bias=float(b), threshold=float("inf"),
+                         target_fpr=alpha, val_auroc=float("nan"), calibration=f"conformal-{calibration}",
+                         layers=layers, kind=kind, n_model_layers=n_model_layers)
+    neg_scores = {name: mon.score_features(f).numpy() for name, f in by_source.items()}
+    mon.threshold, mon.source_thresholds = conformal_across_sources(neg_scores, alpha, calibration)
+    mon.val_auroc = _auroc(mon.score_features(val_pos).numpy(), np.concatenate(list(neg_scores.values())))
+    return mon
