@@ -195,3 +195,69 @@ def test_robust_safety_script_refuses_bad_sets_before_loading(bad, message, tmp_
     errors = [line for line in run.stderr.splitlines() if "error:" in line]
     assert run.returncode == 2 and len(errors) == 1 and message in errors[0] and "loaded" not in run.stdout
     assert not out.exists()
+
+
+def test_random_subspace_adversary_ablates_a_random_member_at_every_step(planted, sets):
+    """DeepRefusal-style: every step draws k <= max_k keys (random layers and offsets) and projects their span
+    out of the hardening rows from the first drawn layer on; the draws vary across steps."""
+    from circuitlab.defence.finetune import RandomSubspaceAdversary
+
+    adv = RandomSubspaceAdversary(planted, sets["h_train"][:8], sets["s_train"][:8], max_k=3, refresh_every=2, seed=0)
+    drawn = []
+    for step in range(6):
+        hooks, rows = adv(step, 4)
+        _, first, keys = adv.history[-1]
+        assert 1 <= len(keys) <= 3 and all(k in adv.candidates for k in keys) and rows.dtype == torch.bool
+        layers = {hk.layer_of(n) for n, _ in hooks}
+        assert min(layers) == first and max(layers) == planted.n_layers - 1
+        drawn.append(tuple(keys))
+    assert len(set(drawn)) > 1, "a random member each step, not one fixed direction"
+    with weights_restored(planted):
+        log = train(planted, full_masks(planted), [(p, " sorry") for p in sets["h_train"][:8]], steps=2, lr=1e-3,
+                    batch_size=2, adversary=RandomSubspaceAdversary(planted, sets["h_train"][:8],
+                                                                    sets["s_train"][:8], max_k=8))
+    assert sum(log["ablated_rows"]) == 4  # prob=1: every hardening row ablated
+
+
+def test_extended_refusals_are_multi_sentence_and_harmless():
+    from circuitlab.defence.finetune import REFUSAL_TARGETS, extended_refusals, refusal_targets
+
+    ext = extended_refusals()
+    assert len(ext) >= 3 and all(t.count(". ") >= 2 for t in ext), "several sentences each"
+    assert all(("can't" in t or "won't" in t) for t in ext)
+    assert refusal_targets("short") == REFUSAL_TARGETS and refusal_targets("extended") == ext
+    with pytest.raises(ValueError, match="extended"):
+        refusal_targets("long")
+
+
+def test_redundancy_fails_on_one_mechanism_and_passes_on_two(planted, sets):
+    """The planted model refuses through one neuron: keeping only a random neuron (ablating the planted one)
+    removes refusal, so it is not redundant. A copy of the planted neuron into a free neuron makes a second,
+    independent mechanism: each alone keeps refusal."""
+    from circuitlab.core.components import Component
+    from circuitlab.core.weights import canonical_parameters
+    from circuitlab.defence.attacks import redundancy
+    from circuitlab.models.planted import PLANTED_NEURON
+
+    layer, n = PLANTED_NEURON
+    spare = (n + 1) % planted.d_mlp
+    h = sets["h_test"][:12]
+
+    def mechanisms():
+        return {f"neuron {i}": ablation_hooks(planted, [Component("neuron", layer, i)], "zero") for i in (n, spare)}
+    one = redundancy(planted, h, mechanisms())
+    assert not one.attrs["redundant"]
+    assert one.set_index("mechanism").loc[f"neuron {n}", "suffices"] and not one.set_index("mechanism").loc[
+        f"neuron {spare}", "suffices"]
+    params = canonical_parameters(planted)
+    with weights_restored(planted):
+        with torch.no_grad():
+            for part in ("gate_proj", "up_proj"):
+                w = params[f"model.layers.{layer}.mlp.{part}.weight"]
+                w[spare] = w[n]
+            down = params[f"model.layers.{layer}.mlp.down_proj.weight"]
+            down[:, spare] = down[:, n]
+        two = redundancy(planted, h, mechanisms())
+    assert two.attrs["redundant"] and two.set_index("mechanism").loc["all", "kept_share"] < 0.5
+    with pytest.raises(ValueError, match="at least 2"):
+        redundancy(planted, h, {"one": []})

@@ -58,7 +58,8 @@ from circuitlab.methods.interventions import (ablation_hooks, directional_ablati
     reference_activations)
 
 __all__ = ["ATTACKS", "ATTACK_RULES", "PREFILL_OPENER", "RANKS", "adaptive_direction_attack", "attribution_units",
-           "subspace_hooks", "subspace_basis", "refusal_subspace", "ranked_keys", "prefill_refusals", "run_attacks"]
+           "subspace_hooks", "subspace_basis", "refusal_subspace", "ranked_keys", "prefill_refusals", "run_attacks",
+           "redundancy"]
 
 ATTACKS = ("direction_ablation", "rank_k_ablation", "abliteration", "unit_ablation", "orthogonalization", "prefill")
 ATTACK_RULES = ("strongest", "arditi")
@@ -295,4 +296,37 @@ def run_attacks(model, harmful_train, harmless_train, harmful_val, harmless_val,
         out = pd.concat([out, pd.DataFrame([{**worst.to_dict(), "attack": "worst", "worst_attack": worst.attack,
                                              "worst_k": worst.k}])], ignore_index=True)
     out.attrs["candidates"] = table
+    return out
+
+
+def redundancy(model, harmful, mechanisms: dict, *, threshold: float = 0.5, batch_size: int = 16) -> pd.DataFrame:
+    """Does each refusal mechanism ALONE suffice? The *redundant circuits* check.
+
+    ``mechanisms``: ``{name: hooks that ablate it}`` (e.g. the top unit set's mean-ablation hooks, the top
+    direction's ``directional_ablation_hooks``, an edge circuit's ablation). For each mechanism, every
+    OTHER mechanism is ablated together and the first-token refusal probability on ``harmful`` is measured;
+    the mechanism suffices when that keeps at least ``threshold`` × the unablated refusal probability.
+    Rows: ``mechanism`` (the one kept), ``refusal_prob``, ``refusal_prob_before``, ``kept_share``,
+    ``suffices``; plus an ``all`` row (everything ablated). Redundant = every mechanism suffices
+    (``table.attrs["redundant"]``)."""
+    if len(mechanisms) < 2:
+        raise ValueError(f"need at least 2 mechanisms to test redundancy, got {len(mechanisms)}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold} must be in (0, 1]")
+    tok = metrics.refusal_tokens(model)
+
+    def prob(hooks):
+        logits = model.last_logits(list(harmful), fwd_hooks=hooks, batch_size=batch_size)
+        return float(torch.sigmoid(metrics.refusal_score_from_logits(logits, tok)).mean())
+
+    before = prob([])
+    rows = []
+    for kept in [*mechanisms, "all"]:
+        others = [h for name, hooks in mechanisms.items() if name != kept for h in hooks]
+        p = prob(others)
+        share = p / before if before > 0 else float("nan")
+        rows.append({"mechanism": kept, "refusal_prob": p, "refusal_prob_before": before, "kept_share": share,
+                     "suffices": bool(share >= threshold) if kept != "all" else False})
+    out = pd.DataFrame(rows)
+    out.attrs["redundant"] = bool(out[out.mechanism != "all"].suffices.all())
     return out

@@ -43,6 +43,7 @@ import csv
 import json
 import random
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -50,21 +51,41 @@ import torch
 
 from circuitlab.core import hooks as hk
 from circuitlab.core.components import Component
-from circuitlab.methods.directions import diff_in_means, unit
+from circuitlab.methods.directions import candidate_directions, diff_in_means, unit
 from circuitlab.methods.interventions import directional_ablation_hooks
 from circuitlab.core.model import HookedModel
 from circuitlab.core.progress import progress_bar
+from circuitlab.io.store import ActivationStore
 from circuitlab.core.weights import canonical_parameters, component_slices, kv_group_size, slice_masks
 
 __all__ = ["train", "train_components", "component_masks", "full_masks", "random_components", "load_pairs",
            "count_trainable", "greedy_targets", "REFUSAL_TARGETS", "OPTIMIZERS", "make_optimizer",
-           "RefusalAblationAdversary", "on_rows"]
+           "RefusalAblationAdversary", "RandomSubspaceAdversary", "on_rows", "extended_refusals", "refusal_targets",
+           "TARGET_STYLES"]
 
 OPTIMIZERS = ("adam", "adam8bit", "adafactor", "sgd")
 
 # Short refusals the project writes itself: the hardening demo's only targets.
 REFUSAL_TARGETS = ("I'm sorry, but I can't help with that.", "I'm sorry, but I can't assist with that request.",
                    "I can't help with that. It could cause harm.")
+
+
+TARGET_STYLES = ("short", "extended")
+
+
+def extended_refusals() -> tuple[str, ...]:
+    """Multi-sentence refusals written by the project (``circuitlab/data/extended_refusals.txt``): the
+    *extended refusal* remedy's targets (Abu Shairah et al. 2025, arXiv 2505.19056: refusals that explain
+    and refuse over several sentences spread refusal over more of the representation)."""
+    text = resources.files("circuitlab").joinpath("data", "extended_refusals.txt").read_text(encoding="utf-8")
+    return tuple(l.strip() for l in text.splitlines() if l.strip() and not l.startswith("#"))
+
+
+def refusal_targets(style: str = "short") -> tuple[str, ...]:
+    """The hardening targets of a style: ``short`` (``REFUSAL_TARGETS``) or ``extended`` (``extended_refusals``)."""
+    if style not in TARGET_STYLES:
+        raise ValueError(f"targets={style!r}; use one of {', '.join(TARGET_STYLES)}")
+    return REFUSAL_TARGETS if style == "short" else extended_refusals()
 
 
 def component_masks(model: HookedModel, components: Sequence[Component]) -> dict[str, torch.Tensor]:
@@ -220,6 +241,47 @@ class RefusalAblationAdversary:
             self.directions = self.compute()
             self.history.append((step, self.directions.clone()))
         hooks = [h for d in self.directions for h in directional_ablation_hooks(self.model, d)]
+        return hooks, torch.rand(n_rows, generator=self.generator) < self.prob
+
+
+class RandomSubspaceAdversary:
+    """DeepRefusal-style adversary (arXiv 2509.15202): at EVERY step a random member of the refusal
+    subspace is ablated — k ~ U{1..max_k} difference-in-means directions at k random (layer, post-
+    instruction offset) keys, orthonormalised, projected out of the residual stream from the first drawn
+    layer onward (all positions) — so refusal must be carried by more than any one direction, layer or
+    token. The candidate directions (``directions.candidate_directions``, every layer × offset) are
+    recomputed on the CURRENT weights every ``refresh_every`` steps; keys whose means coincide (zero
+    vectors) are never drawn. ``history``: ``(step, layer, keys)`` per step; same call protocol as
+    ``RefusalAblationAdversary``."""
+
+    def __init__(self, model: HookedModel, harmful: Sequence[str], harmless: Sequence[str], *, max_k: int = 8,
+                 refresh_every: int = 4, prob: float = 1.0, seed: int = 0, batch_size: int = 16):
+        if not 1 <= max_k or refresh_every < 1 or not 0 < prob <= 1:
+            raise ValueError(f"need max_k >= 1, refresh_every >= 1 and prob in (0, 1]; got {max_k}, "
+                             f"{refresh_every}, {prob}")
+        self.model, self.max_k, self.refresh_every, self.prob = model, max_k, refresh_every, prob
+        self.prompts, self.batch_size = (list(harmful), list(harmless)), batch_size
+        self.rng, self.generator = random.Random(seed), torch.Generator().manual_seed(seed)
+        self.candidates: dict | None = None
+        self.history: list[tuple[int, int, list]] = []
+
+    def compute(self) -> dict:
+        """Unit candidate directions ``{(layer, offset): vector}`` on the current weights (non-zero only)."""
+        found = candidate_directions(self.model, *self.prompts, ActivationStore(disk=False), batch_size=self.batch_size)
+        out = {k: unit(v) for k, v in found.items() if v.float().norm() > 1e-6}
+        if not out:
+            raise ValueError("harmful and harmless means coincide at every layer and offset: nothing to ablate")
+        return out
+
+    def __call__(self, step: int, n_rows: int) -> tuple[list, torch.Tensor]:
+        if self.candidates is None or step % self.refresh_every == 0:
+            self.candidates = self.compute()
+        keys = self.rng.sample(sorted(self.candidates), min(self.rng.randint(1, self.max_k), len(self.candidates)))
+        q, _ = torch.linalg.qr(torch.stack([self.candidates[k].float() for k in keys], 1))
+        first = min(l for l, _ in keys)
+        self.history.append((step, first, keys))
+        layers = range(first, self.model.n_layers)
+        hooks = [h for d in q.T for h in directional_ablation_hooks(self.model, d, layers=layers)]
         return hooks, torch.rand(n_rows, generator=self.generator) < self.prob
 
 
