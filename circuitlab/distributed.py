@@ -41,8 +41,8 @@ from circuitlab.io import provenance
 from circuitlab.models.loading import check_model_name, load_model
 from circuitlab.core.progress import progress_bar
 from circuitlab.io.store import ActivationStore
-from circuitlab.io.files import atomic_write
-from circuitlab.io.unit_cache import digest
+from circuitlab.io.files import atomic_write, code_fingerprint
+from circuitlab.io.unit_cache import class_source_digest, digest
 
 __all__ = ["run_distributed", "is_unit_experiment", "unit_experiment_names", "DistributedError", "UNIT_METHODS"]
 
@@ -150,8 +150,10 @@ def _resources(ray, device, workers: int, address) -> tuple[dict, str | None]:
 # ---- checkpoints ------------------------------------------------------------------------------
 
 def _run_key(experiment, model, model_name, dtype, harmful, harmless, plan) -> str:
-    """What makes two runs the same: experiment class and parameters, weights, prompts, the units themselves."""
-    parts = [type(experiment).__module__, type(experiment).__qualname__, repr(experiment),
+    """What makes two runs the same: the code (as for the local unit cache: a code change recomputes),
+    experiment class and parameters, weights, prompts, the units themselves."""
+    parts = [code_fingerprint(), class_source_digest(type(experiment)),
+             type(experiment).__module__, type(experiment).__qualname__, repr(experiment),
              getattr(model, "fingerprint", model_name), str(dtype),
              getattr(harmful, "hash", None) or digest(list(harmful)),
              getattr(harmless, "hash", None) or digest(list(harmless)),

@@ -169,7 +169,7 @@ def test_search_never_sees_the_test_split(tiny, harmful, harmless, tmp_path, mon
     test = set(harmful.split("test", seed=exp.seed)) | set(harmless.split("test", seed=exp.seed))
     seen, done = [], object()
     fmt = tiny.format
-    monkeypatch.setattr(tiny, "format", lambda prompt, chat=True: seen.append(prompt) or fmt(prompt, chat))
+    monkeypatch.setattr(tiny, "format", lambda prompt, chat=True, *rest: seen.append(prompt) or fmt(prompt, chat, *rest))
     store = ActivationStore(tmp_path)
     get = store.get
     monkeypatch.setattr(store, "get",

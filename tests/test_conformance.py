@@ -87,3 +87,21 @@ def test_experiment_conforms(name, tiny, harmful, harmless, tmp_path):
         assert (out / f).is_file()
     back = load_result(out)
     assert list(back.table.columns) == list(result.table.columns) and len(back.table) == len(result.table)
+
+
+# names a concept must not go by: the glossary's one name is on the right (docs/guide/glossary.md)
+SYNONYMS = {"plaintext_n": "n_text", "n_plaintext": "n_text", "n_prompts": "n", "num_prompts": "n",
+            "bs": "batch_size", "random_seed": "seed", "n_bootstrap": "n_boot", "max_tokens": "max_new_tokens"}
+
+
+def test_one_name_one_type_per_parameter_across_experiments():
+    """The parameter glossary holds: no synonyms, and a name shared by experiments has one type."""
+    from circuitlab.experiments.base import parameters
+
+    types: dict[str, set] = {}
+    for name in experiments.names():
+        for p in parameters(experiments.get(name)):
+            assert p["name"] not in SYNONYMS, f"{name}.{p['name']}: call it {SYNONYMS[p['name']]!r} (glossary)"
+            types.setdefault(p["name"], set()).add(p["type"].replace("| None", "").replace("None |", "").strip())
+    clashes = {k: v for k, v in types.items() if len(v) > 1}
+    assert not clashes, f"parameters with one name but several types: {clashes}"

@@ -11,7 +11,8 @@ from circuitlab import ActivationStore
 from circuitlab.core import hooks as hk
 from circuitlab.methods import interventions as iv
 from circuitlab.io.datasets import PromptSet
-from circuitlab.methods.direction_eval import (SELECTION_STEPS, bootstrap_ci, direction_components,
+from circuitlab.methods.stats import bootstrap_ci
+from circuitlab.methods.direction_eval import (SELECTION_STEPS, direction_components,
     evaluate_direction, pareto_ranks, score_candidates, select_candidate)
 from circuitlab.methods.directions import candidate_directions, unit
 from circuitlab.experiments.direction import RefusalDirection, split_three
@@ -147,7 +148,7 @@ def test_selection_never_sees_the_test_split(tiny, harmful, harmless, tmp_path, 
         split_three(harmless, exp.train_frac, exp.val_frac, exp.seed)[2])
     seen, done = [], object()
     fmt = tiny.format
-    monkeypatch.setattr(tiny, "format", lambda prompt, chat=True: seen.append(prompt) or fmt(prompt, chat))
+    monkeypatch.setattr(tiny, "format", lambda prompt, chat=True, *rest: seen.append(prompt) or fmt(prompt, chat, *rest))
     store = ActivationStore(tmp_path)
     get = store.get
     monkeypatch.setattr(store, "get", lambda model, prompts, *a, **kw: seen.extend(prompts) or get(model, prompts, *a, **kw))

@@ -188,3 +188,18 @@ def test_checkpoints_of_another_run_are_refused(tiny, harmful, harmless, tmp_pat
     with pytest.raises(DistributedError, match="another run"):
         run_distributed(ActivationPatching(n_pairs=2, positions="post"), "tiny", harmful, harmless, workers=1,
                         model=tiny, checkpoint_dir=ckpt, address=nowhere)
+
+
+def test_checkpoint_key_changes_with_the_code_like_the_local_unit_cache(monkeypatch):
+    """A Ray resume must not reuse units computed by other code (the local unit cache keys on it too)."""
+    from types import SimpleNamespace
+
+    from circuitlab import distributed
+
+    exp = get("refusal-scores")()
+    plan = SimpleNamespace(units=[0, 1])
+    args = (exp, None, "tiny", "float32", ["a", "b"], ["c", "d"], plan)
+    before = distributed._run_key(*args)
+    assert distributed._run_key(*args) == before
+    monkeypatch.setattr(distributed, "code_fingerprint", lambda: "edited")
+    assert distributed._run_key(*args) != before

@@ -8,7 +8,8 @@ from transformer_lens import patching as tlp
 
 from circuitlab.experiments.patching.activation import refusal_metric
 from circuitlab.methods.patching import run_sweeps
-from circuitlab.experiments.patching.path import PathPatching, path_sweep, sender_deltas, split_qkv_input
+from circuitlab.core.split_qkv import split_qkv_input
+from circuitlab.experiments.patching.path import PathPatching, path_sweep, sender_deltas
 from circuitlab.core import hooks as hk
 
 

@@ -11,7 +11,8 @@ import re
 
 __all__ = [
     "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_post", "attn_z",
-    "attn_pattern", "attn_q", "attn_k", "attn_v", "embed", "final_resid", "layer_of",
+    "attn_pattern", "attn_q", "attn_k", "attn_v", "mlp_in", "attn_q_input", "attn_k_input", "attn_v_input",
+    "embed", "final_resid", "layer_of",
     "validate", "HookNameError", "TEMPLATES",
 ]
 
@@ -34,6 +35,12 @@ TEMPLATES = {
     "attn_q": "blocks.{l}.attn.hook_q",
     "attn_k": "blocks.{l}.attn.hook_k",
     "attn_v": "blocks.{l}.attn.hook_v",
+    "mlp_in": "blocks.{l}.ln2.hook_in",  # what the MLP reads (before its norm)
+    # per-head (per-key/value-head) copies of the attention input: exist only while the bridge's
+    # split-QKV fork is on (core.split_qkv.split_qkv_input)
+    "attn_q_input": "blocks.{l}.attn.hook_q_input",
+    "attn_k_input": "blocks.{l}.attn.hook_k_input",
+    "attn_v_input": "blocks.{l}.attn.hook_v_input",
 }
 
 
@@ -93,6 +100,26 @@ def attn_k(layer: int) -> str:
 
 def attn_v(layer: int) -> str:
     return TEMPLATES["attn_v"].format(l=_check_layer(layer))
+
+
+def mlp_in(layer: int) -> str:
+    """The MLP's input (the residual before ``ln2``): ``[batch, pos, d_model]``."""
+    return TEMPLATES["mlp_in"].format(l=_check_layer(layer))
+
+
+def attn_q_input(layer: int) -> str:
+    """Per-query-head attention input (split-QKV fork on): ``[batch, pos, n_heads, d_model]``."""
+    return TEMPLATES["attn_q_input"].format(l=_check_layer(layer))
+
+
+def attn_k_input(layer: int) -> str:
+    """Per-key/value-head key input (split-QKV fork on): ``[batch, pos, n_kv_heads, d_model]``."""
+    return TEMPLATES["attn_k_input"].format(l=_check_layer(layer))
+
+
+def attn_v_input(layer: int) -> str:
+    """Per-key/value-head value input (split-QKV fork on): ``[batch, pos, n_kv_heads, d_model]``."""
+    return TEMPLATES["attn_v_input"].format(l=_check_layer(layer))
 
 
 def embed() -> str:

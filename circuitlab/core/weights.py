@@ -27,7 +27,7 @@ import torch
 
 from circuitlab.core.components import Component
 
-__all__ = ["original", "decoder_layers", "canonical_name", "canonical_parameters", "kv_group_size", "component_slices",
+__all__ = ["original", "decoder_layers", "hooked_layers", "rotary_embeddings", "canonical_name", "canonical_parameters", "kv_group_size", "component_slices",
            "slice_masks", "slice_digest", "Slice", "residual_writers", "writer_weight", "write_vector",
            "final_norm_weight", "unembedding_weight", "weights_restored"]
 
@@ -46,6 +46,20 @@ def decoder_layers(model) -> list:
         raise ValueError(f"circuitlab's weight edits support decoders with model.layers (Llama/Qwen/Mistral "
                          f"style); {type(model.hf_model).__name__} has none")
     return [original(l) for l in layers]
+
+
+def hooked_layers(model) -> list:
+    """The decoder layers as the bridge wraps them (calling one fires its TransformerLens hooks)."""
+    inner = getattr(model.hf_model, "model", None)
+    if getattr(inner, "layers", None) is None:
+        raise ValueError(f"the fast patching engine supports decoders with model.layers (Llama/Qwen/Mistral "
+                         f"style); {type(model.hf_model).__name__} has none: pass fast=False")
+    return list(inner.layers)
+
+
+def rotary_embeddings(model, hidden, position_ids):
+    """The ``(cos, sin)`` position embeddings the decoder layers take for ``position_ids``."""
+    return model.hf_model.model.rotary_emb(hidden, position_ids)
 
 
 def canonical_name(name: str) -> str:

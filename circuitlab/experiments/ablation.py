@@ -61,11 +61,13 @@ import pandas as pd
 import torch
 
 from circuitlab.io import datasets, plots
+from circuitlab.io.datasets import PromptSet
 from circuitlab.methods import metrics
 from circuitlab.core import hooks as hk
 from circuitlab.methods.attribution import mean_patch_estimates
 from circuitlab.core.components import Component
-from circuitlab.methods.direction_eval import bootstrap_ci, last_logits_shared
+from circuitlab.methods.direction_eval import last_logits_shared
+from circuitlab.methods.stats import bootstrap_ci
 from circuitlab.methods.interventions import ABLATION_METHODS, ablation_hooks, reference_activations
 from circuitlab.methods.ranking import rank_components, top_components
 from circuitlab.io.results import Result
@@ -97,13 +99,10 @@ def _sigmoid(x):
 
 
 def halve_split(prompts, seed: int) -> tuple[list[str], list[str]]:
-    """Shuffle with ``seed`` and cut in two: (ranking half, evaluation half)."""
-    items = list(prompts)
-    random.Random(seed).shuffle(items)
-    cut = len(items) // 2
-    if cut < 2:
-        raise ValueError(f"need at least 4 prompts per set to rank on one half and evaluate on the other, got {len(items)}")
-    return items[:cut], items[cut:]
+    """(ranking half, evaluation half): ``PromptSet.halves`` as lists."""
+    prompts = prompts if isinstance(prompts, PromptSet) else PromptSet("prompts", tuple(prompts))
+    rank, evaluate = prompts.halves(seed, ("rank", "evaluate"))
+    return list(rank), list(evaluate)
 
 
 def matched_random(top: list[Component], width: int, n_layers: int, seed: int) -> list[Component]:

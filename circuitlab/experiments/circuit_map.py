@@ -72,7 +72,6 @@ Verification half (``n_verify`` prompts per side):
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,16 +129,9 @@ def graph_stage(in_circuit: bool | None, top_in: str | None, top_out: str | None
 
 
 def split_halves(prompts, seed: int) -> tuple[PromptSet, PromptSet]:
-    """(screening, verification): shuffled with ``seed``, the first ceil(n/2) and the rest; disjoint."""
+    """(screening, verification): ``PromptSet.halves`` (the first ceil(n/2) shuffled prompts, the rest)."""
     prompts = prompts if isinstance(prompts, PromptSet) else PromptSet("prompts", tuple(prompts))
-    if len(prompts) < 4:
-        raise ValueError(f"{prompts.name}: circuit-map needs at least 4 prompts per set (2 to screen, 2 to "
-                         f"verify), got {len(prompts)}")
-    order = list(range(len(prompts)))
-    random.Random(seed).shuffle(order)
-    cut = -(-len(order) // 2)
-    return tuple(PromptSet(f"{prompts.name}:{name}", tuple(prompts.prompts[i] for i in part))
-                 for name, part in (("screen", order[:cut]), ("verify", order[cut:])))
+    return prompts.halves(seed, ("screen", "verify"))
 
 
 def _node_columns(edge: eg.FoundCircuit | None, c: Component) -> dict:

@@ -84,7 +84,7 @@ class RefusalDirection(UnitExperiment):
     train_frac: float = 0.4  # share of each prompt set for the candidate directions
     val_frac: float = 0.3  # share for selection (the rest is the test split)
     layers: list[int] | None = None  # candidate layers to evaluate (None: all layers)
-    positions: list[int] | None = None  # post-instruction offsets to evaluate (None: all n_post)
+    candidate_positions: list[int] | None = None  # post-instruction offsets of the candidates (None: all n_post)
     kl_threshold: float = 0.1  # paper rule: keep candidates whose ablation KL on harmless val prompts is below
     induce_threshold: float | None = 0.0  # paper rule: keep candidates whose addition scores above (None: off)
     kl_budget: float | None = None  # set: select the lowest val bypass score with val KL <= budget (Pareto front)
@@ -119,9 +119,9 @@ class RefusalDirection(UnitExperiment):
         check(self.train_frac + self.val_frac < 1, f"train_frac + val_frac = {self.train_frac + self.val_frac} "
               "must be < 1 to leave a test split (e.g. --set train_frac=0.4 --set val_frac=0.3)")
         check_layers("layers", self.layers)
-        check(self.positions is None or (len(self.positions) > 0 and all(p < 0 for p in self.positions)),
-              f"positions={self.positions!r} must be None or negative post-instruction offsets "
-              "(e.g. --set positions=-1)")
+        check(self.candidate_positions is None or (len(self.candidate_positions) > 0 and all(p < 0 for p in self.candidate_positions)),
+              f"candidate_positions={self.candidate_positions!r} must be None or negative post-instruction offsets "
+              "(e.g. --set candidate_positions=-1)")
         check(self.kl_threshold > 0, f"kl_threshold={self.kl_threshold} must be > 0 (e.g. --set kl_threshold=0.1)")
         check(self.kl_budget is None or self.kl_budget > 0,
               f"kl_budget={self.kl_budget} must be None or > 0 (e.g. --set kl_budget=0.1)")
@@ -154,7 +154,7 @@ class RefusalDirection(UnitExperiment):
         base = last_logits_shared(model, h_val + s_val, batch_size=self.batch_size)
         base_scores = metrics.refusal_score_from_logits(base, metrics.refusal_tokens(model))
         rows, todo = candidate_rows(model, directions, len(h_val), len(s_val), layers=self.layers,
-                                    positions=self.positions, prune_layer_frac=self.prune_layer_frac,
+                                    positions=self.candidate_positions, prune_layer_frac=self.prune_layer_frac,
                                     evaluate_excluded=self.evaluate_excluded)
         k = self.screen_prompts
         stage = "screen" if screens(k, len(h_val), len(s_val), len(todo), self.n_finalists) else "full"
@@ -270,7 +270,7 @@ class RefusalDirection(UnitExperiment):
 
     def score_candidates(self, model, directions, harmful, harmless):
         """Bypass score, KL and induce score per candidate on the val split, then selection (§2.4)."""
-        return score_candidates(model, directions, harmful, harmless, layers=self.layers, positions=self.positions,
+        return score_candidates(model, directions, harmful, harmless, layers=self.layers, positions=self.candidate_positions,
                                 prune_layer_frac=self.prune_layer_frac, evaluate_excluded=self.evaluate_excluded,
                                 kl_threshold=self.kl_threshold, induce_threshold=self.induce_threshold,
                                 kl_budget=self.kl_budget, screen_prompts=self.screen_prompts,

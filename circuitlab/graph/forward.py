@@ -14,12 +14,12 @@ pad positions. Only the last position is unembedded (the metric reads it).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterator
 
 import torch
 
 from circuitlab.core import hooks as hk
+from circuitlab.core.split_qkv import split_qkv_input
 from circuitlab.graph.graph import EdgeGraph
 
 __all__ = ["split_inputs", "check_pairs", "pair_batches", "reader_hook_names", "capture_writers",
@@ -31,26 +31,13 @@ Metric = Callable[[torch.Tensor], torch.Tensor]  # last-position logits [B, voca
 
 def reader_hook_names(layer: int) -> dict[str, str]:
     """Reader hooks of one layer (the split-QKV ones exist only while the fork is on)."""
-    return {"q": f"blocks.{layer}.attn.hook_q_input", "k": f"blocks.{layer}.attn.hook_k_input",
-            "v": f"blocks.{layer}.attn.hook_v_input", "mlp": f"blocks.{layer}.ln2.hook_in"}
+    return {"q": hk.attn_q_input(layer), "k": hk.attn_k_input(layer), "v": hk.attn_v_input(layer),
+            "mlp": hk.mlp_in(layer)}
 
 
-@contextlib.contextmanager
 def split_inputs(model):
-    """Turn on the per-head (per-kv-head) Q/K/V input fork; restore the caller's flags on exit."""
-    bridge = model.bridge
-    saved = bool(getattr(bridge.cfg, "use_split_qkv_input", False))
-    saved_attn_in = bool(getattr(bridge.cfg, "use_attn_in", False))
-    try:
-        if saved_attn_in:
-            bridge.set_use_attn_in(False)  # mutually exclusive with the split fork
-        if not saved:
-            bridge.set_use_split_qkv_input(True)
-        yield
-    finally:
-        bridge.set_use_split_qkv_input(saved)
-        if saved_attn_in:
-            bridge.set_use_attn_in(True)
+    """Turn on the per-head (per-kv-head) Q/K/V input fork for the block (``core.split_qkv``)."""
+    return split_qkv_input(model)
 
 
 def check_pairs(pairs) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -99,29 +86,14 @@ def pair_batches(model, pairs, batch_size: int) -> Iterator[Batch]:
         yield Batch(idx, clean.to(dev), corrupt.to(dev), mask.to(dev))
 
 
-class _Stop(Exception):
-    """Raised at the final residual: the rest of the forward (full unembedding) is not needed."""
-
-
 def last_logits(model, ids: torch.Tensor, mask: torch.Tensor, fwd_hooks=(),
                 on_final: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Last-position logits ``[B, vocab]`` of one forward with ``fwd_hooks``; only position -1 is
     unembedded. ``on_final(resid)`` may replace the final residual (the logits reader's hook)."""
-    seen = {}
-
-    def grab(act, hook):
-        seen["resid"] = on_final(act) if on_final is not None else act
-        raise _Stop
-
-    with model.hooks(list(fwd_hooks) + [(hk.final_resid(), grab)]):
-        try:
-            model.forward(ids, attention_mask=mask)
-        except _Stop:
-            pass
-    if "resid" not in seen:
-        raise RuntimeError("the forward pass never reached the final residual (ln_final.hook_in)")
+    with model.hooks(list(fwd_hooks)):
+        resid = model.final_residual(ids, mask, on_final=on_final)
     # outside the hooks context, so ln_final.hook_in does not fire a second time
-    return model.final_logits(seen["resid"][:, -1]).float()
+    return model.final_logits(resid[:, -1]).float()
 
 
 def check_metric(values: torch.Tensor, n: int, *, need_grad: bool) -> torch.Tensor:

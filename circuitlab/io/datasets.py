@@ -94,6 +94,21 @@ class PromptSet:
         chosen = {"train": order[:cut1], "val": order[cut1:cut2], "test": order[cut2:]}[name]
         return PromptSet(f"{self.name}:{name}", tuple(self.prompts[i] for i in sorted(chosen)))
 
+    def halves(self, seed: int = 0, names: tuple[str, str] = ("first", "second"),
+               min_each: int = 2) -> tuple["PromptSet", "PromptSet"]:
+        """Two disjoint halves, shuffled with ``seed``: the first ceil(n/2) prompts and the rest.
+
+        Sets of equal length get the same permutation, so matched harmful/harmless pairs stay matched.
+        """
+        if len(self.prompts) < 2 * min_each:
+            raise DatasetError(f"{self.name}: needs at least {2 * min_each} prompts to give {min_each} to each of "
+                               f"{names[0]} and {names[1]}, got {len(self.prompts)}")
+        order = list(range(len(self.prompts)))
+        random.Random(seed).shuffle(order)
+        cut = -(-len(order) // 2)
+        return tuple(PromptSet(f"{self.name}:{name}", tuple(self.prompts[i] for i in part))
+                     for name, part in ((names[0], order[:cut]), (names[1], order[cut:])))
+
     def sample(self, n: int, seed: int = 0) -> "PromptSet":
         """``n`` prompts drawn without replacement (all of them if ``n >= len``), order kept."""
         if n is None or n >= len(self.prompts):

@@ -30,7 +30,7 @@ import torch
 
 from circuitlab.io.files import atomic_write, code_fingerprint
 
-__all__ = ["UnitCache", "digest"]
+__all__ = ["UnitCache", "digest", "class_source_digest"]
 
 
 class _StablePickler(pickle.Pickler):
@@ -55,7 +55,7 @@ def _file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _class_source_digest(cls) -> str:
+def class_source_digest(cls) -> str:
     """sha256 of the file defining ``cls`` ('' where there is none: an interactive session's class)."""
     try:
         return _file_digest(inspect.getsourcefile(cls) or "")
@@ -73,7 +73,7 @@ class UnitCache:
     def keys(self, experiment, model, state, units: list) -> list[str]:
         """One key per unit of a plan round (the state is hashed once)."""
         device = getattr(getattr(model, "device", None), "type", str(getattr(model, "device", "")))
-        run = [code_fingerprint(), _class_source_digest(type(experiment)), type(experiment).__module__,
+        run = [code_fingerprint(), class_source_digest(type(experiment)), type(experiment).__module__,
                type(experiment).__qualname__, repr(experiment),
                getattr(model, "fingerprint", ""), str(getattr(model, "dtype", "")), device,
                str(torch.get_num_threads()), digest(state)]

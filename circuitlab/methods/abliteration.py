@@ -38,7 +38,8 @@ import torch
 
 from circuitlab.core import hooks as hk
 from circuitlab.methods import metrics
-from circuitlab.methods.direction_eval import bootstrap_ci, direction_components, last_logits_shared
+from circuitlab.methods.direction_eval import direction_components, last_logits_shared
+from circuitlab.methods.stats import bootstrap_ci
 from circuitlab.methods.directions import mean_differences, project_out, unit
 from circuitlab.methods.heretic_scoring import first_token_kl, load_markers, marker_refusals
 from circuitlab.methods.interventions import export_hf

@@ -8,7 +8,6 @@
 - ``score_candidates`` / ``select_candidate``: the paper's choice among difference-in-means
   candidates (bypass score, KL and induce filters; §2.4, App. C), or the lowest bypass score
   within a KL budget (a point of the validation Pareto front); every criterion is its own column.
-- ``bootstrap_ci``: percentile bootstrap of a mean.
 """
 
 from __future__ import annotations
@@ -26,12 +25,13 @@ from circuitlab.methods import metrics
 from circuitlab.methods.directions import unit
 from circuitlab.core.generation import prefill
 from circuitlab.methods.heretic_scoring import pareto_front
+from circuitlab.methods.stats import bootstrap_ci
 from circuitlab.core.model import HookedModel
 from circuitlab.core.progress import progress_bar
 from circuitlab.io.store import ActivationStore
 from circuitlab.core.weights import writer_weight
 
-__all__ = ["bootstrap_ci", "evaluate_direction", "direction_components", "select_candidate", "score_candidates",
+__all__ = ["evaluate_direction", "direction_components", "select_candidate", "score_candidates",
            "last_logits_shared", "pareto_ranks", "candidate_rows", "screens", "score_candidate", "finalists",
            "select_scored", "CONDITIONS", "SELECTION_STEPS"]
 
@@ -39,17 +39,6 @@ CONDITIONS = ("baseline", "ablation", "orthogonalized", "addition")
 # the steps of select_candidate's rule, in the order they are tried (fallback_step names one)
 SELECTION_STEPS = ("paper", "induce_relative_to_baseline", "kl_only", "lowest_bypass", "kl_budget",
                    "kl_budget_unmet_lowest_kl")
-
-
-def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean of ``values``."""
-    values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
-    alpha = (1 - level) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
 def _measure(model, prompts, hooks, judge, max_new_tokens, batch_size, progress):

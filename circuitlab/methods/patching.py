@@ -18,7 +18,7 @@ Exact speed-ups (``fast=True``; ``fast=False`` is the plain computation they are
 - **read-position unembedding**: only the last position goes through the final norm's read-out
   and the unembedding.
 
-The engine calls the bridge's own blocks (``model.hf_model.model.layers`` are TransformerLens
+The engine calls the bridge's own blocks (``weights.hooked_layers``: TransformerLens
 ``BlockBridge`` modules), so every TransformerLens hook fires as in a normal forward.
 ``bridge(resid, start_at_layer=L)`` was measured not to help: it still runs blocks ``0..L-1`` and
 discards their output.
@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import torch
 
 from circuitlab.core import hooks as hk
+from circuitlab.core.weights import hooked_layers, rotary_embeddings
 from circuitlab.core.progress import progress_bar
 
 __all__ = ["Sweep", "PairContext", "run_sweeps", "vector_setter", "capture"]
@@ -157,13 +158,13 @@ def _run_fast(model, name, cells, sweep, ctx, offset, metric):
     h = ctx.target[hk.resid_pre(start) if start < model.n_layers else hk.final_resid()][offset:]
     h = h[None].repeat(b, 1, 1)
     pos = torch.arange(offset, T, device=h.device)[None]
-    inner = model.hf_model.model
-    pe = inner.rotary_emb(h, pos) if start < model.n_layers else None
+    layers = hooked_layers(model)
+    pe = rotary_embeddings(model, h, pos) if start < model.n_layers else None
     cache = _PrefixKV(ctx.kv, offset)
     with model.hooks([(name, _hook_fn(sweep, name, cells, ctx, offset))]):
         for layer in range(start, model.n_layers):
-            out = inner.layers[layer](h, attention_mask=None, position_embeddings=pe, position_ids=pos,
-                                      past_key_values=cache)
+            out = layers[layer](h, attention_mask=None, position_embeddings=pe, position_ids=pos,
+                                past_key_values=cache)
             h = out[0] if isinstance(out, tuple) else out
         normed = model.bridge.ln_final(h)  # fires ln_final hooks on every recomputed position
     return metric(model.bridge.unembed(normed[:, -1]).float())

@@ -21,45 +21,21 @@ Table: ``component="head"``, ``layer``/``head`` = the sender, ``receiver``, ``re
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
 from circuitlab.core import hooks as hk
+from circuitlab.core.split_qkv import split_qkv_input
 from circuitlab.io.results import Result
 from circuitlab.experiments.base import check_layers, register
 from circuitlab.experiments.checks import check_subset
 from circuitlab.experiments.patching.common import PairPatchingExperiment, model_layers
 from circuitlab.methods.patching import Sweep
 
-__all__ = ["PathPatching", "path_sweep", "split_qkv_input", "RECEIVERS"]
+__all__ = ["PathPatching", "path_sweep", "RECEIVERS"]
 
 RECEIVERS = ("q", "mlp", "logits")
-
-
-def _q_input(layer: int) -> str:
-    # Not in circuitlab.core.hooks: exists only while the bridge's split-QKV fork is on.
-    return f"blocks.{layer}.attn.hook_q_input"
-
-
-@contextlib.contextmanager
-def split_qkv_input(model, enabled: bool = True):
-    """Turn on the bridge's per-head Q/K/V input fork; restore the previous setting on exit."""
-    cfg = model.bridge.cfg
-    saved = bool(getattr(cfg, "use_split_qkv_input", False))
-    saved_attn_in = bool(getattr(cfg, "use_attn_in", False))
-    try:
-        if enabled:
-            if saved_attn_in:
-                model.bridge.set_use_attn_in(False)
-            model.bridge.set_use_split_qkv_input(True)
-        yield
-    finally:
-        if enabled:
-            model.bridge.set_use_split_qkv_input(saved)
-            if saved_attn_in:
-                model.bridge.set_use_attn_in(True)
 
 
 def _add_sender_write(act, name, cells, ctx, offset):
@@ -76,8 +52,8 @@ def _add_sender_write(act, name, cells, ctx, offset):
 def _receiver_hook(cell) -> str:
     _, _, (_, _, receiver, rl, _) = cell
     if receiver == "q":
-        return _q_input(rl)
-    return hk.final_resid() if receiver == "logits" else f"blocks.{rl}.ln2.hook_in"
+        return hk.attn_q_input(rl)
+    return hk.final_resid() if receiver == "logits" else hk.mlp_in(rl)
 
 
 def path_sweep(model, senders, receivers) -> Sweep:
