@@ -29,13 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "circuitlab.cli"]
 
 
-def timed(cmd, *, cwd=ROOT, env=None, repeat: int = 1) -> dict:
-    """Wall seconds of ``cmd`` (best of ``repeat``), its exit code and the load average before and after."""
+def timed(cmd, *, cwd=ROOT, env=None, repeat: int = 1, log: Path | None = None) -> dict:
+    """Wall seconds of ``cmd`` (best of ``repeat``), its exit code and the load average before and after;
+    with ``log``, the command's output is kept there (e.g. pytest's --durations table)."""
     load_start = os.getloadavg()
     best, rc = None, None
     for _ in range(repeat):
         t = time.perf_counter()
-        rc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+        with open(log, "w") if log else open(os.devnull, "w") as sink:
+            rc = subprocess.run(cmd, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT).returncode
         took = time.perf_counter() - t
         best = took if best is None else min(best, took)
     return {"command": " ".join(map(str, cmd)), "seconds": round(best, 3), "rc": rc, "repeat": repeat,
@@ -52,14 +54,16 @@ def cli_timings(env) -> dict:
     }
 
 
-def fresh_clone_runs(demo: bool) -> dict:
-    """`make test` (and `make demo`) on a fresh clone of HEAD with an empty circuitlab cache."""
+def fresh_clone_runs(demo: bool, logs: Path) -> dict:
+    """`make test` (and `make demo`) on a fresh clone of HEAD with an empty circuitlab cache; pytest's
+    slowest tests are listed in the kept log."""
     work = Path(tempfile.mkdtemp(prefix="circuitlab-fresh-"))
     subprocess.run(["git", "clone", "-q", str(ROOT), str(work / "repo")], check=True)
-    env = dict(os.environ, CIRCUITLAB_CACHE=str(work / "cache"))
-    out = {"make_test": timed(["make", "test"], cwd=work / "repo", env=env)}
+    env = dict(os.environ, CIRCUITLAB_CACHE=str(work / "cache"), PYTEST_ADDOPTS="--durations=40")
+    out = {"make_test": timed(["make", "test"], cwd=work / "repo", env=env, log=logs / "first_contact_make_test.log")}
     if demo:
-        out["make_demo_cold"] = timed(["make", "demo"], cwd=work / "repo", env=env)
+        out["make_demo_cold"] = timed(["make", "demo"], cwd=work / "repo", env=env,
+                                      log=logs / "first_contact_make_demo.log")
     shutil.rmtree(work, ignore_errors=True)
     return out
 
@@ -76,7 +80,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as cache:  # a cold catalog cache, as on a fresh machine
         record["cli"] = cli_timings(dict(os.environ, CIRCUITLAB_CACHE=cache))
     if args.make_test:
-        record["fresh_clone"] = fresh_clone_runs(args.demo)
+        record["fresh_clone"] = fresh_clone_runs(args.demo, Path(args.out).parent)
     record["matmul_peak_gflops_end"] = round(matmul_peak() / 1e9, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1))

@@ -86,6 +86,31 @@ def describe(name: str = typer.Argument(..., help="experiment name (see `circuit
         _fail(str(err.args[0]))
 
 
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command(context_settings=_PASS_THROUGH, add_help_option=False)
+def view(ctx: typer.Context) -> None:
+    """Write (or serve) the interactive circuit explorer for a saved circuit-map / edge-attribution run.
+
+    circuitlab view RUN_DIR [--out page.html] [--serve PORT]   (circuitlab view --help for more)
+    """
+    from circuitlab.viewer.cli import main as view_main
+
+    raise typer.Exit(view_main(list(ctx.args)))
+
+
+@app.command(context_settings=_PASS_THROUGH, add_help_option=False)
+def monitor(ctx: typer.Context) -> None:
+    """Fit a request monitor on prompt sets and save it; apply a saved one to a file of prompts.
+
+    circuitlab monitor fit ... | circuitlab monitor apply ...   (circuitlab monitor --help for more)
+    """
+    from circuitlab.monitor.cli import main as monitor_main
+
+    raise typer.Exit(monitor_main(list(ctx.args)))
+
+
 def _load_sets(harmful: str, harmless: str, split: str, n, seed: int, column):
     """Both prompt sets; a user file is used whole unless --split names a part (and says so)."""
     from circuitlab.io import datasets as ds

@@ -82,3 +82,11 @@ def test_default_n_larger_than_a_small_file_is_a_note(capsys, tmp_path):
     text = run_ok(capsys, "run", "diff-ranking", "--model", "tiny", "--harmless", str(small),
                   "--out", str(tmp_path / "o"))
     assert "note: harmless set" in text and "using all 3" in text
+
+
+@pytest.mark.parametrize("args,needle", [(["view", "/no/such/run"], "not a folder"),
+                                          (["monitor", "apply", "--monitor", "/no/such.pt", "--prompts", "/no.txt"],
+                                           "error")])
+def test_view_and_monitor_are_circuitlab_commands_with_one_line_errors(capsys, args, needle):
+    code, text = run_cli(capsys, *args)
+    assert code == 2 and needle in text and "Traceback" not in text, text
