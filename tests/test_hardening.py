@@ -160,9 +160,11 @@ def test_experiment_runs_and_compares_at_equal_parameters(tiny, harmful, harmles
     from circuitlab.experiments import get
 
     exp = get("robust-hardening")(steps=2, n_neurons=3, n_heads=2, variants=["targeted", "random"], n_train=4,
-                                  batch_size=2, n_retain=3, retain_tokens=3, judge=False, n_text=2, n_eval=3,
-                                  n_val=2, n_attack=4, n_adv=3, k_grid=[1, 3], n_dirs=[1, 2], n_boot=50,
-                                  attack_layers=[0, 1], attack_positions=[-2, -1])
+                                  modes=["plain", "adversarial"], batch_size=2, n_retain=3, retain_tokens=3,
+                                  judge=False, n_text=2, n_eval=3, n_val=2, n_attack=4, n_adv=3, k_grid=[1, 3],
+                                  n_dirs=[1, 2], n_boot=50, attack_layers=[0, 1], attack_positions=[-2, -1],
+                                  suite=["direction_ablation", "rank_k_ablation", "unit_ablation", "orthogonalization"],
+                                  edge_fraction=0.02, progress=False)
     result = exp.run(tiny, harmful, harmless, store=ActivationStore(tmp_path / "store"))
     comp = result.tables["comparison"].set_index(["variant", "mode"])
     assert set(comp.index) == {("original", "none")} | {(v, m) for v in ("targeted", "random")
@@ -174,12 +176,36 @@ def test_experiment_runs_and_compares_at_equal_parameters(tiny, harmful, harmles
     curves = result.tables["curves"]
     assert set(curves.curve) == {"units", "directions"} and set(curves.k) == {1, 2, 3}
     for col in ("refusal_direction_ablation", "refusal_unit_ablation", "refusal_orthogonalization", "units_to_halve",
-                "top_unit_share", "kl_from_original", "cross_entropy", "edge_faithfulness", "edge_circuit_edges"):
+                "top_unit_share", "kl_from_original", "cross_entropy", "edge_faithfulness", "edge_circuit_edges",
+                "refusal_rank_k_ablation", "refusal_worst", "worst_attack", "removal_kl", "entangled"):
         assert col in comp.columns
+    suite = ["refusal_" + a for a in ("direction_ablation", "rank_k_ablation", "unit_ablation", "orthogonalization")]
+    assert (comp.refusal_worst == comp[suite].min(axis=1)).all(), "worst = the lowest refusal over the suite"
+    assert not comp.loc[("original", "none"), "entangled"], "the original is its own reference"
+    red = result.tables["redundancy"]
+    assert set(red.mechanism) == {"top_units", "top_direction", "all"}
     assert comp.edge_circuit_edges.nunique() == 1, "every model's edge circuit has the same size"
     cands = result.tables["attack_candidates"]
     assert (cands.groupby(["variant", "mode"]).selected.sum() == 1).all(), "one attack direction per model"
     result.save(tmp_path / "run")
+
+
+def test_distributed_extended_hardening_faces_prefill_and_abliteration(tiny, harmful, harmless, tmp_path):
+    from circuitlab.defence.finetune import extended_refusals
+    from circuitlab.experiments import get
+
+    exp = get("robust-hardening")(steps=2, n_neurons=3, n_heads=1, modes=["distributed"], targets="extended",
+                                  n_train=2, batch_size=2, n_retain=2, retain_tokens=2, judge=False, n_text=1,
+                                  n_eval=3, n_val=2, n_attack=4, n_adv=3, k_grid=[1], n_dirs=[1], n_boot=20,
+                                  attack_layers=[1], attack_positions=[-1], suite=["prefill", "abliteration"],
+                                  abliteration_trials=2, progress=False)
+    assert exp._pairs(tiny, list(harmful)[:4])[0][1] in extended_refusals()
+    result = exp.run(tiny, harmful, harmless, store=ActivationStore(tmp_path / "store"))
+    comp = result.tables["comparison"].set_index(["variant", "mode"])
+    assert set(comp.index) == {("original", "none"), ("targeted", "distributed")}
+    assert {"refusal_prefill", "refusal_abliteration"} <= set(comp.columns)
+    assert comp.worst_attack.isin(["prefill", "abliteration", "direction_ablation"]).all()
+    assert result.tables["training"].adversary_refreshes.iloc[0] == 1 and result.summary["targets"] == "extended"
 
 
 @pytest.mark.parametrize("bad, message", [(["--set", "judge"], "key=value"), (["--set", "nope=1"], "no parameter 'nope'"),

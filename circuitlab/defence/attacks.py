@@ -207,7 +207,8 @@ def run_attacks(model, harmful_train, harmless_train, harmful_val, harmless_val,
     ``harmless_test`` the attack's cost: ``kl`` (to ``reference_logits``, the original's harmless-test
     logits; default: this model unattacked), ``cross_entropy`` on ``texts``, ``over_refusal`` (judge),
     ``seconds``. The ``worst`` row copies the lowest-refusal attack's numbers and names it in
-    ``worst_attack``. ``table.attrs["candidates"]``: the direction attack's candidate table.
+    ``worst_attack``. ``table.attrs["candidates"]``: the direction attack's candidate table;
+    ``table.attrs["directions"]``: its candidate directions ``{(layer, offset): vector}``.
     """
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown or not attacks:
@@ -255,7 +256,7 @@ def run_attacks(model, harmful_train, harmless_train, harmful_val, harmless_val,
 
     measure("none")
     need_dirs = {"direction_ablation", "rank_k_ablation", "orthogonalization"} & set(attacks)
-    table = pd.DataFrame()
+    table, directions = pd.DataFrame(), {}
     if need_dirs:
         start = time.perf_counter()
         directions, table = adaptive_direction_attack(model, h_train, s_train, h_val, s_val, layers=layers,
@@ -295,7 +296,7 @@ def run_attacks(model, harmful_train, harmless_train, harmful_val, harmless_val,
         worst = attacked.loc[attacked.refusal.idxmin()]
         out = pd.concat([out, pd.DataFrame([{**worst.to_dict(), "attack": "worst", "worst_attack": worst.attack,
                                              "worst_k": worst.k}])], ignore_index=True)
-    out.attrs["candidates"] = table
+    out.attrs["candidates"], out.attrs["directions"] = table, directions
     return out
 
 
