@@ -16,7 +16,7 @@ def sets():
     from circuitlab.models.planted import planted_prompts
 
     h, s = (list(p) for p in planted_prompts(48, seed=0))
-    return h[:24], s[:24], h[24:32], s[24:32], h[32:40], s[32:40]
+    return h[:16], s[:16], h[24:30], s[24:30], h[32:38], s[32:38]
 
 
 def _cone(n=64, d=16, seed=0):
