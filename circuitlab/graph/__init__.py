@@ -8,6 +8,7 @@ Library layer: builds on ``circuitlab.core.model`` / ``hooks`` / ``metrics`` onl
 modules.
 """
 
+from circuitlab.graph.acdc import ACDCResult, ACDCSearch, CRITERIA, acdc, acdc_sweep, warm_start
 from circuitlab.graph.circuits import (SELECTIONS, bootstrap_stability, greedy, jaccard, n_for_fraction,
     prune, random_circuit, select, top_n)
 from circuitlab.graph.discovery import FoundCircuit, find_circuit
@@ -27,4 +28,5 @@ __all__ = [
     "SELECTIONS", "find_circuit", "FoundCircuit",
     "faithfulness_curve", "curve_summary", "area_under_curve", "smallest_faithful", "MIB_FRACTIONS", "curve_jobs",
     "curve_table",
+    "acdc", "acdc_sweep", "ACDCResult", "ACDCSearch", "warm_start", "CRITERIA",
 ]
