@@ -45,3 +45,23 @@ def test_bad_input_fails_with_the_fix():
         ACDCSearch(m, _pairs(m, 2), criterion="metric")
     with pytest.raises(ValueError, match="tau"):
         ACDCSearch(m, _pairs(m, 2)).run(-1.0)
+
+
+def test_conmy_table_auc_is_one_for_a_perfect_scorer_and_half_for_random():
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("conmy_2023", Path(__file__).parent.parent / "experiments/conmy_2023.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    y = np.zeros(400, bool)
+    y[:40] = True
+    assert mod.auc(y.astype(float), y) == 1.0
+    assert mod.auc(np.zeros(400), y) == 0.5  # all ties
+    assert abs(mod.auc(np.random.default_rng(0).random(400), y) - 0.5) < 0.1
+    fpr, tpr = mod.roc_points(y.astype(float), y)
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1 and (tpr[fpr == 0] == 1).any()
+    with pytest.raises(ValueError, match="positive and one negative"):
+        mod.auc(np.ones(3), np.ones(3, bool))
