@@ -150,6 +150,15 @@ def test_import_loads_neither_torch_nor_pandas():
     assert out.stdout.split() == ["False", "False"], out.stderr
 
 
+def test_page_data_cannot_end_its_script_element(doc):
+    hostile = json.loads(json.dumps(doc))
+    hostile["title"] = "</script><!--<script>"
+    text = build_page(hostile)
+    assert text.count("</script>") == 2 and "<!--" not in text  # the data block's and the code's own
+    data = text.split('<script id="graph-data" type="application/json">', 1)[1].split("</script>", 1)[0]
+    assert json.loads(data)["title"] == hostile["title"]
+
+
 def test_page_is_self_contained_and_served_on_localhost_only(page):
     text = page.read_text()
     assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", text)  # nothing fetched at view time
@@ -308,7 +317,9 @@ def test_method_toggle_and_keep_faithfulness(browser, page, runs, doc):
     faith.send_keys(Keys.HOME + Keys.ARROW_RIGHT * 90)  # keep faithfulness >= 0.90
     curve = pd.read_csv(runs[1] / "curve.csv")
     curve = curve[curve.method == "eap-ig"].sort_values("fraction")
-    smallest = int(curve[curve.faithfulness >= 0.9].n_edges.iloc[0])
+    first = int((curve.faithfulness >= 0.9).to_numpy().argmax())  # the smallest measured circuit reaching 0.9
+    assert not ig["curve"][first]["tied_cut"], "pick a point whose cut is not a tie: its size is then exact"
+    smallest = int(curve.n_edges.iloc[first])
     assert len(_css(browser, "#edges path.edge")) == smallest
     assert f"{smallest} edges" in _css(browser, "#status")[0].text
     assert len(_css(browser, "#cpr-cmd tr")) == 1 + len(doc["edge_sets"]) + 1  # header, every set, random

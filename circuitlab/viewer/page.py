@@ -16,9 +16,9 @@ ASSETS = Path(__file__).with_name("assets")
 
 
 def _script_json(doc: dict) -> str:
-    """JSON safe inside a <script> element: no '</' (ends the element) and no U+2028/9 surprises."""
+    """JSON safe inside a <script> element: no '<' at all (so no '</script' or '<!--'), no U+2028/9."""
     text = json.dumps(doc, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-    return text.replace("</", "<\\/").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return text.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def build_page(doc: dict) -> str:
