@@ -118,17 +118,17 @@ class RobustHardening(Experiment):
     prune_layer_frac: float = 0.2  # skip candidates in the last fraction of layers (Arditi et al.)
     attack_rule: str = "strongest"  # the direction attack's pick: strongest (lowest val bypass, any KL) | arditi
     attack_screen: int | None = None  # screen every attack candidate on this many val prompts per side first (None: off)
-    n_attack: int = 24  # train prompts per class for the attacks' directions and unit ranking
-    n_val: int = 16  # validation prompts per class for choosing the attack direction
-    k_grid: list[int] = field(default_factory=lambda: [1, 4, 16, 64])  # top units ablated; the largest is the attack
-    n_dirs: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # ranks k of the rank-k subspace attack
+    n_attack: int = 16  # train prompts per class for the attacks' directions and unit ranking
+    n_val: int = 8  # validation prompts per class for choosing the attack direction
+    k_grid: list[int] = field(default_factory=lambda: [1, 4, 16])  # top units ablated; the largest is the attack
+    n_dirs: list[int] = field(default_factory=lambda: [1, 2, 4])  # ranks k of the rank-k subspace attack
     n_keys: int = 8  # rank-k: the best (layer, offset) candidates whose activations span the subspace
     edge_fraction: float | None = None  # edge circuit of this share of the graph (EAP-IG, top-n): its faithfulness (None: off)
     n_edge_pairs: int = 8  # equal-length pairs (padded) to score edges on (train) and to measure faithfulness on (test)
-    n_eval: int = 16  # held-out test prompts per class
-    n_text: int = 8  # plain texts for cross-entropy
+    n_eval: int = 8  # held-out test prompts per class
+    n_text: int = 4  # plain texts for cross-entropy
     judge: bool = True  # judge refusal by generation too (False: logit measures only)
-    max_new_tokens: int = 16  # generated tokens per prompt for the judge
+    max_new_tokens: int = 8  # generated tokens per prompt for the judge
     n_boot: int = 1000  # bootstrap resamples for the CIs
     batch_size_eval: int = 16  # prompts per forward pass when measuring
     seed: int = 0  # splits, random control, training order, adversary draws
