@@ -26,7 +26,7 @@ both searches are done.
    train/val, its orthogonalized weights): one test point each.
 
 Test measures (``abliteration.score_model``): refusal score (calibrated refusal tokens), Heretic's
-first-token KL on harmless, cross-entropy on ``--plaintext-n`` plain texts, and with ``--judge``
+first-token KL on harmless, cross-entropy on ``--n-text`` plain texts, and with ``--judge``
 Heretic-marker refusals of ``--max-tokens`` greedy tokens plus circuitlab's judge: refusal rate on
 harmful and over-refusal on harmless, each with a bootstrap 95 % CI. Writes ``--out`` (results/abliteration):
 ``fronts.csv`` (every test point: method, family, trial, val objectives, test measures, parameters),
@@ -83,7 +83,7 @@ def main(argv=None, model=None) -> dict:
     timings = {}
 
     exp = AbliterationSearch(variants=a.variants.split(","), n_trials=a.trials, n_startup_trials=a.startup_trials,
-                             refusal=a.refusal, max_new_tokens=a.max_tokens, judge=a.judge, plaintext_n=a.plaintext_n,
+                             refusal=a.refusal, max_new_tokens=a.max_tokens, judge=a.judge, n_text=a.n_text,
                              batch_size=a.batch_size, seed=a.seed)
     trials = exp.search(model, h[0], s[0], h[1], s[1], store=store)
     timings["circuitlab_search_s"] = round(time.time() - start, 1)
@@ -131,7 +131,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=32)
     p.add_argument("--n-val", type=int, default=16)
     p.add_argument("--n-test", type=int, default=32)
-    p.add_argument("--plaintext-n", type=int, default=16)
+    p.add_argument("--n-text", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=24, help="generated tokens (markers, Heretic responses)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--arditi-filter", choices=("score", "judge", "none"), default="score",
@@ -216,7 +216,7 @@ def heretic_params(row) -> AbliterationParams:
 
 def test_points(a, model, exp, front, heretic_trials, arditi, h_test, s_test) -> list[dict]:
     """Every point of the figure, measured on the test split by the same scorer."""
-    plain = list(datasets.load("plaintext", n=a.plaintext_n, seed=a.seed + 1))
+    plain = list(datasets.load("plaintext", n=a.n_text, seed=a.seed + 1))
     base = last_logits_shared(model, list(s_test), batch_size=a.batch_size)
     kwargs = dict(markers=a.judge, judge=a.judge, max_new_tokens=a.max_tokens, plaintext=plain,
                   batch_size=a.batch_size, seed=a.seed)

@@ -72,7 +72,7 @@ def main(argv=None) -> None:
                            layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
                            judge_only=JUDGED, component_prompts=32, kl_threshold=args.kl_threshold,
                            kl_budget=args.kl_budget, filter_by=args.filter_by,
-                           max_new_tokens=args.max_new_tokens, plaintext_n=16, seed=args.seed)
+                           max_new_tokens=args.max_new_tokens, n_text=16, seed=args.seed)
     sizes = [len(p) for p in split_three(harmful, exp.train_frac, exp.val_frac, args.seed)]
     print(f"split sizes (train/val/test) per side: {sizes}", flush=True)
     result = exp.run(model, harmful, harmless, store=store)

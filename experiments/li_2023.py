@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     ap.add_argument("--addition-layer", type=int, default=9)
     ap.add_argument("--addition-coeffs", type=_floats, default=[0.125, 0.25, 0.5, 1.0, 2.0, 4.0])
     ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--plaintext-n", type=int, default=8)
+    ap.add_argument("--n-text", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/li_2023")
     args = ap.parse_args(argv)
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     exp = get("iti")(n_heads=args.n_heads, alphas=args.alphas, n_train=args.n_train, n_val=args.n_val,
                      n_test=args.n_test, addition_layer=min(args.addition_layer, model.n_layers - 1),
                      addition_coeffs=args.addition_coeffs, max_new_tokens=args.max_new_tokens,
-                     plaintext_n=args.plaintext_n, seed=args.seed)
+                     n_text=args.n_text, seed=args.seed)
     result = exp.run(model, harmful, harmless, store=ActivationStore())
     result.summary.update(paper=PAPER, seconds=round(time.time() - start), load_average_end=list(os.getloadavg()))
     result.config["script"] = {"command": " ".join(["experiments/li_2023.py"] + sys.argv[1:] if argv is None

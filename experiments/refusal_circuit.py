@@ -31,6 +31,7 @@ from circuitlab.experiments import get
 from circuitlab.io.results import check_output_dir
 
 OUT = Path(__file__).resolve().parent.parent / "results" / "refusal_circuit"
+EDGES = OUT.parent / "refusal_edges" / "edge_attribution"  # experiments/refusal_edges.py: joined in the page if same model
 RUNS = ("fragility_neuron", "fragility_head", "fragility_neuron_effect_size")
 MEASURES = {"refusal_prob": "mean refusal-token probability (score)", "refusal_rate": "judged refusal rate",
             "refusal_score": "refusal score"}
@@ -80,6 +81,22 @@ def _store(spec: str | None):
     return cl.ActivationStore(spec) if spec else cl.ActivationStore()
 
 
+def _write_page(out: Path) -> None:
+    """The circuit viewer's page next to the run (circuitlab view), joined with the edge run of the same model."""
+    from circuitlab.viewer import ViewerError
+    from circuitlab.viewer.cli import view
+
+    edges = None
+    if (EDGES / "config.json").is_file():
+        same = json.loads((EDGES / "config.json").read_text())["model"]["fingerprint"] == \
+            json.loads((out / "circuit" / "config.json").read_text())["model"]["fingerprint"]
+        edges = str(EDGES) if same else None
+    try:
+        view(str(out / "circuit"), str(out / "circuit.html"), edges=edges)
+    except ViewerError as err:  # the page is a view of the saved run; the run itself stands
+        print(f"circuit viewer: no page ({err})")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=64, help="prompts per set")
@@ -106,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         circuit = get("circuit-map")(**plan["circuit"]).run(model, harmful, harmless, store=store)
         circuit.save(args.out / "circuit", overwrite=True)
     print(f"[{time.time() - t0:5.0f} s] circuit map: {circuit.summary}")
+    _write_page(args.out)
 
     common = dict(plan["ablation"], judge_at=args.judge_at)
     fragility, todo = {}, []

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     ap.add_argument("--control-layers", type=_numbers(int), default=[6, 8, 10, 12, 14, 16])
     ap.add_argument("--strengths", type=_numbers(float), default=[-2.0, -1.0, 0.0, 1.0, 2.0])
     ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--plaintext-n", type=int, default=8)
+    ap.add_argument("--n-text", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/zou_2023")
     args = ap.parse_args(argv)
@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     control_layers = [l for l in args.control_layers if l < model.n_layers] or None
     exp = get("representation-reading")(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
                                         control_layers=control_layers, strengths=args.strengths,
-                                        max_new_tokens=args.max_new_tokens, plaintext_n=args.plaintext_n,
+                                        max_new_tokens=args.max_new_tokens, n_text=args.n_text,
                                         seed=args.seed)
     result = exp.run(model, harmful, harmless, store=ActivationStore())
     result.summary.update(paper=PAPER, seconds=round(time.time() - start), load_average_end=list(os.getloadavg()))

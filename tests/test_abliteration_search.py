@@ -270,7 +270,7 @@ def test_pareto_script_smoke_on_tiny(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(abliteration_pareto, "run_heretic", lambda a, model, out, files: fake)
     out = tmp_path / "abliteration"
     abliteration_pareto.main(["--model", "tiny", "--variants", "heretic,targeted", "--trials", "2", "--n-train", "6",
-                              "--n-val", "4", "--n-test", "4", "--plaintext-n", "2", "--arditi-filter", "none",
+                              "--n-val", "4", "--n-test", "4", "--n-text", "2", "--arditi-filter", "none",
                               "--judge", "--max-tokens", "3", "--out", str(out), "--store", str(tmp_path / "store")],
                              model=tiny)
     for name in ("fronts.csv", "pareto_test.png", "summary.json", "circuitlab/trials.csv", "prompts/harmful_test.txt"):

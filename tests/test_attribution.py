@@ -65,3 +65,20 @@ def test_planted_circuit_ranked_first():
 def test_bad_component_is_refused(tiny, harmful, harmless):
     with pytest.raises(ValueError, match="unknown"):
         AttributionPatching(components=["neurons"]).run(tiny, harmful, harmless)
+
+
+def test_mean_patch_estimates_do_not_depend_on_batching(tiny, harmful):
+    """A short last batch (3 prompts in batches of 2) gives the same averages as one batch of 3."""
+    from circuitlab.methods.attribution import mean_patch_estimates
+
+    g = torch.Generator().manual_seed(0)
+    means = {}
+    for l in range(tiny.n_layers):
+        means[hk.mlp_post(l)] = torch.randn(tiny.n_post, tiny.d_mlp, generator=g)
+        means[hk.attn_z(l)] = torch.randn(tiny.n_post, tiny.n_heads, tiny.d_head, generator=g)
+    prompts = list(harmful)[:3]
+    whole = mean_patch_estimates(tiny, prompts, means, batch_size=3)
+    split = mean_patch_estimates(tiny, prompts, means, batch_size=2)
+    assert whole["neuron"].shape == (tiny.n_layers, tiny.d_mlp) and whole["head"].shape == (tiny.n_layers, tiny.n_heads)
+    for kind in ("neuron", "head"):
+        torch.testing.assert_close(split[kind], whole[kind], rtol=1e-4, atol=1e-5)

@@ -14,10 +14,13 @@ FAST_PARAMS: dict[str, dict] = {
     "robust-hardening": {"steps": 2, "n_neurons": 3, "n_heads": 2, "variants": ["targeted"], "n_train": 4,
                          "batch_size": 2, "n_retain": 3, "retain_tokens": 3, "judge": False, "n_text": 2,
                          "n_eval": 3, "n_val": 2, "n_attack": 4, "n_adv": 3, "k_grid": [1, 2], "n_dirs": [1, 2],
-                         "n_boot": 50},
+                         "n_boot": 50, "modes": ["plain", "distributed"], "abliteration_trials": 1, "progress": False,
+                         "suite": ["direction_ablation", "rank_k_ablation", "prefill"]},
+    "iti": {"max_new_tokens": 4, "n_text": 4, "n_boot": 100},
+    "representation-reading": {"max_new_tokens": 4, "n_text": 4, "n_boot": 100},
     "circuit-map": {"n_neurons": 3, "n_heads": 2, "n_atp_neurons": 2, "n_atp_heads": 1, "n_verify": 4, "probe_threshold": 0.6},
     "ablation": {"k_grid": [1, 3], "random_seeds": 1, "max_new_tokens": 2, "n_text": 4},
-    "refusal-direction": {"max_new_tokens": 4, "plaintext_n": 4, "n_boot": 100, "filter_train": False,
+    "refusal-direction": {"max_new_tokens": 4, "n_text": 4, "n_boot": 100, "filter_train": False,
                           "filter_val": False},  # the random tiny model refuses nothing
     "monitor": {"quick": True, "reload": False, "n_canary": 4, "finetune_texts": 2, "ood": None},
     "targeted-finetune": {"steps": 2, "n_neurons": 4, "n_heads": 1, "max_new_tokens": 2, "n_text": 2, "n_eval": 4},
@@ -25,7 +28,7 @@ FAST_PARAMS: dict[str, dict] = {
     "attribution-patching": {"n_pairs": 2},
     "path-patching": {"n_pairs": 1},
     "pattern-patching": {"n_pairs": 2},
-    "abliteration-search": {"n_trials": 2, "n_startup_trials": 2, "plaintext_n": 2, "batch_size": 8},
+    "abliteration-search": {"n_trials": 2, "n_startup_trials": 2, "n_text": 2, "batch_size": 8},
 }
 
 

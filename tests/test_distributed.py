@@ -153,7 +153,7 @@ UNIT_CASES = {
     "edge-attribution": dict(n_pairs=6, batch_size=2, ig_steps=2, fractions=[0.1, 0.5, 1.0], random_seeds=1,
                              n_boot=2),
     "refusal-direction": dict(filter_train=False, filter_val=False, screen_prompts=2, n_finalists=2,
-                              max_new_tokens=2, plaintext_n=2, n_boot=20, component_prompts=2, progress=False),
+                              max_new_tokens=2, n_text=2, n_boot=20, component_prompts=2, progress=False),
 }
 
 

@@ -24,7 +24,7 @@ NONSENSE: dict[str, list[dict]] = {
     "path-patching": [{"receivers": ["k"]}, {"sender_layers": [-2]}, {"n_pairs": 0}, {"mode": "x"}],
     "pattern-patching": [{"layers": [-1]}, {"n_pairs": 0}],
     "refusal-direction": [{"train_frac": 1.5}, {"val_frac": 0.0}, {"train_frac": 0.6, "val_frac": 0.5},
-                          {"layers": [-1]}, {"positions": [0]}, {"kl_threshold": 0.0}, {"prune_layer_frac": 1.5},
+                          {"layers": [-1]}, {"candidate_positions": [0]}, {"kl_threshold": 0.0}, {"prune_layer_frac": 1.5},
                           {"conditions": ["magic"]}, {"judge_only": ["baseline"]}, {"component_prompts": 0},
                           {"max_new_tokens": 0}, {"n_boot": 0}, {"batch_size": 0},
                           {"kl_budget": 0.0}, {"filter_by": "magic"}, {"min_kept": 0}, {"screen_prompts": 0},
@@ -52,7 +52,7 @@ NONSENSE: dict[str, list[dict]] = {
     "abliteration-search": [{"variants": ["magic"]}, {"variants": []}, {"n_trials": 0}, {"sampler": "magic"},
                             {"n_startup_trials": -1}, {"sampler": "nsga2", "n_startup_trials": 1}, {"refusal": "magic"},
                             {"max_new_tokens": 0}, {"kl_budget": 0.0}, {"max_top_n": 0}, {"target_kinds": ["attn_out"]},
-                            {"plaintext_n": 0}, {"batch_size": 0}, {"seed": -1}],
+                            {"n_text": 0}, {"batch_size": 0}, {"seed": -1}],
 }
 
 

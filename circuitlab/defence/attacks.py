@@ -52,7 +52,8 @@ from circuitlab.io.store import ActivationStore
 from circuitlab.methods import metrics
 from circuitlab.methods.abliteration import abliterated
 from circuitlab.methods.attribution import mean_patch_estimates
-from circuitlab.methods.direction_eval import bootstrap_ci, score_candidates
+from circuitlab.methods.direction_eval import score_candidates
+from circuitlab.methods.stats import bootstrap_ci
 from circuitlab.methods.directions import candidate_directions
 from circuitlab.methods.interventions import (ablation_hooks, directional_ablation_hooks, orthogonalized,
     reference_activations)

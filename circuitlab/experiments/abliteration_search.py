@@ -72,7 +72,7 @@ class AbliterationSearch(Experiment):
     max_top_n: int = 8  # targeted: most writers a trial may edit
     target_kinds: list[str] = field(default_factory=lambda: ["head", "mlp_out"])  # targeted: head, mlp_out, neuron
     plaintext: str | None = "plaintext"  # prompt set for the test cross-entropy (None: skip)
-    plaintext_n: int = 16  # plain texts for the cross-entropy
+    n_text: int = 16  # plain texts for the cross-entropy
     batch_size: int = 32  # prompts per forward pass
     progress: bool = True  # show progress bars
     seed: int = 0  # seed of the splits and the samplers
@@ -86,7 +86,7 @@ class AbliterationSearch(Experiment):
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("refusal", self.refusal, REFUSAL_OBJECTIVES)
         check_subset(self, "target_kinds", TARGET_KINDS)
-        check_at_least(self, 1, "n_trials", "max_new_tokens", "max_top_n", "plaintext_n", "batch_size")
+        check_at_least(self, 1, "n_trials", "max_new_tokens", "max_top_n", "n_text", "batch_size")
         check_at_least(self, 0, "n_startup_trials", "seed")
         check(self.sampler != "nsga2" or self.n_startup_trials >= 2, f"n_startup_trials={self.n_startup_trials} "
               "is NSGA-II's population size and must be >= 2 (e.g. --set n_startup_trials=10)")
@@ -176,7 +176,7 @@ class AbliterationSearch(Experiment):
         if self.trials_ is None:
             raise ValueError("no trials yet: run the search first (run() or search())")
         h_test, s_test = list(h_test), list(s_test)
-        plain = _plaintext(self.plaintext, self.plaintext_n, self.seed)
+        plain = _plaintext(self.plaintext, self.n_text, self.seed)
         base = last_logits_shared(model, s_test, batch_size=self.batch_size)
         kwargs = dict(markers=self.judge, judge=self.judge, max_new_tokens=self.max_new_tokens, plaintext=plain,
                       batch_size=self.batch_size, seed=self.seed)

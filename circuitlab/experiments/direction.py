@@ -103,7 +103,7 @@ class RefusalDirection(UnitExperiment):
     component_prompts: int | None = None  # test prompts per side for the attribution table (None: all)
     max_new_tokens: int = 24  # tokens generated per prompt for the judge (evaluation and filter)
     plaintext: str | None = "plaintext"  # prompt set for the cross-entropy side effect (None: skip)
-    plaintext_n: int = 16  # plain texts for the cross-entropy
+    n_text: int = 16  # plain texts for the cross-entropy
     top_neurons: int = 20  # neurons per layer in the attribution table
     batch_size: int = 32  # prompts per forward pass
     n_boot: int = 1000  # bootstrap resamples for the confidence intervals
@@ -134,7 +134,7 @@ class RefusalDirection(UnitExperiment):
             and j.split(":")[1] in ("harmful", "harmless") for j in self.judge_only),
             f"judge_only={self.judge_only!r} must be None or 'condition:split' entries such as "
             "baseline:harmful (e.g. --set judge_only=baseline:harmful,ablation:harmful)")
-        check_at_least(self, 1, "component_prompts", "max_new_tokens", "plaintext_n", "top_neurons", "batch_size",
+        check_at_least(self, 1, "component_prompts", "max_new_tokens", "n_text", "top_neurons", "batch_size",
                        "n_boot", "min_kept", "screen_prompts", "n_finalists")
         check_at_least(self, 0, "seed")
 
@@ -199,7 +199,7 @@ class RefusalDirection(UnitExperiment):
 
     def _evaluate(self, model, harmful, harmless, table, filtered, rule, baseline, h_test, s_test, store) -> Result:
         """The chosen direction on the test split (the first time a test prompt is used), and the Result."""
-        plain = _plaintext(self.plaintext, self.plaintext_n, self.seed)
+        plain = _plaintext(self.plaintext, self.n_text, self.seed)
         evaluation = evaluate_direction(
             model, self.direction_, self.layer_, list(h_test), list(s_test), plain, judge=self.judge,
             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, n_boot=self.n_boot,

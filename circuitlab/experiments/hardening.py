@@ -58,7 +58,7 @@ from circuitlab.io import datasets
 from circuitlab.methods import metrics
 from circuitlab import graph as eg
 from circuitlab.core.components import from_table
-from circuitlab.methods.direction_eval import bootstrap_ci
+from circuitlab.methods.stats import bootstrap_ci
 from circuitlab.defence.attacks import (ATTACK_RULES, adaptive_direction_attack, attribution_units, ranked_keys,
     redundancy, run_attacks, subspace_hooks)
 from circuitlab.defence.finetune import (OPTIMIZERS, TARGET_STYLES, RandomSubspaceAdversary,

@@ -81,7 +81,7 @@ class InferenceTimeIntervention(Experiment):
     judge: bool = True  # judge refusal by generation (False: logit scores only)
     max_new_tokens: int = 24  # tokens generated per prompt for the judge
     plaintext: str | None = "plaintext"  # prompt set for the cross-entropy side effect (None: skip)
-    plaintext_n: int = 16  # plain texts for the cross-entropy
+    n_text: int = 16  # plain texts for the cross-entropy
     C: float = 1.0  # inverse L2 strength of the head probes
     solver: str = "liblinear"  # scikit-learn solver of the head probes
     batch_size: int = 16  # prompts per forward pass
@@ -97,7 +97,7 @@ class InferenceTimeIntervention(Experiment):
         check_choice("positions", self.positions, SHIFT_POSITIONS)
         check_choice("solver", self.solver, SOLVERS)
         check(self.C > 0, f"C={self.C} must be > 0 (e.g. --set C=1.0)")
-        check_at_least(self, 1, "n_heads", "max_new_tokens", "plaintext_n", "batch_size", "n_boot")
+        check_at_least(self, 1, "n_heads", "max_new_tokens", "n_text", "batch_size", "n_boot")
         check_at_least(self, 2, "n_train", "n_val", "n_test")
         check_at_least(self, 0, "seed", "addition_layer")
 
@@ -119,7 +119,7 @@ class InferenceTimeIntervention(Experiment):
         chosen = select_heads(heads, self.n_heads)
         heads["selected"] = [(r.layer, r.head) in chosen for r in heads.itertuples()]
         shifts = fit_shifts(z["th"], z["ts"], chosen)
-        plain = list(datasets.load(self.plaintext, n=self.plaintext_n, seed=self.seed + 1)) if self.plaintext else None
+        plain = list(datasets.load(self.plaintext, n=self.n_text, seed=self.seed + 1)) if self.plaintext else None
         base_val = model.last_logits(list(s_val), batch_size=self.batch_size)
         base_test = model.last_logits(list(s_test), batch_size=self.batch_size)
         ev = dict(base_harmless=base_test, judge=self.judge, max_new_tokens=self.max_new_tokens,

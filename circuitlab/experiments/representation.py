@@ -62,7 +62,7 @@ class RepresentationReading(Experiment):
     judge: bool = True  # judge refusal by generation (False: logit scores only)
     max_new_tokens: int = 24  # tokens generated per prompt for the judge
     plaintext: str | None = "plaintext"  # prompt set for the cross-entropy side effect (None: skip)
-    plaintext_n: int = 16  # plain texts for the cross-entropy
+    n_text: int = 16  # plain texts for the cross-entropy
     batch_size: int = 16  # prompts per forward pass
     n_boot: int = 1000  # bootstrap resamples for the confidence intervals
     seed: int = 0  # seed of the splits, the random pairing and the bootstrap
@@ -72,7 +72,7 @@ class RepresentationReading(Experiment):
         check_layers("layers", self.layers)
         check_layers("control_layers", self.control_layers)
         check(len(self.strengths) > 0, "strengths must be a non-empty list of numbers (e.g. --set strengths=-1,0,1)")
-        check_at_least(self, 1, "max_new_tokens", "plaintext_n", "batch_size", "n_boot")
+        check_at_least(self, 1, "max_new_tokens", "n_text", "batch_size", "n_boot")
         check_at_least(self, 2, "n_train", "n_val", "n_test")
         check_at_least(self, 0, "seed", "control_layer")
 
@@ -150,7 +150,7 @@ class RepresentationReading(Experiment):
 
     def _control(self, model, layer, x, v, parts, choice) -> pd.DataFrame:
         h_test, s_test = parts["h"][2], parts["s"][2]
-        plain = list(datasets.load(self.plaintext, n=self.plaintext_n, seed=self.seed + 1)) if self.plaintext else None
+        plain = list(datasets.load(self.plaintext, n=self.n_text, seed=self.seed + 1)) if self.plaintext else None
         base = model.last_logits(list(s_test), batch_size=self.batch_size)
         sep = self._shift(x, layer, v)
         rows = []

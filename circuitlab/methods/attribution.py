@@ -121,8 +121,9 @@ def mean_patch_estimates(model, prompts: Sequence[str], means: dict[str, torch.T
         for n in resid:  # every candidate direction, ablated at this layer
             bypass -= projection_estimate(g, n, r_hats).sum((0, 1)).float().cpu()
         for n in names:
-            totals[n] = totals[n] - patch_estimate(g, n, means[n]).sum(1).float().cpu()  # summed over positions
-    per_unit = {"neuron": lambda t: t.sum(0), "head": lambda t: t.sum(-1).sum(0)}  # heads: d_head summed
+            # summed over positions and prompts here: a short last batch cannot broadcast against the others
+            totals[n] = totals[n] - patch_estimate(g, n, means[n]).sum(1).sum(0).float().cpu()
+    per_unit = {"neuron": lambda t: t, "head": lambda t: t.sum(-1)}  # heads: d_head summed
     out = {kind: torch.stack([per_unit[kind](totals[hook(l)]) for l in range(model.n_layers)]) / len(prompts)
            for kind, hook in kinds.items()}
     if directions is not None:

@@ -34,7 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from circuitlab.core import hooks as hk
 from circuitlab.core.model import HookedModel
 from circuitlab.methods import metrics
-from circuitlab.methods.direction_eval import bootstrap_ci
+from circuitlab.methods.stats import bootstrap_ci
 from circuitlab.methods.directions import direction_from_pairs, unit
 from circuitlab.methods.probes import SOLVERS
 

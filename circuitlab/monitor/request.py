@@ -23,7 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from circuitlab.core import hooks as hk
-from circuitlab.methods.direction_eval import bootstrap_ci
+from circuitlab.methods.stats import bootstrap_ci
 from circuitlab.methods.directions import diff_in_means
 from circuitlab.core.model import HookedModel
 from circuitlab.io.store import ActivationStore
