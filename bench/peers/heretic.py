@@ -12,6 +12,11 @@ Prompt roles (circuitlab's deterministic 60/20/20 splits, ``--seed``):
 
     .venv/bin/python bench/peers/heretic.py --out runs/heretic --trials 2 --max-tokens 24
     .venv/bin/python bench/peers/heretic.py --out runs/heretic-eval --evaluate path/to/exported_model
+    .venv/bin/python bench/peers/heretic.py --out runs/heretic --trials 60 --export /tmp/heretic_export
+
+``--export DIR`` answers Heretic's own post-search menu (``MenuDriver``): the trial a stated rule
+picks from its Pareto list, "Save the model to a local folder", merged; without it the menu, which
+needs a terminal, ends the run with EOFError and exit status 1 once the search is done.
 
 Search writes ``trials.csv`` (one row per trial: refusals, kl, Heretic's objective, Pareto flag,
 seconds, abliteration parameters), ``run.json`` (Heretic's own settings, versions, timings),
@@ -43,6 +48,7 @@ HERETIC_VERSION = "1.4.0"
 TORCH_SPEC = "torch==2.13.0"  # installed first: a bare torch requirement pulls a multi-GB CUDA build
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "NO_COLOR": "1", "COLUMNS": "200", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+PLAIN_FAMILY = ["--row-normalization", "NONE", "--no-orthogonalize-direction"]  # = circuitlab's plain family
 ROLES = {"train": ("good_prompts", "bad_prompts"), "val": ("good_evaluation_prompts", "bad_evaluation_prompts")}
 
 # Reads Heretic's Optuna journal with Optuna alone (runs in Heretic's venv, where Optuna is installed).
@@ -148,19 +154,25 @@ def _kill(proc: subprocess.Popen) -> None:
         pass
 
 
-def run_heretic(args: list[str], cwd: Path, log: Path,
-                timeout: float | None) -> tuple[int, list[tuple[float, str]], bool]:
+def run_heretic(args: list[str], cwd: Path, log: Path, timeout: float | None,
+                menu: "MenuDriver | None" = None) -> tuple[int, list[tuple[float, str]], bool]:
     """Run Heretic, streaming its output time-stamped into ``log``; key lines are echoed.
 
-    Returns (return code, [(seconds, line)], timed_out). Heretic's post-search menu needs a terminal;
-    stdin is /dev/null, so it ends with EOFError after the search, which the caller tolerates.
+    Returns (return code, [(seconds, line)], timed_out). Without ``menu``, stdin is /dev/null: Heretic's
+    post-search menu (prompt_toolkit, which needs a terminal) then ends the run with EOFError and exit
+    status 1 after the search, which the caller tolerates. With ``menu``, Heretic's plain numbered menus
+    (its notebook mode, chosen by the ``KAGGLE_KERNEL_RUN_TYPE`` variable it checks) read ``menu``'s
+    answers from a pipe: pick a trial, save it, exit (exit status 0).
     """
     env = dict(os.environ, **OFFLINE_ENV)
+    if menu is not None:
+        env["KAGGLE_KERNEL_RUN_TYPE"] = "Interactive"  # heretic.utils.is_notebook(): input() menus, no terminal
     lines: list[tuple[float, str]] = []
     t0, finished = time.perf_counter(), False
     with open(log, "w", encoding="utf-8") as f:
         f.write("$ " + " ".join(json.dumps(x) if (" " in x or not x) else x for x in args) + "\n")
-        proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdin=subprocess.PIPE if menu else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
         stopped = threading.Event()
 
@@ -183,6 +195,13 @@ def run_heretic(args: list[str], cwd: Path, log: Path,
                 if _EVENTS.search(line) and not line.startswith(("│", "╭", "╰")) and not quiet:
                     print(f"  [{t:7.1f}s] {line.strip()}", flush=True)
                 finished = finished or "Optimization finished" in line
+                answer = menu.answer(line) if menu is not None else None
+                if answer is not None and proc.stdin and not proc.stdin.closed:
+                    f.write(f"[{t:8.1f}s] >>> {answer}\n")
+                    proc.stdin.write(answer + "\n")
+                    proc.stdin.flush()
+                    if menu.done:
+                        proc.stdin.close()
         except KeyboardInterrupt:
             _kill(proc)
             raise
@@ -192,6 +211,63 @@ def run_heretic(args: list[str], cwd: Path, log: Path,
         rc = proc.wait()
         timed_out = stopped.is_set()
     return rc, lines, timed_out
+
+
+_MENU_TRIAL = re.compile(r"\[(\d+)\] \[Trial\s+(\d+)\] Refusals:\s*(\d+)/(\d+), KL divergence: ([0-9.eE+-]+)")
+_MENU_ITEM = re.compile(r"\[(\d+)\] (Exit program|Save the model to a local folder|Return to the trial selection menu)")
+
+
+class MenuDriver:
+    """Answers Heretic 1.4.0's post-search menus (notebook mode: numbered lines, then ``input()``).
+
+    Trial menu: the Pareto trials Heretic lists (``[i] [Trial N] Refusals: r/n, KL divergence: x``, val
+    numbers); the choice is a stated rule standing in for the user: the fewest refusals among the listed
+    trials with KL <= ``max_kl`` (Heretic's menu warns that KL above 0.5 usually means real damage), or
+    the lowest-KL trial when none is that close. Then "Save the model to a local folder" at ``export``
+    (``--export-strategy merge``: the merged full model), back to the trial menu, and "Exit program".
+    """
+
+    def __init__(self, export: Path, max_kl: float = 0.5):
+        self.export, self.max_kl = Path(export), max_kl
+        self.listed: list[dict] = []
+        self.chosen: dict | None = None
+        self.state, self.done, self.saved = "pick", False, False
+
+    def answer(self, line: str) -> str | None:
+        trial = _MENU_TRIAL.search(line)
+        if trial and self.state == "pick":
+            i, n, r, nb, kl = trial.groups()
+            self.listed.append({"choice": int(i), "trial": int(n), "refusals": int(r), "n_harmful": int(nb),
+                                "kl": float(kl)})
+            return None
+        item = _MENU_ITEM.search(line)
+        if "Model saved to" in line:
+            self.saved = True
+            return None
+        if not item:
+            return None
+        number, label = item.groups()
+        if label == "Exit program" and self.state == "pick" and self.listed:
+            close = [t for t in self.listed if t["kl"] <= self.max_kl]
+            self.chosen = (min(close, key=lambda t: (t["refusals"], t["kl"])) if close
+                           else min(self.listed, key=lambda t: t["kl"]))
+            self.state = "act"
+            return str(self.chosen["choice"])
+        if label == "Save the model to a local folder" and self.state == "act":
+            self.state = "saving"
+            return f"{number}\n{self.export}"  # the choice, then the folder Heretic asks for
+        if label == "Return to the trial selection menu" and self.state == "saving" and self.saved:
+            self.state = "exit"
+            return number
+        if label == "Exit program" and self.state == "exit":
+            self.done = True
+            return number
+        return None
+
+    def record(self) -> dict:
+        return {"rule": f"fewest val refusals among Heretic's listed Pareto trials with val KL <= {self.max_kl} "
+                        "(else the lowest KL)", "listed": self.listed, "chosen": self.chosen,
+                "export": str(self.export), "saved": self.saved}
 
 
 def _tail(lines: list[tuple[float, str]], k: int = 15) -> str:
@@ -249,10 +325,21 @@ def search(a, model: str, out: Path, prompts: dict, versions: dict) -> int:
         print(f"removing the previous study journal in {checkpoints}")
         shutil.rmtree(checkpoints)
     args = heretic_args(a, model, prompts, checkpoints) + ["--n-trials", str(a.trials)]
+    if a.startup_trials is not None:
+        args += ["--n-startup-trials", str(a.startup_trials)]
+    if a.plain_family:
+        args += PLAIN_FAMILY
+    menu = None
+    if a.export:
+        menu = MenuDriver(check_export_dir(a.export), a.choose_max_kl)
+        args += ["--export-strategy", "merge"]
     print(f"running Heretic {versions['heretic-llm']}: {a.trials} trial(s), {a.max_tokens} new tokens, "
           f"log: {out / 'heretic.log'}")
+    from circuitlab.io.provenance import matmul_peak
+
+    peak = matmul_peak()
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    rc, lines, timed_out = run_heretic(args, out, out / "heretic.log", a.timeout)
+    rc, lines, timed_out = run_heretic(args, out, out / "heretic.log", a.timeout, menu)
     total = time.perf_counter() - t0
     journals = sorted(checkpoints.glob("*.jsonl"))
     finished = any("Optimization finished" in ln for _, ln in lines)
@@ -266,7 +353,10 @@ def search(a, model: str, out: Path, prompts: dict, versions: dict) -> int:
     seconds = [r["seconds"] for r in rows if r["seconds"] is not None]
     run = {"mode": "search", "model": model, "versions": versions, "argv": args, "return_code": rc,
            "finished": finished, "timed_out": timed_out, "total_s": round(total, 1), "cpus": os.cpu_count(),
-           "load_avg_1min": {"start": load0, "end": os.getloadavg()[0]},
+           "load_avg_1min": {"start": load0, "end": os.getloadavg()[0]}, "matmul_peak_flops": peak,
+           "family": "plain (row normalization none, direction not orthogonalized)" if a.plain_family
+           else "Heretic's defaults", "n_trials": a.trials, "n_startup_trials": a.startup_trials,
+           "menu": menu.record() if menu else None,
            "startup_s": round(first_trial, 1) if first_trial is not None else None, "trial_s": seconds,
            "heretic_settings": json.loads(journal["study_attrs"].get("settings", "null")), "prompts": prompts}
     (out / "run.json").write_text(json.dumps(run, indent=2), encoding="utf-8")
@@ -274,6 +364,9 @@ def search(a, model: str, out: Path, prompts: dict, versions: dict) -> int:
         why = "timed out" if timed_out else f"exited with status {rc}"
         raise Fail(f"Heretic {why} after {len([r for r in rows if r['state'] == 'COMPLETE'])} complete trial(s); "
                    f"last output:\n{_tail(lines)}\n  full log: {out / 'heretic.log'}")
+    if menu is not None and not menu.saved:
+        raise Fail(f"Heretic finished its search but did not save a model (menu answers: {menu.record()});"
+                   f"\n  last output:\n{_tail(lines)}\n  full log: {out / 'heretic.log'}")
     done = [r for r in rows if r["state"] == "COMPLETE"]
     print(f"done in {total:.0f} s (start-up {run['startup_s']} s, per trial {seconds} s); "
           f"{len(done)} trial(s) -> {out / 'trials.csv'}")
@@ -281,6 +374,16 @@ def search(a, model: str, out: Path, prompts: dict, versions: dict) -> int:
         print(f"  trial {r['trial']}: refusals {r['refusals']}/{r['n_harmful']} (base {r['base_refusals']}), "
               f"KL {r['kl']:.4f}{'  pareto' if r['pareto'] else ''}")
     return 0
+
+
+def check_export_dir(path) -> Path:
+    """The folder Heretic saves its chosen model to: outside this repository (weights are never committed)."""
+    folder = Path(path).resolve()
+    if folder == ROOT or ROOT in folder.parents:
+        raise Fail(f"--export {path} lies inside the repository {ROOT}; save model weights outside it", 2)
+    if folder.exists() and any(folder.iterdir()):
+        raise Fail(f"--export {path} exists and is not empty; give a new folder", 2)
+    return folder
 
 
 _NUM = r"([0-9.eE+-]+|nan|inf)"
@@ -327,6 +430,13 @@ def main(argv=None) -> int:
     p.add_argument("--eval-split", choices=("test", "val"), default="test", help="prompts --evaluate scores on")
     p.add_argument("--model", help="base model: a local HF directory (default: circuitlab's embedded model)")
     p.add_argument("--trials", type=int, default=2, help="Heretic --n-trials (its default is 200)")
+    p.add_argument("--startup-trials", type=int, help="Heretic --n-startup-trials (its default is 60)")
+    p.add_argument("--plain-family", action="store_true",
+                   help="--row-normalization NONE --no-orthogonalize-direction (default: Heretic's own defaults)")
+    p.add_argument("--export", metavar="DIR", help="after the search, save Heretic's chosen trial here (merged "
+                   "full model, via its own menu); must lie outside the repository")
+    p.add_argument("--choose-max-kl", type=float, default=0.5,
+                   help="--export's choice: fewest val refusals among Heretic's Pareto trials with KL <= this")
     p.add_argument("--max-tokens", type=int, default=24, help="Heretic --max-response-length (its default is 100)")
     p.add_argument("--batch-size", type=int, default=16, help="Heretic --batch-size (0: its automatic search)")
     p.add_argument("--harmful", default="advbench", help="circuitlab prompt set or file (harmful)")
