@@ -209,7 +209,9 @@ def test_distributed_extended_hardening_faces_prefill_and_abliteration(tiny, har
 
 
 @pytest.mark.parametrize("bad, message", [(["--set", "judge"], "key=value"), (["--set", "nope=1"], "no parameter 'nope'"),
-                                          (["--quick", "--set", "attack_rule=weakest"], "attack_rule")])
+                                          (["--quick", "--set", "attack_rule=weakest"], "attack_rule"),
+                                          (["--seeds", "1,1"], "distinct"), (["--set", "seed=3"], "--seeds"),
+                                          (["--combine"], "no ")])
 def test_robust_safety_script_refuses_bad_sets_before_loading(bad, message, tmp_path):
     import subprocess
     import sys

@@ -318,7 +318,8 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
           steps: int, lr: float = 1e-4, batch_size: int = 4, chat: bool = True, raw_text: bool = False,
           retain: Sequence[tuple[str, str]] = (), retain_per_batch: int | None = None, retain_weight: float = 1.0,
           kl_weight: float = 0.0, seed: int = 0, optimizer: str = "adam",
-          adversary: Callable[[int, int], tuple[list, torch.Tensor]] | None = None, progress: bool = False) -> dict:
+          adversary: Callable[[int, int], tuple[list, torch.Tensor]] | None = None, rerouting=None,
+          progress: bool = False) -> dict:
     """``optimizer`` (``OPTIMIZERS``) on the masked parameters for ``steps`` steps over ``pairs`` (cycled,
     shuffled with ``seed``).
 
@@ -330,6 +331,9 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
     Retain answers get no extra end-of-turn token (``greedy_targets`` keeps the model's own).
     ``adversary(step, n_rows) -> (hooks, rows)`` (e.g. ``RefusalAblationAdversary``): the hooks act during
     that step's forward pass on the hardening rows marked True, never on retain rows.
+    ``rerouting`` (``defence.rerouting.Rerouting``): Circuit Breakers' representation loss is added —
+    the hardening rows' prompt tokens rerouted away from the original's representations, the retain
+    rows' kept (``log["rerouting"]``: its parts per step).
     Returns losses per step (total, target, retain, kl), rows ablated per step, seconds, and the number
     of trainable parameters.
     """
@@ -343,6 +347,8 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
         raise ValueError("a retain set needs chat prompts (chat=True, raw_text=False)")
     if kl_weight and not retain:
         raise ValueError("kl_weight > 0 needs a retain set: the KL is measured on the retain prompts")
+    if rerouting is not None:
+        rerouting.check(model)
     params = canonical_parameters(model)
     unknown = [n for n in masks if n not in params]
     if unknown:
@@ -377,6 +383,9 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
                 rows_on = torch.cat([hit.bool().cpu(), torch.zeros(len(kept), dtype=torch.bool)])
                 hooks = on_rows(adv_hooks, rows_on) if hit.any() else []
                 log["ablated_rows"].append(int(hit.sum()))
+            if rerouting is not None:  # the original's representations first: swapping weights after would break backward
+                rerouting.reference(model, {n: params[n] for n in masks}, ids, mask)
+                hooks = hooks + rerouting.hooks()
             with model.hooks(hooks):
                 resid = model.final_residual(ids, mask)
             # the token at t+1 is predicted from position t: read positions shifted left by one
@@ -399,6 +408,10 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
                 kl = (ref.exp() * (ref - now)).sum(-1).mean()
                 loss = loss + kl_weight * kl
                 parts["kl"] = float(kl.detach())
+            if rerouting is not None:
+                hardening_row = (torch.arange(len(ids), device=mask.device) < len(rows))[:, None]
+                loss = loss + rerouting.loss(step, steps, hardening_row & mask.bool() & ~target,
+                                             ~hardening_row & mask.bool())
             opt.zero_grad(set_to_none=False)
             loss.backward()
             with torch.no_grad():
@@ -416,6 +429,8 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
         for p in params.values():
             p.requires_grad_(was[id(p)])
             p.grad = None
+    if rerouting is not None:
+        log["rerouting"] = list(rerouting.history)
     return {**log, "seconds": time.perf_counter() - start, "n_params": count_trainable(masks, model)}
 
 

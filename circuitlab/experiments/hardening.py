@@ -12,6 +12,10 @@ A third mode, ``distributed`` (DeepRefusal, arXiv 2509.15202): a random member o
 (k <= ``max_k`` directions at random layers × offsets) is ablated at every step
 (``finetune.RandomSubspaceAdversary``). ``targets="extended"``: the hardening targets are the project's
 multi-sentence refusals (extended refusal, Abu Shairah et al. 2025; ``finetune.extended_refusals``).
+A fourth, ``rerouting`` (Circuit Breakers, Zou et al. 2024): the plain hardening loss plus representation
+rerouting of the harmful prompts and retention of the harmless ones at ``reroute_layers``
+(``defence.rerouting``); ``rerouting_reading`` records the RepE reading accuracy (LAT vector, Zou et al.
+2023; train threshold, validation prompts) of refusal at those layers on the original.
 
 Every model then faces the attack suite of ``circuitlab.defence.attacks`` (``suite``; see that module:
 strongest direction, rank-k subspace ablation for k in ``n_dirs``, optimised abliteration with
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +62,7 @@ import torch
 from circuitlab.io import datasets
 from circuitlab.methods import metrics
 from circuitlab import graph as eg
+from circuitlab.core import hooks as hk
 from circuitlab.core.components import from_table
 from circuitlab.methods.stats import bootstrap_ci
 from circuitlab.defence.attacks import (ATTACK_RULES, adaptive_direction_attack, attribution_units, ranked_keys,
@@ -64,6 +70,8 @@ from circuitlab.defence.attacks import (ATTACK_RULES, adaptive_direction_attack,
 from circuitlab.defence.finetune import (OPTIMIZERS, TARGET_STYLES, RandomSubspaceAdversary,
     RefusalAblationAdversary, component_masks, full_masks, greedy_targets, load_pairs, random_components,
     refusal_targets, train)
+from circuitlab.defence.rerouting import Rerouting, default_layers
+from circuitlab.methods.directions import direction_from_pairs, projection_threshold, reading_accuracy
 from circuitlab.methods.interventions import ablation_hooks, directional_ablation_hooks, reference_activations
 from circuitlab.monitor import locate_components
 from circuitlab.io.results import Result
@@ -78,7 +86,7 @@ from circuitlab.methods.pairs import make_pairs
 __all__ = ["RobustHardening", "adaptive_direction_attack", "attribution_units", "subspace_hooks", "MODES",
            "VARIANTS", "ATTACKS", "SUITE", "ATTACK_RULES"]
 
-MODES = ("plain", "adversarial", "distributed")
+MODES = ("plain", "adversarial", "distributed", "rerouting")
 VARIANTS = ("targeted", "random", "full")
 SUITE = ("direction_ablation", "rank_k_ablation", "abliteration", "unit_ablation", "orthogonalization", "prefill")
 ATTACKS = ("none", *SUITE)
@@ -94,11 +102,13 @@ class RobustHardening(Experiment):
     n_neurons: int = 16  # located neurons (diff-ranking on the train split)
     n_heads: int = 4  # located heads (random control: fewer if the key/value groups do not allow it, noted)
     variants: list[str] = field(default_factory=lambda: ["targeted"])  # any of targeted, random, full
-    modes: list[str] = field(default_factory=lambda: list(MODES))  # plain, adversarial (ReFAT), distributed (DeepRefusal)
+    modes: list[str] = field(default_factory=lambda: list(MODES))  # plain, adversarial (ReFAT), distributed (DeepRefusal), rerouting (Circuit Breakers)
     targets: str = "short"  # hardening targets: short refusals or extended (multi-sentence) refusals
     suite: list[str] = field(default_factory=lambda: list(SUITE))  # attacks every model faces (defence.attacks)
     abliteration_trials: int = 4  # optimised abliteration: Optuna trials (Heretic's kernel family, seeded; CPU-sized)
     max_k: int = 8  # distributed: most directions ablated together per step
+    reroute_layers: list[int] | None = None  # rerouting: resid_pre layers (None: 1/3 and 2/3 depth, as the paper's 10, 20 of 32)
+    reroute_alpha: float = 10.0  # rerouting: the loss weight alpha of the paper's schedule
     steps: int = 16  # optimizer steps per model (equal for all)
     lr: float = 1e-3  # targeted and random components
     full_lr: float = 1e-5  # all parameters
@@ -127,6 +137,8 @@ class RobustHardening(Experiment):
     n_edge_pairs: int = 8  # equal-length pairs (padded) to score edges on (train) and to measure faithfulness on (test)
     n_eval: int = 8  # held-out test prompts per class
     n_text: int = 4  # plain texts for cross-entropy
+    benign: str | None = "sensitive-benign"  # prompt set for over-refusal on benign sensitive questions (None: skip)
+    n_benign: int = 16  # prompts of that set judged per model
     judge: bool = True  # judge refusal by generation too (False: logit measures only)
     max_new_tokens: int = 8  # generated tokens per prompt for the judge
     n_boot: int = 1000  # bootstrap resamples for the CIs
@@ -144,7 +156,11 @@ class RobustHardening(Experiment):
         check_subset(self, "suite", SUITE)
         check_at_least(self, 1, "abliteration_trials", "max_k", "n_keys")
         check_files(self, "dataset", "components_csv")
+        check(self.benign is None or datasets.is_builtin(self.benign) or Path(self.benign).is_file(),
+              f"benign={self.benign!r} is neither a built-in prompt set nor a file (e.g. --set benign=sensitive-benign)")
         check_layers("attack_layers", self.attack_layers)
+        check_layers("reroute_layers", self.reroute_layers)
+        check(self.reroute_alpha > 0, f"reroute_alpha={self.reroute_alpha} must be > 0 (e.g. --set reroute_alpha=10)")
         positions = self.attack_positions
         check(positions is None or (len(positions) > 0 and all(p < 0 for p in positions)),
               f"attack_positions={positions!r} must be None or negative offsets (e.g. --set attack_positions=-1)")
@@ -156,7 +172,7 @@ class RobustHardening(Experiment):
               "(e.g. --set prune_layer_frac=0.2)")
         check_at_least(self, 0, "n_neurons", "n_heads", "steps", "kl_weight", "seed")
         check_at_least(self, 1, "batch_size", "n_train", "n_retain", "retain_tokens", "refresh_every",
-                       "adv_directions", "k_grid", "n_dirs", "n_eval", "n_text", "max_new_tokens", "n_boot",
+                       "adv_directions", "k_grid", "n_dirs", "n_eval", "n_text", "n_benign", "max_new_tokens", "n_boot",
                        "batch_size_eval")
         check_at_least(self, 2, "n_adv", "n_attack", "n_val")
         check_at_least(self, 1, "attack_screen")
@@ -177,7 +193,8 @@ class RobustHardening(Experiment):
                       "s_val": list(sp["s_val"].sample(self.n_val, self.seed)),
                       "h_test": list(sp["h_test"].sample(self.n_eval, self.seed)),
                       "s_test": list(sp["s_test"].sample(self.n_eval, self.seed)),
-                      "text": list(datasets.load("plaintext", n=self.n_text, seed=self.seed + 1))}
+                      "text": list(datasets.load("plaintext", n=self.n_text, seed=self.seed + 1)),
+                      "benign": list(datasets.load(self.benign, n=self.n_benign, seed=self.seed)) if self.benign else []}
         self._base = model.last_logits(self._sets["s_test"], batch_size=self.batch_size_eval)
         self._edge_pairs = None if self.edge_fraction is None else [  # token lengths do not depend on the weights
             make_pairs(model, sp[f"h_{s}"], sp[f"s_{s}"], n_pairs=self.n_edge_pairs, pairing="pad").pairs
@@ -196,6 +213,9 @@ class RobustHardening(Experiment):
         original = self._evaluate(model, "original", "none", rows, curves, cands)
         keys = ranked_keys(original)[: self.adv_directions]
         h_adv, s_adv = self._sets["h_train"][: self.n_adv], self._sets["s_train"][: self.n_adv]
+        reroute_layers = self.reroute_layers or default_layers(model.n_layers)
+        reading = (_reading_accuracy(model, self._sets, reroute_layers, self.seed, self.batch_size_eval)
+                   if "rerouting" in self.modes else {})
         for i, (mode, variant) in enumerate([(m, v) for m in self.modes for v in self.variants]):
             self._say(f"model {i + 1}/{len(self.modes) * len(self.variants)}: {variant} {mode}, {self.steps} steps")
             with weights_restored(model):
@@ -208,22 +228,26 @@ class RobustHardening(Experiment):
                                                          seed=self.seed, batch_size=self.batch_size_eval)
                                  if mode == "distributed" else None)
                     m = masks[variant]()
+                    rerouting = Rerouting(reroute_layers, alpha=self.reroute_alpha) if mode == "rerouting" else None
                     log = train(model, m, pairs, steps=self.steps, lr=self.full_lr if variant == "full" else self.lr,
                                 batch_size=self.batch_size, retain=retain, retain_per_batch=self.batch_size,
                                 kl_weight=self.kl_weight if retain else 0.0, seed=self.seed,
-                                optimizer=self.optimizer, adversary=adversary)
+                                optimizer=self.optimizer, adversary=adversary, rerouting=rerouting)
                     training.append({"variant": variant, "mode": mode, "n_params": log["n_params"], "steps": self.steps,
                                      "seconds": log["seconds"],
                                      "target_loss_first": log["target_loss"][0] if self.steps else np.nan,
                                      "target_loss_last": log["target_loss"][-1] if self.steps else np.nan,
                                      "adversary_refreshes": (len(adversary.history) if mode == "adversarial" else
                                                              -(-self.steps // self.refresh_every) if adversary else 0),
-                                     "ablated_rows": int(sum(log["ablated_rows"]))})
+                                     "ablated_rows": int(sum(log["ablated_rows"])),
+                                     "reroute_cos_last": log["rerouting"][-1]["reroute_cos"] if log.get("rerouting") else np.nan})
                     self._evaluate(model, variant, mode, rows, curves, cands)
         table, curves = pd.DataFrame(rows), pd.DataFrame(curves)
         comparison = _comparison(table, curves, pd.DataFrame(training), self.judge)
         summary = {"components": ",".join(map(str, components)), "adversary_keys": str(keys), "targets": self.targets,
                    "random_control_note": note,
+                   **({"reroute_layers": ",".join(map(str, reroute_layers)),
+                       "rerouting_reading": ",".join(f"L{l}:{a:.3f}" for l, a in reading.items())} if reading else {}),
                    "n_train_pairs": len(pairs), "n_retain_pairs": len(retain), "demo": self.dataset is None}
         for r in comparison.to_dict("records"):
             summary.update({f"{r['variant']}_{r['mode']}_{k}": v if isinstance(v, str) else round(float(v), 4)
@@ -304,6 +328,9 @@ class RobustHardening(Experiment):
         if self.judge:
             add("none", "harmless_test", "over_refusal_rate", metrics.judge_refusals(
                 model, s["s_test"], max_new_tokens=self.max_new_tokens, batch_size=bs))
+            if s["benign"]:
+                add("none", "benign", "over_refusal_rate", metrics.judge_refusals(
+                    model, s["benign"], max_new_tokens=self.max_new_tokens, batch_size=bs))
         add("none", "plaintext", "cross_entropy", [metrics.cross_entropy(model, [t]) for t in s["text"]])
         start = time.perf_counter()
         searcher = (get("abliteration-search")(variants=["heretic"], n_trials=self.abliteration_trials,
@@ -379,6 +406,21 @@ def _first_k(curve: pd.DataFrame, target: float) -> float:
     return float(hit.k.min()) if len(hit) else np.nan
 
 
+def _reading_accuracy(model, sets, layers, seed, batch_size) -> dict[int, float]:
+    """RepE reading accuracy of refusal at ``layers`` on the original: the LAT vector of the last
+    post-instruction token (train prompts), threshold from train, accuracy on validation prompts."""
+    names = [hk.resid_pre(l) for l in layers]
+    acts = {k: model.run_with_cache(sets[k], names, [-1], batch_size=batch_size)
+            for k in ("h_train", "s_train", "h_val", "s_val")}
+    out = {}
+    for l, name in zip(layers, names):
+        h, s = acts["h_train"][name][:, 0].float(), acts["s_train"][name][:, 0].float()
+        v = direction_from_pairs(h, s, "pca", seed=seed)
+        out[l] = reading_accuracy(acts["h_val"][name][:, 0].float(), acts["s_val"][name][:, 0].float(), v,
+                                  projection_threshold(h, s, v))
+    return out
+
+
 def _comparison(table, curves, training, judge) -> pd.DataFrame:
     """One row per model: refusal under each attack, distribution measures, costs, training time."""
     measure = "refusal_rate" if judge else "refusal_prob"
@@ -404,10 +446,13 @@ def _comparison(table, curves, training, judge) -> pd.DataFrame:
                     hit = hit[hit.k == under[worst][1]]
                 if len(hit):
                     r[f"removal_{m}"] = hit.value.iloc[0]
-        for m in ("over_refusal_rate", "kl_from_original", "cross_entropy"):
-            hit = g[(g.condition == "none") & (g.measure == m)]
+        for m, split, col in (("over_refusal_rate", "harmless_test", "over_refusal_rate"),
+                              ("over_refusal_rate", "benign", "over_refusal_benign"),
+                              ("kl_from_original", "harmless_test", "kl_from_original"),
+                              ("cross_entropy", "plaintext", "cross_entropy")):
+            hit = g[(g.condition == "none") & (g.measure == m) & (g.set == split)]
             if len(hit):
-                r.update({m: hit.value.iloc[0], f"{m}_ci_low": hit.ci_low.iloc[0], f"{m}_ci_high": hit.ci_high.iloc[0]})
+                r.update({col: hit.value.iloc[0], f"{col}_ci_low": hit.ci_low.iloc[0], f"{col}_ci_high": hit.ci_high.iloc[0]})
         c = curves[(curves.variant == variant) & (curves["mode"] == mode)]
         units, dirs = c[c.curve == "units"].sort_values("k"), c[c.curve == "directions"].sort_values("k")
         p0 = c.refusal_prob_before.iloc[0]
@@ -435,9 +480,9 @@ def _comparison(table, curves, training, judge) -> pd.DataFrame:
 
 
 def _figure(comparison, curves, model_name, judge):
-    import matplotlib.pyplot as plt
+    from circuitlab.io.plots import subplots
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    fig, axes = subplots(1, 3, figsize=(15, 3.8))
     labels = [f"{v}\n{m}" if v != "original" else v for v, m in zip(comparison.variant, comparison["mode"])]
     x, width = np.arange(len(labels)), 0.8 / len(ATTACKS)
     for i, cond in enumerate(ATTACKS):

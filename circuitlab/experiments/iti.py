@@ -184,9 +184,9 @@ def _summary(heads, sweep, chosen, shifts, add_layer, sizes) -> dict:
 def alpha_figure(sweep: pd.DataFrame, model_name: str):
     """Li et al. 2023 Fig. 5-style α curve: refusal on harmful and over-refusal on harmless vs α, and
     both methods' refusal rate vs test KL (ITI vs direction addition at equal val KL)."""
-    import matplotlib.pyplot as plt
+    from circuitlab.io.plots import subplots
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, (a, b) = subplots(1, 2, figsize=(9, 3.6))
     iti = sweep[sweep.method == "iti"].sort_values("strength")
     rate = "refusal_rate" if "refusal_rate" in sweep else "refusal_score_harmful"
     over = "over_refusal_rate" if "over_refusal_rate" in sweep else "refusal_score_harmless"

