@@ -52,3 +52,15 @@ def test_results_written_by_a_run_do_not_make_the_tree_dirty(repo):
 
 def test_outside_git_there_is_no_state(tmp_path):
     assert git_state(tmp_path) == {"commit": None, "dirty": None, "diff_sha256": None}
+
+
+def test_a_process_records_the_code_of_its_first_run(monkeypatch):
+    """A multi-seed process keeps the commit it imported: later commits or edits do not relabel its runs."""
+    from circuitlab.io import provenance
+
+    states = iter([{"commit": "a" * 40, "dirty": False, "diff_sha256": None},
+                   {"commit": "b" * 40, "dirty": True, "diff_sha256": "x"}])
+    monkeypatch.setattr(provenance, "_PROCESS_CODE", None)
+    monkeypatch.setattr(provenance, "git_state", lambda repo=None: next(states))
+    first, second = provenance.start(), provenance.start()
+    assert first["commit"] == second["commit"] == "a" * 40 and second["dirty"] is False

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["git_state", "start", "finish", "versions", "matmul_peak"]
+__all__ = ["git_state", "code_state", "start", "finish", "versions", "matmul_peak"]
 
 _PACKAGES = ("circuitlab", "torch", "transformer-lens", "transformers", "scikit-learn", "pandas", "numpy")
 _REPO = Path(__file__).resolve().parents[1]  # inside the checkout, wherever git runs from
@@ -68,9 +68,21 @@ def _load() -> list[float] | None:
         return None
 
 
+_PROCESS_CODE: dict | None = None  # the tree's state when this process ran its first experiment
+
+
+def code_state() -> dict:
+    """``git_state()`` taken once per process, at its first run: the code a long process (several seeds,
+    hours) actually runs was imported then, whatever is committed or edited while it runs."""
+    global _PROCESS_CODE
+    if _PROCESS_CODE is None:
+        _PROCESS_CODE = git_state()
+    return dict(_PROCESS_CODE)
+
+
 def start() -> dict:
-    """The record taken when a run begins."""
-    return {**git_state(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    """The record taken when a run begins (its code: ``code_state``)."""
+    return {**code_state(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "load_average_start": _load(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "_t0": time.perf_counter()}
 
