@@ -11,8 +11,12 @@ Families (``variants``), one study each, seeded ``seed + i``:
 - ``heretic``: Heretic's kernel family (``abliteration.AbliterationParams``) over Heretic 1.4.0's
   ranges — direction scope (per layer / global), direction index in [0.4, 0.9] × last layer, per
   writer max_weight in [0.8, 1.5], peak position in [0.6, 1] × last layer, min_weight as a fraction
-  of max_weight, min_weight_distance in [1, max(1, 0.6 × last layer)]. Heretic's optional row
-  normalisation and direction orthogonalisation are not part of the family.
+  of max_weight, min_weight_distance in [1, max(1, 0.6 × last layer)]; plain projection of the
+  per-layer directions (Heretic with ``--row-normalization none --no-orthogonalize-direction``).
+- ``heretic-defaults``: the same kernels and ranges with Heretic 1.4.0's defaults: projected
+  directions (``orthogonalize_direction``: ``residual_directions(..., orthogonalize=True)``) and
+  norm-preserving rows (``row_normalization="full"``: ``abliteration.norm_preserved``, exact, where
+  Heretic stores a rank-3 LoRA approximation of it).
 - ``targeted``: the global direction at ``direction_index`` removed only from the ``top_n`` writers
   (``target_kinds``) that write it most on train prompts (``direction_eval.direction_components``).
 - ``global``: one global direction, one weight, every layer's attention and MLP output.
@@ -50,7 +54,8 @@ from circuitlab.experiments.checks import check_at_least, check_subset, check_ty
 
 __all__ = ["AbliterationSearch", "VARIANTS", "REFUSAL_OBJECTIVES", "SAMPLERS", "suggest"]
 
-VARIANTS = ("heretic", "targeted", "global")
+VARIANTS = ("heretic", "heretic-defaults", "targeted", "global")
+_HERETIC_FAMILIES = ("heretic", "heretic-defaults")  # Heretic's kernel parameters
 REFUSAL_OBJECTIVES = ("score", "markers")
 SAMPLERS = ("tpe", "nsga2")
 TARGET_KINDS = ("head", "mlp_out", "neuron")
@@ -61,7 +66,7 @@ TARGET_KINDS = ("head", "mlp_out", "neuron")
 class AbliterationSearch(Experiment):
     """Abliteration search (Optuna, refusal vs KL): Heretic's kernel family, top-writer targeting; front on test."""
 
-    variants: list[str] = field(default_factory=lambda: ["heretic", "targeted"])  # families: heretic, targeted, global
+    variants: list[str] = field(default_factory=lambda: ["heretic", "targeted"])  # families: heretic, heretic-defaults, targeted, global
     n_trials: int = 30  # Optuna trials per family
     sampler: str = "tpe"  # multi-objective sampler: tpe (multivariate TPE, as Heretic) or nsga2 (NSGA-II)
     n_startup_trials: int = 10  # TPE: random trials before it models the front; NSGA-II: population size
@@ -77,6 +82,7 @@ class AbliterationSearch(Experiment):
     progress: bool = True  # show progress bars
     seed: int = 0  # seed of the splits and the samplers
     directions_: torch.Tensor | None = field(default=None, init=False, repr=False)  # learned: per-layer directions
+    projected_: torch.Tensor | None = field(default=None, init=False, repr=False)  # learned: heretic-defaults'
     trials_: pd.DataFrame | None = field(default=None, init=False, repr=False)  # learned: one row per trial (val)
     params_: dict = field(default_factory=dict, init=False, repr=False)  # learned: trial -> (variant, parameters)
 
@@ -115,6 +121,9 @@ class AbliterationSearch(Experiment):
         store = store if store is not None else ActivationStore()
         h_train, s_train, h_val, s_val = (list(p) for p in (h_train, s_train, h_val, s_val))
         self.directions_ = residual_directions(model, h_train, s_train, store=store, batch_size=self.batch_size)
+        if "heretic-defaults" in self.variants:
+            self.projected_ = residual_directions(model, h_train, s_train, store=store, batch_size=self.batch_size,
+                                                  orthogonalize=True)
         self._train, self._store, self._writers = (h_train, s_train), store, {}
         tok = metrics.refusal_tokens(model)
         self._val = (h_val, s_val, last_logits_shared(model, s_val, batch_size=self.batch_size), tok)
@@ -157,6 +166,8 @@ class AbliterationSearch(Experiment):
             raise ValueError("no directions yet: run the search first (run() or search())")
         if variant == "heretic":
             return heretic_edits(model, self.directions_, params)
+        if variant == "heretic-defaults":
+            return heretic_edits(model, self.projected_, params, norm_preserving=True)
         direction = direction_at(self.directions_, params["direction_index"])
         if not direction.any():  # the sets' means coincide there: nothing to remove
             return []
@@ -211,10 +222,10 @@ class AbliterationSearch(Experiment):
 # ---- parameter space -------------------------------------------------------------------------------
 
 def suggest(trial, variant: str, n_layers: int, max_top_n: int = 8):
-    """One trial's parameters: ``AbliterationParams`` (heretic) or a dict (targeted, global); Heretic
+    """One trial's parameters: ``AbliterationParams`` (heretic, heretic-defaults) or a dict (targeted, global); Heretic
     1.4.0's ranges, with the distance range widened to at least 1 layer for very shallow models."""
     last = n_layers - 1
-    if variant == "heretic":
+    if variant in _HERETIC_FAMILIES:
         scope = trial.suggest_categorical("direction_scope", ["global", "per layer"])
         # always sampled, as in Heretic: multivariate TPE needs the same parameters in every trial
         index = trial.suggest_float("direction_index", 0.4 * last, 0.9 * last)

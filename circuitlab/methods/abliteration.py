@@ -49,7 +49,7 @@ from circuitlab.core.weights import residual_writers, weights_restored, writer_w
 
 __all__ = ["Kernel", "AbliterationParams", "Edit", "EDIT_KINDS", "WRITERS", "layer_weights", "residual_directions",
            "direction_at", "heretic_edits", "targeted_edits", "global_edits", "top_writers", "abliterated",
-           "edit_hooks", "export_abliterated", "describe_edits", "score_model"]
+           "edit_hooks", "export_abliterated", "describe_edits", "score_model", "norm_preserved"]
 
 WRITERS = ("attn", "mlp")  # Heretic's components: attention o_proj, MLP down_proj
 EDIT_KINDS = {"attn_out": "attn", "head": "attn", "mlp_out": "mlp", "neuron": "mlp"}  # edit kind -> its writer
@@ -124,6 +124,7 @@ class Edit:
     index: int | None
     weight: float
     direction: torch.Tensor = field(repr=False, compare=False)
+    norm_preserving: bool = False  # Heretic's row_normalization="full": each row keeps its norm (see norm_preserved)
 
     def __post_init__(self):
         if self.kind not in EDIT_KINDS:
@@ -168,14 +169,27 @@ def _unit_or_zero(vector: torch.Tensor) -> torch.Tensor:
 
 
 def residual_directions(model: HookedModel, harmful: Sequence[str], harmless: Sequence[str], *,
-                        store: ActivationStore | None = None, batch_size: int = 16) -> torch.Tensor:
+                        store: ActivationStore | None = None, batch_size: int = 16,
+                        orthogonalize: bool = False) -> torch.Tensor:
     """Unit difference in means of the residual stream leaving each layer, last prompt token,
     ``[n_layers, d_model]`` (row l: ``resid_post(l)``, Heretic's refusal direction of layer l; Heretic
     also uses the final norm's output for the last layer, circuitlab the raw residual). A layer where
-    both means coincide (nothing told the sets apart yet) gets a zero row, which edits nothing."""
+    both means coincide (nothing told the sets apart yet) gets a zero row, which edits nothing.
+
+    ``orthogonalize``: Heretic's ``orthogonalize_direction`` (its default; "projected abliteration"):
+    each row r̂ minus its component along the unit harmless mean ĝ of that layer, renormalised,
+    ``unit(r̂ − (r̂·ĝ) ĝ)``, so only the part of the refusal direction orthogonal to the harmless
+    activations is removed."""
+    store = store if store is not None else ActivationStore()
     names = [hk.resid_post(l) for l in range(model.n_layers)]
     diffs = mean_differences(model, harmful, harmless, names, "last", store=store, batch_size=batch_size)
-    return torch.stack([_unit_or_zero(diffs[n][0]) for n in names])
+    rows = torch.stack([_unit_or_zero(diffs[n][0]) for n in names])
+    if not orthogonalize:
+        return rows
+    # the same store read mean_differences made (cached): the harmless mean of each layer
+    good = store.get(model, list(getattr(harmless, "prompts", harmless)), names, "last", batch_size=batch_size)
+    goods = torch.stack([_unit_or_zero(good[n][:, 0].float().mean(0)) for n in names])
+    return torch.stack([_unit_or_zero(project_out(r, g)) if r.any() else r for r, g in zip(rows, goods)])
 
 
 def direction_at(directions: torch.Tensor, index: float) -> torch.Tensor:
@@ -192,9 +206,12 @@ def direction_at(directions: torch.Tensor, index: float) -> torch.Tensor:
 
 # ---- families --------------------------------------------------------------------------------------
 
-def heretic_edits(model: HookedModel, directions: torch.Tensor, params: AbliterationParams) -> list[Edit]:
+def heretic_edits(model: HookedModel, directions: torch.Tensor, params: AbliterationParams, *,
+                  norm_preserving: bool = False) -> list[Edit]:
     """Heretic's family: per layer and writer, the kernel's weight (layers it skips, or whose direction
-    is a zero row, are not edited)."""
+    is a zero row, are not edited). ``norm_preserving``: Heretic's default ``row_normalization="full"``
+    (``norm_preserved``); with ``residual_directions(..., orthogonalize=True)`` this is Heretic 1.4.0's
+    default family."""
     weights = layer_weights(params, model.n_layers)
     shared = None if params.direction_index is None else direction_at(directions, params.direction_index)
     edits = []
@@ -204,7 +221,7 @@ def heretic_edits(model: HookedModel, directions: torch.Tensor, params: Ablitera
             continue
         for writer, kind in (("attn", "attn_out"), ("mlp", "mlp_out")):
             if weights[writer][l] != 0:  # a zero weight is no edit at all (the model stays bit-identical)
-                edits.append(Edit(l, kind, None, weights[writer][l], r))
+                edits.append(Edit(l, kind, None, weights[writer][l], r, norm_preserving))
     return edits
 
 
@@ -291,8 +308,35 @@ def _check_edits(model: HookedModel, edits: list[Edit]) -> None:
                              "merge them into one edit per unit")
 
 
+def norm_preserved(weight: torch.Tensor, direction: torch.Tensor, strength: float) -> torch.Tensor:
+    """Heretic's norm-preserving edit (``row_normalization="full"``) of a writer matrix ``[d_model, d_in]``.
+
+    Each row ``W[i, :]`` (the weights into residual coordinate i) is divided by its norm, the direction
+    is projected out of the normalised matrix's columns with ``strength`` (the one projection,
+    ``W_n − w r̂ r̂ᵀ W_n``), every row is normalised again and multiplied back by its original norm: the
+    edit turns rows but leaves every row norm as it was. Heretic stores the difference to the original
+    as a rank-``full_normalization_lora_rank`` (3) LoRA from a randomised SVD, so its exported model is
+    an approximation of this exact map. A zero row stays zero. float32 in, float32 out."""
+    w = weight.float()
+    norms = w.norm(dim=1, keepdim=True)
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    edited = project_out((w / safe).T, direction, strength).T
+    new_norms = edited.norm(dim=1, keepdim=True)
+    return torch.where(new_norms > 0, edited / torch.where(new_norms > 0, new_norms, torch.ones_like(new_norms)),
+                       edited) * norms
+
+
+def _edited(weight: torch.Tensor, e: Edit) -> torch.Tensor:
+    """The edited columns ``weight`` (``[d_model, cols]``) of one edit, float32."""
+    if e.norm_preserving:
+        return norm_preserved(weight, e.direction, e.weight)
+    # columns of W are residual vectors: project them (rows of Wᵀ) with the one projection
+    return project_out(weight.T.float(), e.direction, e.weight).T
+
+
 def _apply(model: HookedModel, edits: list[Edit], params) -> None:
-    """``W[:, cols] ← W[:, cols] − w r̂ r̂ᵀ W[:, cols]`` per edit (bias too for a whole writer), float32."""
+    """``W[:, cols] ← W[:, cols] − w r̂ r̂ᵀ W[:, cols]`` per edit (``norm_preserved`` for a norm-preserving
+    edit; the bias of a whole writer is always projected plainly), float32."""
     with torch.no_grad():
         for e in edits:
             if e.weight == 0:
@@ -303,8 +347,7 @@ def _apply(model: HookedModel, edits: list[Edit], params) -> None:
                         p.copy_(project_out(p.float(), e.direction, e.weight).to(p.dtype))
                     continue
                 cols = e.columns(model)
-                # columns of W are residual vectors: project them (rows of Wᵀ) with the one projection
-                p[:, cols] = project_out(p[:, cols].T.float(), e.direction, e.weight).T.to(p.dtype)
+                p[:, cols] = _edited(p[:, cols], e).to(p.dtype)
 
 
 @contextlib.contextmanager
@@ -333,7 +376,7 @@ def edit_hooks(model: HookedModel, edits: Sequence[Edit]) -> list:
     hooks = []
     for (layer, writer), group in groups.items():
         out_name = hk.attn_out(layer) if writer == "attn" else hk.mlp_out(layer)
-        if group[0].index is None:
+        if group[0].index is None and not group[0].norm_preserving:
             e = group[0]
             hooks.append((out_name, lambda act, hook, r=e.direction, w=e.weight: project_out(act, r, w)))
         else:
@@ -344,11 +387,16 @@ def edit_hooks(model: HookedModel, edits: Sequence[Edit]) -> list:
 def _unit_hooks(model: HookedModel, layer: int, writer: str, group: list[Edit], out_name: str) -> list:
     """A hook keeping the writer's input and one subtracting the edited units' write along each r̂."""
     weight = writer_weight(model, group[0].kind, layer)
-    terms = []
+    terms, deltas = [], []
     for e in group:
         cols = e.columns(model)
+        if e.norm_preserving:  # not a rank-1 map: add (W' − W)[:, cols] a[cols]
+            block = weight.detach()[:, cols].float()
+            deltas.append((cols, (_edited(block, e) - block).T.contiguous()))
+            continue
         read = e.direction.to(weight.device) @ weight.detach()[:, cols].float()  # r̂ᵀ W[:, cols]
         terms.append((cols, read, e.direction, e.weight))
+    bias = [e for e in group if e.norm_preserving and e.index is None]  # a whole writer's bias: plain projection
     kept = {}
 
     def keep(act, hook):
@@ -362,10 +410,22 @@ def _unit_hooks(model: HookedModel, layer: int, writer: str, group: list[Edit], 
         for cols, read, r, w in terms:
             coef = a[..., cols].float() @ read.to(a.device)
             out = out - (w * coef.unsqueeze(-1) * r.to(act.device)).to(act.dtype)
+        for cols, delta in deltas:
+            out = out + (a[..., cols].float() @ delta.to(a.device)).to(act.dtype)
+        for e in bias:
+            b = _bias(model, layer, writer)
+            if b is not None:
+                out = out - (e.weight * (b.float() @ e.direction.to(b.device)) * e.direction.to(act.device)).to(act.dtype)
         return out
 
     in_name = hk.attn_z(layer) if writer == "attn" else hk.mlp_post(layer)
     return [(in_name, keep), (out_name, write)]
+
+
+def _bias(model: HookedModel, layer: int, writer: str) -> torch.Tensor | None:
+    """The bias of one writer (o_proj / down_proj), or None when it has none."""
+    found = [p for _, p in _writer_params(model).get((layer, writer), []) if p.dim() == 1]
+    return found[0].detach() if found else None
 
 
 def export_abliterated(model: HookedModel, edits: Sequence[Edit], path) -> Path:
