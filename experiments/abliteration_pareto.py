@@ -14,14 +14,18 @@ both searches are done.
    each; objectives on val: ``--refusal`` (score: mean refusal score, default; markers: Heretic's
    marker count) and Heretic's first-token KL.
 2. Heretic 1.4.0 (``bench/peers/heretic.py``, its own venv, ``--heretic-trials``) on the same files,
-   by default with ``--row-normalization NONE --no-orthogonalize-direction``: then its edit family is
+   (or ``--heretic-run FOLDER``: a finished ``bench/peers/heretic.py`` search on the same prompt files,
+   checked by hash, with ``--heretic-export DIR``, the model Heretic's own menu saved for its chosen
+   trial, scored as it is: no re-application), by default with
+   ``--row-normalization NONE --no-orthogonalize-direction``: then its edit family is
    circuitlab's Heretic family, so each of its Pareto trials is re-applied in circuitlab with the same
    parameters (``abliteration.heretic_edits`` on circuitlab's train directions, which differ from
    Heretic's own only in the last layer, where Heretic reads the final norm's output, and in tokenisation
    details; the system prompt of circuitlab's chat template is passed to Heretic) and measured on test
    by the same scorer. ``--heretic-defaults`` keeps Heretic's own defaults (norm-preserving row
-   normalisation, orthogonalised direction), which circuitlab does not implement: its test points are
-   then marked ``same_family = False`` (approximate). A missing Heretic venv skips this part with a message.
+   normalisation, orthogonalised direction): its trials are then re-applied with circuitlab's
+   ``heretic-defaults`` kernels (exact, where Heretic's export holds a rank-3 LoRA of the same edit).
+   A missing Heretic venv skips this part with a message.
 3. Original model and the Arditi et al. 2024 direction (``refusal-direction``'s selection on the same
    train/val, its orthogonalized weights): one test point each.
 
@@ -54,8 +58,9 @@ from bench.peers import heretic  # noqa: E402
 from circuitlab import ActivationStore, load_model
 from circuitlab.io import datasets, provenance  # noqa: E402
 from circuitlab.methods import interventions as iv  # noqa: E402
-from circuitlab.methods.abliteration import (AbliterationParams, Kernel, abliterated, heretic_edits,
-    score_model)
+from circuitlab.methods import metrics  # noqa: E402
+from circuitlab.methods.abliteration import (AbliterationParams, Kernel, abliterated, heretic_edits,  # noqa: E402
+    residual_directions, score_model)
 from circuitlab.methods.direction_eval import last_logits_shared  # noqa: E402
 from circuitlab.experiments.abliteration_search import AbliterationSearch  # noqa: E402
 from circuitlab.experiments.direction import RefusalDirection  # noqa: E402
@@ -73,6 +78,7 @@ def main(argv=None, model=None) -> dict:
     check_output_dir(out / "circuitlab", overwrite=True)  # a stranger's folder fails now, not after the search
     out.mkdir(parents=True, exist_ok=True)
     record = provenance.start()
+    peak = provenance.matmul_peak()  # the machine-speed figure beside the wall times
     model = model if model is not None else load_model(a.model)
     store = ActivationStore(a.store) if a.store else ActivationStore()
     files = heretic.write_prompts(out / "prompts", a.harmful, a.harmless,
@@ -90,15 +96,27 @@ def main(argv=None, model=None) -> dict:
     print(f"[{time.time() - start:.0f}s] circuitlab: {len(trials)} trials, "
           f"{int(trials.pareto_front.sum())} on the front", flush=True)
 
-    heretic_trials = run_heretic(a, model, out, files) if not a.no_heretic else _skip("--no-heretic given")
+    if a.no_heretic:
+        heretic_trials = _skip("--no-heretic given")
+    elif a.heretic_run:
+        heretic_trials = reuse_heretic(a, files)
+    else:
+        heretic_trials = run_heretic(a, model, out, files)
     timings["heretic_s"] = round(time.time() - start - timings["circuitlab_search_s"], 1)
-    arditi = RefusalDirection(filter_train=a.arditi_filter != "none", filter_val=a.arditi_filter != "none",
-                              filter_by="score" if a.arditi_filter == "none" else a.arditi_filter, min_kept=8,
-                              max_new_tokens=a.max_tokens, batch_size=a.batch_size, seed=a.seed, progress=True)
-    arditi.select(model, h[0], s[0], h[1], s[1], store)
+    arditi = None
+    if not a.no_arditi:
+        arditi = RefusalDirection(filter_train=a.arditi_filter != "none", filter_val=a.arditi_filter != "none",
+                                  filter_by="score" if a.arditi_filter == "none" else a.arditi_filter, min_kept=8,
+                                  max_new_tokens=a.max_tokens, batch_size=a.batch_size, seed=a.seed, progress=True)
+        arditi.select(model, h[0], s[0], h[1], s[1], store)
+    if heretic_trials is not None and a.heretic_defaults and exp.projected_ is None:  # train only
+        exp.projected_ = residual_directions(model, h[0], s[0], store=store, batch_size=a.batch_size,
+                                             orthogonalize=True)
     # --- the test split is read from here on ---
     front, search_summary = exp.evaluate(model, h[2], s[2])
+    t_test = time.time()
     rows = test_points(a, model, exp, front, heretic_trials, arditi, h[2], s[2])
+    timings["test_points_s"] = round(time.time() - t_test, 1)
     fronts = pd.DataFrame(rows)
     fronts.to_csv(out / "fronts.csv", index=False)
     figure(fronts, model.name).savefig(out / "pareto_test.png", dpi=150)
@@ -106,11 +124,14 @@ def main(argv=None, model=None) -> dict:
         out / "circuitlab", overwrite=True)
     summary = {"script": Path(__file__).name, "argv": vars(a),
                "model": {"id": model.name, "fingerprint": model.fingerprint},
-               "prompts": files, "arditi": {"layer": arditi.layer_, "position": arditi.position_},
+               "prompts": files, "arditi": None if arditi is None else {"layer": arditi.layer_,
+                                                                         "position": arditi.position_},
                "search": search_summary, "heretic": "skipped" if heretic_trials is None else
-               {"trials": len(heretic_trials), "family": "heretic defaults" if a.heretic_defaults else "plain"},
+               {"trials": len(heretic_trials), "family": "heretic defaults" if a.heretic_defaults else "plain",
+                **({"run": heretic_trials.attrs.get("run")} if heretic_trials.attrs.get("run") else {})},
                "timings": {**timings, "total_s": round(time.time() - start, 1)},
-               "provenance": provenance.finish(record, model), "versions": provenance.versions()}
+               "provenance": provenance.finish(record, model), "matmul_peak_flops": peak,
+               "versions": provenance.versions()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     print(f"[{time.time() - start:.0f}s] wrote {out}/fronts.csv, pareto_test.png, summary.json", flush=True)
     return summary
@@ -140,6 +161,16 @@ def parse(argv=None) -> argparse.Namespace:
                    help="Heretic with its row normalisation and direction orthogonalisation (approximate re-use)")
     p.add_argument("--heretic-timeout", type=float, default=None, help="stop Heretic after this many seconds")
     p.add_argument("--no-heretic", action="store_true", help="skip Heretic")
+    p.add_argument("--heretic-run", metavar="FOLDER", help="reuse a finished bench/peers/heretic.py search folder "
+                   "(same prompt files, checked by hash) instead of running Heretic; --heretic-defaults unless "
+                   "its run.json says plain")
+    p.add_argument("--heretic-export", metavar="DIR", help="Heretic's exported (chosen) model to score as it is, no "
+                   "re-application (default: the one --heretic-run's run.json says it saved)")
+    p.add_argument("--heretic-wait", type=float, default=0.0,
+                   help="seconds to wait for --heretic-run's run.json to appear (a search still running)")
+    p.add_argument("--heretic-reapply", choices=("pareto", "chosen", "none"), default="pareto",
+                   help="Heretic trials re-applied with circuitlab's kernels and scored on test")
+    p.add_argument("--no-arditi", action="store_true", help="skip the Arditi direction point")
     p.add_argument("--store", default=None, help="activation store folder (default: circuitlab's cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/abliteration")
@@ -185,6 +216,35 @@ def run_heretic(a, model, out: Path, files: dict) -> pd.DataFrame | None:
     return pd.DataFrame(done)
 
 
+def reuse_heretic(a, files: dict) -> pd.DataFrame | None:
+    """A finished ``bench/peers/heretic.py`` search on the same prompt files: its trials (``.attrs["run"]``:
+    family, budget, timings, the menu's choice and export); ``a.heretic_defaults`` follows its family."""
+    folder = Path(a.heretic_run)
+    waited = time.time()
+    while not (folder / "run.json").exists() and time.time() - waited < a.heretic_wait:
+        time.sleep(20)
+    if not (folder / "run.json").exists():
+        return _skip(f"{folder / 'run.json'} does not exist (is the search still running? --heretic-wait)")
+    run = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    mismatched = [k for k, v in files.items() if run.get("prompts", {}).get(k, {}).get("hash") != v["hash"]]
+    if mismatched:
+        return _skip(f"{folder} used other prompt files ({', '.join(mismatched)} differ by hash)")
+    if not (folder / "trials.csv").exists():
+        return _skip(f"{folder} has no trials.csv (Heretic completed no trial)")
+    a.heretic_defaults = not str(run.get("family", "")).startswith("plain")
+    menu = run.get("menu") or {}
+    if a.heretic_export is None and menu.get("saved"):
+        a.heretic_export = menu["export"]
+    trials = pd.read_csv(folder / "trials.csv")
+    trials = trials[trials.state == "COMPLETE"].reset_index(drop=True)
+    trials["pareto"] = trials.pareto.astype(bool)
+    trials.attrs["run"] = {k: run.get(k) for k in ("family", "n_trials", "n_startup_trials", "total_s", "startup_s",
+                                                   "load_avg_1min", "matmul_peak_flops", "return_code", "versions")}
+    trials.attrs["run"].update(folder=str(folder), chosen=menu.get("chosen"), choice_rule=menu.get("rule"))
+    print(f"Heretic: reusing {folder} ({len(trials)} trials, {run.get('family')})", flush=True)
+    return trials
+
+
 def model_dir(model, a, out: Path) -> str:
     """A local HF folder of the base model for Heretic: the embedded model's float weights, the given
     folder, or an export of the loaded model."""
@@ -224,17 +284,39 @@ def test_points(a, model, exp, front, heretic_trials, arditi, h_test, s_test) ->
     for r in front.to_dict("records"):
         method = "original" if r["variant"] == "original" else "circuitlab"
         rows.append({"method": method, **r})
-    with iv.orthogonalized(model, arditi.direction_):
-        scores = score_model(model, h_test, s_test, base, **kwargs)
-    rows.append({"method": "arditi", "variant": f"layer {arditi.layer_}, position {arditi.position_}",
-                 **{f"test_{k}": v for k, v in scores.items()}})
-    if heretic_trials is not None:
-        for r in heretic_trials[heretic_trials.pareto].to_dict("records"):
-            with abliterated(model, heretic_edits(model, exp.directions_, heretic_params(r))):
-                scores = score_model(model, h_test, s_test, base, **kwargs)
-            rows.append({"method": "heretic", "variant": "heretic", "trial": r["trial"],
-                         "same_family": not a.heretic_defaults, "heretic_val_refusals": r["refusals"],
-                         "heretic_val_kl": r["kl"], **{f"test_{k}": v for k, v in scores.items()}})
+    if arditi is not None:
+        with iv.orthogonalized(model, arditi.direction_):
+            scores = score_model(model, h_test, s_test, base, **kwargs)
+        rows.append({"method": "arditi", "variant": f"layer {arditi.layer_}, position {arditi.position_}",
+                     **{f"test_{k}": v for k, v in scores.items()}})
+    if heretic_trials is None:
+        return rows
+    chosen = (heretic_trials.attrs.get("run") or {}).get("chosen") or {}
+    val = {r["trial"]: r for r in heretic_trials.to_dict("records")}
+    if a.heretic_export:
+        # Heretic's own saved model, scored as it is: no re-application, so no approximation
+        t0 = time.time()
+        exported = load_model(str(a.heretic_export), dtype=model.dtype)
+        scores = score_model(exported, h_test, s_test, base, refusal_tokens=metrics.refusal_tokens(model), **kwargs)
+        del exported
+        r = val.get(chosen.get("trial"), {})
+        rows.append({"method": "heretic", "variant": "heretic (exported)", "trial": chosen.get("trial"),
+                     "exported": True, "same_family": True, "heretic_val_refusals": r.get("refusals"),
+                     "heretic_val_kl": r.get("kl"), "seconds": round(time.time() - t0, 1),
+                     **{f"test_{k}": v for k, v in scores.items()}})
+        print(f"Heretic's exported trial {chosen.get('trial')} on test: {scores}", flush=True)
+    picked = {"pareto": heretic_trials[heretic_trials.pareto], "none": heretic_trials.iloc[:0],
+              "chosen": heretic_trials[heretic_trials.trial == chosen.get("trial")]}[a.heretic_reapply]
+    # Heretic's defaults: circuitlab's exact projected / norm-preserving kernels on its own train directions
+    directions = exp.projected_ if a.heretic_defaults else exp.directions_
+    for r in picked.to_dict("records"):
+        t0 = time.time()
+        with abliterated(model, heretic_edits(model, directions, heretic_params(r), norm_preserving=a.heretic_defaults)):
+            scores = score_model(model, h_test, s_test, base, **kwargs)
+        rows.append({"method": "heretic", "variant": "heretic (re-applied)" if a.heretic_defaults else "heretic",
+                     "trial": r["trial"], "exported": False, "same_family": True,
+                     "heretic_val_refusals": r["refusals"], "heretic_val_kl": r["kl"],
+                     "seconds": round(time.time() - t0, 1), **{f"test_{k}": v for k, v in scores.items()}})
     return rows
 
 
@@ -251,9 +333,11 @@ def figure(fronts: pd.DataFrame, model_name: str):
         searched = fronts[fronts.method.isin(["circuitlab", "heretic"])]
         for (method, variant), group in searched.groupby(["method", "variant"]):
             g = group.sort_values("test_kl")
-            name = (f"Heretic search{'' if g.same_family.astype(bool).all() else ' (approx.)'}" if method == "heretic"
+            name = (f"Heretic {variant.removeprefix('heretic').strip() or 'search'}" if method == "heretic"
                     else f"circuitlab {variant}")
-            ax.plot(g.test_kl, g[column], "s--" if method == "heretic" else "o-", ms=4, label=name)
+            exported = method == "heretic" and "exported" in variant
+            ax.plot(g.test_kl, g[column], "P" if exported else "s--" if method == "heretic" else "o-",
+                    ms=11 if exported else 4, label=name)
         for method, marker, color, name in (("original", "*", "black", "original model"),
                                             ("arditi", "D", "tab:red", "Arditi direction (orthogonalized)")):
             point = fronts[fronts.method == method]

@@ -132,3 +132,48 @@ def test_exported_model_loads_and_scores_without_reapplication(tiny, harmful, ha
     scores = ab.score_model(loaded, h, s, base, refusal_tokens=None, batch_size=4)
     assert abs(scores["refusal_score"] - live["refusal_score"]) < 1e-4
     assert abs(scores["kl"] - live["kl"]) < 1e-4 and live["kl"] > 0
+
+
+def test_pareto_script_scores_a_heretic_export_as_it_is(tiny, tmp_path, monkeypatch):
+    """experiments/abliteration_pareto.py --heretic-run: a (faked) finished Heretic-defaults search and the
+    model its menu saved; the exported model, scored as it is, equals its trial re-applied in circuitlab."""
+    import json
+
+    import pandas as pd
+
+    from circuitlab.io import datasets
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.syspath_prepend(str(root / "experiments"))
+    import abliteration_pareto
+
+    from bench.peers import heretic
+
+    run = tmp_path / "heretic"
+    files = heretic.write_prompts(run / "prompts", "advbench", "harmless", {"train": 6, "val": 4, "test": 4}, 0)
+    h_train, s_train = (list(datasets.load(files[f"{k}_train"]["file"])) for k in ("harmful", "harmless"))
+    row = {"trial": 1, "state": "COMPLETE", "refusals": 1, "kl": 0.05, "pareto": True,
+           "direction_scope": "per layer", "direction_index": None}
+    for comp, (top, pos) in {"attn.o_proj": (1.2, 1.0), "mlp.down_proj": (0.9, 0.6)}.items():
+        row.update({f"{comp}.max_weight": top, f"{comp}.max_weight_position": pos, f"{comp}.min_weight": 0.3,
+                    f"{comp}.min_weight_distance": 1.0})
+    pd.DataFrame([row]).to_csv(run / "trials.csv", index=False)
+    dirs = ab.residual_directions(tiny, h_train, s_train, store=ActivationStore(tmp_path / "s0"), batch_size=8,
+                                  orthogonalize=True)
+    edits = ab.heretic_edits(tiny, dirs, abliteration_pareto.heretic_params(row), norm_preserving=True)
+    export = ab.export_abliterated(tiny, edits, tmp_path / "export")
+    (run / "run.json").write_text(json.dumps({"prompts": files, "family": "Heretic's defaults", "n_trials": 1,
+                                              "menu": {"saved": True, "export": str(export), "chosen": row}}))
+    out = tmp_path / "out"
+    summary = abliteration_pareto.main(
+        ["--model", "tiny", "--variants", "heretic-defaults", "--trials", "2", "--startup-trials", "1",
+         "--n-train", "6", "--n-val", "4", "--n-test", "4", "--n-text", "2", "--no-arditi", "--max-tokens", "2",
+         "--batch-size", "8", "--heretic-run", str(run), "--heretic-reapply", "chosen", "--out", str(out),
+         "--store", str(tmp_path / "store")], model=tiny)
+    fronts = pd.read_csv(out / "fronts.csv")
+    exported = fronts[fronts.variant == "heretic (exported)"].iloc[0]
+    reapplied = fronts[fronts.variant == "heretic (re-applied)"].iloc[0]
+    assert exported.test_kl > 0 and abs(exported.test_kl - reapplied.test_kl) < 1e-4
+    assert abs(exported.test_refusal_score - reapplied.test_refusal_score) < 1e-4
+    assert summary["heretic"]["family"] == "heretic defaults" and "matmul_peak_flops" in summary
