@@ -28,7 +28,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/lint-imports
 	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(BIN)/mkdocs build --strict -q
-	$(BIN)/python -m pytest -q
+	# two workers, one file each at a time: most tests are single-threaded Python on tiny models
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
