@@ -12,7 +12,6 @@ defeat both.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from circuitlab.core.model import HookedModel
-from circuitlab.monitor.decision import read_features
+from circuitlab.monitor.decision import check_by_features
 from circuitlab.monitor.request import RequestCheck, RequestMonitor
 
 __all__ = ["UnionMonitor", "union_of"]
@@ -53,12 +52,7 @@ class UnionMonitor(RequestMonitor):
     def check(self, model: HookedModel, prompts: Sequence[str], *, batch_size: int = 16,
               fwd_hooks=()) -> RequestCheck:
         """One forward up to the deepest member's layer, then every member's score."""
-        start = time.perf_counter()
-        layers, logodds = self.reads()
-        scores = self.score_features(read_features(model, prompts, layers, logodds=logodds, fwd_hooks=fwd_hooks,
-                                                   batch_size=batch_size))
-        return RequestCheck(scores, scores > self.threshold, self.threshold, self.layer,
-                            time.perf_counter() - start)
+        return check_by_features(self, model, prompts, batch_size=batch_size, fwd_hooks=fwd_hooks)
 
 
 def union_of(members: Sequence[RequestMonitor], benign_val: dict | list, alpha: float, *,

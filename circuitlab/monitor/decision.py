@@ -34,7 +34,7 @@ from circuitlab.methods.metrics import refusal_score_from_logits, refusal_tokens
 from circuitlab.monitor.conformal import conformal_across_sources
 from circuitlab.monitor.request import RequestCheck, RequestMonitor, probe_readout
 
-__all__ = ["FeatureMonitor", "read_features", "fit_feature_monitor", "select_layer", "DECISION_KINDS",
+__all__ = ["FeatureMonitor", "check_by_features", "read_features", "fit_feature_monitor", "select_layer", "DECISION_KINDS",
            "merge_features", "take"]
 
 DECISION_KINDS = ("probe", "direction", "direction-late", "logodds", "multi-probe")
@@ -106,12 +106,19 @@ class FeatureMonitor(RequestMonitor):
     def check(self, model: HookedModel, prompts: Sequence[str], *, batch_size: int = 16,
               fwd_hooks=()) -> RequestCheck:
         """Score and flag ``prompts``: one forward up to the deepest layer read (all layers for the log-odds)."""
-        start = time.perf_counter()
-        layers, logodds = self.reads()
-        scores = self.score_features(read_features(model, prompts, layers, logodds=logodds, fwd_hooks=fwd_hooks,
-                                                   batch_size=batch_size))
-        return RequestCheck(scores, scores > self.threshold, self.threshold, self.layer,
-                            time.perf_counter() - start)
+        return check_by_features(self, model, prompts, batch_size=batch_size, fwd_hooks=fwd_hooks)
+
+
+def check_by_features(monitor, model: HookedModel, prompts: Sequence[str], *, batch_size: int = 16,
+                      fwd_hooks=()) -> RequestCheck:
+    """The ``check`` of any monitor with ``reads()`` and ``score_features()``: one forward up to the
+    deepest layer it reads, then its score against its threshold."""
+    start = time.perf_counter()
+    layers, logodds = monitor.reads()
+    scores = monitor.score_features(read_features(model, prompts, layers, logodds=logodds, fwd_hooks=fwd_hooks,
+                                                  batch_size=batch_size))
+    return RequestCheck(scores, scores > monitor.threshold, monitor.threshold, monitor.layer,
+                        time.perf_counter() - start)
 
 
 def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
