@@ -37,6 +37,7 @@ from circuitlab.io import datasets
 from circuitlab.methods import metrics
 from circuitlab.methods import interventions as iv
 from circuitlab.methods.direction_eval import evaluate_direction
+from circuitlab.experiments import add_set_option, set_overrides
 from circuitlab.experiments.direction import RefusalDirection, split_three
 from circuitlab.io.results import check_output_dir
 
@@ -60,7 +61,9 @@ def main(argv=None) -> None:
     ap.add_argument("--filter-by", choices=("judge", "score"), default="judge", help="train/val refusal filter")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/arditi_2024")
+    add_set_option(ap)
     args = ap.parse_args(argv)
+    overrides = set_overrides(ap, "refusal-direction", args.set)
     check_output_dir(args.out, overwrite=True)  # a folder we may not write fails now, not after the run
     start = time.time()
     model = load_model("embedded")
@@ -68,11 +71,11 @@ def main(argv=None) -> None:
     n = args.n_train + args.n_val + args.n_test
     harmful = datasets.load("advbench").sample(n, seed=args.seed)
     harmless = datasets.load("harmless").sample(n, seed=args.seed)
-    exp = RefusalDirection(train_frac=args.n_train / n, val_frac=args.n_val / n,
-                           layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
-                           judge_only=JUDGED, component_prompts=32, kl_threshold=args.kl_threshold,
-                           kl_budget=args.kl_budget, filter_by=args.filter_by,
-                           max_new_tokens=args.max_new_tokens, n_text=16, seed=args.seed)
+    exp = RefusalDirection(**{**dict(
+        train_frac=args.n_train / n, val_frac=args.n_val / n,
+        layers=[int(x) for x in args.layers.split(",")] if args.layers else None, judge_only=JUDGED,
+        component_prompts=32, kl_threshold=args.kl_threshold, kl_budget=args.kl_budget, filter_by=args.filter_by,
+        max_new_tokens=args.max_new_tokens, n_text=16, seed=args.seed), **overrides})
     sizes = [len(p) for p in split_three(harmful, exp.train_frac, exp.val_frac, args.seed)]
     print(f"split sizes (train/val/test) per side: {sizes}", flush=True)
     result = exp.run(model, harmful, harmless, store=store)

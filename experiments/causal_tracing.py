@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import circuitlab as cl
-from circuitlab.experiments import get
+from circuitlab.experiments import add_set_option, get, set_overrides
 from circuitlab.io.results import check_output_dir
 
 
@@ -28,15 +28,17 @@ def main(argv=None) -> None:
     ap.add_argument("--positions", default="all", choices=["all", "post", "last"])
     ap.add_argument("--components", default="resid_pre,attn_out,mlp_out,head")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "results" / "activation_patching"))
+    add_set_option(ap)
     args = ap.parse_args(argv)
+    overrides = set_overrides(ap, "activation-patching", args.set)
     check_output_dir(args.out, overwrite=True)  # a folder we may not write fails now, not after the run
 
     t0 = time.time()
     model = cl.load_model("embedded")
     harmful = cl.datasets.load("advbench", split="train", n=args.n_prompts, seed=0)
     harmless = cl.datasets.load("harmless", split="train", n=args.n_prompts, seed=0)
-    exp = get("activation-patching")(components=args.components.split(","), mode=args.mode,
-                                     positions=args.positions, n_pairs=args.n_pairs)
+    exp = get("activation-patching")(**{**dict(
+        components=args.components.split(","), mode=args.mode, positions=args.positions, n_pairs=args.n_pairs), **overrides})
     result = exp.run(model, harmful, harmless)
     result.summary["wall_s"] = round(time.time() - t0, 1)
     out = result.save(args.out, overwrite=True)

@@ -28,7 +28,7 @@ import torch
 from circuitlab import ActivationStore, load_model
 from circuitlab.io import datasets
 from circuitlab.io.results import check_output_dir
-from circuitlab.experiments import get
+from circuitlab.experiments import add_set_option, get, set_overrides
 
 # Li et al. 2023 (LLaMA-7B, TruthfulQA): K=48 of 1024 heads, α=15; true*info 32.5% -> 65.1% (their Table 1).
 PAPER = {"model": "LLaMA-7B", "task": "TruthfulQA", "K": 48, "n_heads_total": 1024, "alpha": 15}
@@ -52,17 +52,19 @@ def main(argv=None) -> None:
     ap.add_argument("--n-text", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/li_2023")
+    add_set_option(ap)
     args = ap.parse_args(argv)
+    overrides = set_overrides(ap, "iti", args.set)
     check_output_dir(args.out, overwrite=True)  # a folder we may not write fails now, not after the run
     start = time.time()
     torch.set_grad_enabled(False)
     model = load_model(args.model)
     print(f"[{time.time() - start:.0f}s] model loaded; load average {os.getloadavg()}", flush=True)
     harmful, harmless = datasets.load("advbench"), datasets.load("harmless")
-    exp = get("iti")(n_heads=args.n_heads, alphas=args.alphas, n_train=args.n_train, n_val=args.n_val,
-                     n_test=args.n_test, addition_layer=min(args.addition_layer, model.n_layers - 1),
-                     addition_coeffs=args.addition_coeffs, max_new_tokens=args.max_new_tokens,
-                     n_text=args.n_text, seed=args.seed)
+    exp = get("iti")(**{**dict(
+        n_heads=args.n_heads, alphas=args.alphas, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+        addition_layer=min(args.addition_layer, model.n_layers - 1), addition_coeffs=args.addition_coeffs,
+        max_new_tokens=args.max_new_tokens, n_text=args.n_text, seed=args.seed), **overrides})
     result = exp.run(model, harmful, harmless, store=ActivationStore())
     result.summary.update(paper=PAPER, seconds=round(time.time() - start), load_average_end=list(os.getloadavg()))
     result.config["script"] = {"command": " ".join(["experiments/li_2023.py"] + sys.argv[1:] if argv is None

@@ -30,7 +30,7 @@ import torch
 
 import circuitlab as cl
 from circuitlab import graph as eg
-from circuitlab.experiments import get
+from circuitlab.experiments import add_set_option, get, set_overrides
 from circuitlab.io.results import check_output_dir
 from circuitlab.graph.plot import plot_circuit
 from circuitlab.methods.metrics import refusal_score_from_logits, refusal_tokens
@@ -69,7 +69,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.8, help="faithfulness the smallest circuit must reach")
     parser.add_argument("--quick", action="store_true", help="tiny model, few prompts (smoke run)")
     parser.add_argument("--out", type=Path, default=OUT)
+    add_set_option(parser)
     args = parser.parse_args()
+    overrides = set_overrides(parser, "edge-attribution", args.set)
     check_output_dir(args.out / "edge_attribution", overwrite=True)  # fails now, not after the run
     t0 = time.time()
     if args.quick:  # the planted model: a known circuit, so the smoke run's numbers mean something
@@ -81,8 +83,8 @@ def main() -> None:
         harmless = cl.datasets.load("harmless", split="train", n=args.n, seed=0)
     print(f"[{time.time() - t0:5.0f} s] loaded {model}")
 
-    exp = get("edge-attribution")(n_pairs=args.n_pairs, ig_steps=5, random_seeds=args.seeds,
-                                  n_boot=5 if args.quick else 20)
+    exp = get("edge-attribution")(**{**dict(
+        n_pairs=args.n_pairs, ig_steps=5, random_seeds=args.seeds, n_boot=5 if args.quick else 20), **overrides})
     result = exp.run(model, harmful, harmless)
     result.save(args.out / "edge_attribution", overwrite=True)
     print(f"[{time.time() - t0:5.0f} s] edge attribution: CPR {result.summary['cpr']} CMD {result.summary['cmd']}")

@@ -26,7 +26,7 @@ import torch
 from circuitlab import ActivationStore, load_model
 from circuitlab.io import datasets
 from circuitlab.io.results import check_output_dir
-from circuitlab.experiments import get
+from circuitlab.experiments import add_set_option, get, set_overrides
 
 # Zou et al. 2023 report LAT reading vectors reaching high accuracy in middle layers and control by
 # adding/subtracting them (their Fig. 4 / §4-§6, LLaMA-2-Chat); no single number is re-derived here.
@@ -49,7 +49,9 @@ def main(argv=None) -> None:
     ap.add_argument("--n-text", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/zou_2023")
+    add_set_option(ap)
     args = ap.parse_args(argv)
+    overrides = set_overrides(ap, "representation-reading", args.set)
     check_output_dir(args.out, overwrite=True)  # a folder we may not write fails now, not after the run
     start = time.time()
     torch.set_grad_enabled(False)
@@ -57,10 +59,9 @@ def main(argv=None) -> None:
     print(f"[{time.time() - start:.0f}s] model loaded; load average {os.getloadavg()}", flush=True)
     harmful, harmless = datasets.load("advbench"), datasets.load("harmless")
     control_layers = [l for l in args.control_layers if l < model.n_layers] or None
-    exp = get("representation-reading")(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-                                        control_layers=control_layers, strengths=args.strengths,
-                                        max_new_tokens=args.max_new_tokens, n_text=args.n_text,
-                                        seed=args.seed)
+    exp = get("representation-reading")(**{**dict(
+        n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, control_layers=control_layers,
+        strengths=args.strengths, max_new_tokens=args.max_new_tokens, n_text=args.n_text, seed=args.seed), **overrides})
     result = exp.run(model, harmful, harmless, store=ActivationStore())
     result.summary.update(paper=PAPER, seconds=round(time.time() - start), load_average_end=list(os.getloadavg()))
     result.config["script"] = {"command": " ".join(["experiments/zou_2023.py"] + (sys.argv[1:] if argv is None

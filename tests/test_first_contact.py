@@ -3,7 +3,10 @@ code 2 before any compute and nothing written, or a note where the tool decides 
 
 import json
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +93,15 @@ def test_default_n_larger_than_a_small_file_is_a_note(capsys, tmp_path):
 def test_view_and_monitor_are_circuitlab_commands_with_one_line_errors(capsys, args, needle):
     code, text = run_cli(capsys, *args)
     assert code == 2 and needle in text and "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("script", ["li_2023", "zou_2023", "arditi_2024", "refusal_edges", "causal_tracing",
+                                    "robust_safety"])
+def test_scripts_take_set_through_the_one_parser(script, tmp_path):
+    """Every single-experiment script takes --set KEY=VALUE; a bad key is a one-line error, exit 2, before loading."""
+    run = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "experiments" / f"{script}.py"),
+                          "--set", "no_such_parameter=1", "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert run.returncode == 2 and len(errors) == 1 and "no parameter 'no_such_parameter'" in errors[0], run.stderr
+    assert "loaded" not in run.stdout and not (tmp_path / "out").exists()

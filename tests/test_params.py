@@ -98,3 +98,13 @@ def test_every_parameter_has_a_comment(name):
     """The CLI's ``run NAME --help`` renders each field's trailing comment (``base.parameters``)."""
     missing = [p["name"] for p in parameters(experiments.get(name)) if not p["meaning"]]
     assert not missing, f"give these fields a trailing '# meaning' comment on the same line: {missing}"
+
+
+@pytest.mark.parametrize("name", experiments.names())
+def test_every_seed_parameter_refuses_a_negative_seed(name):
+    """numpy and torch refuse negative seeds deep inside a run: every experiment refuses one at construction."""
+    cls = experiments.get(name)
+    if "seed" not in {f.name for f in dataclasses.fields(cls)}:
+        pytest.skip(f"{name} has no seed")
+    with pytest.raises(ParameterError, match="seed"):
+        cls(seed=-1)

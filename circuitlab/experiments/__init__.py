@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-__all__ = ["Experiment", "register", "get", "names", "describe", "coerce_params", "params_from_sets", "catalog"]
+__all__ = ["Experiment", "register", "get", "names", "describe", "coerce_params", "params_from_sets", "catalog",
+           "add_set_option", "set_overrides"]
 
 _BASE_NAMES = ("Experiment", "register", "coerce_params", "params_from_sets")
 _loaded = False
@@ -50,6 +51,23 @@ def get(name: str):
 def describe(name: str) -> str:
     """First line of the experiment's docstring."""
     return _registry().describe(name)
+
+
+def add_set_option(parser) -> None:
+    """A script's ``--set KEY=VALUE`` (repeatable): one parameter of its experiment, as ``circuitlab run --set``."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one parameter of the script's experiment (as circuitlab run --set; repeatable)")
+
+
+def set_overrides(parser, name: str, sets) -> dict:
+    """The typed ``--set`` overrides for experiment ``name``, checked against its defaults; a bad key or value
+    is the parser's one-line error (exit 2), before the script loads a model."""
+    try:
+        overrides = _registry().params_from_sets(get(name), sets)
+        get(name)(**overrides)  # the constructor checks every value
+    except ValueError as err:
+        parser.error(str(err))
+    return overrides
 
 
 def catalog() -> dict:

@@ -38,7 +38,7 @@ from circuitlab import graph as eg
 from circuitlab.graph.forward import pair_batches
 from circuitlab.io.results import Result
 from circuitlab.experiments.base import Plan, UnitExperiment, check, check_choice, register
-from circuitlab.experiments.checks import check_types
+from circuitlab.experiments.checks import check_at_least, check_types
 from circuitlab.experiments.patching.common import pair_on
 from circuitlab.methods.pairs import PAIRINGS, make_pairs
 
@@ -84,6 +84,7 @@ class EdgeAttribution(UnitExperiment):
         check(isinstance(self.n_boot, int) and self.n_boot >= 0, "n_boot must be an int >= 0")
         check(0 < self.stability_fraction <= 1, f"stability_fraction must be in (0, 1], got {self.stability_fraction!r}")
         check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an int >= 1")
+        check_at_least(self, 0, "seed")
 
     def split(self, model, harmful, harmless):
         """``(discovery pairs, evaluation pairs, n_unpaired)``: a seeded shuffle, then a split."""
