@@ -34,7 +34,8 @@ first-token KL on harmless, cross-entropy on ``--n-text`` plain texts, and with 
 Heretic-marker refusals of ``--max-tokens`` greedy tokens plus circuitlab's judge: refusal rate on
 harmful and over-refusal on harmless, each with a bootstrap 95 % CI. Writes ``--out`` (results/abliteration):
 ``fronts.csv`` (every test point: method, family, trial, val objectives, test measures, parameters),
-``pareto_test.png``, ``summary.json`` (settings, prompt files and hashes, model fingerprint, versions,
+``pareto_test.png``, ``hypervolume.csv`` / ``.png`` (val hypervolume after each trial, per search),
+``summary.json`` (settings, prompt files and hashes, model fingerprint, versions,
 timings), ``circuitlab/`` (the search's run folder: trials.csv, table.csv, config.json) and
 ``heretic/`` (Heretic's trials.csv, run.json, log).
 """
@@ -133,6 +134,7 @@ def main(argv=None, model=None) -> dict:
                "provenance": provenance.finish(record, model), "matmul_peak_flops": peak,
                "versions": provenance.versions()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    hypervolume_table(out, Path(a.heretic_run) if a.heretic_run else None, a.n_val)
     print(f"[{time.time() - start:.0f}s] wrote {out}/fronts.csv, pareto_test.png, summary.json", flush=True)
     return summary
 
@@ -320,6 +322,50 @@ def test_points(a, model, exp, front, heretic_trials, arditi, h_test, s_test) ->
     return rows
 
 
+def hypervolume_table(out: Path, heretic_folder: Path | None = None, n_val: int | None = None) -> pd.DataFrame:
+    """Val hypervolume after each trial (``heretic_scoring.hypervolume``, box refusal fraction 1 x KL 1)
+    of every circuitlab family (``circuitlab/trials.csv``) and of Heretic (its ``trials.csv``); writes
+    ``hypervolume.csv`` and ``hypervolume.png``. Marker counts are divided by the harmful val prompts."""
+    import matplotlib.pyplot as plt
+
+    from circuitlab.methods.heretic_scoring import hypervolume_curve
+
+    rows = []
+    trials = pd.read_csv(out / "circuitlab" / "trials.csv")
+    for variant, g in trials.groupby("variant", sort=False):
+        g = g.sort_values("trial")
+        markers = g.refusal_objective.iloc[0] == "markers"
+        refusal = g.val_refusal / n_val if markers and n_val else g.val_refusal
+        for i, hv in enumerate(hypervolume_curve(refusal.tolist(), g.val_kl.tolist()), 1):
+            rows.append({"method": "circuitlab", "variant": variant, "objective": g.refusal_objective.iloc[0],
+                         "trials": i, "hypervolume": hv})
+    heretic_folder = heretic_folder or out / "heretic"
+    if (heretic_folder / "trials.csv").exists():
+        h = pd.read_csv(heretic_folder / "trials.csv")
+        h = h[h.state == "COMPLETE"].sort_values("trial")
+        n_harmful = h.n_harmful if "n_harmful" in h else n_val
+        for i, hv in enumerate(hypervolume_curve((h.refusals / n_harmful).tolist(), h.kl.tolist()), 1):
+            rows.append({"method": "heretic", "variant": "heretic", "objective": "markers", "trials": i,
+                         "hypervolume": hv})
+    table = pd.DataFrame(rows)
+    # the convergence check of issue 26: relative change over the last 20 % of trials
+    for key, g in table.groupby(["method", "variant"]):
+        last, n = g.hypervolume.iloc[-1], len(g)
+        earlier = g.hypervolume.iloc[max(0, int(round(0.8 * n)) - 1)]
+        table.loc[g.index, "change_last_20pct"] = (last - earlier) / last if last > 0 else float("nan")
+    table.to_csv(out / "hypervolume.csv", index=False)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (method, variant), g in table.groupby(["method", "variant"]):
+        ax.plot(g.trials, g.hypervolume, "s--" if method == "heretic" else "o-", ms=3,
+                label=f"{method} {variant}" if method != "heretic" else "Heretic")
+    ax.set_xlabel("trials")
+    ax.set_ylabel("val hypervolume (refusal fraction x KL, box 1 x 1)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "hypervolume.png", dpi=150)
+    return table
+
+
 def figure(fronts: pd.DataFrame, model_name: str):
     """Test refusal against test KL (refusal score; marker refusals too with --judge): circuitlab's
     fronts, Heretic's front, the original model and the Arditi direction."""
@@ -353,4 +399,8 @@ def figure(fronts: pd.DataFrame, model_name: str):
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main()
+    if sys.argv[1:2] == ["--hypervolume-only"]:  # from a finished run's files: FOLDER [HERETIC_FOLDER]
+        done = json.loads((Path(sys.argv[2]) / "summary.json").read_text(encoding="utf-8"))["argv"]
+        hypervolume_table(Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None, done["n_val"])
+    else:
+        main()

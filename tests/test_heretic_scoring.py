@@ -160,3 +160,13 @@ def test_heretic_gets_absolute_paths(tmp_path, monkeypatch):
     args = heretic.heretic_args(settings, "/models/m", files, Path("out/checkpoints"))
     paths = [args[i + 1] for i, a in enumerate(args) if a.endswith(".dataset") or a == "--study-checkpoint-dir"]
     assert len(paths) == 5 and all(Path(p).is_absolute() and p.startswith(str(tmp_path)) for p in paths)
+
+
+def test_hypervolume_of_a_front_and_its_curve():
+    from circuitlab.methods.heretic_scoring import hypervolume, hypervolume_curve
+
+    # two points (0.2, 0.5) and (0.6, 0.1) in the unit box: 0.4*0.5 + 0.4*0.9 = 0.56
+    assert hypervolume([0.2, 0.6], [0.5, 0.1]) == pytest.approx(0.56)
+    assert hypervolume([0.2, 0.6, 0.7], [0.5, 0.1, 0.3]) == pytest.approx(0.56)  # a dominated point adds nothing
+    assert hypervolume([1.0], [0.0]) == 0.0 and hypervolume([], []) == 0.0
+    assert hypervolume_curve([0.6, 0.2], [0.1, 0.5]) == pytest.approx([0.36, 0.56])

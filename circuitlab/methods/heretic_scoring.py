@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["marker_refusals", "load_markers", "first_token_kl", "heretic_objective", "pareto_front",
-           "DEFAULT_MARKERS_FILE"]
+           "hypervolume", "hypervolume_curve", "DEFAULT_MARKERS_FILE"]
 
 DEFAULT_MARKERS_FILE = "heretic_markers.txt"  # in circuitlab/data/
 
@@ -129,3 +129,23 @@ def pareto_front(refusals: Sequence[int], kls: Sequence[float]) -> list[int]:
             best = kls[i]
             front.append(i)
     return front
+
+
+def hypervolume(refusals: Sequence[float], kls: Sequence[float], ref: tuple[float, float] = (1.0, 1.0)) -> float:
+    """The area dominated by the points (both minimised) inside the box up to ``ref`` = (refusal, KL):
+    the 2-D hypervolume of their front; points at or beyond ``ref`` on either axis add nothing."""
+    if len(refusals) != len(kls):
+        raise ValueError(f"{len(refusals)} refusal values but {len(kls)} KL values")
+    pts = sorted((float(r), float(k)) for r, k in zip(refusals, kls) if r < ref[0] and k < ref[1])
+    # sweep along refusal: the lowest KL reached at or left of a strip sets its height
+    area, floor, xs = 0.0, ref[1], sorted({r for r, _ in pts} | {ref[0]})
+    for left, right in zip(xs, xs[1:]):
+        floor = min([floor] + [k for r, k in pts if r == left])
+        area += (right - left) * (ref[1] - floor)
+    return area
+
+
+def hypervolume_curve(refusals: Sequence[float], kls: Sequence[float],
+                      ref: tuple[float, float] = (1.0, 1.0)) -> list[float]:
+    """``hypervolume`` of the first 1, 2, ..., n trials (in the given order): how the front grows."""
+    return [hypervolume(refusals[:i], kls[:i], ref) for i in range(1, len(refusals) + 1)]
