@@ -47,15 +47,20 @@ def test_bad_input_fails_with_the_fix():
         ACDCSearch(m, _pairs(m, 2)).run(-1.0)
 
 
-def test_conmy_table_auc_is_one_for_a_perfect_scorer_and_half_for_random():
+def _conmy():
     import importlib.util
     from pathlib import Path
-
-    import numpy as np
 
     spec = importlib.util.spec_from_file_location("conmy_2023", Path(__file__).parent.parent / "experiments/conmy_2023.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_conmy_table_auc_is_one_for_a_perfect_scorer_and_half_for_random():
+    import numpy as np
+
+    mod = _conmy()
     y = np.zeros(400, bool)
     y[:40] = True
     assert mod.auc(y.astype(float), y) == 1.0
@@ -65,3 +70,30 @@ def test_conmy_table_auc_is_one_for_a_perfect_scorer_and_half_for_random():
     assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1 and (tpr[fpr == 0] == 1).any()
     with pytest.raises(ValueError, match="positive and one negative"):
         mod.auc(np.ones(3), np.ones(3, bool))
+
+
+def test_sweep_reuses_criterion_values_exactly():
+    m = hooked("single")
+    pairs = _pairs(m)
+    shared = ACDCSearch(m, pairs)
+    taus = (1e-6, 1e-5, 1e-3)
+    swept = [shared.run(t) for t in taus]
+    alone = [ACDCSearch(m, pairs).run(t) for t in taus]
+    for a, b in zip(swept, alone):
+        assert torch.equal(a.mask, b.mask) and a.final == b.final and a.n_evals == b.n_evals
+    assert swept[0].n_cached == 0 and sum(r.n_cached for r in swept[1:]) > 0
+    assert all(r.n_cached == 0 for r in alone)
+
+
+def test_exact_log_odds_equals_the_refusal_score_below_its_clamp_and_passes_it_above():
+    m = hooked("distributed")  # its harmful prompts sit at the refusal score's clamp (p > 1 - 1e-7)
+    harmful, harmless = planted_prompts(8, seed=0)
+    exact, clamped = _conmy().exact_log_odds(m), refusal_metric(m)
+    with torch.no_grad():
+        for prompts in (harmful, harmless):
+            logits = m.last_logits(list(prompts))
+            e, c = exact(logits), clamped(logits)
+            below = c < 15
+            assert torch.allclose(e[below], c[below], atol=1e-3)
+            assert (e[~below] >= c[~below] - 1e-3).all()
+    assert (exact(m.last_logits(list(harmful))) > 16.2).all() and (clamped(m.last_logits(list(harmful))) < 16.12).all()

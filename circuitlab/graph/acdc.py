@@ -17,7 +17,10 @@ Criteria (``criterion``):
 - ``metric``: ``|mean m(circuit) - mean m(full)|`` for a task metric ``m`` (e.g. the refusal score).
 
 ``tau`` sweep (``acdc_sweep``): the paper's ROC curves come from running ACDC at many thresholds;
-each run is independent, the baselines are shared.
+each run is independent, the baselines are shared, and so are criterion values: runs at nearby
+thresholds make the same decisions until the first edge whose change falls between them, so they
+ask for the criterion of the same masks. ``ACDCSearch`` keeps every value it computed, keyed by a
+128-bit hash of the mask (exact: same mask, same pairs, same value; ``n_cached`` counts the hits).
 
 Warm start (``candidates``): on a graph too large to try every edge on a CPU (the embedded model
 has ~10^5 edges, i.e. ~10^5 forward passes per run) ACDC may be restricted to a candidate set,
@@ -29,6 +32,7 @@ paper's ACDC: its result can only be a subset of the candidates, and it is label
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -59,6 +63,7 @@ class ACDCResult:
     n_evals: int
     wall_s: float
     warm_start: int | None = None
+    n_cached: int = 0  # criterion values of this run taken from the search's cache (no forward pass)
     trace: list = field(default_factory=list)  # (writer, reader, change of the criterion, removed)
 
     @property
@@ -101,6 +106,8 @@ class ACDCSearch:
             raise RuntimeError(f"KL of the full model to itself is {self.runner.clean.mean():.2e}, not 0: the "
                                "runner reordered the pairs; report this as a bug")
         self.readers_of = self._node_readers()
+        self._values: dict[bytes, float] = {}
+        self.n_cached = 0
 
     def _node_readers(self) -> dict[int, list[int]]:
         """Reader -> writers (nodes) it feeds; the logits feed none (always visited)."""
@@ -111,15 +118,22 @@ class ACDCSearch:
         return out
 
     def value(self, mask: torch.Tensor) -> float:
+        """The criterion of the circuit ``mask`` (computed once per distinct mask; see the module docstring)."""
+        key = hashlib.blake2b(mask.cpu().numpy().tobytes(), digest_size=16).digest()
+        if key in self._values:
+            self.n_cached += 1
+            return self._values[key]
         m = self.runner.run([mask], check=False)[0].mean()
-        return float(m) if self.criterion == "kl" else abs(float(m) - float(self.runner.clean.mean()))
+        out = float(m) if self.criterion == "kl" else abs(float(m) - float(self.runner.clean.mean()))
+        self._values[key] = out
+        return out
 
     def run(self, tau: float, *, candidates: torch.Tensor | None = None, warm_start_n: int | None = None,
             progress: bool = False) -> ACDCResult:
         """One ACDC pass at threshold ``tau`` (see the module docstring)."""
         if not np.isfinite(tau) or tau < 0:
             raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
-        g, t0, n_evals = self.graph, time.perf_counter(), 0
+        g, t0, n_evals, cached0 = self.graph, time.perf_counter(), 0, self.n_cached
         mask = g.valid.clone() if candidates is None else (g.check_mask(candidates) & g.valid)
         current = self.value(mask)
         n_evals += 1
@@ -141,7 +155,7 @@ class ACDCSearch:
                 else:
                     mask[w, r] = True
         return ACDCResult(g, mask, torch.as_tensor(prune(g, mask)), float(tau), self.criterion, current, n_evals,
-                          time.perf_counter() - t0, warm_start_n, trace)
+                          time.perf_counter() - t0, warm_start_n, self.n_cached - cached0, trace)
 
 
 def acdc(model, pairs, tau: float, *, criterion: str = "kl", metric: Metric | None = None, ablation: str = "corrupt",
