@@ -73,6 +73,12 @@ EXPECTED = {
     **{("eap", c): _SOFTMAX for c in ("single", "gqa", "and", "decoy", "distributed")},
 }
 RECOVERED = 0.95  # the issue's bar for "recovers the circuit"
+NODE_ONLY = {"circuit-map"}  # methods scored at both levels whose EXPECTED reasons are about their node scores
+
+
+def expected(level: str, method: str, name: str) -> str:
+    """The reason ``method`` cannot recover circuit ``name`` at ``level`` by construction, or ''."""
+    return "" if level == "edge" and method in NODE_ONLY else EXPECTED.get((method, name), "")
 
 
 def exact_log_odds(model):
@@ -219,8 +225,8 @@ def score_model(name: str, n: int, *, acdc_metric: bool = False) -> dict:
         for method, sc in methods.items():
             a = auc(sc, y)
             rows.append(dict(circuit=name, level=level, method=method, auc=round(a, 4), n_positive=int(y.sum()),
-                             n_units=len(y), recovered=bool(a >= RECOVERED), expected_failure=(method, name) in EXPECTED,
-                             note=EXPECTED.get((method, name), "")))
+                             n_units=len(y), recovered=bool(a >= RECOVERED),
+                             expected_failure=bool(expected(level, method, name)), note=expected(level, method, name)))
             scores += [dict(circuit=name, level=level, method=method, unit=u, score=float(v), planted=bool(p))
                        for u, v, p in zip(labels, sc, y)]
     return {"rows": rows, "scores": scores, "sweep": [dict(circuit=name, **r) for r in sweep],
@@ -267,6 +273,8 @@ def merge(out: Path) -> pd.DataFrame:
     parts = {p.stem: json.loads(p.read_text()) for p in (out / "parts").glob("*.json")}
     names = [n for n in SUITE if n in parts]
     table = pd.DataFrame([r for n in names for r in parts[n]["rows"]])
+    table["note"] = [expected(r.level, r.method, r.circuit) for r in table.itertuples()]  # the claims, as now keyed
+    table["expected_failure"] = table["note"] != ""
     table.to_csv(out / "table.csv", index=False)
     wide = table.pivot_table(index=["level", "method"], columns="circuit", values="auc", sort=False)[names]
     wide.reset_index().to_csv(out / "auc.csv", index=False)
