@@ -505,6 +505,6 @@ def _figure(comparison, curves, model_name, judge):
         ax.set_ylabel("refusal probability (first token)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.suptitle(f"Plain vs adversarial (ReFAT) hardening, {model_name}", fontsize=10)
+    fig.suptitle(f"Hardening modes under attacks recomputed on each model, {model_name}", fontsize=10)
     fig.tight_layout()
     return fig
