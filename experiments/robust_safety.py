@@ -126,7 +126,7 @@ def main() -> None:
             parser.error(f"--combine: no {out}/seed_<s>/comparison.csv for seeds {missing}")
         write_combined(out, [pd.read_csv(out / f"seed_{x}" / "comparison.csv").assign(seed=x) for x in seeds],
                        json.loads((out / f"seed_{seeds[0]}" / "run.json").read_text())["model"]["id"],
-                       {"command": "python experiments/robust_safety.py --combine " + " ".join(sys.argv[1:]), "seeds": seeds})
+                       {"command": "python experiments/robust_safety.py " + " ".join(sys.argv[1:]), "seeds": seeds})
         return
     t0 = time.time()
     model = cl.load_model(args.model, dtype=args.dtype)
