@@ -62,15 +62,15 @@ class Rerouting:
         with torch.no_grad():
             if not self.start:
                 self.start = {n: p.detach().clone() for n, p in params.items()}
-            current = {n: p.detach().clone() for n, p in params.items()}
-            for n, p in params.items():
-                p.copy_(self.start[n])
+            trained = {n: p.data for n, p in params.items()}
+            for n, p in params.items():  # point at the starting values: no copy of the trained ones per step
+                p.data = self.start[n]
             try:
                 with model.hooks(self._recording(self._orig, detach=True)):
                     model.final_residual(ids, mask)
             finally:
                 for n, p in params.items():
-                    p.copy_(current[n])
+                    p.data = trained[n]
 
     def hooks(self) -> list:
         """Hooks that record the trained model's representations (with their graph) during ``train``'s pass."""
