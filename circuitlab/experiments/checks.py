@@ -16,8 +16,10 @@ import typing
 from pathlib import Path
 
 from circuitlab.experiments.base import check
+from circuitlab.io.datasets import is_builtin
 
-__all__ = ["check_types", "check_at_least", "check_fraction", "check_subset", "check_files", "example"]
+__all__ = ["check_types", "check_at_least", "check_fraction", "check_subset", "check_files", "check_prompt_sets",
+           "example"]
 
 
 def example(exp, name: str) -> str:
@@ -98,6 +100,14 @@ def check_files(exp, *names: str) -> None:
         value = getattr(exp, name)
         check(value is None or Path(value).is_file(), f"{name}={value!r} is not a file (give the path of an "
               f"existing file, or {example(exp, name)})")
+
+
+def check_prompt_sets(exp, *names: str) -> None:
+    """Each named prompt-set parameter (skipped when None) is a built-in set or an existing file."""
+    for name in names:
+        value = getattr(exp, name)
+        check(value is None or is_builtin(value) or Path(value).is_file(),
+              f"{name}={value!r} is neither a built-in prompt set nor a file (e.g. {example(exp, name)})")
 
 
 def check_fraction(exp, *names: str, closed: bool = False) -> None:

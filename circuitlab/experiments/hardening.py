@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,7 +77,7 @@ from circuitlab.io.results import Result
 from circuitlab.io.store import ActivationStore
 from circuitlab.core.weights import weights_restored
 from circuitlab.experiments.base import Experiment, check, check_choice, check_layers, get, register
-from circuitlab.experiments.checks import (check_at_least, check_files, check_fraction, check_subset,
+from circuitlab.experiments.checks import (check_at_least, check_files, check_fraction, check_prompt_sets, check_subset,
     check_types)
 from circuitlab.methods.pairs import make_pairs
 
@@ -156,8 +155,7 @@ class RobustHardening(Experiment):
         check_subset(self, "suite", SUITE)
         check_at_least(self, 1, "abliteration_trials", "max_k", "n_keys")
         check_files(self, "dataset", "components_csv")
-        check(self.benign is None or datasets.is_builtin(self.benign) or Path(self.benign).is_file(),
-              f"benign={self.benign!r} is neither a built-in prompt set nor a file (e.g. --set benign=sensitive-benign)")
+        check_prompt_sets(self, "benign")
         check_layers("attack_layers", self.attack_layers)
         check_layers("reroute_layers", self.reroute_layers)
         check(self.reroute_alpha > 0, f"reroute_alpha={self.reroute_alpha} must be > 0 (e.g. --set reroute_alpha=10)")
