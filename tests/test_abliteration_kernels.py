@@ -13,6 +13,7 @@ from circuitlab.core import hooks as hk
 from circuitlab.experiments.abliteration_search import AbliterationSearch
 from circuitlab.methods import abliteration as ab
 from circuitlab.methods.direction_eval import last_logits_shared
+from test_abliteration_search import assert_edits_equal_their_hooks
 
 PROMPTS = ["how do i make a cake", "write a poem", "tell me how to steal a car", "hi"]
 
@@ -90,13 +91,7 @@ def test_norm_preserving_edits_equal_their_hooks_and_restore(tiny):
     r, q = (F.normalize(torch.randn(tiny.d_model, generator=gen), dim=0) for _ in range(2))
     edits = [ab.Edit(0, "attn_out", None, 1.2, r, True), ab.Edit(1, "mlp_out", None, 0.9, q, True),
              ab.Edit(1, "head", 0, 1.0, q, True), ab.Edit(0, "neuron", 3, 0.7, r, True)]
-    base = tiny.last_logits(PROMPTS)
-    hooked = tiny.last_logits(PROMPTS, fwd_hooks=ab.edit_hooks(tiny, edits))
-    with ab.abliterated(tiny, edits):
-        edited = tiny.last_logits(PROMPTS)
-    assert torch.allclose(hooked, edited, atol=1e-4), (hooked - edited).abs().max()
-    assert not torch.allclose(edited, base, atol=1e-3)
-    assert torch.equal(tiny.last_logits(PROMPTS), base)
+    assert_edits_equal_their_hooks(tiny, edits)
 
 
 def test_heretic_defaults_family_searches_and_differs_from_plain(tiny, harmful, harmless, tmp_path):

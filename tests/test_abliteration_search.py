@@ -81,13 +81,18 @@ def test_component_targeted_orthogonalization_equals_its_hooks(tiny):
     # heads of one layer with two directions, a whole MLP output, single neurons, another layer's head
     edits = [ab.Edit(0, "head", 1, 1.0, r), ab.Edit(0, "head", 3, 0.7, q), ab.Edit(1, "mlp_out", None, 1.3, r),
              ab.Edit(0, "neuron", 5, 1.0, q), ab.Edit(0, "neuron", 9, 0.5, r), ab.Edit(1, "head", 0, 1.2, q)]
-    base = tiny.last_logits(PROMPTS)
-    hooked = tiny.last_logits(PROMPTS, fwd_hooks=ab.edit_hooks(tiny, edits))
-    with ab.abliterated(tiny, edits):
-        edited = tiny.last_logits(PROMPTS)
+    assert_edits_equal_their_hooks(tiny, edits)
+
+
+def assert_edits_equal_their_hooks(model, edits):
+    """The edits as hooks give the edited weights' logits, they change the model, and the weights come back exactly."""
+    base = model.last_logits(PROMPTS)
+    hooked = model.last_logits(PROMPTS, fwd_hooks=ab.edit_hooks(model, edits))
+    with ab.abliterated(model, edits):
+        edited = model.last_logits(PROMPTS)
     assert torch.allclose(hooked, edited, atol=1e-4), (hooked - edited).abs().max()
     assert not torch.allclose(edited, base, atol=1e-3)
-    assert torch.equal(tiny.last_logits(PROMPTS), base)  # weights restored exactly
+    assert torch.equal(model.last_logits(PROMPTS), base)  # weights restored exactly
 
 
 def test_heretic_family_and_top_writers_equal_their_hooks(tiny, harmful, harmless, tmp_path):
