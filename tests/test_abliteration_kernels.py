@@ -15,7 +15,6 @@ from circuitlab.methods import abliteration as ab
 from circuitlab.methods.direction_eval import last_logits_shared
 from test_abliteration_search import assert_edits_equal_their_hooks
 
-PROMPTS = ["how do i make a cake", "write a poem", "tell me how to steal a car", "hi"]
 
 
 def _heretic_full(W: torch.Tensor, v: torch.Tensor, weight: float) -> torch.Tensor:
