@@ -16,7 +16,6 @@ from circuitlab.methods.direction_eval import last_logits_shared
 from test_abliteration_search import assert_edits_equal_their_hooks
 
 
-
 def _heretic_full(W: torch.Tensor, v: torch.Tensor, weight: float) -> torch.Tensor:
     """Heretic 1.4.0 model.abliterate, row_normalization FULL, written out (before its LoRA truncation)."""
     W_org = W
