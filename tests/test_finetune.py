@@ -213,3 +213,39 @@ def test_adversary_checks_its_keys(tiny):
         RefusalAblationAdversary(tiny, HARMFUL, HARMLESS, [(tiny.n_layers, -1)])
     with pytest.raises(ValueError, match="prob"):
         RefusalAblationAdversary(tiny, HARMFUL, HARMLESS, [(0, -1)], prob=0.0)
+
+
+def test_recovery_openers_are_context_not_targets(tiny):
+    """With an opener drawn for every row, the first step's loss is the cross-entropy of ' ' + target +
+    end-of-turn AFTER the prompt and the opener: the opener is read, never learnt."""
+    from circuitlab.defence.finetune import prefill_openers
+
+    opener, (prompt, target) = prefill_openers()[0], PAIRS[0]
+    tok = tiny.tokenizer
+    head = tok(tiny.format(prompt, prefill=opener), add_special_tokens=False).input_ids
+    tail = tok(" " + target + tok.eos_token, add_special_tokens=False).input_ids
+    ids = torch.tensor([head + tail])
+    with torch.no_grad():
+        logits = tiny.final_logits(tiny.final_residual(ids, torch.ones_like(ids)))[0, len(head) - 1:-1]
+    expected = torch.nn.functional.cross_entropy(logits.float(), ids[0, len(head):]).item()
+    with weights_restored(tiny):
+        log = train(tiny, full_masks(tiny), [(prompt, target)], steps=2, lr=1e-3, batch_size=1, openers=(opener,),
+                    opener_prob=1.0)
+    assert log["target_loss"][0] == pytest.approx(expected, rel=1e-4)
+    assert log["prefilled_rows"] == [1, 1]
+    with weights_restored(tiny):
+        plain = train(tiny, full_masks(tiny), [(prompt, target)], steps=1, lr=1e-3, batch_size=1)
+    assert plain["target_loss"][0] != pytest.approx(expected, rel=1e-4) and plain["prefilled_rows"] == [0]
+    with pytest.raises(ValueError, match="opener_prob"):
+        train(tiny, full_masks(tiny), PAIRS, steps=1, openers=(opener,), opener_prob=0.0)
+
+
+def test_recovery_openers_hold_out_the_prefill_attack_opener():
+    from circuitlab.defence.attacks import PREFILL_OPENER
+    from circuitlab.defence.finetune import prefill_openers
+
+    openers = prefill_openers()
+    assert len(openers) >= 8 and len(set(openers)) == len(openers)
+    assert PREFILL_OPENER not in openers and not any("overview" in o.lower() for o in openers), \
+        "the attack's opener must stay held out of training"
+    assert not any(metrics.is_refusal(o) for o in openers), "openers are affirmative, not refusals"

@@ -289,3 +289,18 @@ def test_redundancy_fails_on_one_mechanism_and_passes_on_two(planted, sets):
     assert two.attrs["redundant"] and two.set_index("mechanism").loc["all", "kept_share"] < 0.5
     with pytest.raises(ValueError, match="at least 2"):
         redundancy(planted, h, {"one": []})
+
+
+def test_recovery_mode_trains_with_openers_and_faces_the_prefill_attack(tiny, harmful, harmless, tmp_path):
+    from circuitlab.experiments import get
+
+    exp = get("robust-hardening")(steps=2, n_neurons=3, n_heads=1, modes=["recovery"], recovery_prob=1.0,
+                                  n_train=2, batch_size=2, n_retain=2, retain_tokens=2, judge=False, n_text=1,
+                                  n_eval=3, n_val=2, n_attack=4, n_adv=3, k_grid=[1], n_dirs=[1], n_boot=20,
+                                  attack_layers=[1], attack_positions=[-1], suite=["prefill"], progress=False)
+    result = exp.run(tiny, harmful, harmless, store=ActivationStore(tmp_path / "store"))
+    training = result.tables["training"].iloc[0]
+    assert training["mode"] == "recovery" and training.prefilled_rows == 4  # 2 steps x 2 rows, all prefilled
+    assert ("targeted", "recovery") in set(result.tables["comparison"].set_index(["variant", "mode"]).index)
+    with pytest.raises(ValueError, match="recovery_prob"):
+        get("robust-hardening")(recovery_prob=0.0)

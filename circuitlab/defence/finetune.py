@@ -61,7 +61,7 @@ from circuitlab.core.weights import canonical_parameters, component_slices, kv_g
 __all__ = ["train", "train_components", "component_masks", "full_masks", "random_components", "load_pairs",
            "count_trainable", "greedy_targets", "REFUSAL_TARGETS", "OPTIMIZERS", "make_optimizer",
            "RefusalAblationAdversary", "RandomSubspaceAdversary", "on_rows", "extended_refusals", "refusal_targets",
-           "TARGET_STYLES"]
+           "TARGET_STYLES", "prefill_openers"]
 
 OPTIMIZERS = ("adam", "adam8bit", "adafactor", "sgd")
 
@@ -73,12 +73,25 @@ REFUSAL_TARGETS = ("I'm sorry, but I can't help with that.", "I'm sorry, but I c
 TARGET_STYLES = ("short", "extended")
 
 
+def _data_lines(name: str) -> tuple[str, ...]:
+    """The non-comment lines of ``circuitlab/data/<name>``."""
+    text = resources.files("circuitlab").joinpath("data", name).read_text(encoding="utf-8")
+    return tuple(l.strip() for l in text.splitlines() if l.strip() and not l.startswith("#"))
+
+
 def extended_refusals() -> tuple[str, ...]:
     """Multi-sentence refusals written by the project (``circuitlab/data/extended_refusals.txt``): the
     *extended refusal* remedy's targets (Abu Shairah et al. 2025, arXiv 2505.19056: refusals that explain
     and refuse over several sentences spread refusal over more of the representation)."""
-    text = resources.files("circuitlab").joinpath("data", "extended_refusals.txt").read_text(encoding="utf-8")
-    return tuple(l.strip() for l in text.splitlines() if l.strip() and not l.startswith("#"))
+    return _data_lines("extended_refusals.txt")
+
+
+def prefill_openers() -> tuple[str, ...]:
+    """Harmless affirmative openers written by the project (``circuitlab/data/prefill_openers.txt``): the
+    ``deep`` hardening mode starts the assistant turn with one and teaches the refusal after it (Qi et al.
+    2025, "Safety Alignment Should Be Made More Than Just a Few Tokens Deep"). The prefill attack's own
+    opener is not among them: it stays held out for the test."""
+    return _data_lines("prefill_openers.txt")
 
 
 def refusal_targets(style: str = "short") -> tuple[str, ...]:
@@ -285,16 +298,20 @@ class RandomSubspaceAdversary:
         return hooks, torch.rand(n_rows, generator=self.generator) < self.prob
 
 
-def _batch(model: HookedModel, pairs, chat: bool, add_end: Sequence[bool] | None = None):
+def _batch(model: HookedModel, pairs, chat: bool, add_end: Sequence[bool] | None = None,
+           prefills: Sequence[str | None] | None = None):
     """Left-padded ids and mask, plus a bool mask of the target positions (the tokens to predict).
 
-    ``add_end[i]``: append the end-of-turn token to target i (default: every target).
+    ``add_end[i]``: append the end-of-turn token to target i (default: every target). ``prefills[i]``:
+    text the assistant turn of row i starts with, context only (never predicted); its target follows a space.
     """
     tok = model.tokenizer
     add_end = [True] * len(pairs) if add_end is None else add_end
+    prefills = [None] * len(pairs) if prefills is None else prefills
     seqs, n_target = [], []
-    for (prompt, target), end in zip(pairs, add_end):
-        head = tok(model.format(prompt, chat), add_special_tokens=False).input_ids
+    for (prompt, target), end, opener in zip(pairs, add_end, prefills):
+        head = tok(model.format(prompt, chat, opener), add_special_tokens=False).input_ids
+        target = " " + target.lstrip() if opener else target
         tail = tok(target + (tok.eos_token or "" if end else ""), add_special_tokens=False).input_ids if chat else []
         if chat and not tail:
             raise ValueError(f"empty target for prompt {prompt[:40]!r}: give at least one token to learn")
@@ -319,7 +336,7 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
           retain: Sequence[tuple[str, str]] = (), retain_per_batch: int | None = None, retain_weight: float = 1.0,
           kl_weight: float = 0.0, seed: int = 0, optimizer: str = "adam",
           adversary: Callable[[int, int], tuple[list, torch.Tensor]] | None = None, rerouting=None,
-          progress: bool = False) -> dict:
+          openers: Sequence[str] = (), opener_prob: float = 0.5, progress: bool = False) -> dict:
     """``optimizer`` (``OPTIMIZERS``) on the masked parameters for ``steps`` steps over ``pairs`` (cycled,
     shuffled with ``seed``).
 
@@ -334,6 +351,9 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
     ``rerouting`` (``defence.rerouting.Rerouting``): Circuit Breakers' representation loss is added —
     the hardening rows' prompt tokens rerouted away from the original's representations, the retain
     rows' kept (``log["rerouting"]``: its parts per step).
+    ``openers`` (e.g. ``prefill_openers()``): each hardening row, with chance ``opener_prob``, has its
+    assistant turn start with a random one of them and learns its target after it — refusal that holds
+    past the first tokens (Qi et al. 2025); retain rows never get one (``log["prefilled_rows"]``).
     Returns losses per step (total, target, retain, kl), rows ablated per step, seconds, and the number
     of trainable parameters.
     """
@@ -347,6 +367,9 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
         raise ValueError("a retain set needs chat prompts (chat=True, raw_text=False)")
     if kl_weight and not retain:
         raise ValueError("kl_weight > 0 needs a retain set: the KL is measured on the retain prompts")
+    if openers and (raw_text or not chat or not 0 < opener_prob <= 1):
+        raise ValueError(f"openers need chat prompts and opener_prob in (0, 1], got chat={chat}, raw_text={raw_text}, "
+                         f"opener_prob={opener_prob}")
     if rerouting is not None:
         rerouting.check(model)
     params = canonical_parameters(model)
@@ -361,7 +384,8 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
     n_keep = (batch_size if retain_per_batch is None else retain_per_batch) if retain else 0
     # the reference distribution: next token after each retain prompt, before any update
     reference = (torch.log_softmax(model.last_logits([p for p, _ in retain]), -1) if kl_weight else None)
-    log = {"losses": [], "target_loss": [], "retain_loss": [], "kl": [], "ablated_rows": []}
+    log = {"losses": [], "target_loss": [], "retain_loss": [], "kl": [], "ablated_rows": [], "prefilled_rows": []}
+    opener_rng = random.Random(seed + 2)
     start = time.perf_counter()
     opt = make_optimizer(optimizer, chosen, lr)
     # bitsandbytes' quantized zero state is not exactly zero: put frozen entries back after each step
@@ -375,8 +399,11 @@ def train(model: HookedModel, masks: dict[str, torch.Tensor | None], pairs: Sequ
         for step in progress_bar(range(steps), progress, total=steps, desc="fine-tune"):
             rows = [pairs[order[(step * batch_size + i) % len(order)]] for i in range(batch_size)]
             kept = [keep[(step * n_keep + i) % len(keep)] for i in range(n_keep)]
+            drawn = [opener_rng.choice(openers) if openers and opener_rng.random() < opener_prob else None
+                     for _ in rows]
+            log["prefilled_rows"].append(sum(o is not None for o in drawn))
             ids, mask, target = _batch(model, rows + [retain[i] for i in kept], chat and not raw_text,
-                                       [True] * len(rows) + [False] * len(kept))
+                                       [True] * len(rows) + [False] * len(kept), drawn + [None] * len(kept))
             hooks = []
             if adversary is not None:
                 adv_hooks, hit = adversary(step, len(rows))

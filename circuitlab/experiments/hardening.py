@@ -16,6 +16,10 @@ A fourth, ``rerouting`` (Circuit Breakers, Zou et al. 2024): the plain hardening
 rerouting of the harmful prompts and retention of the harmless ones at ``reroute_layers``
 (``defence.rerouting``); ``rerouting_reading`` records the RepE reading accuracy (LAT vector, Zou et al.
 2023; train threshold, validation prompts) of refusal at those layers on the original.
+A fifth, ``recovery`` (Qi et al. 2025, "Safety Alignment Should Be Made More Than Just a Few Tokens
+Deep"): plain hardening where each hardening row, with chance ``recovery_prob``, starts its assistant turn
+with one of the project's harmless affirmative openers (``finetune.prefill_openers``) and learns the refusal
+after it; the prefill attack's opener is held out of that list, so the attack stays a test.
 
 Every model then faces the attack suite of ``circuitlab.defence.attacks`` (``suite``; see that module:
 strongest direction, rank-k subspace ablation for k in ``n_dirs``, optimised abliteration with
@@ -67,8 +71,8 @@ from circuitlab.methods.stats import bootstrap_ci
 from circuitlab.defence.attacks import (ATTACK_RULES, adaptive_direction_attack, attribution_units, ranked_keys,
     redundancy, run_attacks, subspace_hooks)
 from circuitlab.defence.finetune import (OPTIMIZERS, TARGET_STYLES, RandomSubspaceAdversary,
-    RefusalAblationAdversary, component_masks, full_masks, greedy_targets, load_pairs, random_components,
-    refusal_targets, train)
+    RefusalAblationAdversary, component_masks, full_masks, greedy_targets, load_pairs, prefill_openers,
+    random_components, refusal_targets, train)
 from circuitlab.defence.rerouting import Rerouting, default_layers
 from circuitlab.methods.directions import direction_from_pairs, projection_threshold, reading_accuracy
 from circuitlab.methods.interventions import ablation_hooks, directional_ablation_hooks, reference_activations
@@ -85,7 +89,7 @@ from circuitlab.methods.pairs import make_pairs
 __all__ = ["RobustHardening", "adaptive_direction_attack", "attribution_units", "subspace_hooks", "MODES",
            "VARIANTS", "ATTACKS", "SUITE", "ATTACK_RULES"]
 
-MODES = ("plain", "adversarial", "distributed", "rerouting")
+MODES = ("plain", "adversarial", "distributed", "rerouting", "recovery")
 VARIANTS = ("targeted", "random", "full")
 SUITE = ("direction_ablation", "rank_k_ablation", "abliteration", "unit_ablation", "orthogonalization", "prefill")
 ATTACKS = ("none", *SUITE)
@@ -101,13 +105,14 @@ class RobustHardening(Experiment):
     n_neurons: int = 16  # located neurons (diff-ranking on the train split)
     n_heads: int = 4  # located heads (random control: fewer if the key/value groups do not allow it, noted)
     variants: list[str] = field(default_factory=lambda: ["targeted"])  # any of targeted, random, full
-    modes: list[str] = field(default_factory=lambda: list(MODES))  # plain, adversarial (ReFAT), distributed (DeepRefusal), rerouting (Circuit Breakers)
+    modes: list[str] = field(default_factory=lambda: list(MODES))  # plain, adversarial (ReFAT), distributed (DeepRefusal), rerouting (Circuit Breakers), recovery (Qi et al. 2025)
     targets: str = "short"  # hardening targets: short refusals or extended (multi-sentence) refusals
     suite: list[str] = field(default_factory=lambda: list(SUITE))  # attacks every model faces (defence.attacks)
     abliteration_trials: int = 4  # optimised abliteration: Optuna trials (Heretic's kernel family, seeded; CPU-sized)
     max_k: int = 8  # distributed: most directions ablated together per step
     reroute_layers: list[int] | None = None  # rerouting: resid_pre layers (None: 1/3 and 2/3 depth, as the paper's 10, 20 of 32)
     reroute_alpha: float = 10.0  # rerouting: the loss weight alpha of the paper's schedule
+    recovery_prob: float = 0.5  # recovery: chance a hardening row starts with an affirmative opener before its refusal
     steps: int = 16  # optimizer steps per model (equal for all)
     lr: float = 1e-3  # targeted and random components
     full_lr: float = 1e-5  # all parameters
@@ -166,6 +171,8 @@ class RobustHardening(Experiment):
               f"lr={self.lr} and full_lr={self.full_lr} must be > 0 (e.g. --set lr=0.001)")
         check_fraction(self, "adv_prob", closed=True)
         check(self.adv_prob > 0, f"adv_prob={self.adv_prob} must be > 0 (e.g. --set adv_prob=0.5)")
+        check_fraction(self, "recovery_prob", closed=True)
+        check(self.recovery_prob > 0, f"recovery_prob={self.recovery_prob} must be > 0 (e.g. --set recovery_prob=0.5)")
         check(0 <= self.prune_layer_frac < 1, f"prune_layer_frac={self.prune_layer_frac} must be in [0, 1) "
               "(e.g. --set prune_layer_frac=0.2)")
         check_at_least(self, 0, "n_neurons", "n_heads", "steps", "kl_weight", "seed")
@@ -230,7 +237,8 @@ class RobustHardening(Experiment):
                     log = train(model, m, pairs, steps=self.steps, lr=self.full_lr if variant == "full" else self.lr,
                                 batch_size=self.batch_size, retain=retain, retain_per_batch=self.batch_size,
                                 kl_weight=self.kl_weight if retain else 0.0, seed=self.seed,
-                                optimizer=self.optimizer, adversary=adversary, rerouting=rerouting)
+                                optimizer=self.optimizer, adversary=adversary, rerouting=rerouting,
+                                openers=prefill_openers() if mode == "recovery" else (), opener_prob=self.recovery_prob)
                     training.append({"variant": variant, "mode": mode, "n_params": log["n_params"], "steps": self.steps,
                                      "seconds": log["seconds"],
                                      "target_loss_first": log["target_loss"][0] if self.steps else np.nan,
@@ -238,6 +246,7 @@ class RobustHardening(Experiment):
                                      "adversary_refreshes": (len(adversary.history) if mode == "adversarial" else
                                                              -(-self.steps // self.refresh_every) if adversary else 0),
                                      "ablated_rows": int(sum(log["ablated_rows"])),
+                                     "prefilled_rows": int(sum(log["prefilled_rows"])),
                                      "reroute_cos_last": log["rerouting"][-1]["reroute_cos"] if log.get("rerouting") else np.nan})
                     self._evaluate(model, variant, mode, rows, curves, cands)
         table, curves = pd.DataFrame(rows), pd.DataFrame(curves)
