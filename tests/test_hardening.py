@@ -304,3 +304,26 @@ def test_recovery_mode_trains_with_openers_and_faces_the_prefill_attack(tiny, ha
     assert ("targeted", "recovery") in set(result.tables["comparison"].set_index(["variant", "mode"]).index)
     with pytest.raises(ValueError, match="recovery_prob"):
         get("robust-hardening")(recovery_prob=0.0)
+
+
+def test_eval_split_val_measures_val_prompts_the_attacks_did_not_choose_on(tiny, tmp_path):
+    """Settings are chosen with ``eval_split="val"``: the measured prompts are val prompts outside the attacks'
+    own val sample, and no test prompt is read."""
+    from circuitlab.experiments import get
+    from circuitlab.io import datasets
+
+    harmful, harmless = datasets.load("advbench", n=30, seed=0), datasets.load("harmless", n=30, seed=0)
+
+    kw = dict(steps=1, n_neurons=3, n_heads=1, modes=["plain"], n_train=2, batch_size=2, n_retain=2, retain_tokens=2,
+              judge=False, n_text=1, n_eval=3, n_val=2, n_attack=4, n_adv=3, k_grid=[1], n_dirs=[1], n_boot=20,
+              attack_layers=[1], attack_positions=[-1], suite=["prefill"], progress=False, benign=None)
+    exp = get("robust-hardening")(eval_split="val", **kw)
+    result = exp.run(tiny, harmful, harmless, store=ActivationStore(tmp_path / "store"))
+    s = exp._sets
+    for k, prompts in (("h", harmful), ("s", harmless)):
+        assert not set(s[f"{k}_test"]) & set(prompts.split("test", 0)), "no test prompt measured"
+        assert set(s[f"{k}_test"]) <= set(prompts.split("val", 0)) and not set(s[f"{k}_test"]) & set(s[f"{k}_val"])
+    assert set(result.table.set) >= {"harmful_val", "harmless_val"} and "harmful_test" not in set(result.table.set)
+    assert result.summary["eval_split"] == "val" and "refusal_prefill" in result.tables["comparison"]
+    with pytest.raises(ValueError, match="eval_split"):
+        get("robust-hardening")(eval_split="train")

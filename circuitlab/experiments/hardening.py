@@ -140,6 +140,7 @@ class RobustHardening(Experiment):
     edge_fraction: float | None = None  # edge circuit of this share of the graph (EAP-IG, top-n): its faithfulness (None: off)
     n_edge_pairs: int = 8  # equal-length pairs (padded) to score edges on (train) and to measure faithfulness on (test)
     n_eval: int = 8  # held-out test prompts per class
+    eval_split: str = "test"  # measure on test, or on the val prompts the attacks do not choose on (for choosing settings)
     n_text: int = 4  # plain texts for cross-entropy
     benign: str | None = "sensitive-benign"  # prompt set for over-refusal on benign sensitive questions (None: skip)
     n_benign: int = 16  # prompts of that set judged per model
@@ -157,6 +158,7 @@ class RobustHardening(Experiment):
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("attack_rule", self.attack_rule, ATTACK_RULES)
         check_choice("targets", self.targets, TARGET_STYLES)
+        check_choice("eval_split", self.eval_split, ("test", "val"))
         check_subset(self, "suite", SUITE)
         check_at_least(self, 1, "abliteration_trials", "max_k", "n_keys")
         check_files(self, "dataset", "components_csv")
@@ -196,14 +198,13 @@ class RobustHardening(Experiment):
         self._sets = {"h_train": list(sp["h_train"])[: self.n_attack], "s_train": list(sp["s_train"])[: self.n_attack],
                       "h_val": list(sp["h_val"].sample(self.n_val, self.seed)),
                       "s_val": list(sp["s_val"].sample(self.n_val, self.seed)),
-                      "h_test": list(sp["h_test"].sample(self.n_eval, self.seed)),
-                      "s_test": list(sp["s_test"].sample(self.n_eval, self.seed)),
+                      **{f"{k}_test": self._eval_prompts(sp, k) for k in ("h", "s")},
                       "text": list(datasets.load("plaintext", n=self.n_text, seed=self.seed + 1)),
                       "benign": list(datasets.load(self.benign, n=self.n_benign, seed=self.seed)) if self.benign else []}
         self._base = model.last_logits(self._sets["s_test"], batch_size=self.batch_size_eval)
         self._edge_pairs = None if self.edge_fraction is None else [  # token lengths do not depend on the weights
             make_pairs(model, sp[f"h_{s}"], sp[f"s_{s}"], n_pairs=self.n_edge_pairs, pairing="pad").pairs
-            for s in ("train", "test")]
+            for s in ("train", self.eval_split)]
         pairs = self._pairs(model, list(sp["h_train"]))
         components = (from_table(pd.read_csv(self.components_csv)) if self.components_csv else
                       locate_components(model, sp["h_train"], sp["s_train"], n_neurons=self.n_neurons,
@@ -250,8 +251,9 @@ class RobustHardening(Experiment):
                                      "reroute_cos_last": log["rerouting"][-1]["reroute_cos"] if log.get("rerouting") else np.nan})
                     self._evaluate(model, variant, mode, rows, curves, cands)
         table, curves = pd.DataFrame(rows), pd.DataFrame(curves)
-        comparison = _comparison(table, curves, pd.DataFrame(training), self.judge)
+        comparison = _comparison(table, curves, pd.DataFrame(training), self.judge, self.eval_split)
         summary = {"components": ",".join(map(str, components)), "adversary_keys": str(keys), "targets": self.targets,
+                   "eval_split": self.eval_split,
                    "random_control_note": note,
                    **({"reroute_layers": ",".join(map(str, reroute_layers)),
                        "rerouting_reading": ",".join(f"L{l}:{a:.3f}" for l, a in reading.items())} if reading else {}),
@@ -264,6 +266,18 @@ class RobustHardening(Experiment):
                               "redundancy": pd.concat(self._redundancy, ignore_index=True),
                               "attack_candidates": pd.concat(cands, ignore_index=True)},
                       figures={"robust_hardening": _figure(comparison, curves, model.name, self.judge)}, summary=summary)
+
+    def _eval_prompts(self, sp, k: str) -> list[str]:
+        """The ``n_eval`` measured prompts of class ``k``: test prompts, or with ``eval_split="val"`` the val
+        prompts left after the ``n_val`` the attacks choose on (so settings are chosen without the test split)."""
+        if self.eval_split == "test":
+            return list(sp[f"{k}_test"].sample(self.n_eval, self.seed))
+        chosen = set(sp[f"{k}_val"].sample(self.n_val, self.seed))
+        rest = [p for p in sp[f"{k}_val"] if p not in chosen]
+        if len(rest) < 2:
+            raise ValueError(f"eval_split='val': only {len(rest)} val prompts remain after n_val={self.n_val}; "
+                             "give more prompts per class or a smaller n_val")
+        return rest[: self.n_eval]
 
     def _say(self, text: str) -> None:
         if self.progress:
@@ -305,6 +319,7 @@ class RobustHardening(Experiment):
         s, bs, tok = self._sets, self.batch_size_eval, metrics.refusal_tokens(model)
         tag = {"variant": variant, "mode": mode}
         measure = "refusal_rate" if self.judge else "refusal_prob"
+        on_harmful, on_harmless = f"harmful_{self.eval_split}", f"harmless_{self.eval_split}"  # the measured sets
 
         def add(condition, split, name, values, k=None):
             values = np.asarray(values, dtype=float)
@@ -314,10 +329,10 @@ class RobustHardening(Experiment):
 
         def refusal(condition, hooks=(), k=None, judge=True):
             score = metrics.refusal_score_from_logits(model.last_logits(s["h_test"], fwd_hooks=hooks, batch_size=bs), tok)
-            add(condition, "harmful_test", "refusal_score", score, k)
-            add(condition, "harmful_test", "refusal_prob", torch.sigmoid(score), k)
+            add(condition, on_harmful, "refusal_score", score, k)
+            add(condition, on_harmful, "refusal_prob", torch.sigmoid(score), k)
             if self.judge and judge:
-                add(condition, "harmful_test", "refusal_rate", metrics.judge_refusals(
+                add(condition, on_harmful, "refusal_rate", metrics.judge_refusals(
                     model, s["h_test"], max_new_tokens=self.max_new_tokens, fwd_hooks=hooks, batch_size=bs), k)
             return float(torch.sigmoid(score).mean())
 
@@ -325,15 +340,15 @@ class RobustHardening(Experiment):
             for name, value in (("kl_under_attack", kl), ("cross_entropy_under_attack", ce),
                                 ("over_refusal_under_attack", over)):
                 if value is not None and pd.notna(value):
-                    rows.append({**tag, "condition": condition, "set": "harmless_test", "measure": name, "k": k,
+                    rows.append({**tag, "condition": condition, "set": on_harmless, "measure": name, "k": k,
                                  "value": float(value), "n": len(s["s_test"])})
 
         p0 = refusal("none")
         harmless = model.last_logits(s["s_test"], batch_size=bs)
-        add("none", "harmless_test", "refusal_score", metrics.refusal_score_from_logits(harmless, tok))
-        add("none", "harmless_test", "kl_from_original", metrics.kl_divergence(self._base, harmless))
+        add("none", on_harmless, "refusal_score", metrics.refusal_score_from_logits(harmless, tok))
+        add("none", on_harmless, "kl_from_original", metrics.kl_divergence(self._base, harmless))
         if self.judge:
-            add("none", "harmless_test", "over_refusal_rate", metrics.judge_refusals(
+            add("none", on_harmless, "over_refusal_rate", metrics.judge_refusals(
                 model, s["s_test"], max_new_tokens=self.max_new_tokens, batch_size=bs))
             if s["benign"]:
                 add("none", "benign", "over_refusal_rate", metrics.judge_refusals(
@@ -357,10 +372,10 @@ class RobustHardening(Experiment):
         table = attacked.attrs["candidates"]
         cands.append(table.assign(**tag))
         for r in attacked[~attacked.attack.isin(["none", "worst"])].itertuples():
-            rows.append({**tag, "condition": r.attack, "set": "harmful_test", "measure": measure, "k": r.k,
+            rows.append({**tag, "condition": r.attack, "set": on_harmful, "measure": measure, "k": r.k,
                          "value": r.refusal, "ci_low": r.refusal_ci_low, "ci_high": r.refusal_ci_high, "n": r.n})
             if measure != "refusal_prob":
-                rows.append({**tag, "condition": r.attack, "set": "harmful_test", "measure": "refusal_prob", "k": r.k,
+                rows.append({**tag, "condition": r.attack, "set": on_harmful, "measure": "refusal_prob", "k": r.k,
                              "value": r.refusal_prob, "n": r.n})
             cost(r.attack, r.k, getattr(r, "kl", None), getattr(r, "cross_entropy", None), getattr(r, "over_refusal", None))
             if r.attack == "rank_k_ablation":
@@ -395,7 +410,7 @@ class RobustHardening(Experiment):
 
     def _edge_circuit(self, model, tag: dict, tokens, rows) -> None:
         """Faithfulness of a fixed-size edge circuit found on these weights (EAP-IG on train pairs, top-n,
-        measured on test pairs): a smaller value at the same size means refusal is spread over more edges."""
+        measured on test pairs, or val with ``eval_split="val"``): a smaller value at the same size means refusal is spread over more edges."""
         graph = eg.EdgeGraph.from_model(model)
         def metric(logits):
             return metrics.refusal_score_from_logits(logits, tokens)
@@ -403,7 +418,7 @@ class RobustHardening(Experiment):
         found = eg.find_circuit(model, *self._edge_pairs, metric, eg.n_for_fraction(graph, self.edge_fraction),
                                 method="eap-ig", selection="topn", graph=graph, batch_size=min(self.batch_size_eval, 8))
         i = found.info
-        rows.append({**tag, "condition": "edge_circuit", "set": "harmful_test", "measure": "edge_faithfulness",
+        rows.append({**tag, "condition": "edge_circuit", "set": f"harmful_{self.eval_split}", "measure": "edge_faithfulness",
                      "k": i["n_edges"], "value": i["faithfulness"], "n": i["n_eval_pairs"]})
 
 
@@ -428,7 +443,7 @@ def _reading_accuracy(model, sets, layers, seed, batch_size) -> dict[int, float]
     return out
 
 
-def _comparison(table, curves, training, judge) -> pd.DataFrame:
+def _comparison(table, curves, training, judge, split="test") -> pd.DataFrame:
     """One row per model: refusal under each attack, distribution measures, costs, training time."""
     measure = "refusal_rate" if judge else "refusal_prob"
     out = []
@@ -436,7 +451,7 @@ def _comparison(table, curves, training, judge) -> pd.DataFrame:
         r = {"variant": variant, "mode": mode}
         under = {}
         for cond in ATTACKS:
-            hit = g[(g.condition == cond) & (g.measure == measure) & (g.set == "harmful_test")]
+            hit = g[(g.condition == cond) & (g.measure == measure) & (g.set == f"harmful_{split}")]
             if cond in ("unit_ablation", "rank_k_ablation"):  # the attack: the largest k
                 hit = hit[hit.k == hit.k.max()]
             if len(hit):
@@ -453,9 +468,9 @@ def _comparison(table, curves, training, judge) -> pd.DataFrame:
                     hit = hit[hit.k == under[worst][1]]
                 if len(hit):
                     r[f"removal_{m}"] = hit.value.iloc[0]
-        for m, split, col in (("over_refusal_rate", "harmless_test", "over_refusal_rate"),
+        for m, split, col in (("over_refusal_rate", f"harmless_{split}", "over_refusal_rate"),
                               ("over_refusal_rate", "benign", "over_refusal_benign"),
-                              ("kl_from_original", "harmless_test", "kl_from_original"),
+                              ("kl_from_original", f"harmless_{split}", "kl_from_original"),
                               ("cross_entropy", "plaintext", "cross_entropy")):
             hit = g[(g.condition == "none") & (g.measure == m) & (g.set == split)]
             if len(hit):
