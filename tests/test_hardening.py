@@ -324,6 +324,41 @@ def test_eval_split_val_measures_val_prompts_the_attacks_did_not_choose_on(tiny,
         assert not set(s[f"{k}_test"]) & set(prompts.split("test", 0)), "no test prompt measured"
         assert set(s[f"{k}_test"]) <= set(prompts.split("val", 0)) and not set(s[f"{k}_test"]) & set(s[f"{k}_val"])
     assert set(result.table.set) >= {"harmful_val", "harmless_val"} and "harmful_test" not in set(result.table.set)
-    assert result.summary["eval_split"] == "val" and "refusal_prefill" in result.tables["comparison"]
+    comparison = result.tables["comparison"]
+    assert result.summary["eval_split"] == "val" and len(comparison) == 2
+    assert comparison[["refusal_prefill", "refusal_worst", "kl_from_original"]].notna().all().all(), \
+        "every model's row is read from the val sets, the trained ones too"
     with pytest.raises(ValueError, match="eval_split"):
         get("robust-hardening")(eval_split="train")
+
+
+def test_robust_safety_chooses_the_learning_rate_on_val_runs_only(tmp_path):
+    """``--choose-lr``: the highest mean refusal under the worst attack among rates that keep KL <= 0.2; a run
+    measured on test prompts is refused (exit 2), so the choice cannot read the test split."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "robust_safety.py"
+    rows = {0.001: (0.9, 8.0), 0.0005: (0.6, 0.1), 0.00025: (0.4, 0.05)}  # lr: (refusal_worst, kl)
+    for lr, (worst, kl) in rows.items():
+        folder = tmp_path / f"lr_{lr}" / "seed_0"
+        folder.mkdir(parents=True)
+        pd.DataFrame([{"variant": "original", "mode": "none", "refusal_worst": 0.0, "kl_from_original": 0.0,
+                       "over_refusal_rate": 0.0},
+                      {"variant": "targeted", "mode": "plain", "refusal_worst": worst, "kl_from_original": kl,
+                       "over_refusal_rate": 0.1}]).to_csv(folder / "comparison.csv", index=False)
+        (folder / "run.json").write_text(json.dumps({"params": {"lr": lr, "eval_split": "val"}}))
+    run = subprocess.run([sys.executable, str(script), "--choose-lr", "--out", str(tmp_path)], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    chosen = pd.read_csv(tmp_path / "selection.csv").set_index("lr").chosen
+    assert chosen[0.0005] and chosen.sum() == 1, "0.001 breaks the KL bar; 0.0005 refuses most of the rest"
+    (tmp_path / "lr_0.00025" / "seed_0" / "run.json").write_text(json.dumps({"params": {"lr": 0.00025,
+                                                                                        "eval_split": "test"}}))
+    run = subprocess.run([sys.executable, str(script), "--choose-lr", "--out", str(tmp_path)], capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and "not measured on val" in run.stderr

@@ -443,7 +443,7 @@ def _reading_accuracy(model, sets, layers, seed, batch_size) -> dict[int, float]
     return out
 
 
-def _comparison(table, curves, training, judge, split="test") -> pd.DataFrame:
+def _comparison(table, curves, training, judge, eval_split="test") -> pd.DataFrame:
     """One row per model: refusal under each attack, distribution measures, costs, training time."""
     measure = "refusal_rate" if judge else "refusal_prob"
     out = []
@@ -451,7 +451,7 @@ def _comparison(table, curves, training, judge, split="test") -> pd.DataFrame:
         r = {"variant": variant, "mode": mode}
         under = {}
         for cond in ATTACKS:
-            hit = g[(g.condition == cond) & (g.measure == measure) & (g.set == f"harmful_{split}")]
+            hit = g[(g.condition == cond) & (g.measure == measure) & (g.set == f"harmful_{eval_split}")]
             if cond in ("unit_ablation", "rank_k_ablation"):  # the attack: the largest k
                 hit = hit[hit.k == hit.k.max()]
             if len(hit):
@@ -468,9 +468,9 @@ def _comparison(table, curves, training, judge, split="test") -> pd.DataFrame:
                     hit = hit[hit.k == under[worst][1]]
                 if len(hit):
                     r[f"removal_{m}"] = hit.value.iloc[0]
-        for m, split, col in (("over_refusal_rate", f"harmless_{split}", "over_refusal_rate"),
+        for m, split, col in (("over_refusal_rate", f"harmless_{eval_split}", "over_refusal_rate"),
                               ("over_refusal_rate", "benign", "over_refusal_benign"),
-                              ("kl_from_original", f"harmless_{split}", "kl_from_original"),
+                              ("kl_from_original", f"harmless_{eval_split}", "kl_from_original"),
                               ("cross_entropy", "plaintext", "cross_entropy")):
             hit = g[(g.condition == "none") & (g.measure == m) & (g.set == split)]
             if len(hit):
