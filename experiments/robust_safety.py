@@ -199,10 +199,11 @@ def choose_lr(out: Path, seeds: list[int]) -> pd.DataFrame:
     rows = []
     for folder in sorted(out.glob("lr_*")):
         for x in seeds:
-            path = folder / f"seed_{x}" / "comparison.csv"
-            if not path.is_file():
-                raise ValueError(f"--choose-lr: {path} is missing")
-            params = json.loads((folder / f"seed_{x}" / "run.json").read_text())["params"]
+            path, run = folder / f"seed_{x}" / "comparison.csv", folder / f"seed_{x}" / "run.json"
+            missing = [str(f) for f in (path, run) if not f.is_file()]
+            if missing:
+                raise ValueError(f"--choose-lr: {missing[0]} is missing")
+            params = json.loads(run.read_text())["params"]
             if params.get("eval_split") != "val":
                 raise ValueError(f"--choose-lr: {path} was not measured on val prompts (eval_split={params.get('eval_split')!r})")
             c = pd.read_csv(path)

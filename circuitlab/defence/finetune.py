@@ -88,7 +88,7 @@ def extended_refusals() -> tuple[str, ...]:
 
 def prefill_openers() -> tuple[str, ...]:
     """Harmless affirmative openers written by the project (``circuitlab/data/prefill_openers.txt``): the
-    ``deep`` hardening mode starts the assistant turn with one and teaches the refusal after it (Qi et al.
+    ``recovery`` hardening mode starts the assistant turn with one and teaches the refusal after it (Qi et al.
     2025, "Safety Alignment Should Be Made More Than Just a Few Tokens Deep"). The prefill attack's own
     opener is not among them: it stays held out for the test."""
     return _data_lines("prefill_openers.txt")

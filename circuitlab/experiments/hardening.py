@@ -410,7 +410,8 @@ class RobustHardening(Experiment):
 
     def _edge_circuit(self, model, tag: dict, tokens, rows) -> None:
         """Faithfulness of a fixed-size edge circuit found on these weights (EAP-IG on train pairs, top-n,
-        measured on test pairs, or val with ``eval_split="val"``): a smaller value at the same size means refusal is spread over more edges."""
+        measured on test pairs, or val with ``eval_split="val"``): a smaller value at the same size means
+        refusal is spread over more edges."""
         graph = eg.EdgeGraph.from_model(model)
         def metric(logits):
             return metrics.refusal_score_from_logits(logits, tokens)
