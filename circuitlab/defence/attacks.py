@@ -14,7 +14,7 @@ each attack's own number beside it. Attacks (``ATTACKS``):
   ``n_keys`` best (layer, offset) candidates by val bypass score, the per-prompt differences
   ``x_harmful,i − mean(x_harmless)`` are pooled (each key's rows scaled to unit mean norm, so no layer
   dominates by norm) and the top-k right singular vectors of that matrix are the orthonormal basis
-  (``subspace_basis``). k = 1 is the pooled diff-in-means direction; further vectors are the directions
+  (``directions.subspace_basis``). k = 1 is the pooled diff-in-means direction; further vectors are the directions
   along which harmful prompts carry refusal differently (two prompt families on two directions give a
   mean direction whose ablation leaves each family part of its own direction: rank 2 removes both).
 - ``abliteration``: Heretic-style optimised abliteration (weight edits with Heretic's per-layer kernel)
@@ -54,7 +54,7 @@ from circuitlab.methods.abliteration import abliterated
 from circuitlab.methods.attribution import mean_patch_estimates
 from circuitlab.methods.direction_eval import score_candidates
 from circuitlab.methods.stats import bootstrap_ci
-from circuitlab.methods.directions import candidate_directions
+from circuitlab.methods.directions import candidate_directions, subspace_basis
 from circuitlab.methods.interventions import (ablation_hooks, directional_ablation_hooks, orthogonalized,
     reference_activations)
 
@@ -120,49 +120,6 @@ def subspace_hooks(model, directions) -> list:
     """Project the span of ``directions`` (``[k, d_model]``, orthonormalised here) out at every layer and position."""
     q, _ = torch.linalg.qr(torch.stack([d.float() / d.float().norm() for d in directions], 1))
     return [h for d in q.T for h in directional_ablation_hooks(model, d)]
-
-
-def subspace_basis(harmful_acts: Sequence[torch.Tensor], harmless_acts: Sequence[torch.Tensor], k: int) -> torch.Tensor:
-    """Orthonormal ``[k', d_model]`` (k' = min(k, what the data supports)) refusal subspace from per-key activations.
-
-    ``harmful_acts[j]``, ``harmless_acts[j]``: ``[n, d_model]`` at key j (one layer × offset), each key
-    centred on its harmless mean and scaled to unit mean harmful-row norm, then pooled. Vector 1: the pooled
-    difference in means (so rank 1 is the diff-in-means attack). Vectors 2..k: with it projected out, the
-    directions where harmful prompts vary MORE than harmless ones do — the top generalized eigenvectors of
-    the harmful second moment against the harmless covariance (ridge: its mean eigenvalue) — i.e. the
-    directions along which families of harmful prompts carry refusal differently (a refusal cone's
-    other edges), not the prompt-to-prompt variation both classes share."""
-    if k < 1 or not harmful_acts or len(harmful_acts) != len(harmless_acts):
-        raise ValueError(f"need k >= 1 and as many harmful as harmless keys; got k={k}, "
-                         f"{len(harmful_acts)} vs {len(harmless_acts)} keys")
-    hs, ss = [], []
-    for h, s in zip(harmful_acts, harmless_acts):
-        mean = s.float().mean(0)
-        scale = (h.float() - mean).norm(dim=-1).mean().clamp_min(1e-8)
-        hs.append((h.float() - mean) / scale)
-        ss.append((s.float() - mean) / scale)
-    h, s = torch.cat(hs), torch.cat(ss)
-    first = h.mean(0)
-    if first.norm() < 1e-6:
-        raise ValueError("harmful and harmless means coincide at every key: no refusal direction to start from")
-    basis = [first / first.norm()]
-    if k > 1:
-        q = basis[0][:, None]
-        h, s = h - (h @ q) @ q.T, s - (s @ q) @ q.T
-        c_h, c_s = h.T @ h / len(h), s.T @ s / len(s)
-        ridge = torch.eye(len(c_s)) * c_s.diagonal().mean().clamp_min(1e-8)
-        evals, evecs = torch.linalg.eigh(c_s + ridge)
-        white = evecs @ torch.diag(evals.rsqrt()) @ evecs.T  # (C_s + λI)^(-1/2)
-        gain, vecs = torch.linalg.eigh(white @ c_h @ white)
-        for i in torch.argsort(gain, descending=True)[: k - 1]:
-            if gain[i] <= 1e-6:
-                break
-            v = white @ vecs[:, i]
-            for b in basis:  # Gram-Schmidt: keep the basis orthonormal
-                v = v - (v @ b) * b
-            if v.norm() > 1e-6:
-                basis.append(v / v.norm())
-    return torch.stack(basis)
 
 
 def refusal_subspace(model, harmful, harmless, keys: Sequence[tuple[int, int]], k: int, *,

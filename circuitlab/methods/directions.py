@@ -5,6 +5,9 @@ orthogonalization — one implementation each.
   refusal-direction candidate of Arditi et al. 2024, "Refusal in Language Models Is Mediated by a
   Single Direction", §2.3 (the contrastive activation difference of Turner et al. 2023 /
   Rimsky et al. 2024).
+- ``subspace_basis``: an orthonormal rank-k refusal subspace from activations (Wollschläger et al.
+  2025, "The Geometry of Refusal in Large Language Models": refusal is mediated by several
+  directions), shared by ``defence.attacks``' rank-k attack and ``abliteration``'s cone family.
 - ``orthogonalize_weights``: ``W ← W − s · r̂ r̂ᵀ W`` on every matrix (and bias) that writes the
   residual stream (Arditi et al. 2024, §4.1), computed on each weight's own device and dtype.
 - ``write_profile``: ``Wᵀ r̂`` of those matrices — what orthogonalization sends to zero.
@@ -25,7 +28,7 @@ from circuitlab.io.store import ActivationStore
 from circuitlab.core.weights import original, residual_writers
 
 __all__ = ["unit", "project_out", "check_strength", "diff_in_means", "mean_differences", "refusal_direction",
-           "candidate_directions", "orthogonalize_weights", "write_profile", "paired_differences",
+           "candidate_directions", "subspace_basis", "orthogonalize_weights", "write_profile", "paired_differences",
            "direction_from_pairs", "lat_direction", "projection_threshold", "reading_accuracy", "PAIR_METHODS"]
 
 PAIR_METHODS = ("mean", "pca")
@@ -85,6 +88,49 @@ def candidate_directions(model, harmful, harmless, store: ActivationStore | None
                              progress=progress)
     return {(l, o): diffs[hk.resid_pre(l)][j] for l in range(model.n_layers)
             for j, o in enumerate(range(-model.n_post, 0))}
+
+
+def subspace_basis(harmful_acts: Sequence[torch.Tensor], harmless_acts: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+    """Orthonormal ``[k', d_model]`` (k' = min(k, what the data supports)) refusal subspace from per-key activations.
+
+    ``harmful_acts[j]``, ``harmless_acts[j]``: ``[n, d_model]`` at key j (one layer × offset), each key
+    centred on its harmless mean and scaled to unit mean harmful-row norm, then pooled. Vector 1: the pooled
+    difference in means (so rank 1 is the diff-in-means attack). Vectors 2..k: with it projected out, the
+    directions where harmful prompts vary MORE than harmless ones do — the top generalized eigenvectors of
+    the harmful second moment against the harmless covariance (ridge: its mean eigenvalue) — i.e. the
+    directions along which families of harmful prompts carry refusal differently (a refusal cone's
+    other edges), not the prompt-to-prompt variation both classes share."""
+    if k < 1 or not harmful_acts or len(harmful_acts) != len(harmless_acts):
+        raise ValueError(f"need k >= 1 and as many harmful as harmless keys; got k={k}, "
+                         f"{len(harmful_acts)} vs {len(harmless_acts)} keys")
+    hs, ss = [], []
+    for h, s in zip(harmful_acts, harmless_acts):
+        mean = s.float().mean(0)
+        scale = (h.float() - mean).norm(dim=-1).mean().clamp_min(1e-8)
+        hs.append((h.float() - mean) / scale)
+        ss.append((s.float() - mean) / scale)
+    h, s = torch.cat(hs), torch.cat(ss)
+    first = h.mean(0)
+    if first.norm() < 1e-6:
+        raise ValueError("harmful and harmless means coincide at every key: no refusal direction to start from")
+    basis = [first / first.norm()]
+    if k > 1:
+        q = basis[0][:, None]
+        h, s = h - (h @ q) @ q.T, s - (s @ q) @ q.T
+        c_h, c_s = h.T @ h / len(h), s.T @ s / len(s)
+        ridge = torch.eye(len(c_s)) * c_s.diagonal().mean().clamp_min(1e-8)
+        evals, evecs = torch.linalg.eigh(c_s + ridge)
+        white = evecs @ torch.diag(evals.rsqrt()) @ evecs.T  # (C_s + λI)^(-1/2)
+        gain, vecs = torch.linalg.eigh(white @ c_h @ white)
+        for i in torch.argsort(gain, descending=True)[: k - 1]:
+            if gain[i] <= 1e-6:
+                break
+            v = white @ vecs[:, i]
+            for b in basis:  # Gram-Schmidt: keep the basis orthonormal
+                v = v - (v @ b) * b
+            if v.norm() > 1e-6:
+                basis.append(v / v.norm())
+    return torch.stack(basis)
 
 
 def orthogonalize_weights(model, direction: torch.Tensor, strength: float = 1.0) -> None:
