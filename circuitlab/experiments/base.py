@@ -21,6 +21,7 @@ from circuitlab.core.progress import progress_bar
 from circuitlab.io.datasets import PromptSet
 from circuitlab.core.model import HookedModel
 from circuitlab.io.results import Result, run_config
+from circuitlab.io.unit_cache import run_rounds
 
 __all__ = ["Experiment", "register", "get", "names", "describe", "coerce_params", "params_from_sets", "check",
            "check_choice",
@@ -135,34 +136,19 @@ class UnitExperiment(Experiment):
         return self.run_plan(model, harmful, harmless, self.plan(model, harmful, harmless, store=store), store=store)
 
     def run_plan(self, model, harmful, harmless, plan: Plan, *, store=None) -> Result:
-        """Every round from ``plan`` on in this process, then ``merge`` (the distributed runner's steps, one worker).
+        """Every round from ``plan`` on in this process, then ``merge``: ``unit_cache.run_rounds``, the round
+        loop the distributed runner uses too, with one worker.
 
         With a ``store`` that keeps a unit cache (an on-disk ``ActivationStore``), each unit's output is
-        read back when the same code, parameters, model, state and unit computed it before, else computed
-        and saved; the Result's config says how many were reused (``unit_cache``).
+        read back when the same code, parameters, model, state and unit computed it before (here or on
+        Ray), else computed and saved; the Result's config says how many were reused (``unit_cache``).
         """
+        def here(plan: Plan, todo: list[int]):
+            for i in progress_bar(todo, True, total=len(todo), desc=plan.label or self.name):
+                yield i, self.run_unit(model, plan.state, plan.units[i])
+
         cache = store.unit_cache() if store is not None else None
-        reused = computed = 0
-        while True:
-            keys = cache.keys(self, model, plan.state, plan.units) if cache else [None] * len(plan.units)
-            outputs = []
-            for unit, key in progress_bar(list(zip(plan.units, keys)), True, total=len(plan.units),
-                                          desc=plan.label or self.name):
-                found, output = cache.load(model, self, key) if cache else (False, None)
-                if not found:
-                    output = self.run_unit(model, plan.state, unit)
-                    if cache:
-                        cache.save(model, self, key, output)
-                reused, computed = reused + found, computed + (not found)
-                outputs.append(output)
-            following = self.next_plan(model, harmful, harmless, plan, outputs)
-            if following is None:
-                break
-            plan = following
-        result = self.merge(model, harmful, harmless, plan, outputs)
-        if cache and isinstance(getattr(result, "config", None), dict):
-            result.config["unit_cache"] = {"reused": reused, "computed": computed, "root": str(cache.root)}
-        return result
+        return run_rounds(self, model, harmful, harmless, plan, here, cache=cache)[0]
 
 
 def register(name: str) -> Callable[[type], type]:

@@ -1,4 +1,4 @@
-"""Content-keyed cache of experiment units' outputs: a unit computed once is read back on the next run.
+"""Content-keyed cache of experiment units' outputs, and the one round loop that reads and fills it.
 
 A ``UnitExperiment``'s ``run_unit`` depends only on ``(model, plan.state, unit)`` (the contract in
 ``experiments.base``), so its output is keyed by a sha256 over exactly that and what runs it:
@@ -14,10 +14,16 @@ Layout: ``root/<model fingerprint>/<experiment name>/<key>.pkl``, each written a
 file, fsync, rename). A file that does not unpickle, or whose stored key differs from its name, is
 recomputed, never trusted. These are pickles: only point the cache at a directory you trust (the
 activation store's own directory is the default, see ``ActivationStore.unit_cache``).
+
+``run_rounds`` is the one loop over a plan's rounds (units → outputs → ``next_plan`` → ... →
+``merge``), shared by the local run (``UnitExperiment.run_plan``: one worker, this process) and the
+Ray runner (``circuitlab.distributed``: the units of a round spread over actors). Both key units the
+same way, so a unit computed by one is read back by the other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -25,12 +31,13 @@ import io
 import os
 import pickle
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
 from circuitlab.io.files import atomic_write, code_fingerprint
 
-__all__ = ["UnitCache", "digest", "class_source_digest"]
+__all__ = ["UnitCache", "digest", "class_source_digest", "run_rounds", "Rounds"]
 
 
 class _StablePickler(pickle.Pickler):
@@ -70,13 +77,17 @@ class UnitCache:
         self.root = Path(root)
         self.reused = self.computed = 0
 
-    def keys(self, experiment, model, state, units: list) -> list[str]:
-        """One key per unit of a plan round (the state is hashed once)."""
-        device = getattr(getattr(model, "device", None), "type", str(getattr(model, "device", "")))
+    def keys(self, experiment, model, state, units: list, *, device: str | None = None,
+             threads: int | None = None) -> list[str]:
+        """One key per unit of a plan round (the state is hashed once). ``device`` (a device type) and
+        ``threads``: where the units run when not in this process (a Ray replica); default the model's
+        device and this process's torch thread count."""
+        if device is None:
+            device = getattr(getattr(model, "device", None), "type", str(getattr(model, "device", "")))
         run = [code_fingerprint(), class_source_digest(type(experiment)), type(experiment).__module__,
                type(experiment).__qualname__, repr(experiment),
                getattr(model, "fingerprint", ""), str(getattr(model, "dtype", "")), device,
-               str(torch.get_num_threads()), digest(state)]
+               str(threads or torch.get_num_threads()), digest(state)]
         prefix = "\x1e".join(run)
         return [hashlib.sha256(f"{prefix}\x1e{digest(unit)}".encode()).hexdigest() for unit in units]
 
@@ -100,3 +111,62 @@ class UnitCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, pickle.dumps({"key": key, "output": output}))
         self.computed += 1
+
+
+@dataclasses.dataclass
+class Rounds:
+    """What ``run_rounds`` did: units per round, and how many outputs came from the cache or were computed."""
+
+    sizes: list = dataclasses.field(default_factory=list)
+    reused: int = 0
+    computed: int = 0
+
+
+def run_rounds(experiment, model, harmful, harmless, plan, run_units: Callable[..., Iterable[tuple]], *,
+               cache: UnitCache | None = None, device: str | None = None, threads: int | None = None,
+               record: Callable | None = None):
+    """Every round from ``plan`` on, then ``merge``; returns ``(result, Rounds)``.
+
+    Per round: with a ``cache``, each unit's key (``UnitCache.keys`` with ``device`` / ``threads``) and the
+    outputs stored under it; the other units go to ``run_units(plan, todo)``, which yields ``(index,
+    output)`` in any order (a unit answered twice is kept once), each saved as it arrives. Then the
+    experiment's ``next_plan`` (where it has one) gives the next round, or None. ``record(round, plan,
+    keys, done, final)``, where given, hears each step (``done``: the indices with an output so far).
+    With a cache, the Result's config gets ``unit_cache``: this run's reused and computed counts, the root.
+    """
+    rounds = Rounds()
+    while True:
+        n = len(plan.units)
+        keys = cache.keys(experiment, model, plan.state, plan.units, device=device, threads=threads) if cache else None
+        outputs = {}
+        for i, key in enumerate(keys or ()):
+            found, output = cache.load(model, experiment, key)
+            if found:
+                outputs[i] = output
+        rounds.sizes.append(n)
+        rounds.reused += len(outputs)
+        step = len(rounds.sizes) - 1
+        if record:
+            record(step, plan, keys, outputs.keys(), False)
+        todo = [i for i in range(n) if i not in outputs]
+        for i, output in run_units(plan, todo) if todo else ():
+            if i in outputs:
+                continue  # a unit that ran twice (a retried worker) is merged once
+            outputs[i] = output
+            rounds.computed += 1
+            if cache:
+                cache.save(model, experiment, keys[i], output)
+            if record:
+                record(step, plan, keys, outputs.keys(), False)
+        if record:
+            record(step, plan, keys, outputs.keys(), True)
+        outputs = [outputs[i] for i in range(n)]
+        following = getattr(experiment, "next_plan", None)  # duck-typed: one-round experiments need not define it
+        following = following(model, harmful, harmless, plan, outputs) if callable(following) else None
+        if following is None:
+            break
+        plan = following
+    result = experiment.merge(model, harmful, harmless, plan, outputs)
+    if cache is not None and isinstance(getattr(result, "config", None), dict):
+        result.config["unit_cache"] = {"reused": rounds.reused, "computed": rounds.computed, "root": str(cache.root)}
+    return result, rounds
