@@ -4,9 +4,12 @@ targeting, one global direction — each applied as weight orthogonalization (re
 An ``Edit`` removes a fraction ``weight`` of a unit direction r̂ from what one writer puts into the
 residual stream: ``W ← W − w · r̂ r̂ᵀ W`` on a layer's whole attention output (``o_proj``, kind
 ``attn_out``) or MLP output (``down_proj``, ``mlp_out``) with its bias, or on one head's ``o_proj``
-columns (``head``) or one neuron's ``down_proj`` column (``neuron``). ``abliterated`` applies a list of
-edits to the weights and restores them on exit; ``edit_hooks`` gives the same map as forward hooks on
-the unedited model (tested equal); ``export_abliterated`` writes the edited model as an HF folder.
+columns (``head``) or one neuron's ``down_proj`` column (``neuron``). Its ``direction`` may instead be
+a ``[k, d_model]`` basis (orthonormalised): then the whole subspace goes, ``W ← W − w · Q Qᵀ W``, by
+the same projection applied once per basis vector (``_project``; the cone family, ``cone``).
+``abliterated`` applies a list of edits to the weights and restores them on exit; ``edit_hooks`` gives
+the same map as forward hooks on the unedited model (tested equal); ``export_abliterated`` writes the
+edited model as an HF folder.
 
 Families (Arditi et al. 2024 §4.1 orthogonalization; Heretic, p-e-w/heretic, for the kernel — its
 parameter semantics are reproduced from its documentation and behaviour, no Heretic code is used):
@@ -117,7 +120,8 @@ class AbliterationParams:
 @dataclass(frozen=True)
 class Edit:
     """Remove ``weight`` × the unit ``direction`` from one writer: a layer's ``attn_out`` / ``mlp_out``
-    (``index`` None, bias included) or one ``head`` / ``neuron`` (its o_proj / down_proj columns)."""
+    (``index`` None, bias included) or one ``head`` / ``neuron`` (its o_proj / down_proj columns).
+    ``direction`` ``[k, d_model]``: a subspace, its rows orthonormalised here (``basis``, rank k)."""
 
     layer: int
     kind: str
@@ -133,11 +137,16 @@ class Edit:
             raise ValueError(f"a {self.kind} edit needs index={'None' if self.index is not None else 'an int'}")
         if not math.isfinite(float(self.weight)):
             raise ValueError(f"edit weight must be finite, got {self.weight}")
-        object.__setattr__(self, "direction", unit(self.direction))
+        object.__setattr__(self, "direction", _orthonormal(self.direction))
 
     @property
     def writer(self) -> str:
         return EDIT_KINDS[self.kind]
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """The removed subspace as orthonormal rows ``[k, d_model]`` (k = 1 for one direction)."""
+        return self.direction.reshape(-1, self.direction.shape[-1])
 
     def columns(self, model: HookedModel) -> slice:
         """The columns of the writer matrix this edit acts on."""
@@ -150,7 +159,30 @@ class Edit:
     def label(self) -> str:
         """``L3H5``, ``L3N17``, ``L3attn`` or ``L3mlp``, with ``@weight``."""
         unit_part = {"head": f"H{self.index}", "neuron": f"N{self.index}", "attn_out": "attn", "mlp_out": "mlp"}
-        return f"L{self.layer}{unit_part[self.kind]}@{self.weight:.3g}"
+        rank = f"/k{len(self.basis)}" if len(self.basis) > 1 else ""
+        return f"L{self.layer}{unit_part[self.kind]}@{self.weight:.3g}{rank}"
+
+
+def _orthonormal(direction: torch.Tensor) -> torch.Tensor:
+    """A unit vector (``unit``), or an orthonormal basis of the span of a ``[k, d]`` tensor's rows
+    (Gram-Schmidt in row order; a row already in the span of those before it adds nothing)."""
+    direction = torch.as_tensor(direction)
+    if direction.dim() != 2:
+        return unit(direction)
+    rows = [unit(direction[0])]
+    for v in direction[1:].detach().float():
+        v = v - sum((v @ b) * b for b in rows)
+        if v.norm() > 1e-6 * max(1.0, float(direction.float().norm())):  # a dependent row: nothing new to remove
+            rows.append(unit(v))
+    return torch.stack(rows)
+
+
+def _project(x: torch.Tensor, basis: torch.Tensor, strength: float) -> torch.Tensor:
+    """``x − s · Q Qᵀ x`` over the last dimension for orthonormal rows Q: ``project_out`` once per row,
+    which is exact because the cross terms ``s² q_i (q_iᵀ q_j) q_jᵀ`` vanish for orthonormal rows."""
+    for b in basis.reshape(-1, basis.shape[-1]):
+        x = project_out(x, b, strength)
+    return x
 
 
 def layer_weights(params: AbliterationParams, n_layers: int) -> dict[str, list[float]]:
@@ -296,8 +328,8 @@ def _check_edits(model: HookedModel, edits: list[Edit]) -> None:
         limit = {"head": model.n_heads, "neuron": model.d_mlp}.get(e.kind)
         if limit is not None and not 0 <= e.index < limit:
             raise ValueError(f"edit {e.label()}: {e.kind} index outside 0..{limit - 1}")
-        if e.direction.numel() != model.d_model:
-            raise ValueError(f"edit {e.label()}: direction has {e.direction.numel()} entries, "
+        if e.basis.shape[1] != model.d_model:
+            raise ValueError(f"edit {e.label()}: direction has {e.basis.shape[1]} entries, "
                              f"d_model is {model.d_model}")
         seen.setdefault((e.layer, e.writer), []).append(e)
     for (layer, writer), group in seen.items():
@@ -313,14 +345,15 @@ def norm_preserved(weight: torch.Tensor, direction: torch.Tensor, strength: floa
 
     Each row ``W[i, :]`` (the weights into residual coordinate i) is divided by its norm, the direction
     is projected out of the normalised matrix's columns with ``strength`` (the one projection,
-    ``W_n − w r̂ r̂ᵀ W_n``), every row is normalised again and multiplied back by its original norm: the
-    edit turns rows but leaves every row norm as it was. Heretic stores the difference to the original
-    as a rank-``full_normalization_lora_rank`` (3) LoRA from a randomised SVD, so its exported model is
-    an approximation of this exact map. A zero row stays zero. float32 in, float32 out."""
+    ``W_n − w r̂ r̂ᵀ W_n``; a ``[k, d_model]`` basis: its whole subspace, ``_project``), every row is
+    normalised again and multiplied back by its original norm: the edit turns rows but leaves every
+    row norm as it was. Heretic stores the difference to the original as a
+    rank-``full_normalization_lora_rank`` (3) LoRA from a randomised SVD, so its exported model is an
+    approximation of this exact map. A zero row stays zero. float32 in, float32 out."""
     w = weight.float()
     norms = w.norm(dim=1, keepdim=True)
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-    edited = project_out((w / safe).T, direction, strength).T
+    edited = _project((w / safe).T, direction, strength).T
     new_norms = edited.norm(dim=1, keepdim=True)
     return torch.where(new_norms > 0, edited / torch.where(new_norms > 0, new_norms, torch.ones_like(new_norms)),
                        edited) * norms
@@ -331,7 +364,7 @@ def _edited(weight: torch.Tensor, e: Edit) -> torch.Tensor:
     if e.norm_preserving:
         return norm_preserved(weight, e.direction, e.weight)
     # columns of W are residual vectors: project them (rows of Wᵀ) with the one projection
-    return project_out(weight.T.float(), e.direction, e.weight).T
+    return _project(weight.T.float(), e.basis, e.weight).T
 
 
 def _apply(model: HookedModel, edits: list[Edit], params) -> None:
@@ -344,7 +377,7 @@ def _apply(model: HookedModel, edits: list[Edit], params) -> None:
             for _, p in params[(e.layer, e.writer)]:
                 if p.dim() == 1:
                     if e.index is None:  # the bias is written by the whole output, never by one unit
-                        p.copy_(project_out(p.float(), e.direction, e.weight).to(p.dtype))
+                        p.copy_(_project(p.float(), e.basis, e.weight).to(p.dtype))
                     continue
                 cols = e.columns(model)
                 p[:, cols] = _edited(p[:, cols], e).to(p.dtype)
@@ -366,7 +399,8 @@ def edit_hooks(model: HookedModel, edits: Sequence[Edit]) -> list:
     """Forward hooks equal to ``abliterated(model, edits)`` on the unedited model (read its weights now).
 
     A whole-output edit projects ``attn_out`` / ``mlp_out``; unit edits read the writer's input
-    (``attn_z`` heads or ``mlp_post`` neurons) and subtract ``w (r̂ᵀ W[:, cols] a[cols]) r̂`` from its output.
+    (``attn_z`` heads or ``mlp_post`` neurons) and subtract ``w Q Qᵀ W[:, cols] a[cols]`` from its output
+    (Q: the edit's basis, ``r̂`` for one direction).
     """
     edits = [e for e in edits if e.weight != 0]
     _check_edits(model, edits)
@@ -378,14 +412,14 @@ def edit_hooks(model: HookedModel, edits: Sequence[Edit]) -> list:
         out_name = hk.attn_out(layer) if writer == "attn" else hk.mlp_out(layer)
         if group[0].index is None and not group[0].norm_preserving:
             e = group[0]
-            hooks.append((out_name, lambda act, hook, r=e.direction, w=e.weight: project_out(act, r, w)))
+            hooks.append((out_name, lambda act, hook, q=e.basis, w=e.weight: _project(act, q, w)))
         else:
             hooks += _unit_hooks(model, layer, writer, group, out_name)
     return hooks
 
 
 def _unit_hooks(model: HookedModel, layer: int, writer: str, group: list[Edit], out_name: str) -> list:
-    """A hook keeping the writer's input and one subtracting the edited units' write along each r̂."""
+    """A hook keeping the writer's input and one subtracting the edited units' write onto each basis."""
     weight = writer_weight(model, group[0].kind, layer)
     terms, deltas = [], []
     for e in group:
@@ -394,8 +428,8 @@ def _unit_hooks(model: HookedModel, layer: int, writer: str, group: list[Edit], 
             block = weight.detach()[:, cols].float()
             deltas.append((cols, (_edited(block, e) - block).T.contiguous()))
             continue
-        read = e.direction.to(weight.device) @ weight.detach()[:, cols].float()  # r̂ᵀ W[:, cols]
-        terms.append((cols, read, e.direction, e.weight))
+        read = e.basis.to(weight.device) @ weight.detach()[:, cols].float()  # Qᵀ W[:, cols], [k, cols]
+        terms.append((cols, read, e.basis, e.weight))
     bias = [e for e in group if e.norm_preserving and e.index is None]  # a whole writer's bias: plain projection
     kept = {}
 
@@ -407,15 +441,16 @@ def _unit_hooks(model: HookedModel, layer: int, writer: str, group: list[Edit], 
         a = kept.pop("a")
         a = a.flatten(start_dim=2) if a.dim() == 4 else a  # heads: [b, pos, heads, d_head] -> o_proj input
         out = act
-        for cols, read, r, w in terms:
-            coef = a[..., cols].float() @ read.to(a.device)
-            out = out - (w * coef.unsqueeze(-1) * r.to(act.device)).to(act.dtype)
+        for cols, read, q, w in terms:
+            coef = a[..., cols].float() @ read.T.to(a.device)  # [..., k]
+            out = out - (w * coef @ q.to(act.device)).to(act.dtype)
         for cols, delta in deltas:
             out = out + (a[..., cols].float() @ delta.to(a.device)).to(act.dtype)
         for e in bias:
             b = _bias(model, layer, writer)
             if b is not None:
-                out = out - (e.weight * (b.float() @ e.direction.to(b.device)) * e.direction.to(act.device)).to(act.dtype)
+                q = e.basis.to(b.device)
+                out = out - (e.weight * (b.float() @ q.T) @ q).to(act.device, act.dtype)
         return out
 
     in_name = hk.attn_z(layer) if writer == "attn" else hk.mlp_post(layer)
