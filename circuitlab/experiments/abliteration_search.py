@@ -20,6 +20,10 @@ Families (``variants``), one study each, seeded ``seed + i``:
 - ``targeted``: the global direction at ``direction_index`` removed only from the ``top_n`` writers
   (``target_kinds``) that write it most on train prompts (``direction_eval.direction_components``).
 - ``global``: one global direction, one weight, every layer's attention and MLP output.
+- ``cone``: the refusal cone (Wollschläger et al. 2025): Heretic's kernels and ranges, each edit
+  removing a rank-``k`` subspace, k in 1..``max_k`` (an Optuna parameter), of that layer's cone (or
+  the global cone at ``direction_index``), ``cone.cone_bases`` on train prompts; plain projection.
+  At k = 1 it is the ``heretic`` family.
 
 Objectives, both minimised on val: ``refusal`` = ``score`` (mean calibrated refusal score of the
 harmful prompts: cheap, runs on a CPU) or ``markers`` (Heretic's count of greedy responses with a
@@ -44,6 +48,7 @@ from circuitlab.methods import metrics
 from circuitlab.methods.abliteration import (AbliterationParams, Kernel, abliterated, describe_edits,
     direction_at, export_abliterated, global_edits, heretic_edits, residual_directions, score_model,
     targeted_edits, top_writers)
+from circuitlab.methods.cone import MAX_K, ConeParams, cone_bases, cone_edits
 from circuitlab.io.datasets import DatasetError, PromptSet
 from circuitlab.methods.direction_eval import last_logits_shared, pareto_ranks
 from circuitlab.core.progress import progress_bar
@@ -54,8 +59,8 @@ from circuitlab.experiments.checks import check_at_least, check_subset, check_ty
 
 __all__ = ["AbliterationSearch", "VARIANTS", "REFUSAL_OBJECTIVES", "SAMPLERS", "suggest"]
 
-VARIANTS = ("heretic", "heretic-defaults", "targeted", "global")
-_HERETIC_FAMILIES = ("heretic", "heretic-defaults")  # Heretic's kernel parameters
+VARIANTS = ("heretic", "heretic-defaults", "targeted", "global", "cone")
+_HERETIC_FAMILIES = ("heretic", "heretic-defaults", "cone")  # Heretic's kernel parameters
 REFUSAL_OBJECTIVES = ("score", "markers")
 SAMPLERS = ("tpe", "nsga2")
 TARGET_KINDS = ("head", "mlp_out", "neuron")
@@ -66,7 +71,7 @@ TARGET_KINDS = ("head", "mlp_out", "neuron")
 class AbliterationSearch(Experiment):
     """Abliteration search (Optuna, refusal vs KL): Heretic's kernel family, top-writer targeting; front on test."""
 
-    variants: list[str] = field(default_factory=lambda: ["heretic", "targeted"])  # families: heretic, heretic-defaults, targeted, global
+    variants: list[str] = field(default_factory=lambda: ["heretic", "targeted"])  # families: heretic, heretic-defaults, targeted, global, cone
     n_trials: int = 30  # Optuna trials per family
     sampler: str = "tpe"  # multi-objective sampler: tpe (multivariate TPE, as Heretic) or nsga2 (NSGA-II)
     n_startup_trials: int = 10  # TPE: random trials before it models the front; NSGA-II: population size
@@ -76,6 +81,7 @@ class AbliterationSearch(Experiment):
     kl_budget: float | None = None  # select the front's lowest val refusal with val KL <= this (None: no pick)
     max_top_n: int = 8  # targeted: most writers a trial may edit
     target_kinds: list[str] = field(default_factory=lambda: ["head", "mlp_out"])  # targeted: head, mlp_out, neuron
+    max_k: int = MAX_K  # cone: largest rank k of the removed subspace
     plaintext: str | None = "plaintext"  # prompt set for the test cross-entropy (None: skip)
     n_text: int = 16  # plain texts for the cross-entropy
     batch_size: int = 32  # prompts per forward pass
@@ -83,6 +89,7 @@ class AbliterationSearch(Experiment):
     seed: int = 0  # seed of the splits and the samplers
     directions_: torch.Tensor | None = field(default=None, init=False, repr=False)  # learned: per-layer directions
     projected_: torch.Tensor | None = field(default=None, init=False, repr=False)  # learned: heretic-defaults'
+    cones_: torch.Tensor | None = field(default=None, init=False, repr=False)  # learned: cone's per-layer bases
     trials_: pd.DataFrame | None = field(default=None, init=False, repr=False)  # learned: one row per trial (val)
     params_: dict = field(default_factory=dict, init=False, repr=False)  # learned: trial -> (variant, parameters)
 
@@ -92,7 +99,7 @@ class AbliterationSearch(Experiment):
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("refusal", self.refusal, REFUSAL_OBJECTIVES)
         check_subset(self, "target_kinds", TARGET_KINDS)
-        check_at_least(self, 1, "n_trials", "max_new_tokens", "max_top_n", "n_text", "batch_size")
+        check_at_least(self, 1, "n_trials", "max_new_tokens", "max_top_n", "max_k", "n_text", "batch_size")
         check_at_least(self, 0, "n_startup_trials", "seed")
         check(self.sampler != "nsga2" or self.n_startup_trials >= 2, f"n_startup_trials={self.n_startup_trials} "
               "is NSGA-II's population size and must be >= 2 (e.g. --set n_startup_trials=10)")
@@ -124,6 +131,8 @@ class AbliterationSearch(Experiment):
         if "heretic-defaults" in self.variants:
             self.projected_ = residual_directions(model, h_train, s_train, store=store, batch_size=self.batch_size,
                                                   orthogonalize=True)
+        if "cone" in self.variants:
+            self.cones_ = cone_bases(model, h_train, s_train, max_k=self.max_k, store=store, batch_size=self.batch_size)
         self._train, self._store, self._writers = (h_train, s_train), store, {}
         tok = metrics.refusal_tokens(model)
         self._val = (h_val, s_val, last_logits_shared(model, s_val, batch_size=self.batch_size), tok)
@@ -141,12 +150,12 @@ class AbliterationSearch(Experiment):
     def _trial(self, model, study, variant: str, number: int) -> dict:
         start = time.perf_counter()
         trial = study.ask()
-        params = suggest(trial, variant, model.n_layers, self.max_top_n)
+        params = suggest(trial, variant, model.n_layers, self.max_top_n, self.max_k)
         edits = self.edits(model, variant, params)
         refusal, kl = self._objectives(model, edits)
         study.tell(trial, [refusal, kl])
         self.params_[number] = (variant, params)
-        flat = params.flat() if isinstance(params, AbliterationParams) else dict(params)
+        flat = params.flat() if isinstance(params, (AbliterationParams, ConeParams)) else dict(params)
         return {"trial": number, "variant": variant, "study_trial": trial.number, "component": "direction", **flat,
                 "n_edits": len(edits), "edits": describe_edits(edits), "refusal_objective": self.refusal,
                 "val_refusal": refusal, "val_kl": kl, "seconds": round(time.perf_counter() - start, 3)}
@@ -168,6 +177,8 @@ class AbliterationSearch(Experiment):
             return heretic_edits(model, self.directions_, params)
         if variant == "heretic-defaults":
             return heretic_edits(model, self.projected_, params, norm_preserving=True)
+        if variant == "cone":
+            return cone_edits(model, self.cones_, params)
         direction = direction_at(self.directions_, params["direction_index"])
         if not direction.any():  # the sets' means coincide there: nothing to remove
             return []
@@ -221,9 +232,10 @@ class AbliterationSearch(Experiment):
 
 # ---- parameter space -------------------------------------------------------------------------------
 
-def suggest(trial, variant: str, n_layers: int, max_top_n: int = 8):
-    """One trial's parameters: ``AbliterationParams`` (heretic, heretic-defaults) or a dict (targeted, global); Heretic
-    1.4.0's ranges, with the distance range widened to at least 1 layer for very shallow models."""
+def suggest(trial, variant: str, n_layers: int, max_top_n: int = 8, max_k: int = MAX_K):
+    """One trial's parameters: ``AbliterationParams`` (heretic, heretic-defaults), ``ConeParams`` (cone: the same
+    kernels and a rank k in 1..max_k) or a dict (targeted, global); Heretic 1.4.0's ranges, with the
+    distance range widened to at least 1 layer for very shallow models."""
     last = n_layers - 1
     if variant in _HERETIC_FAMILIES:
         scope = trial.suggest_categorical("direction_scope", ["global", "per layer"])
@@ -237,7 +249,8 @@ def suggest(trial, variant: str, n_layers: int, max_top_n: int = 8):
                                 min_weight=trial.suggest_float(f"{w}.min_weight", 0.0, 1.0) * top,
                                 min_weight_distance=trial.suggest_float(f"{w}.min_weight_distance", 1.0,
                                                                         max(1.0, 0.6 * last)))
-        return AbliterationParams(direction_index=None if scope == "per layer" else index, **kernels)
+        params = AbliterationParams(direction_index=None if scope == "per layer" else index, **kernels)
+        return ConeParams(params, trial.suggest_int("k", 1, max_k)) if variant == "cone" else params
     params = {"direction_index": trial.suggest_float("direction_index", 0.4 * last, 0.9 * last),
               "weight": trial.suggest_float("weight", 0.8, 1.5)}
     if variant == "targeted":
