@@ -40,6 +40,9 @@ class UnionMonitor(RequestMonitor):
             logodds = logodds or lo
         return sorted(layers), logodds
 
+    def reads_units(self) -> tuple:
+        return tuple(dict.fromkeys(u for m in self.members for u in m.reads_units()))
+
     @property
     def depth(self) -> int:
         return max(m.depth for m in self.members)

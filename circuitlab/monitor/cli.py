@@ -5,6 +5,8 @@
   chosen and the threshold is set (split-conformal, ``--alpha``) on the val+test splits of the harmless
   sets (pooled, or ``--calibration max``: the strictest set). Give benign questions on sensitive topics among
   the harmless sets (e.g. ``circuitlab/data/sensitive_benign.txt``) so they are not alarmed on.
+  ``--kind circuit-probe`` reads the units of ``--components RUN_OR_CSV`` (a saved circuit-map run's verified
+  units, or a components table), or without it the top neurons and heads of a diff-ranking on the train splits.
 - ``apply --model M --monitor FILE --prompts FILE --out CSV``: one row per prompt (``prompt_id,score,flagged``;
   no prompt text). Refuses a model whose weights differ from the ones the monitor was fitted on.
 
@@ -21,7 +23,10 @@ from pathlib import Path
 from circuitlab.io import datasets
 from circuitlab.models.loading import load_model
 from circuitlab.monitor.cascade import union_of
-from circuitlab.monitor.decision import DECISION_KINDS, fit_feature_monitor, merge_features, read_features, select_layer
+from circuitlab.monitor.circuit import read_units
+from circuitlab.monitor.decision import CIRCUIT, DECISION_KINDS, choose_layers, fit_feature_monitor, merge_features, \
+    read_features
+from circuitlab.monitor.locate import locate_components
 from circuitlab.monitor.saved import load_monitor, save_monitor
 
 __all__ = ["main", "KINDS"]
@@ -47,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--harmless", required=True, help="comma-separated built-in names or prompt files")
     f.add_argument("--kind", default="probe|logodds", choices=KINDS)
     f.add_argument("--layers", default=None, help="comma-separated layers (default: chosen on validation)")
+    f.add_argument("--components", default=None, help="circuit-probe units: a saved circuit-map run folder "
+                   "(its verified units) or a components CSV (default: top neurons and heads of a diff-ranking)")
+    f.add_argument("--top-units", type=int, default=None, help="circuit-probe: keep the first N units of --components")
     f.add_argument("--alpha", type=float, default=0.05, help="target false-alarm rate (split-conformal)")
     f.add_argument("--calibration", default="pooled", choices=("pooled", "max"))
     f.add_argument("--n", type=int, default=None, help="prompts drawn from each set (default: all)")
@@ -76,14 +84,12 @@ def _fit(args) -> int:
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     if layers and any(not 1 <= l < L for l in layers):
         raise ValueError(f"--layers must be in 1..{L - 1}; got {layers}")
-    feats = {}
-    for kind, spec in (("harmful", args.harmful), ("harmless", args.harmless)):
-        for ps in _sets(spec, args.n, args.seed):
-            fit_part, cal_part = ps.split("train", args.seed), list(ps.split("val", args.seed)) + \
-                list(ps.split("test", args.seed))
-            feats.setdefault(kind, []).append(tuple(read_features(model, list(x), every, logodds=True,
-                                                                  batch_size=args.batch_size)
-                                                    for x in (fit_part, cal_part)))
+    parts = {kind: [(list(ps.split("train", args.seed)), list(ps.split("val", args.seed)) +
+                     list(ps.split("test", args.seed))) for ps in _sets(spec, args.n, args.seed)]
+             for kind, spec in (("harmful", args.harmful), ("harmless", args.harmless))}
+    units = _units(args, model, parts) if CIRCUIT in args.kind else ()
+    feats = {kind: [tuple(read_features(model, x, every, logodds=True, units=units, batch_size=args.batch_size)
+                          for x in pair) for pair in pairs] for kind, pairs in parts.items()}
     fit_pos = merge_features(*[f for f, _ in feats["harmful"]])
     fit_neg = merge_features(*[f for f, _ in feats["harmless"]])
     cal_pos = merge_features(*[c for _, c in feats["harmful"]])
@@ -91,19 +97,14 @@ def _fit(args) -> int:
     pooled = merge_features(*cal_neg.values())
 
     def chosen(kind):
-        if kind == "logodds":
-            return []
-        if layers:
+        if layers and kind not in ("logodds", CIRCUIT):
             return layers
-        if kind == "multi-probe":
-            return list(range(max(1, L // 6), L, max(1, L // 6)))
-        best, _ = select_layer(fit_pos, fit_neg, cal_pos, pooled, every, "direction" if "direction" in kind
-                               else "probe", args.seed)
-        return list(range(best, L, 2)) if kind == "direction-late" else [best]
+        return choose_layers(kind, fit_pos, fit_neg, cal_pos, pooled, L, seed=args.seed)[0]
 
     def fit(kind, alpha):
-        return fit_feature_monitor(kind, fit_pos, fit_neg, cal_pos, cal_neg, layers=chosen(kind), n_model_layers=L,
-                                   alpha=alpha, calibration=args.calibration, seed=args.seed)
+        return fit_feature_monitor(kind, fit_pos, fit_neg, cal_pos, cal_neg, layers=chosen(kind),
+                                   units=units if kind == CIRCUIT else (), n_model_layers=L, alpha=alpha,
+                                   calibration=args.calibration, seed=args.seed)
 
     if args.kind == "probe|logodds":
         members = ("probe", "logodds")
@@ -113,9 +114,20 @@ def _fit(args) -> int:
         mon = fit(args.kind, args.alpha)
     path = save_monitor(mon, model, args.out, provenance={"command": "circuitlab monitor " + " ".join(sys.argv[2:]),
                                                           "harmful": args.harmful, "harmless": args.harmless,
-                                                          "alpha": args.alpha, "seed": args.seed})
+                                                          "alpha": args.alpha, "seed": args.seed,
+                                                          "units": [str(u) for u in units]})
     print(f"saved {mon.method} monitor (runs {mon.depth}/{L} layers, threshold {mon.threshold:.4g}) to {path}")
     return 0
+
+
+def _units(args, model, parts) -> list:
+    """The circuit-probe's units: ``--components``, else located on the train splits (diff-ranking)."""
+    if args.top_units is not None and args.top_units < 1:
+        raise ValueError(f"--top-units={args.top_units}: keep at least one unit (e.g. --top-units 12)")
+    if args.components:
+        return read_units(args.components, args.top_units)
+    harmful, harmless = ([p for fit_part, _ in parts[k] for p in fit_part] for k in ("harmful", "harmless"))
+    return locate_components(model, harmful, harmless, batch_size=args.batch_size)[:args.top_units]
 
 
 def _apply(args) -> int:

@@ -66,6 +66,10 @@ class RequestMonitor:
         """What ``score_features`` needs: the ``resid_pre`` layers and whether the refusal log-odds."""
         return [self.layer], False
 
+    def reads_units(self) -> tuple:
+        """The circuit units (neuron / head Components) ``score_features`` needs besides the layers."""
+        return ()
+
     @property
     def depth(self) -> int:
         """Layers a check runs: ``check`` stops before ``resid_pre(layer)``'s block."""

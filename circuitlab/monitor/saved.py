@@ -18,6 +18,7 @@ import torch
 from circuitlab.core.model import HookedModel
 from circuitlab.io.provenance import git_state, versions
 from circuitlab.monitor.cascade import UnionMonitor
+from circuitlab.monitor.circuit import units_from_plain, units_to_plain
 from circuitlab.monitor.decision import FeatureMonitor
 from circuitlab.monitor.request import RequestMonitor
 
@@ -39,6 +40,8 @@ def _to_plain(mon: RequestMonitor) -> dict:
         v = getattr(mon, f.name)
         if f.name == "members":
             v = [_to_plain(m) for m in v]
+        elif f.name == "units":
+            v = units_to_plain(v)  # Components become [kind, layer, index]
         elif isinstance(v, dict):
             v = {str(k): v2 for k, v2 in v.items()}  # layer keys become strings (weights_only-safe)
         elif isinstance(v, tuple):
@@ -54,6 +57,8 @@ def _from_plain(d: dict) -> RequestMonitor:
     f = dict(d["fields"])
     if "members" in f:
         f["members"] = [_from_plain(m) for m in f["members"]]
+    if "units" in f:
+        f["units"] = units_from_plain(f["units"])
     if "layers" in f:
         f["layers"] = tuple(f["layers"])
     if "layer_scores" in f:
