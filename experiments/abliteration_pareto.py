@@ -11,8 +11,8 @@ files. Train gives the directions, val scores every trial of both searches, test
 both searches are done.
 
 1. circuitlab (``abliteration-search``): one seeded study per family (``--variants``), ``--trials``
-   each; objectives on val: ``--refusal`` (score: mean refusal score, default; markers: Heretic's
-   marker count) and Heretic's first-token KL.
+   each (``cone``: rank-k refusal cones, k up to ``--max-k``); objectives on val: ``--refusal``
+   (score: mean refusal score, default; markers: Heretic's marker count) and Heretic's first-token KL.
 2. Heretic 1.4.0 (``bench/peers/heretic.py``, its own venv, ``--heretic-trials``) on the same files,
    (or ``--heretic-run FOLDER``: a finished ``bench/peers/heretic.py`` search on the same prompt files,
    checked by hash, with ``--heretic-export DIR``, the model Heretic's own menu saved for its chosen
@@ -32,11 +32,12 @@ both searches are done.
 Test measures (``abliteration.score_model``): refusal score (calibrated refusal tokens), Heretic's
 first-token KL on harmless, cross-entropy on ``--n-text`` plain texts, and with ``--judge``
 Heretic-marker refusals of ``--max-tokens`` greedy tokens plus circuitlab's judge: refusal rate on
-harmful and over-refusal on harmless, each with a bootstrap 95 % CI. Writes ``--out`` (results/abliteration):
-``fronts.csv`` (every test point: method, family, trial, val objectives, test measures, parameters),
-``pareto_test.png``, ``hypervolume.csv`` / ``.png`` (val hypervolume after each trial, per search),
-``summary.json`` (settings, prompt files and hashes, model fingerprint, versions,
-timings), ``circuitlab/`` (the search's run folder: trials.csv, table.csv, config.json) and
+harmful and over-refusal on harmless, each with a bootstrap 95 % CI; with ``--capability N`` the
+accuracy on N two-digit arithmetic questions the project generates (``capability``). Writes
+``--out`` (results/abliteration): ``fronts.csv`` (every test point: method, family, trial, val
+objectives, test measures, parameters), ``pareto_test.png``, ``hypervolume.csv`` / ``.png`` (val
+hypervolume after each trial, per search), ``summary.json`` (settings, prompt files and hashes,
+model fingerprint, versions, timings), ``circuitlab/`` (the search's run folder: trials.csv, table.csv, config.json) and
 ``heretic/`` (Heretic's trials.csv, run.json, log).
 """
 
@@ -91,7 +92,7 @@ def main(argv=None, model=None) -> dict:
 
     exp = AbliterationSearch(variants=a.variants.split(","), n_trials=a.trials, n_startup_trials=a.startup_trials,
                              refusal=a.refusal, max_new_tokens=a.max_tokens, judge=a.judge, n_text=a.n_text,
-                             batch_size=a.batch_size, seed=a.seed)
+                             max_k=a.max_k, capability=a.capability, batch_size=a.batch_size, seed=a.seed)
     trials = exp.search(model, h[0], s[0], h[1], s[1], store=store)
     timings["circuitlab_search_s"] = round(time.time() - start, 1)
     print(f"[{time.time() - start:.0f}s] circuitlab: {len(trials)} trials, "
@@ -142,7 +143,8 @@ def main(argv=None, model=None) -> dict:
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="embedded", help="embedded, tiny, planted, a HF id or a local folder")
-    p.add_argument("--variants", default="heretic,targeted,global", help="circuitlab families, comma-separated")
+    p.add_argument("--variants", default="heretic,targeted,global",
+                   help="circuitlab families, comma-separated: heretic, heretic-defaults, targeted, global, cone")
     p.add_argument("--trials", type=int, default=60, help="circuitlab trials per family")
     p.add_argument("--heretic-trials", type=int, default=60, help="Heretic --n-trials")
     p.add_argument("--startup-trials", type=int, default=20, help="random start-up trials (both searches)")
@@ -156,6 +158,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=32)
     p.add_argument("--n-text", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=24, help="generated tokens (markers, Heretic responses)")
+    p.add_argument("--capability", type=int, default=0, metavar="N",
+                   help="also score N generated two-digit arithmetic questions on test (exact match; 0: off)")
+    p.add_argument("--max-k", type=int, default=4, help="cone family: largest rank of the removed subspace")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--arditi-filter", choices=("score", "judge", "none"), default="score",
                    help="refusal-direction's train/val filter for the Arditi point")
@@ -281,7 +286,7 @@ def test_points(a, model, exp, front, heretic_trials, arditi, h_test, s_test) ->
     plain = list(datasets.load("plaintext", n=a.n_text, seed=a.seed + 1))
     base = last_logits_shared(model, list(s_test), batch_size=a.batch_size)
     kwargs = dict(markers=a.judge, judge=a.judge, max_new_tokens=a.max_tokens, plaintext=plain,
-                  batch_size=a.batch_size, seed=a.seed)
+                  batch_size=a.batch_size, seed=a.seed, capability=a.capability)
     rows = []
     for r in front.to_dict("records"):
         method = "original" if r["variant"] == "original" else "circuitlab"

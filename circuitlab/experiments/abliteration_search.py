@@ -30,7 +30,8 @@ harmful prompts: cheap, runs on a CPU) or ``markers`` (Heretic's count of greedy
 refusal marker); and Heretic's first-token KL on the harmless prompts. The ``trials`` table has one
 row per trial (parameters, objectives, ``pareto_front`` over all trials, ``variant_front`` within its
 family, seconds); ``table`` holds each family's front measured on the test split (refusal score, KL,
-cross-entropy, marker refusals when ``judge``) plus the unedited model (``variant`` = original).
+cross-entropy, marker refusals when ``judge``, arithmetic accuracy when ``capability``, the
+``capability`` probe) plus the unedited model (``variant`` = original).
 ``kl_budget`` selects the front's lowest val refusal within that val KL. ``export`` writes any trial's
 model as an HF folder.
 """
@@ -71,7 +72,7 @@ TARGET_KINDS = ("head", "mlp_out", "neuron")
 class AbliterationSearch(Experiment):
     """Abliteration search (Optuna, refusal vs KL): Heretic's kernel family, top-writer targeting; front on test."""
 
-    variants: list[str] = field(default_factory=lambda: ["heretic", "targeted"])  # families: heretic, heretic-defaults, targeted, global, cone
+    variants: list[str] = field(default_factory=lambda: ["heretic", "targeted"])  # families, any of VARIANTS
     n_trials: int = 30  # Optuna trials per family
     sampler: str = "tpe"  # multi-objective sampler: tpe (multivariate TPE, as Heretic) or nsga2 (NSGA-II)
     n_startup_trials: int = 10  # TPE: random trials before it models the front; NSGA-II: population size
@@ -84,6 +85,7 @@ class AbliterationSearch(Experiment):
     max_k: int = MAX_K  # cone: largest rank k of the removed subspace
     plaintext: str | None = "plaintext"  # prompt set for the test cross-entropy (None: skip)
     n_text: int = 16  # plain texts for the cross-entropy
+    capability: int = 0  # test: generated arithmetic questions for the capability probe (0: skip)
     batch_size: int = 32  # prompts per forward pass
     progress: bool = True  # show progress bars
     seed: int = 0  # seed of the splits and the samplers
@@ -100,7 +102,7 @@ class AbliterationSearch(Experiment):
         check_choice("refusal", self.refusal, REFUSAL_OBJECTIVES)
         check_subset(self, "target_kinds", TARGET_KINDS)
         check_at_least(self, 1, "n_trials", "max_new_tokens", "max_top_n", "max_k", "n_text", "batch_size")
-        check_at_least(self, 0, "n_startup_trials", "seed")
+        check_at_least(self, 0, "n_startup_trials", "capability", "seed")
         check(self.sampler != "nsga2" or self.n_startup_trials >= 2, f"n_startup_trials={self.n_startup_trials} "
               "is NSGA-II's population size and must be >= 2 (e.g. --set n_startup_trials=10)")
         check(self.kl_budget is None or self.kl_budget > 0,
@@ -201,7 +203,7 @@ class AbliterationSearch(Experiment):
         plain = _plaintext(self.plaintext, self.n_text, self.seed)
         base = last_logits_shared(model, s_test, batch_size=self.batch_size)
         kwargs = dict(markers=self.judge, judge=self.judge, max_new_tokens=self.max_new_tokens, plaintext=plain,
-                      batch_size=self.batch_size, seed=self.seed)
+                      batch_size=self.batch_size, seed=self.seed, capability=self.capability)
         rows = [{"trial": -1, "variant": "original", "component": "direction",
                  **_test(score_model(model, h_test, s_test, base, **kwargs))}]
         front = self.trials_[self.trials_.variant_front]

@@ -41,6 +41,7 @@ import torch
 
 from circuitlab.core import hooks as hk
 from circuitlab.methods import metrics
+from circuitlab.methods.capability import arithmetic_accuracy
 from circuitlab.methods.direction_eval import direction_components, last_logits_shared
 from circuitlab.methods.stats import bootstrap_ci
 from circuitlab.methods.directions import mean_differences, project_out, unit
@@ -475,7 +476,7 @@ def export_abliterated(model: HookedModel, edits: Sequence[Edit], path) -> Path:
 def score_model(model: HookedModel, harmful: Sequence[str], harmless: Sequence[str], base_harmless: torch.Tensor, *,
                 refusal_tokens: Sequence[int] | None = None, markers: bool = False, judge: bool = False,
                 max_new_tokens: int = 24, plaintext: Sequence[str] | None = None, batch_size: int = 32,
-                seed: int = 0) -> dict:
+                seed: int = 0, capability: int = 0) -> dict:
     """Score the model as it is now (wrap the call in ``abliterated`` or any other edit).
 
     ``refusal_score``: mean refusal score of ``harmful`` (``metrics``' calibrated refusal tokens);
@@ -484,7 +485,9 @@ def score_model(model: HookedModel, harmful: Sequence[str], harmless: Sequence[s
     ``marker_refusals``: how many greedy responses of ``max_new_tokens`` tokens contain a Heretic
     refusal marker; with ``judge``, circuitlab's own judge (``metrics.judge_refusals``, same length):
     ``judge_refusal_rate`` on ``harmful`` and ``over_refusal_rate`` on ``harmless``, each with a bootstrap
-    95 % CI (``_ci_low`` / ``_ci_high``, ``seed``); with ``plaintext``, ``cross_entropy`` (nats per token).
+    95 % CI (``_ci_low`` / ``_ci_high``, ``seed``); with ``plaintext``, ``cross_entropy`` (nats per token);
+    with ``capability`` N > 0, ``capability_accuracy``: exact-match accuracy on N generated two-digit
+    arithmetic questions (``capability.arithmetic_accuracy``, ``seed``; off by default, so rows stay comparable).
     """
     harmful, harmless = list(harmful), list(harmless)
     tok = list(refusal_tokens) if refusal_tokens is not None else metrics.refusal_tokens(model)
@@ -507,4 +510,6 @@ def score_model(model: HookedModel, harmful: Sequence[str], harmless: Sequence[s
             out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_ci(verdicts, seed=seed)
     if plaintext:
         out["cross_entropy"] = metrics.cross_entropy(model, list(plaintext), batch_size=max(1, batch_size // 4))
+    if capability:
+        out["capability_accuracy"] = arithmetic_accuracy(model, capability, seed, batch_size=batch_size)
     return out
