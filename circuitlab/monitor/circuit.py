@@ -15,10 +15,13 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from circuitlab.core.components import UNIT_KINDS, Component, from_table, hook_name
+from circuitlab.core.components import UNIT_KINDS, Component, from_table, hook_name, register_kind
 
 __all__ = ["read_units", "check_units", "unit_key", "unit_hooks", "unit_features", "units_to_plain",
            "units_from_plain"]
+
+# a result row about a circuit-probe (the units read together, not one of them) carries this label
+register_kind("units", doc="a set of neurons and heads read together (a circuit-probe's units)")
 
 
 def unit_key(c: Component) -> str:

@@ -232,13 +232,15 @@ def fit_request_monitor(model: HookedModel, harmful_train, harmless_train, harmf
 def leave_one_source_out(model: HookedModel, harmful: dict, sources: dict, *, layers: Sequence[int] | None = None,
                          method: str = "probe", fpr: float = 0.01, calibration: str = "max",
                          store: ActivationStore | None = None, batch_size: int = 16, n_boot: int = 1000,
-                         seed: int = 0) -> list[dict]:
+                         seed: int = 0, fit=None) -> list[dict]:
     """For each harmless source: fit and calibrate on the others only, then measure false alarms on it.
 
     ``harmful``: ``{"train", "val", "test"}`` prompts; ``sources``: ``{name: {"train", "val", "test"}}``
     (at least two). Returns one row per held-out source: its false-alarm rate on ALL its prompts
     (never seen) and on its test split, the in-distribution rate on the other sources' test splits, and
-    the detection rate on the harmful test prompts, all at the fold's threshold.
+    the detection rate on the harmful test prompts, all at the fold's threshold. ``fit(harmful_train,
+    harmless_train, harmful_val, {source: harmless_val})``: another monitor's fit (e.g. a decision monitor,
+    calibrated by ``calibration``), scored by its own ``check``; by default ``fit_request_monitor``'s.
     """
     if len(sources) < 2:
         raise ValueError(f"leave-one-source-out needs at least 2 harmless sources, got {list(sources)}")
@@ -246,11 +248,15 @@ def leave_one_source_out(model: HookedModel, harmful: dict, sources: dict, *, la
     rows = []
     for held in sources:
         rest = [n for n in sources if n != held]
-        mon = fit_request_monitor(model, harmful["train"], [p for n in rest for p in sources[n]["train"]],
-                                  harmful["val"], {n: sources[n]["val"] for n in rest}, layers=layers, method=method,
-                                  fpr=fpr, calibration=calibration, store=store, batch_size=batch_size, seed=seed)
+        fold = (harmful["train"], [p for n in rest for p in sources[n]["train"]], harmful["val"],
+                {n: sources[n]["val"] for n in rest})
+        mon = fit(*fold) if fit is not None else fit_request_monitor(
+            model, *fold, layers=layers, method=method, fpr=fpr, calibration=calibration, store=store,
+            batch_size=batch_size, seed=seed)
 
         def scores(prompts):
+            if fit is not None:
+                return mon.check(model, list(prompts), batch_size=batch_size).scores.numpy()
             name = hk.resid_pre(mon.layer)
             acts = store.get(model, list(prompts), [name], "last", batch_size=batch_size, progress=False)[name][:, 0]
             return mon.score_activations(acts).numpy()
