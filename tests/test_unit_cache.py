@@ -1,13 +1,17 @@
-"""The store's unit cache: a rerun reads unit outputs back exactly; any changed input recomputes; damage is not trusted."""
+"""The store's unit cache and the one round loop: a rerun reads unit outputs back exactly; any changed input
+recomputes; damage is not trusted."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pandas as pd
 import torch
 
 from circuitlab import ActivationStore
 from circuitlab.experiments import get
-from circuitlab.io.unit_cache import UnitCache, digest
+from circuitlab.experiments.base import Plan
+from circuitlab.io.unit_cache import Rounds, UnitCache, digest, run_rounds
 
 PARAMS = dict(k_grid=[1, 4], method="zero", random_seeds=1, judge_at="decisive", judge_harmless=False, n_text=4,
               max_new_tokens=4)
@@ -85,3 +89,63 @@ def test_an_experiment_defined_outside_the_package_is_keyed_by_its_source(tiny, 
 
     (repr_a, keys_a), (repr_b, keys_b) = keys_after_loading(tmp_path / "a", "one"), keys_after_loading(tmp_path / "b", "two")
     assert repr_a == repr_b and keys_a != keys_b
+
+
+class _Toy:
+    """A duck-typed unit experiment with two rounds: ``unit * k`` with k=1, then with k=10 on those outputs."""
+
+    name = "toy"
+
+    def __init__(self):
+        self.calls = []
+
+    def __repr__(self):
+        return "_Toy()"
+
+    def run_unit(self, model, state, unit):
+        self.calls.append(unit)
+        return unit * state["k"]
+
+    def next_plan(self, model, harmful, harmless, plan, outputs):
+        return None if plan.label == "second" else Plan(units=outputs, state={"k": 10}, label="second")
+
+    def merge(self, model, harmful, harmless, plan, outputs):
+        return SimpleNamespace(config={}, outputs=outputs)
+
+
+def test_run_rounds_reads_back_keeps_a_twice_answered_unit_once_and_reports(tmp_path):
+    toy, cache, model = _Toy(), UnitCache(tmp_path), SimpleNamespace(fingerprint="m", dtype="float32",
+                                                                       device=torch.device("cpu"))
+
+    def twice(plan, todo):  # out of order, every unit answered again (a retried worker): the first answer counts
+        for i in reversed(todo):
+            out = toy.run_unit(model, plan.state, plan.units[i])
+            yield i, out
+            yield i, out + 1
+
+    heard = []
+    record = lambda step, plan, keys, done, final: heard.append((step, len(keys), sorted(done), final))
+    result, rounds = run_rounds(toy, model, None, None, Plan(units=[1, 2, 3], state={"k": 1}), twice, cache=cache,
+                                record=record)
+    assert result.outputs == [10, 20, 30] and rounds == Rounds(sizes=[3, 3], reused=0, computed=6)
+    assert result.config["unit_cache"] == {"reused": 0, "computed": 6, "root": str(tmp_path)}
+    assert heard[0] == (0, 3, [], False) and heard[3:5] == [(0, 3, [0, 1, 2], False), (0, 3, [0, 1, 2], True)]
+    assert heard[-1] == (1, 3, [0, 1, 2], True)
+
+    again, rounds = run_rounds(toy, model, None, None, Plan(units=[1, 2, 3], state={"k": 1}), twice, cache=cache)
+    assert again.outputs == [10, 20, 30] and rounds.reused == 6 and len(toy.calls) == 6  # nothing ran
+
+    elsewhere, rounds = run_rounds(toy, model, None, None, Plan(units=[1, 2, 3], state={"k": 1}), twice, cache=cache,
+                                   device="cuda", threads=3)  # units run on another device or thread count
+    assert elsewhere.outputs == [10, 20, 30] and rounds.computed == 6 and len(toy.calls) == 12
+    plain, rounds = run_rounds(toy, model, None, None, Plan(units=[1, 2, 3], state={"k": 1}), twice)
+    assert plain.outputs == [10, 20, 30] and "unit_cache" not in plain.config and rounds.computed == 6
+
+
+def test_unit_keys_change_with_the_code(tiny, tmp_path, monkeypatch):
+    from circuitlab.io import unit_cache
+
+    exp, cache = get("ablation")(**PARAMS), UnitCache(tmp_path)
+    before = cache.keys(exp, tiny, {}, ["a"])
+    monkeypatch.setattr(unit_cache, "code_fingerprint", lambda: "edited")
+    assert cache.keys(exp, tiny, {}, ["a"]) != before
