@@ -3,23 +3,31 @@
 docs/guide/architecture.md, "Layers": distribution wraps experiments from outside. An experiment that exposes
 ``plan(model, harmful, harmless, *, store) -> Plan(units, state)``, ``run_unit(model, state, unit)``
 and ``merge(model, harmful, harmless, plan, outputs) -> Result`` (``experiments.base.UnitExperiment``)
-runs here with its units spread over ``workers`` actors; ``experiment.run`` is the same three calls
-with one worker, so both give the same table. The runner never looks inside a unit: it ships it,
-keys its output by the unit's index, and hands the outputs to ``merge`` in unit order.
+runs here with its units spread over ``workers`` actors. The rounds are ``unit_cache.run_rounds``, the
+loop ``experiment.run`` takes with one worker, so both give the same table; this module only supplies
+"run these units on the actors". The runner never looks inside a unit: it ships it, and the loop
+keys its output by the unit's index and hands the outputs to ``merge`` in unit order.
 
 - **rounds**: an experiment whose later units depend on earlier outputs (judge where the scores
   decide, score the finalists of a screen) also has ``next_plan(model, harmful, harmless, plan,
-  outputs) -> Plan | None``; the runner calls it on the driver after each round and runs the next
+  outputs) -> Plan | None``; the loop calls it on the driver after each round and runs the next
   round's units on the same actors, until it returns None; ``merge`` gets the last round.
 - **placement**: one actor per worker, ``num_gpus=1`` where the cluster has GPUs (else
   ``num_cpus=1``); each loads ``load_model(model_name, ...)`` once and keeps it.
 - **failures**: a killed actor is restarted by Ray (``max_restarts``) and its in-flight unit re-run
   (``max_task_retries``); an actor lost for good hands its unit to a surviving one. Outputs are keyed
   by unit index, so a unit run twice is merged once.
-- **resume**: with ``checkpoint_dir``, each finished unit's output is pickled there atomically as it
-  arrives (round r > 0 in ``round-r/``); a rerun of the same run (same experiment parameters, model
-  weights, prompts and units) skips those units. Checkpoints are pickles: only point this at a
-  directory you trust.
+- **unit cache**: outputs are read from and saved to the same content-keyed ``UnitCache`` a local run
+  uses (the store's ``root/units``), keyed as a local run keys them with the replicas' device type and
+  thread count, so a unit computed locally is reused here and the reverse; a code change recomputes.
+  Saves happen on the driver as outputs arrive, so an interrupted run keeps what finished.
+- **resume** (``checkpoint_dir``): the folder holds one small manifest, ``run.json`` (the run key:
+  experiment class and parameters, weights, dtype, prompts; the unit cache's root; the replicas'
+  device type; per round the unit keys and which are done), written atomically as units finish.
+  The outputs live in the unit cache it names: the store's when the store keeps one, else
+  ``checkpoint_dir/units``. A rerun with the same checkpoint reuses every finished unit (no Ray at
+  all when all are done); a checkpoint of another run is refused. Unit files are pickles: only point
+  the store or checkpoint at a directory you trust.
 
 This module sits below ``circuitlab.experiments`` in the layer contract, so it duck-types the three
 methods instead of importing ``UnitExperiment``. Ray is an optional extra (``pip install 'circuitlab[ray]'``).
@@ -30,8 +38,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import socket
+import time
 from collections import deque
 from pathlib import Path
 
@@ -41,8 +49,8 @@ from circuitlab.io import provenance
 from circuitlab.models.loading import check_model_name, load_model
 from circuitlab.core.progress import progress_bar
 from circuitlab.io.store import ActivationStore
-from circuitlab.io.files import atomic_write, code_fingerprint
-from circuitlab.io.unit_cache import class_source_digest, digest
+from circuitlab.io.files import atomic_write
+from circuitlab.io.unit_cache import UnitCache, digest, run_rounds
 
 __all__ = ["run_distributed", "is_unit_experiment", "unit_experiment_names", "DistributedError", "UNIT_METHODS"]
 
@@ -147,61 +155,68 @@ def _resources(ray, device, workers: int, address) -> tuple[dict, str | None]:
     return options, replica_device
 
 
-# ---- checkpoints ------------------------------------------------------------------------------
+# ---- checkpoint manifest -------------------------------------------------------------------------
 
-def _run_key(experiment, model, model_name, dtype, harmful, harmless, plan) -> str:
-    """What makes two runs the same: the code (as for the local unit cache: a code change recomputes),
-    experiment class and parameters, weights, prompts, the units themselves."""
-    parts = [code_fingerprint(), class_source_digest(type(experiment)),
-             type(experiment).__module__, type(experiment).__qualname__, repr(experiment),
+def _run_key(experiment, model, model_name, dtype, harmful, harmless) -> str:
+    """What makes two runs the same run: experiment class and parameters, weights, dtype, prompts. Not the
+    code: a code change resumes into the same manifest and recomputes, since every unit key holds it."""
+    parts = [type(experiment).__module__, type(experiment).__qualname__, repr(experiment),
              getattr(model, "fingerprint", model_name), str(dtype),
              getattr(harmful, "hash", None) or digest(list(harmful)),
-             getattr(harmless, "hash", None) or digest(list(harmless)),
-             digest(plan.units), str(len(plan.units))]
+             getattr(harmless, "hash", None) or digest(list(harmless))]
     return hashlib.sha256("\x1e".join(map(str, parts)).encode()).hexdigest()
 
 
-class _Checkpoints:
-    """``unit-NNNNNN.pkl`` per finished unit plus ``run.json`` naming the run they belong to."""
+class _Manifest:
+    """``run.json`` in the checkpoint folder: the run key, the unit cache and replica device it used, and per
+    round the unit keys and which are done (the outputs live in the unit cache, keyed by content)."""
 
-    def __init__(self, directory, key: str, n_units: int, name: str, *, replace: bool = False):
-        self.dir, self.key = Path(directory), key
-        self.dir.mkdir(parents=True, exist_ok=True)
-        manifest = self.dir / "run.json"
-        held = json.loads(manifest.read_text()) if manifest.exists() else None
-        if held is not None and held.get("key") != key and not replace:
-            raise DistributedError(f"checkpoint directory {self.dir} holds another run ({held.get('experiment')}, "
-                                   f"different parameters, model, prompts or units); pass a new directory "
-                                   f"or delete it")
-        if held is None or held.get("key") != key:  # replace: a later round built from other outputs
-            atomic_write(manifest, json.dumps({"key": key, "experiment": name, "n_units": n_units}).encode())
+    VERSION = 1
 
-    def _path(self, index: int) -> Path:
-        return self.dir / f"unit-{index:06d}.pkl"
+    def __init__(self, directory, key: str, name: str):
+        self.path = Path(directory) / "run.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            held = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            held = None  # none yet, or cut short: the unit cache still holds what finished
+        if isinstance(held, dict) and (held.get("version") != self.VERSION or held.get("run") != key):
+            raise DistributedError(f"checkpoint directory {self.path.parent} holds another run "
+                                   f"({held.get('experiment')}, different parameters, model or prompts, or an "
+                                   f"older layout); pass a new directory or delete it")
+        self.data = held if isinstance(held, dict) else {"version": self.VERSION, "run": key, "experiment": name,
+                                                         "unit_cache": None, "device": None, "rounds": []}
+        self._written = 0.0
 
-    def load(self, n_units: int) -> dict:
-        """Finished outputs by unit index; an unreadable or foreign file is recomputed, never trusted."""
-        done = {}
-        for i in range(n_units):
-            try:
-                record = pickle.loads(self._path(i).read_bytes())
-            except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError):
-                continue
-            if isinstance(record, dict) and record.get("key") == self.key and record.get("index") == i:
-                done[i] = record["output"]
-        return done
+    def get(self, field: str):
+        return self.data.get(field)
 
-    def save(self, index: int, output) -> None:
-        atomic_write(self._path(index), pickle.dumps({"key": self.key, "index": index, "output": output}))
+    def set(self, **fields) -> None:
+        self.data.update(fields)
+        self._write()
+
+    def record(self, step: int, plan, keys, done, final: bool) -> None:
+        """``run_rounds``'s hook: round ``step`` now. Written at once when it is news (another round, other
+        keys, a unit no longer done) or the round ended; a unit finishing is written at most once a second."""
+        rounds = self.data["rounds"]
+        held = rounds[step] if step < len(rounds) else None
+        entry = {"label": getattr(plan, "label", ""), "keys": keys, "done": sorted(done)}
+        rounds[step:] = [entry]
+        news = held is None or held["keys"] != keys or not set(held["done"]) <= set(entry["done"])
+        if news or final or time.monotonic() - self._written >= 1.0:
+            self._write()
+
+    def _write(self) -> None:
+        atomic_write(self.path, json.dumps(self.data, indent=1).encode())
+        self._written = time.monotonic()
 
 
-def _round_checkpoints(checkpoint_dir, index: int, key: str, n_units: int, name: str) -> _Checkpoints | None:
-    """Round 0 keeps the directory itself (the layout of one-round runs); round r its ``round-r`` folder,
-    replaced when the earlier rounds' outputs (hence this round's units) changed."""
-    if checkpoint_dir is None:
-        return None
-    directory = Path(checkpoint_dir) if index == 0 else Path(checkpoint_dir) / f"round-{index}"
-    return _Checkpoints(directory, key, n_units, name, replace=index > 0)
+def _unit_cache(store, manifest: _Manifest | None, checkpoint_dir) -> UnitCache | None:
+    """The store's unit cache (a local run's too); else the one the checkpoint names, or ``checkpoint/units``."""
+    cache = store.unit_cache() if store is not None and callable(getattr(store, "unit_cache", None)) else None
+    if cache is None and manifest is not None:
+        cache = UnitCache(manifest.get("unit_cache") or Path(checkpoint_dir).resolve() / "units")
+    return cache
 
 
 # ---- dispatch -----------------------------------------------------------------------------------
@@ -256,11 +271,23 @@ class _Pool:
         self.device, self.dtype, self.max_retries, self.threads = device, dtype, max_retries, threads
         self.ray, self.started, self.actors, self.dead, self.replica_device = None, False, [], set(), None
 
-    def live(self, n_units: int) -> list[int]:
-        """Indices of ``min(workers, n_units)`` live actors, started now where too few are alive."""
+    def connect(self):
+        """Ray, connected (or a local cluster started) on first call."""
         if self.ray is None:
             self.ray = _import_ray()
             self.started = _connect(self.ray, self.address, self.workers)
+        return self.ray
+
+    def device_type(self) -> str:
+        """The device type the replicas run units on (part of each unit's key); asks the cluster only when
+        no device was given, and pins the answer so the replicas start there."""
+        if self.device is None:  # as _resources decides: a GPU each where the cluster has GPUs
+            self.device = "cuda" if self.connect().cluster_resources().get("GPU", 0) >= 1 else "cpu"
+        return "cuda" if str(self.device).startswith("cuda") else "cpu"
+
+    def live(self, n_units: int) -> list[int]:
+        """Indices of ``min(workers, n_units)`` live actors, started now where too few are alive."""
+        self.connect()
         want = min(self.workers, n_units)  # a worker with no unit would only load a model
         live = [a for a in range(len(self.actors)) if a not in self.dead]
         if len(live) < want:
@@ -287,28 +314,6 @@ class _Pool:
             self.ray.kill(actor, no_restart=True)  # free the GPUs/CPUs now, not when handles are collected
         if self.started:
             self.ray.shutdown()
-
-
-def _run_round(pool: _Pool, plan, checkpoints: _Checkpoints | None) -> tuple[list, int]:
-    """Every unit's output of one round in unit order, and how many came from checkpoints."""
-    n = len(plan.units)
-    outputs = checkpoints.load(n) if checkpoints else {}
-    resumed = len(outputs)
-    todo = [i for i in range(n) if i not in outputs]
-    if todo:
-        for i, output in pool.run(plan, todo):
-            if i in outputs:
-                continue  # a unit that ran twice is merged once
-            outputs[i] = output
-            if checkpoints:
-                checkpoints.save(i, output)
-    return [outputs[i] for i in range(n)], resumed
-
-
-def _next_plan(experiment, model, harmful, harmless, plan, outputs):
-    """The experiment's next round (``next_plan``), or None: one-round experiments need not define it."""
-    following = getattr(experiment, "next_plan", None)
-    return following(model, harmful, harmless, plan, outputs) if callable(following) else None
 
 
 def run_distributed(experiment, model_name: str, harmful, harmless, *, workers: int, address: str | None = None,
@@ -344,30 +349,29 @@ def run_distributed(experiment, model_name: str, harmful, harmless, *, workers: 
         store = ActivationStore(store_root)
     record = provenance.start()
     model = model if model is not None else load_model(model_name, device="cpu", dtype=dtype)
+    manifest = (_Manifest(checkpoint_dir, _run_key(experiment, model, model_name, dtype, harmful, harmless),
+                          getattr(experiment, "name", "")) if checkpoint_dir is not None else None)
+    cache = _unit_cache(store, manifest, checkpoint_dir)
+    if manifest is not None:
+        manifest.set(unit_cache=str(cache.root.resolve()))  # before Ray is needed: a resume finds its cache
     plan = experiment.plan(model, harmful, harmless, store=store)
-    pool = _Pool(experiment, model_name, workers=workers, address=address, device=device, dtype=dtype,
+    pool = _Pool(experiment, model_name, workers=workers, address=address,
+                 device=device if device is not None or manifest is None else manifest.get("device"), dtype=dtype,
                  max_retries=max_retries, threads=threads or torch.get_num_threads())
-    rounds, resumed = [], 0
     try:
-        while True:
-            key = _run_key(experiment, model, model_name, dtype, harmful, harmless, plan)
-            checkpoints = _round_checkpoints(checkpoint_dir, len(rounds), key, len(plan.units),
-                                             getattr(experiment, "name", ""))
-            outputs, done_before = _run_round(pool, plan, checkpoints)
-            rounds.append(len(plan.units))
-            resumed += done_before
-            following = _next_plan(experiment, model, harmful, harmless, plan, outputs)
-            if following is None:
-                break
-            plan = following
+        key_device = pool.device_type() if cache is not None else None
+        if manifest is not None:
+            manifest.set(device=key_device)  # a resume keys (and runs) its units on the same device type
+        result, rounds = run_rounds(experiment, model, harmful, harmless, plan, pool.run, cache=cache,
+                                    device=key_device, threads=pool.threads,
+                                    record=manifest.record if manifest is not None else None)
     finally:
         if pool.ray is not None:
             pool.close()
-    info = {"address": address or "local", "workers": workers, "units": sum(rounds), "resumed_units": resumed,
-            "rounds": rounds}
+    info = {"address": address or "local", "workers": workers, "units": sum(rounds.sizes),
+            "resumed_units": rounds.reused, "rounds": rounds.sizes}
     if pool.replica_device is not None:
         info["replica_device"] = pool.replica_device
-    result = experiment.merge(model, harmful, harmless, plan, outputs)
     config = getattr(result, "config", None)
     if isinstance(config, dict):
         config.setdefault("provenance", provenance.finish(record, model))

@@ -1,7 +1,9 @@
-"""Distributed runs (circuitlab.distributed) on a local Ray cluster: same table as one process, retries, resume."""
+"""Distributed runs (circuitlab.distributed) on a local Ray cluster: same table as one process, retries, resume
+through the unit cache a local run shares."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -12,7 +14,7 @@ import pytest
 
 from circuitlab import ActivationStore
 from circuitlab.distributed import DistributedError, run_distributed
-from circuitlab.experiments import get
+from circuitlab.experiments import get, names
 from circuitlab.experiments.base import Experiment
 from circuitlab.experiments.patching.activation import ActivationPatching
 
@@ -77,6 +79,7 @@ class _Whole(Experiment):
 
 
 def test_refuses_experiments_without_units(tiny, harmful, harmless):
+    names()  # every experiment module imported, as the CLI's get() does: the message lists those loaded
     with pytest.raises(DistributedError, match="_Whole does not split into independent units") as err:
         run_distributed(_Whole(), "tiny", harmful, harmless, workers=2, model=tiny)
     assert "plan/run_unit/merge" in str(err.value)
@@ -130,12 +133,19 @@ def test_killed_worker_is_retried_then_resume_skips_finished_units(cluster, tiny
     assert _calls(calls) == [0, 1, 2]  # the killed call left no file: each unit finished exactly once
     assert ray.is_initialized(), "a connection the caller made is the caller's to close"
 
-    # A partially finished run (unit 1's output lost) resumes: only unit 1 runs again.
-    (ckpt / "unit-000001.pkl").unlink()
+    # The checkpoint is a manifest; the outputs sit in the unit cache it names (no store: checkpoint/units).
+    manifest = json.loads((ckpt / "run.json").read_text())
+    assert Path(manifest["unit_cache"]) == (ckpt / "units").resolve() and manifest["device"] == "cpu"
+    assert len(manifest["rounds"]) == 1 and manifest["rounds"][0]["done"] == [0, 1, 2]
+    assert sorted(p.stem for p in (ckpt / "units").rglob("*.pkl")) == sorted(manifest["rounds"][0]["keys"])
+
+    # A partially finished run (unit 1's output damaged) resumes: only unit 1 runs again.
+    next((ckpt / "units").rglob(f"{manifest['rounds'][0]['keys'][1]}.pkl")).write_bytes(b"cut short")
     for p in calls.iterdir():
         p.unlink()
     resumed = run_distributed(exp, "tiny", harmful, harmless, workers=2, model=tiny, checkpoint_dir=ckpt)
     assert _calls(calls) == [1] and resumed.config["distributed"]["resumed_units"] == 2
+    assert resumed.config["unit_cache"]["computed"] == 1
     _same(resumed, reference)
 
     # Everything finished: nothing runs, Ray is not even needed.
@@ -143,6 +153,11 @@ def test_killed_worker_is_retried_then_resume_skips_finished_units(cluster, tiny
                             address="127.0.0.1:9")
     assert _calls(calls) == [1]
     _same(again, reference)
+
+    # A local run over the same unit cache reuses what the Ray workers computed.
+    local = exp.run(tiny, harmful, harmless, store=ActivationStore(ckpt))
+    assert _calls(calls) == [1] and local.config["unit_cache"] == {**again.config["unit_cache"], "reused": 3}
+    _same(local, reference)
 
 
 # Small settings that still take every round: ablation judges where its scores decide (two rounds);
@@ -173,10 +188,13 @@ def test_a_later_round_resumes_from_its_own_checkpoints(cluster, tiny, harmful, 
     store = ActivationStore(memory=True, disk=False)
     first = run_distributed(exp, "tiny", harmful, harmless, workers=2, model=tiny, checkpoint_dir=tmp_path,
                             store=store)
-    assert (tmp_path / "round-1" / "unit-000000.pkl").is_file()
+    rounds = json.loads((tmp_path / "run.json").read_text())["rounds"]
+    assert [len(r["keys"]) for r in rounds] == first.config["distributed"]["rounds"]
+    assert all(r["done"] == list(range(len(r["keys"]))) for r in rounds)
     again = run_distributed(exp, "tiny", harmful, harmless, workers=2, model=tiny, checkpoint_dir=tmp_path,
                             address="127.0.0.1:9", store=store)
     assert again.config["distributed"]["resumed_units"] == again.config["distributed"]["units"]
+    assert again.config["unit_cache"]["computed"] == 0
     _same_everything(again, first)
 
 
@@ -190,16 +208,35 @@ def test_checkpoints_of_another_run_are_refused(tiny, harmful, harmless, tmp_pat
                         model=tiny, checkpoint_dir=ckpt, address=nowhere)
 
 
-def test_checkpoint_key_changes_with_the_code_like_the_local_unit_cache(monkeypatch):
-    """A Ray resume must not reuse units computed by other code (the local unit cache keys on it too)."""
-    from types import SimpleNamespace
+def test_units_of_a_local_run_are_reused_and_a_code_change_recomputes(tiny, harmful, harmless, tmp_path,
+                                                                      monkeypatch, reference):
+    """Ray and local runs share one unit cache and its keys: a local run's units need no Ray at all; a code
+    change (same manifest, same run) recomputes; a damaged unit file is recomputed, never trusted."""
+    from circuitlab.io import unit_cache
 
-    from circuitlab import distributed
+    ckpt, nowhere, store = tmp_path / "ckpt", "127.0.0.1:9", tmp_path / "store"
+    local = ActivationPatching(**PARAMS).run(tiny, harmful, harmless, store=ActivationStore(store))
+    assert local.config["unit_cache"]["computed"] == 3
+    ray_run = run_distributed(ActivationPatching(**PARAMS), "tiny", harmful, harmless, workers=2, model=tiny,
+                              store=ActivationStore(store), checkpoint_dir=ckpt, address=nowhere, device="cpu")
+    _same(ray_run, reference)
+    assert ray_run.config["unit_cache"] == {**local.config["unit_cache"], "reused": 3, "computed": 0}
+    assert ray_run.config["distributed"]["resumed_units"] == 3
+    manifest = json.loads((ckpt / "run.json").read_text())
+    assert Path(manifest["unit_cache"]) == (store / "units").resolve()
+    assert manifest["rounds"][0]["done"] == [0, 1, 2] and not (ckpt / "units").exists()
 
-    exp = get("refusal-scores")()
-    plan = SimpleNamespace(units=[0, 1])
-    args = (exp, None, "tiny", "float32", ["a", "b"], ["c", "d"], plan)
-    before = distributed._run_key(*args)
-    assert distributed._run_key(*args) == before
-    monkeypatch.setattr(distributed, "code_fingerprint", lambda: "edited")
-    assert distributed._run_key(*args) != before
+    files = sorted((store / "units").rglob("*.pkl"))
+    intact = files[0].read_bytes()
+    files[0].write_bytes(b"not a pickle")
+    with pytest.raises(DistributedError, match="cannot reach"):  # one unit to compute again: Ray is needed
+        run_distributed(ActivationPatching(**PARAMS), "tiny", harmful, harmless, workers=2, model=tiny,
+                        store=ActivationStore(store), checkpoint_dir=ckpt, address=nowhere)
+    assert len(json.loads((ckpt / "run.json").read_text())["rounds"][0]["done"]) == 2  # the damaged one is not
+    files[0].write_bytes(intact)
+
+    monkeypatch.setattr(unit_cache, "code_fingerprint", lambda: "edited")
+    with pytest.raises(DistributedError, match="cannot reach"):  # every unit recomputes; the manifest still fits
+        run_distributed(ActivationPatching(**PARAMS), "tiny", harmful, harmless, workers=2, model=tiny,
+                        store=ActivationStore(store), checkpoint_dir=ckpt, address=nowhere)
+    assert json.loads((ckpt / "run.json").read_text())["rounds"][0]["done"] == []
