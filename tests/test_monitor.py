@@ -256,7 +256,8 @@ def test_monitor_experiment_runs_decision_kinds_on_planted(planted, tmp_path):
 
     assert {"circuit-probe", "logodds", "multi-probe", "direction-late"} <= set(MONITOR_KINDS)
     for bad, match in (({"method": "svm"}, "circuit-probe"), ({"method": "logodds", "fpr": 0.0}, "0 < fpr < 1"),
-                       ({"method": "circuit-probe", "components": str(tmp_path / "nope")}, "no such run")):
+                       ({"method": "circuit-probe", "components": str(tmp_path / "nope")}, "no such run"),
+                       ({"method": "circuit-probe", "n_neurons": 0, "n_heads": 0, "integrity": False}, "needs units")):
         with pytest.raises(ValueError, match=match) as err:
             Monitor(**bad)
         assert "\n" not in str(err.value)

@@ -201,3 +201,19 @@ def test_circuit_probe_reads_its_units_and_is_refused_without_any(planted, plant
                          str(tmp_path / "traffic.txt"), "--out", str(tmp_path / "flags.csv")]) == 0
     rows = (tmp_path / "flags.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[2]) for r in rows] == [1] * 5 + [0] * 5
+
+
+def test_circuit_probe_check_stops_after_its_deepest_unit(tiny):
+    from circuitlab.core import hooks as hk
+    from tests.conftest import HARMFUL, HARMLESS
+
+    units = (Component("neuron", 0, 3), Component("head", 0, 1))
+    fh, fs = (read_features(tiny, x, [], units=units) for x in (HARMFUL, HARMLESS))
+    mon = fit_feature_monitor("circuit-probe", fh, fs, fh, fs, units=units, n_model_layers=tiny.n_layers, alpha=0.2)
+    assert mon.depth == 1 < tiny.n_layers
+    calls = []
+    with tiny.hooks([(hk.mlp_out(1), lambda act, hook: calls.append(1))]):
+        check = mon.check(tiny, HARMFUL)
+    assert not calls and torch.allclose(check.scores, mon.score_features(fh), atol=1e-5)
+    with pytest.raises(ValueError, match="were they located on another model"):
+        read_features(tiny, HARMFUL, [], units=[Component("neuron", 0, 10_000)])
