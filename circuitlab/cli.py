@@ -176,8 +176,9 @@ def run(
                                                                   "cluster address (host:port, ray://host:port, auto)"),
     workers: int = typer.Option(1, "--workers", help="with --ray: workers, each holding a model replica (one GPU "
                                                      "each where the cluster has GPUs)"),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="with --ray: keep finished units here; a "
-                                                                         "rerun resumes from them"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="with --ray: keep the run's manifest here "
+                                                                         "(finished units sit in the store's unit "
+                                                                         "cache); a rerun resumes from them"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks instead of one-line errors"),
 ) -> None:
     """Run experiment NAME on a model and two prompt sets; save its run folder."""
