@@ -88,8 +88,10 @@ def _fit(args) -> int:
                      list(ps.split("test", args.seed))) for ps in _sets(spec, args.n, args.seed)]
              for kind, spec in (("harmful", args.harmful), ("harmless", args.harmless))}
     units = _units(args, model, parts) if CIRCUIT in args.kind else ()
-    feats = {kind: [tuple(read_features(model, x, every, logodds=True, units=units, batch_size=args.batch_size)
-                          for x in pair) for pair in pairs] for kind, pairs in parts.items()}
+    only_units = args.kind == CIRCUIT  # reads no layer: the forward stops after its deepest unit
+    feats = {kind: [tuple(read_features(model, x, [] if only_units else every, logodds=not only_units, units=units,
+                                        batch_size=args.batch_size) for x in pair) for pair in pairs]
+             for kind, pairs in parts.items()}
     fit_pos = merge_features(*[f for f, _ in feats["harmful"]])
     fit_neg = merge_features(*[f for f, _ in feats["harmless"]])
     cal_pos = merge_features(*[c for _, c in feats["harmful"]])

@@ -14,8 +14,9 @@ A content probe at an early layer reads what a request is about (the features ra
   heads' ``attn_z``; ``circuitlab.monitor.circuit``), typically a circuit map's verified units.
 
 Each is a ``FeatureMonitor``: a linear read-out ``w·concat(resid_pre(l) for l in layers) + b`` (or the
-log-odds, or ``w·concat(unit activations) + b``), with a split-conformal threshold (``circuitlab.monitor.conformal``). ``check`` runs the model
-only up to its deepest read layer (``run_with_cache`` stops there); the log-odds needs the whole model.
+log-odds, or ``w·concat(unit activations) + b``), with a split-conformal threshold
+(``circuitlab.monitor.conformal``). ``check`` runs the model only up to its deepest read layer or unit
+(``run_with_cache`` stops there); the log-odds needs the whole model.
 Fitting works on features read once (``read_features``), so many monitors and folds share one forward.
 """
 
@@ -37,8 +38,8 @@ from circuitlab.monitor.circuit import check_units, unit_features, unit_hooks, u
 from circuitlab.monitor.conformal import conformal_across_sources
 from circuitlab.monitor.request import RequestCheck, RequestMonitor, probe_readout
 
-__all__ = ["FeatureMonitor", "check_by_features", "read_features", "fit_feature_monitor", "select_layer", "DECISION_KINDS",
-           "merge_features", "take", "choose_layers", "CIRCUIT"]
+__all__ = ["FeatureMonitor", "check_by_features", "read_features", "fit_feature_monitor", "select_layer",
+           "DECISION_KINDS", "merge_features", "take", "choose_layers", "CIRCUIT"]
 
 DECISION_KINDS = ("probe", "direction", "direction-late", "logodds", "multi-probe", "circuit-probe")
 LOGODDS = "logodds"
