@@ -310,10 +310,15 @@ class _Pool:
         yield from progress_bar(done, True, total=len(todo), desc=f"{label}units on {len(live)} workers")
 
     def close(self) -> None:
+        """Free the actors (and a cluster this pool started); a second call does nothing."""
+        if self.ray is None:
+            return
         for actor in self.actors:
             self.ray.kill(actor, no_restart=True)  # free the GPUs/CPUs now, not when handles are collected
+        self.actors, self.dead = [], set()
         if self.started:
             self.ray.shutdown()
+            self.started = False
 
 
 def run_distributed(experiment, model_name: str, harmful, harmless, *, workers: int, address: str | None = None,
@@ -364,10 +369,10 @@ def run_distributed(experiment, model_name: str, harmful, harmless, *, workers: 
             manifest.set(device=key_device)  # a resume keys (and runs) its units on the same device type
         result, rounds = run_rounds(experiment, model, harmful, harmless, plan, pool.run, cache=cache,
                                     device=key_device, threads=pool.threads,
-                                    record=manifest.record if manifest is not None else None)
+                                    record=manifest.record if manifest is not None else None,
+                                    before_merge=pool.close)  # merge runs on the driver: free the workers first
     finally:
-        if pool.ray is not None:
-            pool.close()
+        pool.close()
     info = {"address": address or "local", "workers": workers, "units": sum(rounds.sizes),
             "resumed_units": rounds.reused, "rounds": rounds.sizes}
     if pool.replica_device is not None:

@@ -126,11 +126,11 @@ def test_run_rounds_reads_back_keeps_a_twice_answered_unit_once_and_reports(tmp_
     heard = []
     record = lambda step, plan, keys, done, final: heard.append((step, len(keys), sorted(done), final))
     result, rounds = run_rounds(toy, model, None, None, Plan(units=[1, 2, 3], state={"k": 1}), twice, cache=cache,
-                                record=record)
+                                record=record, before_merge=lambda: heard.append("merge"))
     assert result.outputs == [10, 20, 30] and rounds == Rounds(sizes=[3, 3], reused=0, computed=6)
     assert result.config["unit_cache"] == {"reused": 0, "computed": 6, "root": str(tmp_path)}
     assert heard[0] == (0, 3, [], False) and heard[3:5] == [(0, 3, [0, 1, 2], False), (0, 3, [0, 1, 2], True)]
-    assert heard[-1] == (1, 3, [0, 1, 2], True)
+    assert heard[-2:] == [(1, 3, [0, 1, 2], True), "merge"]
 
     again, rounds = run_rounds(toy, model, None, None, Plan(units=[1, 2, 3], state={"k": 1}), twice, cache=cache)
     assert again.outputs == [10, 20, 30] and rounds.reused == 6 and len(toy.calls) == 6  # nothing ran

@@ -124,14 +124,15 @@ class Rounds:
 
 def run_rounds(experiment, model, harmful, harmless, plan, run_units: Callable[..., Iterable[tuple]], *,
                cache: UnitCache | None = None, device: str | None = None, threads: int | None = None,
-               record: Callable | None = None):
+               record: Callable | None = None, before_merge: Callable[[], None] | None = None):
     """Every round from ``plan`` on, then ``merge``; returns ``(result, Rounds)``.
 
     Per round: with a ``cache``, each unit's key (``UnitCache.keys`` with ``device`` / ``threads``) and the
     outputs stored under it; the other units go to ``run_units(plan, todo)``, which yields ``(index,
     output)`` in any order (a unit answered twice is kept once), each saved as it arrives. Then the
     experiment's ``next_plan`` (where it has one) gives the next round, or None. ``record(round, plan,
-    keys, done, final)``, where given, hears each step (``done``: the indices with an output so far).
+    keys, done, final)``, where given, hears each step (``done``: the indices with an output so far);
+    ``before_merge()`` runs once after the last round (the Ray runner frees its workers there).
     With a cache, the Result's config gets ``unit_cache``: this run's reused and computed counts, the root.
     """
     rounds = Rounds()
@@ -166,6 +167,8 @@ def run_rounds(experiment, model, harmful, harmless, plan, run_units: Callable[.
         if following is None:
             break
         plan = following
+    if before_merge:
+        before_merge()
     result = experiment.merge(model, harmful, harmless, plan, outputs)
     if cache is not None and isinstance(getattr(result, "config", None), dict):
         result.config["unit_cache"] = {"reused": rounds.reused, "computed": rounds.computed, "root": str(cache.root)}
