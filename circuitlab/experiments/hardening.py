@@ -20,6 +20,10 @@ A fifth, ``recovery`` (Qi et al. 2025, "Safety Alignment Should Be Made More Tha
 Deep"): plain hardening where each hardening row, with chance ``recovery_prob``, starts its assistant turn
 with one of the project's harmless affirmative openers (``finetune.prefill_openers``) and learns the refusal
 after it; the prefill attack's opener is held out of that list, so the attack stays a test.
+A sixth, ``redundant`` (redundant circuits): every step ablates all refusal mechanisms but one (the top
+``n_mechanism_units`` attribution-ranked units, the recomputed top direction), the kept one drawn at
+random, so each must carry refusal alone (``defence.redundant.MechanismAdversary``). Remedies combine
+with ``+`` (``distributed+recovery``: one adversary at most; ``defence.modes``).
 
 Every model then faces the attack suite of ``circuitlab.defence.attacks`` (``suite``; see that module:
 strongest direction, rank-k subspace ablation for k in ``n_dirs``, optimised abliteration with
@@ -54,7 +58,6 @@ in ``circuitlab.defence.finetune``.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -73,6 +76,10 @@ from circuitlab.defence.attacks import (ATTACK_RULES, adaptive_direction_attack,
 from circuitlab.defence.finetune import (OPTIMIZERS, TARGET_STYLES, RandomSubspaceAdversary,
     RefusalAblationAdversary, component_masks, full_masks, greedy_targets, load_pairs, prefill_openers,
     random_components, refusal_targets, train)
+from circuitlab.defence.modes import MODES, check_modes, mode_parts
+from circuitlab.defence import report
+from circuitlab.defence.redundant import MechanismAdversary
+from circuitlab.defence.report import ATTACKS, SUITE
 from circuitlab.defence.rerouting import Rerouting, default_layers
 from circuitlab.methods.directions import direction_from_pairs, projection_threshold, reading_accuracy
 from circuitlab.methods.interventions import ablation_hooks, directional_ablation_hooks, reference_activations
@@ -89,10 +96,7 @@ from circuitlab.methods.pairs import make_pairs
 __all__ = ["RobustHardening", "adaptive_direction_attack", "attribution_units", "subspace_hooks", "MODES",
            "VARIANTS", "ATTACKS", "SUITE", "ATTACK_RULES"]
 
-MODES = ("plain", "adversarial", "distributed", "rerouting", "recovery")
 VARIANTS = ("targeted", "random", "full")
-SUITE = ("direction_ablation", "rank_k_ablation", "abliteration", "unit_ablation", "orthogonalization", "prefill")
-ATTACKS = ("none", *SUITE)
 
 
 @register("robust-hardening")
@@ -105,11 +109,12 @@ class RobustHardening(Experiment):
     n_neurons: int = 16  # located neurons (diff-ranking on the train split)
     n_heads: int = 4  # located heads (random control: fewer if the key/value groups do not allow it, noted)
     variants: list[str] = field(default_factory=lambda: ["targeted"])  # any of targeted, random, full
-    modes: list[str] = field(default_factory=lambda: list(MODES))  # plain, adversarial (ReFAT), distributed (DeepRefusal), rerouting (Circuit Breakers), recovery (Qi et al. 2025)
+    modes: list[str] = field(default_factory=lambda: list(MODES))  # plain, adversarial (ReFAT), distributed (DeepRefusal), redundant (all mechanisms but one ablated), rerouting (Circuit Breakers), recovery (Qi et al. 2025); combine with + (e.g. distributed+recovery)
     targets: str = "short"  # hardening targets: short refusals or extended (multi-sentence) refusals
     suite: list[str] = field(default_factory=lambda: list(SUITE))  # attacks every model faces (defence.attacks)
     abliteration_trials: int = 4  # optimised abliteration: Optuna trials (Heretic's kernel family, seeded; CPU-sized)
     max_k: int = 8  # distributed: most directions ablated together per step
+    n_mechanism_units: int = 16  # redundant: top attribution-ranked units that form the unit mechanism
     reroute_layers: list[int] | None = None  # rerouting: resid_pre layers (None: 1/3 and 2/3 depth, as the paper's 10, 20 of 32)
     reroute_alpha: float = 10.0  # rerouting: the loss weight alpha of the paper's schedule
     recovery_prob: float = 0.5  # recovery: chance a hardening row starts with an affirmative opener before its refusal
@@ -154,7 +159,10 @@ class RobustHardening(Experiment):
     def __post_init__(self):
         check_types(self)
         check_subset(self, "variants", VARIANTS)
-        check_subset(self, "modes", MODES)
+        try:
+            check_modes(self.modes)
+        except ValueError as err:
+            check(False, f"{err} (e.g. --set modes=plain,distributed+recovery)")
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("attack_rule", self.attack_rule, ATTACK_RULES)
         check_choice("targets", self.targets, TARGET_STYLES)
@@ -221,37 +229,30 @@ class RobustHardening(Experiment):
         h_adv, s_adv = self._sets["h_train"][: self.n_adv], self._sets["s_train"][: self.n_adv]
         reroute_layers = self.reroute_layers or default_layers(model.n_layers)
         reading = (_reading_accuracy(model, self._sets, reroute_layers, self.seed, self.batch_size_eval)
-                   if "rerouting" in self.modes else {})
+                   if any("rerouting" in mode_parts(m) for m in self.modes) else {})
         for i, (mode, variant) in enumerate([(m, v) for m in self.modes for v in self.variants]):
             self._say(f"model {i + 1}/{len(self.modes) * len(self.variants)}: {variant} {mode}, {self.steps} steps")
             with weights_restored(model):
-                    adversary = (RefusalAblationAdversary(model, h_adv, s_adv, keys, refresh_every=self.refresh_every,
-                                                          prob=self.adv_prob, seed=self.seed,
-                                                          batch_size=self.batch_size_eval)
-                                 if mode == "adversarial" else
-                                 RandomSubspaceAdversary(model, h_adv, s_adv, max_k=self.max_k,
-                                                         refresh_every=self.refresh_every, prob=self.adv_prob,
-                                                         seed=self.seed, batch_size=self.batch_size_eval)
-                                 if mode == "distributed" else None)
+                    parts = mode_parts(mode)
+                    adversary = self._adversary(parts, model, h_adv, s_adv, keys)
                     m = masks[variant]()
-                    rerouting = Rerouting(reroute_layers, alpha=self.reroute_alpha) if mode == "rerouting" else None
+                    rerouting = Rerouting(reroute_layers, alpha=self.reroute_alpha) if "rerouting" in parts else None
                     log = train(model, m, pairs, steps=self.steps, lr=self.full_lr if variant == "full" else self.lr,
                                 batch_size=self.batch_size, retain=retain, retain_per_batch=self.batch_size,
                                 kl_weight=self.kl_weight if retain else 0.0, seed=self.seed,
                                 optimizer=self.optimizer, adversary=adversary, rerouting=rerouting,
-                                openers=prefill_openers() if mode == "recovery" else (), opener_prob=self.recovery_prob)
+                                openers=prefill_openers() if "recovery" in parts else (), opener_prob=self.recovery_prob)
                     training.append({"variant": variant, "mode": mode, "n_params": log["n_params"], "steps": self.steps,
                                      "seconds": log["seconds"],
                                      "target_loss_first": log["target_loss"][0] if self.steps else np.nan,
                                      "target_loss_last": log["target_loss"][-1] if self.steps else np.nan,
-                                     "adversary_refreshes": (len(adversary.history) if mode == "adversarial" else
-                                                             -(-self.steps // self.refresh_every) if adversary else 0),
+                                     "adversary_refreshes": -(-self.steps // self.refresh_every) if adversary else 0,
                                      "ablated_rows": int(sum(log["ablated_rows"])),
                                      "prefilled_rows": int(sum(log["prefilled_rows"])),
                                      "reroute_cos_last": log["rerouting"][-1]["reroute_cos"] if log.get("rerouting") else np.nan})
                     self._evaluate(model, variant, mode, rows, curves, cands)
         table, curves = pd.DataFrame(rows), pd.DataFrame(curves)
-        comparison = _comparison(table, curves, pd.DataFrame(training), self.judge, self.eval_split)
+        comparison = report.comparison(table, curves, pd.DataFrame(training), self.judge, self.eval_split)
         summary = {"components": ",".join(map(str, components)), "adversary_keys": str(keys), "targets": self.targets,
                    "eval_split": self.eval_split,
                    "random_control_note": note,
@@ -265,7 +266,19 @@ class RobustHardening(Experiment):
                       tables={"comparison": comparison, "curves": curves, "training": pd.DataFrame(training),
                               "redundancy": pd.concat(self._redundancy, ignore_index=True),
                               "attack_candidates": pd.concat(cands, ignore_index=True)},
-                      figures={"robust_hardening": _figure(comparison, curves, model.name, self.judge)}, summary=summary)
+                      figures={"robust_hardening": report.figure(comparison, curves, model.name, self.judge)}, summary=summary)
+
+    def _adversary(self, parts, model, harmful, harmless, keys):
+        """The one adversary a mode trains against (``defence.modes``), or None."""
+        common = {"refresh_every": self.refresh_every, "prob": self.adv_prob, "seed": self.seed,
+                  "batch_size": self.batch_size_eval}
+        if "adversarial" in parts:
+            return RefusalAblationAdversary(model, harmful, harmless, keys, **common)
+        if "distributed" in parts:
+            return RandomSubspaceAdversary(model, harmful, harmless, max_k=self.max_k, **common)
+        if "redundant" in parts:
+            return MechanismAdversary(model, harmful, harmless, keys, n_units=self.n_mechanism_units, **common)
+        return None
 
     def _eval_prompts(self, sp, k: str) -> list[str]:
         """The ``n_eval`` measured prompts of class ``k``: test prompts, or with ``eval_split="val"`` the val
@@ -423,12 +436,6 @@ class RobustHardening(Experiment):
                      "k": i["n_edges"], "value": i["faithfulness"], "n": i["n_eval_pairs"]})
 
 
-def _first_k(curve: pd.DataFrame, target: float) -> float:
-    """Smallest k whose refusal probability is at most ``target`` (NaN: none in the grid)."""
-    hit = curve[curve.refusal_prob <= target]
-    return float(hit.k.min()) if len(hit) else np.nan
-
-
 def _reading_accuracy(model, sets, layers, seed, batch_size) -> dict[int, float]:
     """RepE reading accuracy of refusal at ``layers`` on the original: the LAT vector of the last
     post-instruction token (train prompts), threshold from train, accuracy on validation prompts."""
@@ -442,92 +449,3 @@ def _reading_accuracy(model, sets, layers, seed, batch_size) -> dict[int, float]
         out[l] = reading_accuracy(acts["h_val"][name][:, 0].float(), acts["s_val"][name][:, 0].float(), v,
                                   projection_threshold(h, s, v))
     return out
-
-
-def _comparison(table, curves, training, judge, eval_split="test") -> pd.DataFrame:
-    """One row per model: refusal under each attack, distribution measures, costs, training time."""
-    measure = "refusal_rate" if judge else "refusal_prob"
-    out = []
-    for (variant, mode), g in table.groupby(["variant", "mode"], sort=False):
-        r = {"variant": variant, "mode": mode}
-        under = {}
-        for cond in ATTACKS:
-            hit = g[(g.condition == cond) & (g.measure == measure) & (g.set == f"harmful_{eval_split}")]
-            if cond in ("unit_ablation", "rank_k_ablation"):  # the attack: the largest k
-                hit = hit[hit.k == hit.k.max()]
-            if len(hit):
-                r.update({f"refusal_{cond}": hit.value.iloc[0], f"refusal_{cond}_ci_low": hit.ci_low.iloc[0],
-                          f"refusal_{cond}_ci_high": hit.ci_high.iloc[0]})
-                if cond != "none":
-                    under[cond] = (hit.value.iloc[0], hit.k.iloc[0])
-        if under:  # the number a defence is judged by: refusal under the worst attack, and what that attack costs
-            worst = min(under, key=lambda c: under[c][0])
-            r.update(refusal_worst=under[worst][0], worst_attack=worst)
-            for m in ("kl", "cross_entropy", "over_refusal"):
-                hit = g[(g.condition == worst) & (g.measure == f"{m}_under_attack")]
-                if pd.notna(under[worst][1]):
-                    hit = hit[hit.k == under[worst][1]]
-                if len(hit):
-                    r[f"removal_{m}"] = hit.value.iloc[0]
-        for m, split, col in (("over_refusal_rate", f"harmless_{eval_split}", "over_refusal_rate"),
-                              ("over_refusal_rate", "benign", "over_refusal_benign"),
-                              ("kl_from_original", f"harmless_{eval_split}", "kl_from_original"),
-                              ("cross_entropy", "plaintext", "cross_entropy")):
-            hit = g[(g.condition == "none") & (g.measure == m) & (g.set == split)]
-            if len(hit):
-                r.update({col: hit.value.iloc[0], f"{col}_ci_low": hit.ci_low.iloc[0], f"{col}_ci_high": hit.ci_high.iloc[0]})
-        c = curves[(curves.variant == variant) & (curves["mode"] == mode)]
-        units, dirs = c[c.curve == "units"].sort_values("k"), c[c.curve == "directions"].sort_values("k")
-        p0 = c.refusal_prob_before.iloc[0]
-        r["refusal_prob"] = p0
-        r["units_to_halve"] = _first_k(units, p0 / 2)
-        r["directions_to_halve"] = _first_k(dirs, p0 / 2)
-        drop_all = p0 - units.refusal_prob.iloc[-1]
-        r["top_unit_share"] = (p0 - units.refusal_prob.iloc[0]) / drop_all if drop_all > 1e-6 else np.nan
-        r["top_unit_attribution_share"] = units.top_attribution_share.iloc[0]
-        r["top_unit"] = units.top_unit.iloc[0]
-        edge = g[g.measure == "edge_faithfulness"]
-        if len(edge):
-            r["edge_faithfulness"], r["edge_circuit_edges"] = edge.value.iloc[0], int(edge.k.iloc[0])
-        t = training[(training.variant == variant) & (training["mode"] == mode)] if len(training) else training
-        r["train_seconds"] = float(t.seconds.iloc[0]) if len(t) else 0.0
-        r["n_params"] = int(t.n_params.iloc[0]) if len(t) else 0
-        out.append(r)
-    out = pd.DataFrame(out)
-    # entangled: removing this model's refusal costs more (KL to the original's outputs) than removing the original's
-    if "removal_kl" in out and (out.variant == "original").any():
-        base = out.loc[out.variant == "original", "removal_kl"].iloc[0]
-        out["removal_kl_vs_original"] = out.removal_kl - base
-        out["entangled"] = out.removal_kl > base
-    return out
-
-
-def _figure(comparison, curves, model_name, judge):
-    from circuitlab.io.plots import subplots
-
-    fig, axes = subplots(1, 3, figsize=(15, 3.8))
-    labels = [f"{v}\n{m}" if v != "original" else v for v, m in zip(comparison.variant, comparison["mode"])]
-    x, width = np.arange(len(labels)), 0.8 / len(ATTACKS)
-    for i, cond in enumerate(ATTACKS):
-        col = f"refusal_{cond}"
-        if col in comparison:
-            err = np.abs(comparison[[f"{col}_ci_low", f"{col}_ci_high"]].to_numpy().T - comparison[col].to_numpy())
-            axes[0].bar(x + (i - (len(ATTACKS) - 1) / 2) * width, comparison[col], width, yerr=err, label=cond, capsize=2)
-    axes[0].set_xticks(x, labels, fontsize=7)
-    axes[0].set_ylabel("refusal rate (judge)" if judge else "refusal probability")
-    axes[0].set_title("Refusal under adaptive attacks", fontsize=9)
-    axes[0].legend(fontsize=7)
-    for ax, curve, xlabel in ((axes[1], "units", "top-k attribution-ranked units mean-ablated"),
-                              (axes[2], "directions", "top-n candidate directions ablated (span)")):
-        for (v, m), g in curves[curves.curve == curve].groupby(["variant", "mode"], sort=False):
-            g = g.sort_values("k")
-            ax.plot([0] + list(g.k), [g.refusal_prob_before.iloc[0]] + list(g.refusal_prob), marker="o",
-                    label=v if v == "original" else f"{v} {m}")
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel(xlabel, fontsize=8)
-        ax.set_ylabel("refusal probability (first token)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.suptitle(f"Hardening modes under attacks recomputed on each model, {model_name}", fontsize=10)
-    fig.tight_layout()
-    return fig
