@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock
+
 from circuitlab.io.files import atomic_path
 from circuitlab.io.paths import cache_dir
 
@@ -84,17 +86,21 @@ def embedded_model_dir(progress: bool = True) -> Path:
     if (done / "model.safetensors").is_file() and (done / "config.json").is_file():
         return done
     root.mkdir(parents=True, exist_ok=True)
-    if progress:
-        print("circuitlab: first use of the embedded model: assembling and dequantizing the GGUF "
-              "(about a minute, once) ...", flush=True)
-    with tempfile.TemporaryDirectory(dir=root) as work:
-        work = Path(work)
-        _assemble_gguf(work / "model.gguf")
-        staging = work / "hf"
-        staging.mkdir()
-        _convert(work, staging)
-        # Rename last, so an interrupted conversion never leaves a half-written model behind.
-        if done.exists():
-            shutil.rmtree(done)
-        os.replace(staging, done)
+    # one conversion at a time: a second process (e.g. another pytest worker) waits, then reads the result
+    with FileLock(root / ".convert.lock"):
+        if (done / "model.safetensors").is_file() and (done / "config.json").is_file():
+            return done
+        if progress:
+            print("circuitlab: first use of the embedded model: assembling and dequantizing the GGUF "
+                  "(about a minute, once) ...", flush=True)
+        with tempfile.TemporaryDirectory(dir=root) as work:
+            work = Path(work)
+            _assemble_gguf(work / "model.gguf")
+            staging = work / "hf"
+            staging.mkdir()
+            _convert(work, staging)
+            # Rename last, so an interrupted conversion never leaves a half-written model behind.
+            if done.exists():
+                shutil.rmtree(done)
+            os.replace(staging, done)
     return done
