@@ -5,8 +5,9 @@ order (the logits first, then layer by layer back to layer 0; within a layer the
 the value, key and query inputs). For each reader, try its incoming edges one at a time, latest
 writer first: tentatively ablate the edge and recompute the criterion ``c`` of the current
 circuit; if ``c(new) - c(current) < tau`` the edge stays removed (and ``c(current)`` becomes
-``c(new)``), otherwise it is restored. A reader whose node no longer feeds anything kept is skipped
-(ACDC never expands a node that is disconnected from the output). Edges are evaluated EXACTLY, with
+``c(new)``), otherwise it is restored. A reader whose node no longer reaches the logits through
+kept edges is skipped (ACDC never expands a node that is disconnected from the output; its edges
+stay in ``mask`` and are pruned away). Edges are evaluated EXACTLY, with
 corrupted-run (or mean) ablation of every removed edge (``faithfulness.CircuitRunner``: one
 forward pass of all pairs per tried edge), not linearised.
 
@@ -137,11 +138,15 @@ class ACDCSearch:
         mask = g.valid.clone() if candidates is None else (g.check_mask(candidates) & g.valid)
         current = self.value(mask)
         n_evals += 1
-        trace = []
-        for r in progress_bar(range(g.n_readers - 1, -1, -1), progress, total=g.n_readers, desc=f"acdc tau={tau:g}"):
+        trace, last = [], g.n_readers - 1
+        alive = np.zeros(g.n_writers, dtype=bool)  # the writer reaches the logits through kept edges
+        for r in progress_bar(range(last, -1, -1), progress, total=g.n_readers, desc=f"acdc tau={tau:g}"):
             feeds = self.readers_of[r]
-            if r != g.n_readers - 1 and not mask[feeds].any():
-                continue  # its node reaches nothing kept: ACDC does not expand it
+            for o in feeds:  # every reader after r has had its turn, so o's outgoing edges are final
+                alive[o] = any(r2 == last or alive[self.readers_of[r2]].any()
+                               for r2 in torch.nonzero(mask[o]).flatten().tolist())
+            if r != last and not alive[feeds].any():
+                continue  # its node reaches the logits through no kept edge: ACDC does not expand it
             for w in range(int(g.n_read[r]) - 1, -1, -1):
                 if not mask[w, r]:
                     continue
