@@ -23,14 +23,20 @@ taus ask for the criterion of the same masks) and in total (baselines included).
 (``io.provenance.matmul_peak``, at the run's thread count) and the load average are recorded at the
 start and the end, and the 1-minute load beside every row.
 
-Cost (embedded model, one thread): one exact forward of 8 pairs is ~7 s; EAP-IG (5 steps) on 8 pairs
-~2 min; each tau at most N + 1 forwards of the discovery pairs (a reader whose node feeds nothing
-kept is skipped, large taus disconnect nodes early), so the defaults (8 + 8 pairs, N = 64, 6 taus) take
-~25 min. ``--budget-min`` is a stop rule, not a choice: a tau is not started once the run has used
-that many minutes, and the skipped taus are listed in run.json. The taus run largest, smallest, then
-midpoints (``spread``), so a run cut short still spans the grid; the order changes no result (the
-criterion cache is shared by all taus). Outputs are rewritten after every tau, so a run stopped from
-outside keeps every finished tau.
+N = 128 by default: on the embedded model the top 64 EAP-IG edges of these discovery pairs hold no
+embedding -> logits path (pruned, they are the empty circuit, faithfulness 0; the top 96 keep 46
+edges, the top 128 keep 110; counted from refusal_edges.py's EAP-IG scores on the same split), so a
+smaller warm start leaves ACDC nothing to find.
+
+Cost (embedded model, one thread to itself): one exact forward of 8 pairs is ~7 s (~250 GFLOP);
+EAP-IG (5 steps) on 8 pairs ~2 min; the held-out measurements ~15 forwards; each tau at most N + 1
+forwards of the discovery pairs, fewer at large taus (a reader whose node no longer reaches the logits
+is skipped) and fewer where an earlier tau asked for the same mask. A small tau costs ~15 min, so the
+6-tau grid takes about an hour; ``--budget-min`` (default 25) is a stop rule, not a choice: no tau is
+started once the run has used that many minutes, and the skipped taus are listed in run.json. The
+taus run largest, smallest, then midpoints (``spread``), so a run cut short still spans the grid; the
+order changes no result (the criterion cache is shared by all taus). Outputs are rewritten after every
+tau, so a run stopped from outside keeps every finished tau.
 
 Writes OUT (default results/acdc_vs_eapig/): ``table.csv`` (one row per method and tau or n: method,
 tau, n_edges, n_effective, faithfulness_heldout, seconds, n_evals, n_cached, criterion_discovery,
@@ -39,7 +45,7 @@ load_1m), ``circuits.csv`` (every ACDC circuit's edges with their EAP-IG score),
 peak, load, provenance).
 
 Usage:
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/acdc_vs_eapig.py      # embedded, ~25 min
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/acdc_vs_eapig.py      # embedded, 25-40 min
     .venv/bin/python experiments/acdc_vs_eapig.py --model tiny --out /tmp/acdc_tiny  # smoke run, seconds
 Options: --n-discover / --n-heldout (pairs), --warm-start N, --taus a,b,c, --criterion kl|metric,
 --ig-steps, --budget-min, --threads; a bad value exits 2 with a one-line message before the model loads.
@@ -92,7 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="prompts loaded per set (equal-length pairs are a subset: 128 give 16 on the embedded model)")
     ap.add_argument("--n-discover", type=int, default=8, help="pairs that score edges and run ACDC")
     ap.add_argument("--n-heldout", type=int, default=8, help="pairs every circuit's faithfulness is measured on")
-    ap.add_argument("--warm-start", type=int, default=64, help="N: ACDC tries only the top-N EAP-IG edges")
+    ap.add_argument("--warm-start", type=int, default=128,
+                    help="N: ACDC tries only the top-N EAP-IG edges (see the docstring for why 128)")
     ap.add_argument("--taus", type=_floats, default=None,
                     help="ACDC thresholds, comma-separated (default: 6 log-spaced, 1e-3..1 kl, 1e-2..10 metric)")
     ap.add_argument("--criterion", default="kl",

@@ -54,3 +54,18 @@ def test_bad_option_exits_2_before_loading(script, monkeypatch, capsys, argv):
         script.main(argv)
     assert exit_.value.code == 2
     assert ": error: " in capsys.readouterr().err.strip().splitlines()[-1]  # argparse: usage, then one line
+
+
+def test_acdc_does_not_expand_nodes_cut_off_from_the_logits():
+    """At a huge tau every edge into the logits goes first; then no node reaches the logits, so no other
+    edge is tried (the warm-started embedded run relies on this: its large taus cost a few forwards)."""
+    from circuitlab import load_model
+    from circuitlab.graph import ACDCSearch, EdgeGraph
+    from circuitlab.models.planted import planted_prompts
+    from circuitlab.methods.pairs import make_pairs
+
+    model = load_model("tiny")
+    graph = EdgeGraph.from_model(model)
+    result = ACDCSearch(model, list(make_pairs(model, *planted_prompts(8, seed=0)))).run(1e9)
+    assert not result.pruned.any()
+    assert result.n_evals == 1 + int(graph.valid[:, -1].sum())  # the baseline, then each edge into the logits
