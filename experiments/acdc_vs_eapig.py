@@ -238,6 +238,7 @@ def main(argv=None) -> pd.DataFrame:
            "timings_s": timings, "complete": False}
     title = f"{model.name}: ACDC (warm start N={n_warm}, {args.criterion}) vs EAP-IG, held-out faithfulness"
     eap_ns, circuits = set(), []
+    write_outputs(args.out, rows, circuits, run, graph, title)
     for tau in taus:
         if time.perf_counter() - t0 > 60 * args.budget_min:
             run["acdc"]["taus_skipped"].append(tau)
@@ -257,6 +258,7 @@ def main(argv=None) -> pd.DataFrame:
                              faithfulness_heldout=evaluate(mask), seconds=eapig_s, load_1m=_load()))
         timings["acdc_total"] = round(timings["acdc_baselines"] + sum(x.get("seconds") or 0 for x in rows
                                                                         if x["method"] == "acdc"), 2)
+        run.update(provenance=provenance.finish(record, model))  # so far: a run stopped from outside keeps it
         run["acdc"]["n_cached_total"] = search.n_cached
         write_outputs(args.out, rows, circuits, run, graph, title)
         eap = next(x for x in rows if x["method"] == "eap-ig" and x["n_edges"] == r.n_edges)
