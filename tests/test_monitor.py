@@ -256,7 +256,7 @@ def test_monitor_experiment_runs_decision_kinds_on_planted(planted, tmp_path):
 
     assert {"circuit-probe", "logodds", "multi-probe", "direction-late"} <= set(MONITOR_KINDS)
     for bad, match in (({"method": "svm"}, "circuit-probe"), ({"method": "logodds", "fpr": 0.0}, "0 < fpr < 1"),
-                       ({"method": "circuit-probe", "components": str(tmp_path / "nope")}, "no such run"),
+                       ({"method": "circuit-probe", "circuit_units": str(tmp_path / "nope")}, "no such run"),
                        ({"method": "circuit-probe", "n_neurons": 0, "n_heads": 0, "integrity": False}, "needs units")):
         with pytest.raises(ValueError, match=match) as err:
             Monitor(**bad)
@@ -267,7 +267,7 @@ def test_monitor_experiment_runs_decision_kinds_on_planted(planted, tmp_path):
     _, extra = planted_prompts(60, seed=9)
     for i, part in enumerate((list(extra)[:30], list(extra)[30:])):
         (tmp_path / f"src{i}.txt").write_text("\n".join(part))
-    result = Monitor(method="circuit-probe", components=str(tmp_path / "units.csv"), fpr=0.25, ood=None,
+    result = Monitor(method="circuit-probe", circuit_units=str(tmp_path / "units.csv"), fpr=0.25, ood=None,
                      integrity=False, n_overhead=4, batch_size=64, n_boot=20, n_per_source=30,
                      sources=[str(tmp_path / "src0.txt"), str(tmp_path / "src1.txt")]).run(planted, h, s)
     summary = result.summary

