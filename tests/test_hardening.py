@@ -362,3 +362,44 @@ def test_robust_safety_chooses_the_learning_rate_on_val_runs_only(tmp_path):
     run = subprocess.run([sys.executable, str(script), "--choose-lr", "--out", str(tmp_path)], capture_output=True,
                          text=True)
     assert run.returncode == 2 and "not measured on val" in run.stderr
+
+
+def test_robust_safety_merges_runs_whose_originals_agree(tmp_path):
+    """``--merge``: runs at the same settings and seeds with other modes make one table, the original once; a run
+    whose original differs, or whose settings differ, is refused (exit 2) and nothing is written."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "robust_safety.py"
+    base = {"variant": "original", "mode": "none", "refusal_worst": 0.0, "worst_attack": "prefill",
+            "over_refusal_rate": 0.0, "kl_from_original": 0.0}
+
+    def run_folder(name, mode, original=base, lr=0.00025):
+        for seed in (0, 1):
+            folder = tmp_path / name / f"seed_{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame([original, {**base, "variant": "targeted", "mode": mode, "refusal_worst": 0.1 * (seed + 1),
+                                     "kl_from_original": 0.05}]).to_csv(folder / "comparison.csv", index=False)
+            (folder / "run.json").write_text(json.dumps({"params": {"lr": lr, "modes": [mode]},
+                                                         "model": {"id": "embedded"}}))
+    run_folder("a", "plain")
+    run_folder("b", "redundant")
+
+    def merge(*runs, out="merged"):
+        return subprocess.run([sys.executable, str(script), "--merge", *[str(tmp_path / r) for r in runs], "--seeds",
+                               "0,1", "--out", str(tmp_path / out)], capture_output=True, text=True)
+    done = merge("a", "b")
+    assert done.returncode == 0, done.stderr
+    by_seed = pd.read_csv(tmp_path / "merged" / "by_seed.csv")
+    assert sorted(by_seed["mode"]) == ["none", "none", "plain", "plain", "redundant", "redundant"]
+    assert json.loads((tmp_path / "merged" / "run.json").read_text())["merged"] == [str(tmp_path / "a"),
+                                                                                   str(tmp_path / "b")]
+    run_folder("c", "distributed", original={**base, "refusal_worst": 0.25})
+    run_folder("d", "distributed", lr=0.001)
+    for other, message in (("c", "original differs"), ("d", "differs from")):
+        refused = merge("a", other, out=f"merged_{other}")
+        assert refused.returncode == 2 and message in refused.stderr and not (tmp_path / f"merged_{other}" / "by_seed.csv").exists()
