@@ -231,21 +231,4 @@ def test_run_units_score_candidates_as_select_does(tiny, harmful, harmless, tmp_
         baseline["harmful"], 4)
 
 
-@pytest.mark.slow
-def test_embedded_direction_bypasses_and_induces_refusal(embedded):
-    from conftest import HARMFUL, HARMLESS
-    from circuitlab.methods import metrics
-
-    layer = 18  # its last-position candidate bypasses strongly (val score -2.97, results/arditi_2024/candidates.csv)
-    name = hk.resid_pre(layer)
-    mean = {k: embedded.run_with_cache(p[:6], [name], "last")[name][:, 0].mean(0)
-            for k, p in (("harmful", HARMFUL), ("harmless", HARMLESS))}
-    r = mean["harmful"] - mean["harmless"]
-    test_harmful, test_harmless = HARMFUL[6:], HARMLESS[6:]
-    base = metrics.refusal_score(embedded, test_harmful).mean()
-    ablated = metrics.refusal_score(embedded, test_harmful, fwd_hooks=iv.directional_ablation_hooks(embedded, r)).mean()
-    assert ablated < base - 0.5, (base, ablated)
-    base_h = metrics.refusal_score(embedded, test_harmless).mean()
-    added = metrics.refusal_score(embedded, test_harmless,
-                                  fwd_hooks=iv.activation_addition_hooks(embedded, r, layer)).mean()
-    assert added > base_h + 0.5, (base_h, added)
+# test_embedded_direction_bypasses_and_induces_refusal lives in test_embedded.py (one embedded load per run)

@@ -92,18 +92,7 @@ def test_prefill_unembeds_only_the_last_position_and_every_hook_fires(tiny):
     assert seen["unembed.hook_out"][0][:2] == (3, 1)
 
 
-@pytest.mark.slow
-def test_early_verdicts_equal_full_decoding_on_the_embedded_model(embedded):
-    from circuitlab.io.datasets import load
-
-    prompts = list(load("advbench", split="val", n=8, seed=3))
-    full = embedded.generate(prompts, 24, batch_size=8)
-    early = embedded.generate(prompts, 24, batch_size=8, stop_when=is_refusal)
-    verdicts = [is_refusal(t) for t in full]
-    assert any(verdicts) and not all(verdicts), "the check needs rows that stop early and rows that run to the end"
-    assert [is_refusal(t) for t in early] == verdicts
-    for e, f in zip(early, full):
-        assert e == f if not is_refusal(e) else f.startswith(e)
+# test_early_verdicts_equal_full_decoding_on_the_embedded_model lives in test_embedded.py (one embedded load)
 
 
 @pytest.mark.parametrize("name", ["tiny", "planted"])
