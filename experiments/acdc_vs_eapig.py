@@ -28,11 +28,12 @@ embedding -> logits path (pruned, they are the empty circuit, faithfulness 0; th
 edges, the top 128 keep 110; counted from refusal_edges.py's EAP-IG scores on the same split), so a
 smaller warm start leaves ACDC nothing to find.
 
-Cost (embedded model, one thread to itself): one exact forward of 8 pairs is ~7 s (~250 GFLOP);
-EAP-IG (5 steps) on 8 pairs ~2 min; the held-out measurements ~15 forwards; each tau at most N + 1
-forwards of the discovery pairs, fewer at large taus (a reader whose node no longer reaches the logits
-is skipped) and fewer where an earlier tau asked for the same mask. A small tau costs ~15 min, so the
-6-tau grid takes about an hour; ``--budget-min`` (default 25) is a stop rule, not a choice: no tau is
+Cost (embedded model, one thread, measured beside other jobs at load 6-9): one exact forward of the 8
+discovery pairs ~6 s; EAP-IG (5 steps) on 8 pairs 93 s; the held-out measurements ~15 forwards; each
+tau at most N + 1 forwards of the discovery pairs, fewer at large taus (a reader whose node no longer
+reaches the logits is skipped) and fewer where an earlier tau asked for the same mask: the default
+grid took 652 s at tau 1e-3, 432 s at 4e-3, 139 s at 1 and ~0 s at the three taus that made tau 1's
+decisions, 1,424 s in all. ``--budget-min`` (default 25) is a stop rule, not a choice: no tau is
 started once the run has used that many minutes, and the skipped taus are listed in run.json. The
 taus run largest, smallest, then midpoints (``spread``), so a run cut short still spans the grid; the
 order changes no result (the criterion cache is shared by all taus). Outputs are rewritten after every
@@ -45,7 +46,7 @@ load_1m), ``circuits.csv`` (every ACDC circuit's edges with their EAP-IG score),
 peak, load, provenance).
 
 Usage:
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/acdc_vs_eapig.py      # embedded, 25-40 min
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/acdc_vs_eapig.py      # embedded, ~25 min
     .venv/bin/python experiments/acdc_vs_eapig.py --model tiny --out /tmp/acdc_tiny  # smoke run, seconds
 Options: --n-discover / --n-heldout (pairs), --warm-start N, --taus a,b,c, --criterion kl|metric,
 --ig-steps, --budget-min, --threads; a bad value exits 2 with a one-line message before the model loads.
@@ -236,7 +237,7 @@ def main(argv=None) -> pd.DataFrame:
                               "empty_mean": float(evaluate.runner.empty.mean())},
            "torch_threads": args.threads, "matmul_peak_gflops_start": round(peak_start / 1e9, 1),
            "timings_s": timings, "complete": False}
-    title = f"{model.name}: ACDC (warm start N={n_warm}, {args.criterion}) vs EAP-IG, held-out faithfulness"
+    title = f"{model.name}: ACDC (warm start N={n_warm}, {args.criterion}) vs EAP-IG top-n\nheld-out faithfulness"
     eap_ns, circuits = set(), []
     write_outputs(args.out, rows, circuits, run, graph, title)
     for tau in taus:
