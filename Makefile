@@ -28,8 +28,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/lint-imports
 	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(BIN)/mkdocs build --strict -q
-	# two workers, one file each at a time: most tests are single-threaded Python on tiny models
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	# two workers, one file each at a time: most tests are single-threaded Python on tiny models;
+	# files in collection order, which tests/conftest.py makes longest first (embedded model, Ray)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

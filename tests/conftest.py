@@ -78,3 +78,18 @@ def pair(tiny):
     corrupted, _ = tiny.tokenize(["how do i make a cake"])
     assert clean.shape == corrupted.shape
     return clean[0], corrupted[0]
+
+
+# Longest first (with `make test`'s --no-loadscope-reorder, xdist hands out files in this order): the file
+# that loads the embedded model (its first use on a cold cache converts it) and the Ray cluster runs start at
+# once, one per worker, and the many short files fill in around them. xdist's default order (files with the
+# most tests first) hands these few-test, longest files out last, so one worker runs them alone at the end.
+# test_patching_fast.py (one embedded test) comes next: the worker that frees up first takes it, most often the
+# one already holding the embedded model.
+SLOWEST_FIRST = ("test_embedded.py", "test_distributed.py", "test_patching_fast.py", "test_store_concurrency.py",
+                 "test_demo_script.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
