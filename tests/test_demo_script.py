@@ -72,11 +72,22 @@ def test_profiler_counts_nested_calls_once():
     assert ("p", "generation prefill") not in table.index and 0.05 <= table.loc[("p", "other"), "seconds"] < 0.09
 
 
-def test_demo_profile_smoke_on_planted(tmp_path):
+DEMO_ARGS = ["--model", "planted", "--quick", "--n", "8"]
+
+
+@pytest.fixture(scope="module")
+def profiled_demo(tmp_path_factory):
+    """One profiled demo run (planted, quick): the profile test reads its table, the rerun test reruns the demo
+    into its folder (the profiler runs the demo's own main, so this is the demo's first run there)."""
+    root = tmp_path_factory.mktemp("profiled_demo")
     bench = _load("bench/demo_profile.py", "demo_profile")
     original = metrics.kl_divergence
-    table = bench.main(["--out", str(tmp_path / "profile.csv"), "--results", str(tmp_path / "demo"),
-                        "--model", "planted", "--n", "8", "--quick"])
+    table = bench.main(["--out", str(root / "profile.csv"), "--results", str(root / "demo"), *DEMO_ARGS])
+    return root, table, original
+
+
+def test_demo_profile_smoke_on_planted(profiled_demo):
+    tmp_path, table, original = profiled_demo
     assert metrics.kl_divergence is original  # the wrappers are removed afterwards
     csv = pd.read_csv(tmp_path / "profile.csv")
     assert list(csv.columns) == ["phase", "kind", "seconds", "calls"] and len(csv) == len(table)
@@ -92,13 +103,14 @@ def test_demo_profile_smoke_on_planted(tmp_path):
     assert (tmp_path / "profile.json").is_file()
 
 
-def test_demo_runs_twice_into_the_same_folder(tmp_path):
-    """`make demo` twice: the second run replaces its own earlier run folders; a stranger's folder fails first."""
+def test_demo_runs_twice_into_the_same_folder(profiled_demo, tmp_path):
+    """`make demo` twice: the second run replaces its own earlier run folders; a stranger's folder fails first.
+    The first run is the profiled one (the same demo main, same arguments), so the demo runs once more here."""
     demo = _script()
-    args = ["--model", "planted", "--quick", "--n", "8", "--out", str(tmp_path / "demo")]
-    demo.main(args)
-    second = demo.main(args)
-    assert second["n_per_set"] == 8 and (tmp_path / "demo" / "circuit" / "config.json").is_file()
+    first = profiled_demo[0] / "demo"
+    assert (first / "circuit" / "config.json").is_file()
+    second = demo.main([*DEMO_ARGS, "--out", str(first)])
+    assert second["n_per_set"] == 8 and (first / "circuit" / "config.json").is_file()
     (tmp_path / "mine" / "circuit").mkdir(parents=True)
     (tmp_path / "mine" / "circuit" / "notes.txt").write_text("a user's file")
     started = time.time()
