@@ -403,3 +403,27 @@ def test_robust_safety_merges_runs_whose_originals_agree(tmp_path):
     for other, message in (("c", "original differs"), ("d", "differs from")):
         refused = merge("a", other, out=f"merged_{other}")
         assert refused.returncode == 2 and message in refused.stderr and not (tmp_path / f"merged_{other}" / "by_seed.csv").exists()
+
+
+def test_robust_safety_chooses_the_number_of_steps_by_the_same_rule(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "robust_safety.py"
+    for steps, (worst, kl) in {8: (0.0, 0.03), 32: (0.25, 0.12), 64: (0.5, 0.4)}.items():
+        folder = tmp_path / f"steps_{steps}" / "seed_0"
+        folder.mkdir(parents=True)
+        pd.DataFrame([{"variant": "original", "mode": "none", "refusal_worst": 0.0, "kl_from_original": 0.0,
+                       "over_refusal_rate": 0.0},
+                      {"variant": "targeted", "mode": "recovery", "refusal_worst": worst, "kl_from_original": kl,
+                       "over_refusal_rate": 0.0}]).to_csv(folder / "comparison.csv", index=False)
+        (folder / "run.json").write_text(json.dumps({"params": {"steps": steps, "lr": 0.00025, "eval_split": "val"}}))
+    run = subprocess.run([sys.executable, str(script), "--choose", "steps", "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    chosen = pd.read_csv(tmp_path / "selection.csv").set_index("steps").chosen
+    assert chosen[32] and chosen.sum() == 1, "64 steps break the KL bar; 32 refuses most of the rest"
