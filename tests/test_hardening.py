@@ -332,6 +332,23 @@ def test_eval_split_val_measures_val_prompts_the_attacks_did_not_choose_on(tiny,
         get("robust-hardening")(eval_split="train")
 
 
+def _write_val_runs(root, setting: str, rows: dict, *, mode: str, over_refusal: float, **params) -> None:
+    """``root/<setting>_<value>/seed_0/``: a comparison (original + one ``mode`` model with ``(refusal_worst, kl)``)
+    and a run.json of an eval_split=val run, as ``--choose`` reads them."""
+    import json
+
+    import pandas as pd
+
+    for value, (worst, kl) in rows.items():
+        folder = root / f"{setting}_{value}" / "seed_0"
+        folder.mkdir(parents=True)
+        pd.DataFrame([{"variant": "original", "mode": "none", "refusal_worst": 0.0, "kl_from_original": 0.0,
+                       "over_refusal_rate": 0.0},
+                      {"variant": "targeted", "mode": mode, "refusal_worst": worst, "kl_from_original": kl,
+                       "over_refusal_rate": over_refusal}]).to_csv(folder / "comparison.csv", index=False)
+        (folder / "run.json").write_text(json.dumps({"params": {setting: value, **params, "eval_split": "val"}}))
+
+
 def test_robust_safety_chooses_the_learning_rate_on_val_runs_only(tmp_path):
     """``--choose-lr``: the highest mean refusal under the worst attack among rates that keep KL <= 0.2; a run
     measured on test prompts is refused (exit 2), so the choice cannot read the test split."""
@@ -344,14 +361,7 @@ def test_robust_safety_chooses_the_learning_rate_on_val_runs_only(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "experiments" / "robust_safety.py"
     rows = {0.001: (0.9, 8.0), 0.0005: (0.6, 0.1), 0.00025: (0.4, 0.05)}  # lr: (refusal_worst, kl)
-    for lr, (worst, kl) in rows.items():
-        folder = tmp_path / f"lr_{lr}" / "seed_0"
-        folder.mkdir(parents=True)
-        pd.DataFrame([{"variant": "original", "mode": "none", "refusal_worst": 0.0, "kl_from_original": 0.0,
-                       "over_refusal_rate": 0.0},
-                      {"variant": "targeted", "mode": "plain", "refusal_worst": worst, "kl_from_original": kl,
-                       "over_refusal_rate": 0.1}]).to_csv(folder / "comparison.csv", index=False)
-        (folder / "run.json").write_text(json.dumps({"params": {"lr": lr, "eval_split": "val"}}))
+    _write_val_runs(tmp_path, "lr", rows, mode="plain", over_refusal=0.1)
     run = subprocess.run([sys.executable, str(script), "--choose-lr", "--out", str(tmp_path)], capture_output=True,
                          text=True)
     assert run.returncode == 0, run.stderr
@@ -406,7 +416,6 @@ def test_robust_safety_merges_runs_whose_originals_agree(tmp_path):
 
 
 def test_robust_safety_chooses_the_number_of_steps_by_the_same_rule(tmp_path):
-    import json
     import subprocess
     import sys
     from pathlib import Path
@@ -414,14 +423,8 @@ def test_robust_safety_chooses_the_number_of_steps_by_the_same_rule(tmp_path):
     import pandas as pd
 
     script = Path(__file__).resolve().parents[1] / "experiments" / "robust_safety.py"
-    for steps, (worst, kl) in {8: (0.0, 0.03), 32: (0.25, 0.12), 64: (0.5, 0.4)}.items():
-        folder = tmp_path / f"steps_{steps}" / "seed_0"
-        folder.mkdir(parents=True)
-        pd.DataFrame([{"variant": "original", "mode": "none", "refusal_worst": 0.0, "kl_from_original": 0.0,
-                       "over_refusal_rate": 0.0},
-                      {"variant": "targeted", "mode": "recovery", "refusal_worst": worst, "kl_from_original": kl,
-                       "over_refusal_rate": 0.0}]).to_csv(folder / "comparison.csv", index=False)
-        (folder / "run.json").write_text(json.dumps({"params": {"steps": steps, "lr": 0.00025, "eval_split": "val"}}))
+    _write_val_runs(tmp_path, "steps", {8: (0.0, 0.03), 32: (0.25, 0.12), 64: (0.5, 0.4)}, mode="recovery",
+                    over_refusal=0.0, lr=0.00025)
     run = subprocess.run([sys.executable, str(script), "--choose", "steps", "--out", str(tmp_path)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
