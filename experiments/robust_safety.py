@@ -147,9 +147,9 @@ def main() -> None:
             comparisons, note = merge_runs(args.merge, seeds)
         except ValueError as err:
             parser.error(str(err))
-        write_combined(out, comparisons, json.loads((args.merge[0] / f"seed_{seeds[0]}" / "run.json").read_text())
-                       ["model"]["id"], {"command": "python experiments/robust_safety.py " + " ".join(sys.argv[1:]),
-                                         "seeds": seeds, "merged": [str(r) for r in args.merge], **note})
+        write_combined(out, comparisons, note.pop("model"), {
+            "command": "python experiments/robust_safety.py " + " ".join(sys.argv[1:]), "seeds": seeds,
+            "merged": [str(r) for r in args.merge], **note})
         return
     if args.combine:
         missing = [x for x in seeds if not (out / f"seed_{x}" / "comparison.csv").is_file()]
@@ -208,40 +208,46 @@ def write_combined(out: Path, comparisons: list[pd.DataFrame], model_name: str, 
     print(defences.to_string(), flush=True)
 
 
+def read_seed(run: Path, seed: int, flag: str) -> tuple[pd.DataFrame, dict]:
+    """A saved seed's ``comparison.csv`` and ``run.json`` (``run/seed_<seed>/``); a missing one names itself."""
+    path, meta = run / f"seed_{seed}" / "comparison.csv", run / f"seed_{seed}" / "run.json"
+    missing = [str(f) for f in (path, meta) if not f.is_file()]
+    if missing:
+        raise ValueError(f"{flag}: {missing[0]} is missing")
+    return pd.read_csv(path), json.loads(meta.read_text())
+
+
 def merge_runs(runs: list[Path], seeds: list[int]) -> tuple[list[pd.DataFrame], dict]:
     """Per seed, one comparison table from several runs made with the same settings and seeds but other
     modes: the original's row is kept once, after checking every run measured the same numbers for it
     (same prompts, same attacks: it must agree to the last digit). Parameters that differ between the
-    runs (other than ``modes``) are refused; parameters only a later code version knows are noted."""
+    runs (other than ``modes``) are refused; parameters only a later code version knows are noted. Returns the
+    tables and what the combined ``run.json`` adds (the model id, those parameters)."""
     if len(runs) < 2:
         raise ValueError("--merge: give at least two run folders")
-    comparisons, only_in = [], {}
+    comparisons, only_in, model = [], {}, None
     for seed in seeds:
         tables, first = [], None
         for run in runs:
-            path, meta = run / f"seed_{seed}" / "comparison.csv", run / f"seed_{seed}" / "run.json"
-            missing = [str(f) for f in (path, meta) if not f.is_file()]
-            if missing:
-                raise ValueError(f"--merge: {missing[0]} is missing")
-            params = {k: v for k, v in json.loads(meta.read_text())["params"].items() if k != "modes"}
+            table, meta = read_seed(run, seed, "--merge")
+            params = {k: v for k, v in meta["params"].items() if k != "modes"}
             if first is None:
-                first = params
+                first, model = params, meta.get("model", {}).get("id")
             differ = sorted(k for k in set(first) & set(params) if first[k] != params[k])
             if differ:
                 raise ValueError(f"--merge: {run} differs from {runs[0]} in {', '.join(differ)}")
             only_in.update({k: str(run) for k in set(params) ^ set(first)})
-            tables.append(pd.read_csv(path))
+            tables.append(table)
         originals = [t[t.variant == "original"].reset_index(drop=True) for t in tables]
         numeric = [c for c in originals[0].select_dtypes("number").columns
                    if all(c in o for o in originals) and not c.endswith("seconds")]
         for run, o in zip(runs[1:], originals[1:]):
-            if not np.allclose(o[numeric].to_numpy(float), originals[0][numeric].to_numpy(float), equal_nan=True):
-                bad = [c for c in numeric if not np.allclose(o[c], originals[0][c], equal_nan=True)]
+            bad = [c for c in numeric if not np.allclose(o[c], originals[0][c], equal_nan=True)]
+            if bad:
                 raise ValueError(f"--merge: seed {seed}: {run}'s original differs from {runs[0]}'s in {', '.join(bad)}")
         trained = [t[t.variant != "original"] for t in tables]
-        comparisons.append(pd.concat([tables[0][tables[0].variant == "original"], *trained], ignore_index=True)
-                           .assign(seed=seed))
-    return comparisons, {"params_only_in": only_in} if only_in else {}
+        comparisons.append(pd.concat([originals[0], *trained], ignore_index=True).assign(seed=seed))
+    return comparisons, {"model": model, **({"params_only_in": only_in} if only_in else {})}
 
 
 def choose_setting(out: Path, seeds: list[int], setting: str = "lr") -> pd.DataFrame:
@@ -253,14 +259,11 @@ def choose_setting(out: Path, seeds: list[int], setting: str = "lr") -> pd.DataF
     rows = []
     for folder in sorted(out.glob(f"{setting}_*")):
         for x in seeds:
-            path, run = folder / f"seed_{x}" / "comparison.csv", folder / f"seed_{x}" / "run.json"
-            missing = [str(f) for f in (path, run) if not f.is_file()]
-            if missing:
-                raise ValueError(f"{flag}: {missing[0]} is missing")
-            params = json.loads(run.read_text())["params"]
+            c, meta = read_seed(folder, x, flag)
+            params = meta["params"]
             if params.get("eval_split") != "val":
-                raise ValueError(f"{flag}: {path} was not measured on val prompts (eval_split={params.get('eval_split')!r})")
-            c = pd.read_csv(path)
+                raise ValueError(f"{flag}: {folder / f'seed_{x}'} was not measured on val prompts "
+                                 f"(eval_split={params.get('eval_split')!r})")
             c = c[c.variant != "original"]
             rows.append({setting: params[setting], "seed": x, "modes": ",".join(c["mode"]),
                          "refusal_worst_mean": c.refusal_worst.mean(), "refusal_worst_min": c.refusal_worst.min(),
