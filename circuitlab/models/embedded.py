@@ -79,16 +79,20 @@ def _convert(gguf_dir: Path, out_dir: Path) -> None:
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _complete(done: Path) -> bool:
+    return (done / "model.safetensors").is_file() and (done / "config.json").is_file()
+
+
 def embedded_model_dir(progress: bool = True) -> Path:
     """Return a directory holding the dequantized embedded model, building it on first use."""
     root = cache_dir() / "embedded" / GGUF_SHA256[:16]
     done = root / "hf"
-    if (done / "model.safetensors").is_file() and (done / "config.json").is_file():
+    if _complete(done):
         return done
     root.mkdir(parents=True, exist_ok=True)
     # one conversion at a time: a second process (e.g. another pytest worker) waits, then reads the result
     with FileLock(root / ".convert.lock"):
-        if (done / "model.safetensors").is_file() and (done / "config.json").is_file():
+        if _complete(done):  # another process converted it while this one waited
             return done
         if progress:
             print("circuitlab: first use of the embedded model: assembling and dequantizing the GGUF "
