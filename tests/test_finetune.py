@@ -7,8 +7,8 @@ import torch
 
 from circuitlab.core.components import Component
 from circuitlab.methods import metrics
-from circuitlab.defence.finetune import (OPTIMIZERS, REFUSAL_TARGETS, RefusalAblationAdversary,
-    component_masks, count_trainable, full_masks, greedy_targets, load_pairs, make_optimizer,
+from circuitlab.defence.adversaries import RefusalAblationAdversary
+from circuitlab.defence.finetune import (OPTIMIZERS, REFUSAL_TARGETS, component_masks, count_trainable, full_masks, greedy_targets, load_pairs, make_optimizer,
     random_components, train, train_components)
 from circuitlab.core.weights import canonical_parameters, weights_restored
 from tests.conftest import HARMFUL, HARMLESS

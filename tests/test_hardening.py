@@ -9,7 +9,8 @@ from circuitlab.core import hooks as hk
 from circuitlab.core.components import from_table
 from circuitlab.methods.directions import candidate_directions, mean_differences, unit
 from circuitlab.experiments.hardening import adaptive_direction_attack, attribution_units, subspace_hooks
-from circuitlab.defence.finetune import RefusalAblationAdversary, full_masks, greedy_targets, train
+from circuitlab.defence.adversaries import RefusalAblationAdversary
+from circuitlab.defence.finetune import full_masks, greedy_targets, train
 from circuitlab.methods.interventions import ablation_hooks, directional_ablation_hooks, reference_activations
 from circuitlab.core.weights import weights_restored
 
@@ -228,7 +229,7 @@ def test_robust_safety_script_refuses_bad_sets_before_loading(bad, message, tmp_
 def test_random_subspace_adversary_ablates_a_random_member_at_every_step(planted, sets):
     """DeepRefusal-style: every step draws k <= max_k keys (random layers and offsets) and projects their span
     out of the hardening rows from the first drawn layer on; the draws vary across steps."""
-    from circuitlab.defence.finetune import RandomSubspaceAdversary
+    from circuitlab.defence.adversaries import RandomSubspaceAdversary
 
     adv = RandomSubspaceAdversary(planted, sets["h_train"][:8], sets["s_train"][:8], max_k=3, refresh_every=2, seed=0)
     drawn = []

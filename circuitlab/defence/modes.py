@@ -5,8 +5,8 @@ Each remedy of the robust-hardening experiment is a mode; a combined mode such a
 decides which hooks act on a step):
 
 - ``plain``: hardening targets + retain set + KL only (cannot be combined);
-- ``adversarial``: ReFAT (Yu et al. 2024), ``finetune.RefusalAblationAdversary``;
-- ``distributed``: DeepRefusal (arXiv 2509.15202), ``finetune.RandomSubspaceAdversary``;
+- ``adversarial``: ReFAT (Yu et al. 2024), ``adversaries.RefusalAblationAdversary``;
+- ``distributed``: DeepRefusal (arXiv 2509.15202), ``adversaries.RandomSubspaceAdversary``;
 - ``redundant``: all refusal mechanisms but one ablated per step, ``redundant.MechanismAdversary``;
 - ``rerouting``: Circuit Breakers (Zou et al. 2024), ``rerouting.Rerouting``;
 - ``recovery``: refusal after a prefilled affirmative opener (Qi et al. 2025), ``finetune.prefill_openers``.

@@ -14,7 +14,7 @@ mechanisms the model has now, not the original's:
 
 With two mechanisms "all but one" is "one of the two". The test of the result is
 ``attacks.redundancy``: with all but one mechanism ablated, does that one alone keep refusal?
-Same call protocol as ``finetune.RefusalAblationAdversary``: ``adversary(step, n_rows) -> (hooks, rows)``.
+Same call protocol as ``adversaries.RefusalAblationAdversary``: ``adversary(step, n_rows) -> (hooks, rows)``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from circuitlab.core.components import from_table
 from circuitlab.defence.attacks import attribution_units
-from circuitlab.defence.finetune import RefusalAblationAdversary
+from circuitlab.defence.adversaries import RefusalAblationAdversary
 from circuitlab.io.store import ActivationStore
 from circuitlab.methods.interventions import ablation_hooks, directional_ablation_hooks, reference_activations
 

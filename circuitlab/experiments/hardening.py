@@ -5,12 +5,12 @@ model answers; a retain set of the model's own harmless answers + KL against ove
 compliance data), in two modes at equal steps: ``plain`` and ``adversarial`` — ReFAT (Yu et al. 2024,
 "Robust LLM Safeguarding via Refusal Feature Adversarial Training"): the refusal direction is
 recomputed on the weights being trained every ``refresh_every`` steps and ablated on the hardening
-rows (``finetune.RefusalAblationAdversary``). Parameters trained: located components (``targeted``),
+rows (``adversaries.RefusalAblationAdversary``). Parameters trained: located components (``targeted``),
 random components with exactly as many parameters (``random``), every block (``full``).
 
 A third mode, ``distributed`` (DeepRefusal, arXiv 2509.15202): a random member of the refusal subspace
 (k <= ``max_k`` directions at random layers × offsets) is ablated at every step
-(``finetune.RandomSubspaceAdversary``). ``targets="extended"``: the hardening targets are the project's
+(``adversaries.RandomSubspaceAdversary``). ``targets="extended"``: the hardening targets are the project's
 multi-sentence refusals (extended refusal, Abu Shairah et al. 2025; ``finetune.extended_refusals``).
 A fourth, ``rerouting`` (Circuit Breakers, Zou et al. 2024): the plain hardening loss plus representation
 rerouting of the harmful prompts and retention of the harmless ones at ``reroute_layers``
@@ -73,9 +73,9 @@ from circuitlab.core.components import from_table
 from circuitlab.methods.stats import bootstrap_ci
 from circuitlab.defence.attacks import (ATTACK_RULES, adaptive_direction_attack, attribution_units, ranked_keys,
     redundancy, run_attacks, subspace_hooks)
-from circuitlab.defence.finetune import (OPTIMIZERS, TARGET_STYLES, RandomSubspaceAdversary,
-    RefusalAblationAdversary, component_masks, full_masks, greedy_targets, load_pairs, prefill_openers,
-    random_components, refusal_targets, train)
+from circuitlab.defence.adversaries import RandomSubspaceAdversary, RefusalAblationAdversary
+from circuitlab.defence.finetune import (OPTIMIZERS, TARGET_STYLES, component_masks, full_masks, greedy_targets,
+    load_pairs, prefill_openers, random_components, refusal_targets, train)
 from circuitlab.defence.modes import MODES, check_modes, mode_parts
 from circuitlab.defence import report
 from circuitlab.defence.redundant import MechanismAdversary
