@@ -431,3 +431,24 @@ def test_robust_safety_chooses_the_number_of_steps_by_the_same_rule(tmp_path):
     assert run.returncode == 0, run.stderr
     chosen = pd.read_csv(tmp_path / "selection.csv").set_index("steps").chosen
     assert chosen[32] and chosen.sum() == 1, "64 steps break the KL bar; 32 refuses most of the rest"
+
+
+def test_defend_trains_the_defence_run_trains_and_names_its_prompts(tiny, harmful, harmless):
+    from circuitlab.experiments import get
+
+    exp = get("robust-hardening")(steps=2, n_neurons=3, n_heads=1, modes=["adversarial"], n_train=4, batch_size=2,
+                                  n_retain=3, retain_tokens=3, judge=False, n_text=2, n_eval=3, n_val=2, n_attack=4,
+                                  n_adv=3, k_grid=[1], n_dirs=[1], n_boot=20, attack_layers=[0, 1],
+                                  attack_positions=[-1], suite=["direction_ablation"], progress=False)
+    ran = exp.run(tiny, harmful, harmless).tables["training"].iloc[0]
+    before = {n: p.detach().clone() for n, p in tiny.hf_model.named_parameters()}
+    with weights_restored(tiny):
+        row = exp.defend(tiny, harmful, harmless, "adversarial")
+        moved = sum(not torch.equal(p, before[n]) for n, p in tiny.hf_model.named_parameters())
+    assert moved > 0, "defend left the weights as they were"
+    assert all(torch.equal(p, before[n]) for n, p in tiny.hf_model.named_parameters()), "weights_restored failed"
+    for col in ("n_params", "target_loss_first", "target_loss_last", "ablated_rows", "adversary_refreshes"):
+        assert row[col] == pytest.approx(ran[col], abs=1e-6), f"{col}: defend trained another defence than run"
+    assert row["trained_prompts"] and set(row["trained_prompts"]) <= set(harmful) | set(harmless)
+    with pytest.raises(ValueError, match="not one of"):
+        exp.defend(tiny, harmful, harmless, "armour")

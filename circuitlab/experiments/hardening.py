@@ -200,6 +200,61 @@ class RobustHardening(Experiment):
               "n_neurons and n_heads are both 0 and no components_csv: nothing to train (e.g. --set n_neurons=16)")
 
     def run(self, model, harmful, harmless, *, store=None) -> Result:
+        prep = self._prepare(model, harmful, harmless, store)
+        rows, curves, cands, training = [], [], [], []
+        self._redundancy = []
+        self._say("original: attacks")
+        original = self._evaluate(model, "original", "none", rows, curves, cands)
+        keys = ranked_keys(original)[: self.adv_directions]
+        reroute_layers = self.reroute_layers or default_layers(model.n_layers)
+        reading = (_reading_accuracy(model, self._sets, reroute_layers, self.seed, self.batch_size_eval)
+                   if any("rerouting" in mode_parts(m) for m in self.modes) else {})
+        for i, (mode, variant) in enumerate([(m, v) for m in self.modes for v in self.variants]):
+            self._say(f"model {i + 1}/{len(self.modes) * len(self.variants)}: {variant} {mode}, {self.steps} steps")
+            with weights_restored(model):
+                training.append(self._train(model, prep, mode, variant, keys, reroute_layers))
+                self._evaluate(model, variant, mode, rows, curves, cands)
+        table, curves = pd.DataFrame(rows), pd.DataFrame(curves)
+        comparison = report.comparison(table, curves, pd.DataFrame(training), self.judge, self.eval_split)
+        summary = {"components": ",".join(map(str, prep["components"])), "adversary_keys": str(keys), "targets": self.targets,
+                   "eval_split": self.eval_split,
+                   "random_control_note": prep["note"],
+                   **({"reroute_layers": ",".join(map(str, reroute_layers)),
+                       "rerouting_reading": ",".join(f"L{l}:{a:.3f}" for l, a in reading.items())} if reading else {}),
+                   "n_train_pairs": len(prep["pairs"]), "n_retain_pairs": len(prep["retain"]), "demo": self.dataset is None}
+        for r in comparison.to_dict("records"):
+            summary.update({f"{r['variant']}_{r['mode']}_{k}": v if isinstance(v, str) else round(float(v), 4)
+                            for k, v in r.items() if k not in ("variant", "mode") and pd.notna(v)})
+        return Result(table, self.config(model, harmful=harmful, harmless=harmless),
+                      tables={"comparison": comparison, "curves": curves, "training": pd.DataFrame(training),
+                              "redundancy": pd.concat(self._redundancy, ignore_index=True),
+                              "attack_candidates": pd.concat(cands, ignore_index=True)},
+                      figures={"robust_hardening": report.figure(comparison, curves, model.name, self.judge)}, summary=summary)
+
+    def defend(self, model, harmful, harmless, mode: str, variant: str = "targeted", *, store=None) -> dict:
+        """Train ``model`` IN PLACE into one defence of ``run`` (same splits, components, pairs, retain set and
+        settings; no attack, no evaluation). Modes with a keyed adversary take the direction attack's best
+        ``adv_directions`` keys on these weights, as ``run`` does. Returns the training row with
+        ``trained_prompts``: the harmful and harmless prompts the training read. Undo with
+        ``weights.weights_restored(model)``."""
+        check_modes([mode])
+        check_choice("variant", variant, VARIANTS)
+        prep = self._prepare(model, harmful, harmless, store)
+        keys = []
+        if {"adversarial", "redundant"} & set(mode_parts(mode)):
+            s = self._sets
+            _, table = adaptive_direction_attack(
+                model, s["h_train"], s["s_train"], s["h_val"], s["s_val"], layers=self.attack_layers,
+                positions=self.attack_positions, prune_layer_frac=self.prune_layer_frac, rule=self.attack_rule,
+                screen_prompts=self.attack_screen, batch_size=self.batch_size_eval)
+            keys = ranked_keys(table)[: self.adv_directions]
+        row = self._train(model, prep, mode, variant, keys, self.reroute_layers or default_layers(model.n_layers))
+        return {**row, "trained_prompts": [p for p, _ in prep["pairs"]] + [p for p, _ in prep["retain"]]
+                + self._sets["h_train"][: self.n_adv] + self._sets["s_train"][: self.n_adv]}
+
+    def _prepare(self, model, harmful, harmless, store) -> dict:
+        """What every model of a run shares: the prompt sets (``self._sets``), the original's harmless logits,
+        the hardening pairs, the located components (and random control), their masks and the retain set."""
         store = store if store is not None else ActivationStore()
         sp = {f"{k}_{s}": p.split(s, self.seed) for k, p in (("h", harmful), ("s", harmless))
               for s in ("train", "val", "test")}
@@ -221,52 +276,27 @@ class RobustHardening(Experiment):
         masks = {"targeted": lambda: component_masks(model, components),
                  "random": lambda: component_masks(model, control), "full": lambda: full_masks(model)}
         retain = greedy_targets(model, list(sp["s_train"])[: self.n_retain], self.retain_tokens) if self.retain else []
-        rows, curves, cands, training = [], [], [], []
-        self._redundancy = []
-        self._say("original: attacks")
-        original = self._evaluate(model, "original", "none", rows, curves, cands)
-        keys = ranked_keys(original)[: self.adv_directions]
+        return {"pairs": pairs, "components": components, "note": note, "masks": masks, "retain": retain}
+
+    def _train(self, model, prep: dict, mode: str, variant: str, keys, reroute_layers) -> dict:
+        """Train the current weights into the (variant, mode) defence; its row of the ``training`` table."""
+        parts = mode_parts(mode)
         h_adv, s_adv = self._sets["h_train"][: self.n_adv], self._sets["s_train"][: self.n_adv]
-        reroute_layers = self.reroute_layers or default_layers(model.n_layers)
-        reading = (_reading_accuracy(model, self._sets, reroute_layers, self.seed, self.batch_size_eval)
-                   if any("rerouting" in mode_parts(m) for m in self.modes) else {})
-        for i, (mode, variant) in enumerate([(m, v) for m in self.modes for v in self.variants]):
-            self._say(f"model {i + 1}/{len(self.modes) * len(self.variants)}: {variant} {mode}, {self.steps} steps")
-            with weights_restored(model):
-                    parts = mode_parts(mode)
-                    adversary = self._adversary(parts, model, h_adv, s_adv, keys)
-                    m = masks[variant]()
-                    rerouting = Rerouting(reroute_layers, alpha=self.reroute_alpha) if "rerouting" in parts else None
-                    log = train(model, m, pairs, steps=self.steps, lr=self.full_lr if variant == "full" else self.lr,
-                                batch_size=self.batch_size, retain=retain, retain_per_batch=self.batch_size,
-                                kl_weight=self.kl_weight if retain else 0.0, seed=self.seed,
-                                optimizer=self.optimizer, adversary=adversary, rerouting=rerouting,
-                                openers=prefill_openers() if "recovery" in parts else (), opener_prob=self.recovery_prob)
-                    training.append({"variant": variant, "mode": mode, "n_params": log["n_params"], "steps": self.steps,
-                                     "seconds": log["seconds"],
-                                     "target_loss_first": log["target_loss"][0] if self.steps else np.nan,
-                                     "target_loss_last": log["target_loss"][-1] if self.steps else np.nan,
-                                     "adversary_refreshes": -(-self.steps // self.refresh_every) if adversary else 0,
-                                     "ablated_rows": int(sum(log["ablated_rows"])),
-                                     "prefilled_rows": int(sum(log["prefilled_rows"])),
-                                     "reroute_cos_last": log["rerouting"][-1]["reroute_cos"] if log.get("rerouting") else np.nan})
-                    self._evaluate(model, variant, mode, rows, curves, cands)
-        table, curves = pd.DataFrame(rows), pd.DataFrame(curves)
-        comparison = report.comparison(table, curves, pd.DataFrame(training), self.judge, self.eval_split)
-        summary = {"components": ",".join(map(str, components)), "adversary_keys": str(keys), "targets": self.targets,
-                   "eval_split": self.eval_split,
-                   "random_control_note": note,
-                   **({"reroute_layers": ",".join(map(str, reroute_layers)),
-                       "rerouting_reading": ",".join(f"L{l}:{a:.3f}" for l, a in reading.items())} if reading else {}),
-                   "n_train_pairs": len(pairs), "n_retain_pairs": len(retain), "demo": self.dataset is None}
-        for r in comparison.to_dict("records"):
-            summary.update({f"{r['variant']}_{r['mode']}_{k}": v if isinstance(v, str) else round(float(v), 4)
-                            for k, v in r.items() if k not in ("variant", "mode") and pd.notna(v)})
-        return Result(table, self.config(model, harmful=harmful, harmless=harmless),
-                      tables={"comparison": comparison, "curves": curves, "training": pd.DataFrame(training),
-                              "redundancy": pd.concat(self._redundancy, ignore_index=True),
-                              "attack_candidates": pd.concat(cands, ignore_index=True)},
-                      figures={"robust_hardening": report.figure(comparison, curves, model.name, self.judge)}, summary=summary)
+        adversary = self._adversary(parts, model, h_adv, s_adv, keys)
+        rerouting = Rerouting(reroute_layers, alpha=self.reroute_alpha) if "rerouting" in parts else None
+        retain = prep["retain"]
+        log = train(model, prep["masks"][variant](), prep["pairs"], steps=self.steps,
+                    lr=self.full_lr if variant == "full" else self.lr, batch_size=self.batch_size, retain=retain,
+                    retain_per_batch=self.batch_size, kl_weight=self.kl_weight if retain else 0.0, seed=self.seed,
+                    optimizer=self.optimizer, adversary=adversary, rerouting=rerouting,
+                    openers=prefill_openers() if "recovery" in parts else (), opener_prob=self.recovery_prob)
+        return {"variant": variant, "mode": mode, "n_params": log["n_params"], "steps": self.steps,
+                "seconds": log["seconds"],
+                "target_loss_first": log["target_loss"][0] if self.steps else np.nan,
+                "target_loss_last": log["target_loss"][-1] if self.steps else np.nan,
+                "adversary_refreshes": -(-self.steps // self.refresh_every) if adversary else 0,
+                "ablated_rows": int(sum(log["ablated_rows"])), "prefilled_rows": int(sum(log["prefilled_rows"])),
+                "reroute_cos_last": log["rerouting"][-1]["reroute_cos"] if log.get("rerouting") else np.nan}
 
     def _adversary(self, parts, model, harmful, harmless, keys):
         """The one adversary a mode trains against (``defence.modes``), or None."""
