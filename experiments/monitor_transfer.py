@@ -51,7 +51,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 import circuitlab as cl
@@ -246,7 +245,7 @@ def main(argv: list[str] | None = None) -> Path:
                   flush=True)
 
     # ---- leave-one-source-out folds
-    rows, arows, kept = [], [], None
+    rows, arows = [], []
     for hh in harmless:
         for hb in harmful:
             pos_names, neg_names = [n for n in harmful if n != hb], [n for n in harmless if n != hh]
