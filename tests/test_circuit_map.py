@@ -2,7 +2,6 @@
 its edge circuit must hold the planted path and be faithful, and stages are read off it; screening
 and verification use disjoint prompts, for the nodes and for the edges."""
 
-import pandas as pd
 import pytest
 import torch
 

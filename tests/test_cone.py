@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from circuitlab import ActivationStore
 from circuitlab.core import hooks as hk

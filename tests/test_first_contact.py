@@ -2,7 +2,6 @@
 code 2 before any compute and nothing written, or a note where the tool decides for the user."""
 
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -10,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from circuitlab import cli
 from circuitlab.io import datasets
 from circuitlab.models import loading
 

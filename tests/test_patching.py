@@ -7,7 +7,6 @@ import torch
 from transformer_lens import patching as tlp
 
 from circuitlab.core import hooks as hk
-from circuitlab.io.datasets import PromptSet
 from circuitlab.experiments.patching.activation import ActivationPatching, layer_sweeps, refusal_metric
 from circuitlab.methods.patching import Sweep, run_sweeps
 from circuitlab.methods.pairs import make_pairs

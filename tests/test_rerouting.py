@@ -6,7 +6,7 @@ import torch
 from circuitlab import ActivationStore
 from circuitlab.core import hooks as hk
 from circuitlab.core.components import Component
-from circuitlab.core.weights import canonical_parameters, weights_restored
+from circuitlab.core.weights import weights_restored
 from circuitlab.defence.finetune import component_masks, full_masks, greedy_targets, train
 from circuitlab.defence.rerouting import Rerouting, default_layers
 from tests.conftest import HARMFUL, HARMLESS

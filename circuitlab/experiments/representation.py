@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from circuitlab.core import hooks as hk
-from circuitlab.io import datasets, plots
+from circuitlab.io import datasets
 from circuitlab.io.datasets import PromptSet
 from circuitlab.io.results import Result
 from circuitlab.io.store import ActivationStore

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
-import torch
 
 from circuitlab.core.components import UNIT_KINDS, Component, from_table, hook_name, register_kind
 

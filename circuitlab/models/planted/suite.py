@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from circuitlab.models.planted.single import SPEC as SINGLE_SPEC
 from circuitlab.models.planted.weights import N_HEADS, PlantedHead, PlantedNeuron, Spec, build_from_spec
