@@ -95,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The options, every value checked here (exit 2, one line) so nothing is loaded for a bad one."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded", help="embedded (default) | tiny | planted | a local model dir")
-    ap.add_argument("--n-prompts", type=int, default=128,
+    ap.add_argument("--n", "--n-prompts", dest="n", type=int, default=128,  # --n-prompts: the name the committed run used
                     help="prompts loaded per set (equal-length pairs are a subset: 128 give 16 on the embedded model)")
     ap.add_argument("--n-discover", type=int, default=8, help="pairs that score edges and run ACDC")
     ap.add_argument("--n-heldout", type=int, default=8, help="pairs every circuit's faithfulness is measured on")
@@ -114,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.criterion not in eg.CRITERIA:
         ap.error(f"--criterion {args.criterion!r} is not one of {', '.join(eg.CRITERIA)}")
-    for name in ("n_prompts", "n_discover", "n_heldout", "warm_start", "ig_steps", "threads"):
+    for name in ("n", "n_discover", "n_heldout", "warm_start", "ig_steps", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.seed < 0:
@@ -191,8 +191,8 @@ def main(argv=None) -> pd.DataFrame:
     timings["load_model"] = round(time.perf_counter() - t0, 1)
     print(f"[{time.perf_counter() - t0:5.0f} s] loaded {model}; load {os.getloadavg()}", flush=True)
 
-    harmful = datasets.load("advbench", split="train", n=args.n_prompts, seed=0)
-    harmless = datasets.load("harmless", split="train", n=args.n_prompts, seed=0)
+    harmful = datasets.load("advbench", split="train", n=args.n, seed=0)
+    harmless = datasets.load("harmless", split="train", n=args.n, seed=0)
     n = args.n_discover + args.n_heldout
     split = EdgeAttribution(n_pairs=n, discover_fraction=args.n_discover / n, seed=args.seed)
     discover, heldout, n_unpaired = split.split(model, harmful, harmless)

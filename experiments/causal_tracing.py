@@ -23,7 +23,7 @@ from circuitlab.io.results import check_output_dir
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-pairs", type=int, default=8)
-    ap.add_argument("--n-prompts", type=int, default=64, help="prompts per set to pair from")
+    ap.add_argument("--n", "--n-prompts", dest="n", type=int, default=64, help="prompts per set to pair from")
     ap.add_argument("--mode", default="denoise", choices=["denoise", "noise"])
     ap.add_argument("--positions", default="all", choices=["all", "post", "last"])
     ap.add_argument("--components", default="resid_pre,attn_out,mlp_out,head")
@@ -35,8 +35,8 @@ def main(argv=None) -> None:
 
     t0 = time.time()
     model = cl.load_model("embedded")
-    harmful = cl.datasets.load("advbench", split="train", n=args.n_prompts, seed=0)
-    harmless = cl.datasets.load("harmless", split="train", n=args.n_prompts, seed=0)
+    harmful = cl.datasets.load("advbench", split="train", n=args.n, seed=0)
+    harmless = cl.datasets.load("harmless", split="train", n=args.n, seed=0)
     exp = get("activation-patching")(**{**dict(
         components=args.components.split(","), mode=args.mode, positions=args.positions, n_pairs=args.n_pairs), **overrides})
     result = exp.run(model, harmful, harmless)

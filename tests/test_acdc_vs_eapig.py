@@ -22,7 +22,7 @@ def script():
 
 
 def test_tiny_run_measures_both_methods_at_the_same_edge_counts(script, tmp_path):
-    table = script.main(["--model", "tiny", "--n-prompts", "32", "--n-discover", "3", "--n-heldout", "3",
+    table = script.main(["--model", "tiny", "--n", "32", "--n-discover", "3", "--n-heldout", "3",
                          "--warm-start", "16", "--taus", "1,0.03,1e-3", "--ig-steps", "2", "--out", str(tmp_path)])
     assert list(table.columns) == script.COLUMNS
     assert table.equals(pd.read_csv(tmp_path / "table.csv").astype(table.dtypes))
