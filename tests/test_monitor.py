@@ -222,38 +222,17 @@ def test_monitor_experiment_reports_false_alarms_per_source(tiny, harmful, harml
     assert result.summary["unseen_fpr_worst"] == pytest.approx(loso.unseen_fpr.max(), abs=1e-4)
 
 
-def test_monitor_transfer_measures_attribution_unit_ablation_on_tiny(tmp_path):
-    """experiments/monitor_transfer.py on tiny: the circuit-probe is among the monitors, and beside the
-    direction-ablated TPR stands the TPR with the top attribution-ranked units mean-ablated."""
+def test_monitor_transfer_on_a_defended_tiny_model(tiny, tmp_path):
+    """experiments/monitor_transfer.py on tiny, run as on a defended model (one run covers both paths):
+    ``--defended MODE --defended-run RUN`` first trains the model into that robust_safety run's defence
+    (its parameters from run.json), the prompts it trained on leave every source, and bad pairs exit 2;
+    the circuit-probe is among the monitors, and beside the direction-ablated TPR stands the TPR with
+    the top attribution-ranked units mean-ablated."""
     import importlib.util
     import json
     from pathlib import Path
 
     import pandas as pd
-
-    script = Path(__file__).resolve().parent.parent / "experiments" / "monitor_transfer.py"
-    spec = importlib.util.spec_from_file_location("monitor_transfer", script)
-    mt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mt)
-    out = mt.main(["14", "--model", "tiny", "--out", str(tmp_path)])
-    attack, loso = pd.read_csv(out / "attack.csv"), pd.read_csv(out / "loso.csv")
-    config = json.loads((out / "config.json").read_text())
-    assert "circuit-probe" in set(loso.monitor) and config["circuit_probe_units_from"] == "diff-ranking"
-    assert len(config["attribution_ablated_units"]) == mt.ATTRIBUTION_K
-    per = attack.groupby("attack").size()
-    assert per["attribution-units-ablated"] == per["direction-ablated"] == len(loso)
-    for name, s in config["summary"].items():
-        assert 0 <= s["mean_tpr_attribution-units-ablated"] <= 1, name
-    assert np.isfinite(loso[loso.monitor == "circuit-probe"].threshold).all()  # 21 cal prompts: a finite threshold
-    assert (out / "monitors" / "circuit-probe.pt").is_file()
-
-
-def test_monitor_transfer_runs_on_a_defended_model_without_its_training_prompts(tiny, tmp_path):
-    """--defended MODE --defended-run RUN: the model is first trained into that robust_safety run's defence
-    (its parameters from run.json); the prompts it trained on leave every source; bad pairs exit 2."""
-    import importlib.util
-    import json
-    from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "experiments" / "monitor_transfer.py"
     spec = importlib.util.spec_from_file_location("monitor_transfer", script)
@@ -273,9 +252,19 @@ def test_monitor_transfer_runs_on_a_defended_model_without_its_training_prompts(
             mt.main(argv + bad)
         assert err.value.code == 2 and not (tmp_path / "out" / "config.json").exists()
     out = mt.main(argv + ["--defended", "recovery"])
-    defended = json.loads((out / "config.json").read_text())["defended"]
+    attack, loso = pd.read_csv(out / "attack.csv"), pd.read_csv(out / "loso.csv")
+    config = json.loads((out / "config.json").read_text())
+    defended = config["defended"]
     assert defended["mode"] == "recovery" and defended["steps"] == 2 and defended["prefilled_rows"] > 0
-    assert defended["n_trained_prompts_dropped"] > 0 and (out / "loso.csv").is_file()
+    assert defended["n_trained_prompts_dropped"] > 0
+    assert "circuit-probe" in set(loso.monitor) and config["circuit_probe_units_from"] == "diff-ranking"
+    assert len(config["attribution_ablated_units"]) == mt.ATTRIBUTION_K
+    per = attack.groupby("attack").size()
+    assert per["attribution-units-ablated"] == per["direction-ablated"] == len(loso)
+    for name, s in config["summary"].items():
+        assert 0 <= s["mean_tpr_attribution-units-ablated"] <= 1, name
+    assert np.isfinite(loso[loso.monitor == "circuit-probe"].threshold).all()  # 21 cal prompts: a finite threshold
+    assert (out / "monitors" / "circuit-probe.pt").is_file()
     with weights_restored(tiny):  # the module's tiny stays untrained for the other tests
         trained = frozenset(mt.defend(tiny, "plain", run)["trained_prompts"])
     harmful, harmless = mt.load_sources(40, exclude=trained)
