@@ -249,8 +249,10 @@ class RobustHardening(Experiment):
                 screen_prompts=self.attack_screen, batch_size=self.batch_size_eval)
             keys = ranked_keys(table)[: self.adv_directions]
         row = self._train(model, prep, mode, variant, keys, self.reroute_layers or default_layers(model.n_layers))
-        return {**row, "trained_prompts": [p for p, _ in prep["pairs"]] + [p for p, _ in prep["retain"]]
-                + self._sets["h_train"][: self.n_adv] + self._sets["s_train"][: self.n_adv]}
+        read = [p for p, _ in prep["pairs"]] + [p for p, _ in prep["retain"]]
+        if {"adversarial", "distributed", "redundant"} & set(mode_parts(mode)):  # the adversary's prompts
+            read += self._sets["h_train"][: self.n_adv] + self._sets["s_train"][: self.n_adv]
+        return {**row, "trained_prompts": read}
 
     def _prepare(self, model, harmful, harmless, store) -> dict:
         """What every model of a run shares: the prompt sets (``self._sets``), the original's harmless logits,
