@@ -32,28 +32,8 @@ own weights; ``comparison`` reports ``refusal_worst`` / ``worst_attack`` and the
 (``removal_kl`` to the ORIGINAL's harmless outputs, ``removal_cross_entropy``, ``removal_over_refusal``),
 and ``entangled`` = removing this model's refusal costs more KL than removing the original's. The
 ``redundancy`` table: with all but one mechanism (top units, top direction) ablated, does that one alone
-keep refusal (``attacks.redundancy``)? The descriptions below detail the original three attacks.
-
-Every model (original and trained) faces these ADAPTIVE attacks, recomputed on its own weights:
-directional ablation with the best difference-in-means direction over layers × post-instruction
-positions chosen on validation prompts (candidates scored as in Arditi et al. 2024,
-``direction_eval.score_candidates``; ``attack_rule="strongest"``, default: the lowest validation bypass
-score whatever its KL, the same rule for every model — the paper's KL and induce filters with their
-fallbacks, ``"arditi"``, pick a weaker direction on a model where a weak candidate happens to pass the
-KL filter, so models would be attacked under different rules);
-mean-ablation of the top-k units (neurons and heads ranked together by attribution patching, Nanda
-2023, ``attribution.mean_patch_estimates``); weight orthogonalization against the chosen direction.
-How distributed refusal is: refusal probability (P(first token is a refusal token)) as the top-k
-units are ablated (units to halve it, the top unit's share of the top-k effect), and as the span of
-the top-n candidate directions (by validation bypass score, orthonormalised) is ablated. Costs:
-over-refusal, KL to the original, plain-text cross-entropy, training seconds; bootstrap 95 % CIs.
-In ``comparison``: ``units_to_halve`` / ``directions_to_halve`` = the smallest grid value that halves the
-refusal probability (NaN: not within the grid); ``top_unit_share`` = the top unit's drop / the top-k drop
-(k = max of ``k_grid``): near 1 means one unit carries refusal; ``edge_faithfulness`` = the faithfulness
-(``graph.find_circuit``) of an EAP-IG top-n circuit of ``edge_fraction`` of the edges, scored on train
-pairs and measured on test pairs of these weights: lower at equal size = refusal spread over more edges.
-Memory-lean training: ``optimizer`` and bf16 weights (``load_model(..., dtype="bfloat16")``), arithmetic
-in ``circuitlab.defence.finetune``.
+keep refusal (``attacks.redundancy``)? The direction attack's rule, the distribution curves and the
+comparison's columns: docs/guide/robust_safety.md.
 """
 
 from __future__ import annotations
