@@ -113,16 +113,23 @@ def load_sources(n: int, seed: int = 0, exclude: frozenset = frozenset()) -> tup
     return out[0], out[1]
 
 
-def defend(model, mode: str, run: Path) -> dict:
-    """Train ``model`` in place into the ``mode`` defence of the robust_safety run folder ``run`` (one seed's
-    ``run.json``): its parameters, seed, prompt sets and model; the training row, with ``trained_prompts``."""
+def read_defended_run(run: Path, mode: str) -> dict:
+    """The ``run.json`` of a robust_safety seed folder, checked before anything loads: it measured ``mode``."""
+    if not (run / "run.json").is_file():
+        raise ValueError(f"--defended-run {run}: no run.json there (a robust_safety.py seed_<s> folder)")
     meta = json.loads((run / "run.json").read_text())
+    if mode not in meta["params"]["modes"]:
+        raise ValueError(f"--defended {mode}: {run} measured modes {meta['params']['modes']}; give one of them")
+    return meta
+
+
+def defend(model, mode: str, meta: dict) -> dict:
+    """Train ``model`` in place into the ``mode`` defence of a robust_safety run (its ``run.json``, ``meta``):
+    its parameters, seed, prompt sets and model; the training row, with ``trained_prompts``."""
     if meta["model"]["fingerprint"] != model.fingerprint:
-        raise ValueError(f"--defended-run {run} was measured on other weights ({meta['model']['id']}, fingerprint "
+        raise ValueError(f"--defended-run was measured on other weights ({meta['model']['id']}, fingerprint "
                          f"{meta['model']['fingerprint']}); give a run of this model")
     params = meta["params"]
-    if mode not in params["modes"]:
-        raise ValueError(f"--defended {mode}: {run} measured modes {params['modes']}; give one of them")
     harmful = cl.datasets.load("advbench", n=meta["n_per_class"], seed=0)  # robust_safety.py's sets
     harmless = cl.datasets.load("harmless", n=meta["n_per_class"], seed=0)
     return get("robust-hardening")(**params).defend(model, harmful, harmless, mode, params["variants"][0])
@@ -183,8 +190,12 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if bool(args.defended) != bool(args.defended_run):
         parser.error("--defended and --defended-run go together (e.g. --defended recovery --defended-run RUN/seed_0)")
-    if args.defended_run and not (args.defended_run / "run.json").is_file():
-        parser.error(f"--defended-run {args.defended_run}: no run.json there (a robust_safety.py seed_<s> folder)")
+    meta = None
+    if args.defended:  # a bad run folder or mode: exit 2 before the model loads
+        try:
+            meta = read_defended_run(args.defended_run, args.defended)
+        except ValueError as err:
+            parser.error(str(err))
     out_dir = args.out if args.out != OUT or not args.defended else OUT.parent / f"transfer_{args.defended}"
     t0, load0, git, peak0 = time.time(), os.getloadavg(), git_state(), matmul_peak() / 1e9
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +205,7 @@ def main(argv: list[str] | None = None) -> Path:
     defended = {}
     if args.defended:
         try:
-            defended = defend(model, args.defended, args.defended_run)
+            defended = defend(model, args.defended, meta)
         except ValueError as err:
             parser.error(str(err))
         print(f"  defended: {args.defended} ({defended['steps']} steps, {defended['seconds']:.0f} s; target loss "

@@ -250,7 +250,7 @@ def test_monitor_transfer_on_a_defended_tiny_model(tiny, tmp_path):
     for bad in ([], ["--defended", "distributed"]):
         with pytest.raises(SystemExit) as err:
             mt.main(argv + bad)
-        assert err.value.code == 2 and not (tmp_path / "out" / "config.json").exists()
+        assert err.value.code == 2 and not (tmp_path / "out").exists()  # refused before anything is written
     out = mt.main(argv + ["--defended", "recovery"])
     attack, loso = pd.read_csv(out / "attack.csv"), pd.read_csv(out / "loso.csv")
     config = json.loads((out / "config.json").read_text())
@@ -266,7 +266,7 @@ def test_monitor_transfer_on_a_defended_tiny_model(tiny, tmp_path):
     assert np.isfinite(loso[loso.monitor == "circuit-probe"].threshold).all()  # 21 cal prompts: a finite threshold
     assert (out / "monitors" / "circuit-probe.pt").is_file()
     with weights_restored(tiny):  # the module's tiny stays untrained for the other tests
-        trained = frozenset(mt.defend(tiny, "plain", run)["trained_prompts"])
+        trained = frozenset(mt.defend(tiny, "plain", mt.read_defended_run(run, "plain"))["trained_prompts"])
     harmful, harmless = mt.load_sources(40, exclude=trained)
     assert not trained & {p for ps in (*harmful.values(), *harmless.values()) for p in ps}
 

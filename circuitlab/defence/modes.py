@@ -14,10 +14,11 @@ decides which hooks act on a step):
 
 from __future__ import annotations
 
-__all__ = ["MODES", "ADVERSARY_MODES", "mode_parts", "check_modes"]
+__all__ = ["MODES", "ADVERSARY_MODES", "KEYED_ADVERSARY_MODES", "mode_parts", "check_modes"]
 
 MODES = ("plain", "adversarial", "distributed", "redundant", "rerouting", "recovery")
 ADVERSARY_MODES = ("adversarial", "distributed", "redundant")
+KEYED_ADVERSARY_MODES = ("adversarial", "redundant")  # their adversary starts from the best direction keys
 
 
 def mode_parts(mode: str) -> tuple[str, ...]:

@@ -56,7 +56,7 @@ from circuitlab.defence.attacks import (ATTACK_RULES, adaptive_direction_attack,
 from circuitlab.defence.adversaries import RandomSubspaceAdversary, RefusalAblationAdversary
 from circuitlab.defence.finetune import (OPTIMIZERS, TARGET_STYLES, component_masks, full_masks, greedy_targets,
     load_pairs, prefill_openers, random_components, refusal_targets, train)
-from circuitlab.defence.modes import MODES, check_modes, mode_parts
+from circuitlab.defence.modes import ADVERSARY_MODES, KEYED_ADVERSARY_MODES, MODES, check_modes, mode_parts
 from circuitlab.defence import report
 from circuitlab.defence.redundant import MechanismAdversary
 from circuitlab.defence.report import ATTACKS, SUITE
@@ -221,7 +221,7 @@ class RobustHardening(Experiment):
         check_choice("variant", variant, VARIANTS)
         prep = self._prepare(model, harmful, harmless, store)
         keys = []
-        if {"adversarial", "redundant"} & set(mode_parts(mode)):
+        if set(KEYED_ADVERSARY_MODES) & set(mode_parts(mode)):
             s = self._sets
             _, table = adaptive_direction_attack(
                 model, s["h_train"], s["s_train"], s["h_val"], s["s_val"], layers=self.attack_layers,
@@ -230,7 +230,7 @@ class RobustHardening(Experiment):
             keys = ranked_keys(table)[: self.adv_directions]
         row = self._train(model, prep, mode, variant, keys, self.reroute_layers or default_layers(model.n_layers))
         read = [p for p, _ in prep["pairs"]] + [p for p, _ in prep["retain"]]
-        if {"adversarial", "distributed", "redundant"} & set(mode_parts(mode)):  # the adversary's prompts
+        if set(ADVERSARY_MODES) & set(mode_parts(mode)):  # the adversary's prompts
             read += self._sets["h_train"][: self.n_adv] + self._sets["s_train"][: self.n_adv]
         return {**row, "trained_prompts": read}
 
