@@ -61,7 +61,7 @@ def bracket(graph: eg.EdgeGraph, curve: pd.DataFrame, method: str, target: float
     return (eg.n_for_fraction(graph, below.iloc[-1]) if len(below) else 0, eg.n_for_fraction(graph, first))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=128, help="prompts per set (pairs are the equal-length subset)")
     parser.add_argument("--n-pairs", type=int, default=32, help="pairs used (half discover, half evaluate)")
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, few prompts (smoke run)")
     parser.add_argument("--out", type=Path, default=OUT)
     add_set_option(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     overrides = set_overrides(parser, "edge-attribution", args.set)
     check_output_dir(args.out / "edge_attribution", overwrite=True)  # fails now, not after the run
     t0 = time.time()

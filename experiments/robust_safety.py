@@ -90,7 +90,7 @@ MOONSHOT = {"refusal_worst": 0.5, "over_refusal_points": 0.05, "kl_from_original
 CHOOSABLE = ("lr", "steps")  # settings --choose picks on validation runs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("n", nargs="?", type=int, default=100, help="prompts per class (default 100)")
     parser.add_argument("--quick", action="store_true", help="the small CPU configuration (results/robust_safety/quick)")
@@ -113,7 +113,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one robust-hardening parameter (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default results/robust_safety[/quick])")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)  # as typed, for the record
     if args.quick and args.suite_quick:
         parser.error("choose one of --quick and --suite-quick")
     out = args.out or (OUT / "quick" if args.quick else OUT / "suite_quick" if args.suite_quick else OUT)
@@ -148,7 +149,7 @@ def main() -> None:
         except ValueError as err:
             parser.error(str(err))
         write_combined(out, comparisons, note.pop("model"), {
-            "command": "python experiments/robust_safety.py " + " ".join(sys.argv[1:]), "seeds": seeds,
+            "command": "python experiments/robust_safety.py " + " ".join(given), "seeds": seeds,
             "merged": [str(r) for r in args.merge], **note})
         return
     if args.combine:
@@ -157,7 +158,7 @@ def main() -> None:
             parser.error(f"--combine: no {out}/seed_<s>/comparison.csv for seeds {missing}")
         write_combined(out, [pd.read_csv(out / f"seed_{x}" / "comparison.csv").assign(seed=x) for x in seeds],
                        json.loads((out / f"seed_{seeds[0]}" / "run.json").read_text())["model"]["id"],
-                       {"command": "python experiments/robust_safety.py " + " ".join(sys.argv[1:]), "seeds": seeds})
+                       {"command": "python experiments/robust_safety.py " + " ".join(given), "seeds": seeds})
         return
     t0 = time.time()
     model = cl.load_model(args.model, dtype=args.dtype)

@@ -173,29 +173,24 @@ UNIT_CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(UNIT_CASES))
-def test_unit_experiments_on_the_cluster_match_single_process(cluster, name, tiny, harmful, harmless):
+def test_unit_experiments_on_the_cluster_match_single_process_and_resume(cluster, name, tiny, harmful, harmless,
+                                                                         tmp_path):
+    """Every round runs on the cluster and checkpoints; a rerun runs nothing (no Ray needed), same tables."""
     local = get(name)(**UNIT_CASES[name]).run(tiny, harmful, harmless, store=ActivationStore(memory=True, disk=False))
+    store = ActivationStore(memory=True, disk=False)
     result = run_distributed(get(name)(**UNIT_CASES[name]), "tiny", harmful, harmless, workers=2, model=tiny,
-                             store=ActivationStore(memory=True, disk=False))
+                             checkpoint_dir=tmp_path, store=store)
     _same_everything(result, local)
     rounds = result.config["distributed"]["rounds"]
     assert len(rounds) == 2 and min(rounds) >= 1 and result.config["distributed"]["units"] == sum(rounds)
-
-
-def test_a_later_round_resumes_from_its_own_checkpoints(cluster, tiny, harmful, harmless, tmp_path):
-    """Both rounds checkpoint; a rerun runs nothing (no Ray needed) and gives the same table."""
-    exp = get("ablation")(**UNIT_CASES["ablation"])
-    store = ActivationStore(memory=True, disk=False)
-    first = run_distributed(exp, "tiny", harmful, harmless, workers=2, model=tiny, checkpoint_dir=tmp_path,
-                            store=store)
-    rounds = json.loads((tmp_path / "run.json").read_text())["rounds"]
-    assert [len(r["keys"]) for r in rounds] == first.config["distributed"]["rounds"]
-    assert all(r["done"] == list(range(len(r["keys"]))) for r in rounds)
-    again = run_distributed(exp, "tiny", harmful, harmless, workers=2, model=tiny, checkpoint_dir=tmp_path,
-                            address="127.0.0.1:9", store=store)
+    manifest = json.loads((tmp_path / "run.json").read_text())["rounds"]
+    assert [len(r["keys"]) for r in manifest] == rounds
+    assert all(r["done"] == list(range(len(r["keys"]))) for r in manifest)
+    again = run_distributed(get(name)(**UNIT_CASES[name]), "tiny", harmful, harmless, workers=2, model=tiny,
+                            checkpoint_dir=tmp_path, address="127.0.0.1:9", store=store)
     assert again.config["distributed"]["resumed_units"] == again.config["distributed"]["units"]
     assert again.config["unit_cache"]["computed"] == 0
-    _same_everything(again, first)
+    _same_everything(again, result)
 
 
 def test_checkpoints_of_another_run_are_refused(tiny, harmful, harmless, tmp_path):

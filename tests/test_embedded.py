@@ -60,6 +60,26 @@ def test_concurrent_first_uses_convert_once(tmp_path, monkeypatch):
     assert len(calls) == 1 and len(found) == 2 and found[0] == found[1] and (found[0] / "config.json").is_file()
 
 
+def test_conversion_parses_the_gguf_once(monkeypatch, tmp_path):
+    """transformers makes a reader per from_pretrained (tokenizer, config, weights); inside the conversion they
+    share one per file, and the library's own class is back afterwards."""
+    import gguf
+
+    from circuitlab.models import embedded
+
+    made = []
+
+    class Reader:
+        def __init__(self, path, mode="r"):
+            made.append((path, mode))
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    with embedded._one_gguf_parse():
+        first = gguf.GGUFReader(a)
+        assert gguf.GGUFReader(str(a)) is first and gguf.GGUFReader(b) is not first
+    assert made == [(a, "r"), (b, "r")] and gguf.GGUFReader is Reader
+
+
 # ---- refusal direction (was in test_direction.py) -------------------------------------------------------
 
 def test_embedded_direction_bypasses_and_induces_refusal(embedded):

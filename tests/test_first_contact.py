@@ -5,22 +5,13 @@ import json
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 
 from circuitlab.io import datasets
-from circuitlab.models import loading
 
+from conftest import ROOT, run_script
 from test_cli_errors import TINY, assert_one_line_error, run_cli, run_ok
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if the CLI loads a model: every check must come first."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad input was refused")
-    monkeypatch.setattr(loading, "load_model", refuse)
 
 
 @pytest.mark.parametrize("out", [".", ""])
@@ -95,11 +86,18 @@ def test_view_and_monitor_are_circuitlab_commands_with_one_line_errors(capsys, a
 
 @pytest.mark.parametrize("script", ["li_2023", "zou_2023", "arditi_2024", "refusal_edges", "causal_tracing",
                                     "robust_safety"])
-def test_scripts_take_set_through_the_one_parser(script, tmp_path):
+def test_scripts_take_set_through_the_one_parser(script, tmp_path, capsys, no_model_load):
     """Every single-experiment script takes --set KEY=VALUE; a bad key is a one-line error, exit 2, before loading."""
-    run = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "experiments" / f"{script}.py"),
-                          "--set", "no_such_parameter=1", "--out", str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=120)
-    errors = [line for line in run.stderr.splitlines() if "error:" in line]
-    assert run.returncode == 2 and len(errors) == 1 and "no parameter 'no_such_parameter'" in errors[0], run.stderr
+    code, out, err = run_script(capsys, f"experiments/{script}.py", "--set", "no_such_parameter=1",
+                                "--out", str(tmp_path / "out"))
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "no parameter 'no_such_parameter'" in errors[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_script_run_as_a_program_exits_2_on_a_bad_set(tmp_path):
+    """The same through the interpreter, as a user types it (the tests above call main in-process)."""
+    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "robust_safety.py"), "--set", "nope=1",
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "no parameter 'nope'" in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert "loaded" not in run.stdout and not (tmp_path / "out").exists()

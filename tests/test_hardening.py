@@ -14,6 +14,10 @@ from circuitlab.defence.finetune import full_masks, greedy_targets, train
 from circuitlab.methods.interventions import ablation_hooks, directional_ablation_hooks, reference_activations
 from circuitlab.core.weights import weights_restored
 
+from conftest import run_script
+
+SCRIPT = "experiments/robust_safety.py"
+
 
 @pytest.fixture(scope="module")
 def sets():
@@ -213,16 +217,11 @@ def test_distributed_extended_hardening_faces_prefill_and_abliteration(tiny, har
                                           (["--quick", "--set", "attack_rule=weakest"], "attack_rule"),
                                           (["--seeds", "1,1"], "distinct"), (["--set", "seed=3"], "--seeds"),
                                           (["--combine"], "no ")])
-def test_robust_safety_script_refuses_bad_sets_before_loading(bad, message, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "experiments" / "robust_safety.py"
+def test_robust_safety_script_refuses_bad_sets_before_loading(bad, message, tmp_path, capsys, no_model_load):
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, str(script), *bad, "--out", str(out)], capture_output=True, text=True)
-    errors = [line for line in run.stderr.splitlines() if "error:" in line]
-    assert run.returncode == 2 and len(errors) == 1 and message in errors[0] and "loaded" not in run.stdout
+    code, _, err = run_script(capsys, SCRIPT, *bad, "--out", str(out))
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and message in errors[0], err
     assert not out.exists()
 
 
@@ -350,42 +349,32 @@ def _write_val_runs(root, setting: str, rows: dict, *, mode: str, over_refusal: 
         (folder / "run.json").write_text(json.dumps({"params": {setting: value, **params, "eval_split": "val"}}))
 
 
-def test_robust_safety_chooses_the_learning_rate_on_val_runs_only(tmp_path):
+def test_robust_safety_chooses_the_learning_rate_on_val_runs_only(tmp_path, capsys):
     """``--choose-lr``: the highest mean refusal under the worst attack among rates that keep KL <= 0.2; a run
     measured on test prompts is refused (exit 2), so the choice cannot read the test split."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     import pandas as pd
 
-    script = Path(__file__).resolve().parents[1] / "experiments" / "robust_safety.py"
     rows = {0.001: (0.9, 8.0), 0.0005: (0.6, 0.1), 0.00025: (0.4, 0.05)}  # lr: (refusal_worst, kl)
     _write_val_runs(tmp_path, "lr", rows, mode="plain", over_refusal=0.1)
-    run = subprocess.run([sys.executable, str(script), "--choose-lr", "--out", str(tmp_path)], capture_output=True,
-                         text=True)
-    assert run.returncode == 0, run.stderr
+    code, _, err = run_script(capsys, SCRIPT, "--choose-lr", "--out", str(tmp_path))
+    assert code == 0, err
     chosen = pd.read_csv(tmp_path / "selection.csv").set_index("lr").chosen
     assert chosen[0.0005] and chosen.sum() == 1, "0.001 breaks the KL bar; 0.0005 refuses most of the rest"
     (tmp_path / "lr_0.00025" / "seed_0" / "run.json").write_text(json.dumps({"params": {"lr": 0.00025,
                                                                                         "eval_split": "test"}}))
-    run = subprocess.run([sys.executable, str(script), "--choose-lr", "--out", str(tmp_path)], capture_output=True,
-                         text=True)
-    assert run.returncode == 2 and "not measured on val" in run.stderr
+    code, _, err = run_script(capsys, SCRIPT, "--choose-lr", "--out", str(tmp_path))
+    assert code == 2 and "not measured on val" in err
 
 
-def test_robust_safety_merges_runs_whose_originals_agree(tmp_path):
+def test_robust_safety_merges_runs_whose_originals_agree(tmp_path, capsys):
     """``--merge``: runs at the same settings and seeds with other modes make one table, the original once; a run
     whose original differs, or whose settings differ, is refused (exit 2) and nothing is written."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     import pandas as pd
 
-    script = Path(__file__).resolve().parents[1] / "experiments" / "robust_safety.py"
     base = {"variant": "original", "mode": "none", "refusal_worst": 0.0, "worst_attack": "prefill",
             "over_refusal_rate": 0.0, "kl_from_original": 0.0}
 
@@ -401,10 +390,10 @@ def test_robust_safety_merges_runs_whose_originals_agree(tmp_path):
     run_folder("b", "redundant")
 
     def merge(*runs, out="merged"):
-        return subprocess.run([sys.executable, str(script), "--merge", *[str(tmp_path / r) for r in runs], "--seeds",
-                               "0,1", "--out", str(tmp_path / out)], capture_output=True, text=True)
-    done = merge("a", "b")
-    assert done.returncode == 0, done.stderr
+        return run_script(capsys, SCRIPT, "--merge", *[str(tmp_path / r) for r in runs], "--seeds", "0,1",
+                          "--out", str(tmp_path / out))
+    code, _, err = merge("a", "b")
+    assert code == 0, err
     by_seed = pd.read_csv(tmp_path / "merged" / "by_seed.csv")
     assert sorted(by_seed["mode"]) == ["none", "none", "plain", "plain", "redundant", "redundant"]
     assert json.loads((tmp_path / "merged" / "run.json").read_text())["merged"] == [str(tmp_path / "a"),
@@ -412,23 +401,17 @@ def test_robust_safety_merges_runs_whose_originals_agree(tmp_path):
     run_folder("c", "distributed", original={**base, "refusal_worst": 0.25})
     run_folder("d", "distributed", lr=0.001)
     for other, message in (("c", "original differs"), ("d", "differs from")):
-        refused = merge("a", other, out=f"merged_{other}")
-        assert refused.returncode == 2 and message in refused.stderr and not (tmp_path / f"merged_{other}" / "by_seed.csv").exists()
+        code, _, err = merge("a", other, out=f"merged_{other}")
+        assert code == 2 and message in err and not (tmp_path / f"merged_{other}" / "by_seed.csv").exists()
 
 
-def test_robust_safety_chooses_the_number_of_steps_by_the_same_rule(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def test_robust_safety_chooses_the_number_of_steps_by_the_same_rule(tmp_path, capsys):
     import pandas as pd
 
-    script = Path(__file__).resolve().parents[1] / "experiments" / "robust_safety.py"
     _write_val_runs(tmp_path, "steps", {8: (0.0, 0.03), 32: (0.25, 0.12), 64: (0.5, 0.4)}, mode="recovery",
                     over_refusal=0.0, lr=0.00025)
-    run = subprocess.run([sys.executable, str(script), "--choose", "steps", "--out", str(tmp_path)],
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    code, _, err = run_script(capsys, SCRIPT, "--choose", "steps", "--out", str(tmp_path))
+    assert code == 0, err
     chosen = pd.read_csv(tmp_path / "selection.csv").set_index("steps").chosen
     assert chosen[32] and chosen.sum() == 1, "64 steps break the KL bar; 32 refuses most of the rest"
 
