@@ -54,16 +54,21 @@ def cli_timings(env) -> dict:
     }
 
 
-def fresh_clone_runs(demo: bool, logs: Path) -> dict:
+def fresh_clone_runs(demo: bool, logs: Path, keep_demo: Path | None = None) -> dict:
     """`make test` (and `make demo`) on a fresh clone of HEAD with an empty circuitlab cache; pytest's
-    slowest tests are listed in the kept log."""
+    slowest tests are listed in the kept log. The demo gets its own empty cache (the GGUF conversion
+    included, as on a fresh machine); ``keep_demo``: its results folder is moved there."""
     work = Path(tempfile.mkdtemp(prefix="circuitlab-fresh-"))
     subprocess.run(["git", "clone", "-q", str(ROOT), str(work / "repo")], check=True)
     env = dict(os.environ, CIRCUITLAB_CACHE=str(work / "cache"), PYTEST_ADDOPTS="--durations=40")
     out = {"make_test": timed(["make", "test"], cwd=work / "repo", env=env, log=logs / "first_contact_make_test.log")}
     if demo:
-        out["make_demo_cold"] = timed(["make", "demo"], cwd=work / "repo", env=env,
+        out["make_demo_cold"] = timed(["make", "demo"], cwd=work / "repo",
+                                      env=dict(env, CIRCUITLAB_CACHE=str(work / "cache_demo")),
                                       log=logs / "first_contact_make_demo.log")
+        out["make_demo_cold"]["matmul_peak_gflops_after"] = round(matmul_peak() / 1e9, 1)
+        if keep_demo is not None:
+            shutil.move(str(work / "repo" / "results" / "refusal_circuit"), str(keep_demo))
     shutil.rmtree(work, ignore_errors=True)
     return out
 
@@ -72,6 +77,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--make-test", action="store_true", help="also time `make test` on a fresh clone, cold cache")
     parser.add_argument("--demo", action="store_true", help="with --make-test: also a cold `make demo`")
+    parser.add_argument("--keep-demo", type=Path, default=None, help="with --demo: move the demo's results folder here")
     parser.add_argument("--out", default=str(ROOT / "results" / "bench" / "first_contact.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -80,7 +86,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as cache:  # a cold catalog cache, as on a fresh machine
         record["cli"] = cli_timings(dict(os.environ, CIRCUITLAB_CACHE=cache))
     if args.make_test:
-        record["fresh_clone"] = fresh_clone_runs(args.demo, Path(args.out).parent)
+        record["fresh_clone"] = fresh_clone_runs(args.demo, Path(args.out).parent, args.keep_demo)
     record["matmul_peak_gflops_end"] = round(matmul_peak() / 1e9, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1))

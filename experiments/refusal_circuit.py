@@ -2,13 +2,14 @@
 
 One command, embedded model, shared activation store:
 1. circuit-map on N AdvBench vs N harmless prompts (train split): probe, rank, verify, stage.
-2. ablation fragility curves for neurons and for heads: top-k ranked (by attribution-estimated
-   refusal drop; neurons also by diff-ranking effect size) vs layer-matched random-k, ranked on
-   one half of the prompts and evaluated on the other half. Every grid point gets the refusal
+2. ablation fragility curves for neurons and for heads: top-k ranked by attribution-estimated
+   refusal drop vs layer-matched random-k, ranked on one half of the prompts and evaluated on the
+   other half (``--compare-effect-size`` adds neurons ranked by diff-ranking effect size: the
+   comparison that shows why causal ranking matters, ~17 % of the run, so not in ``make demo``). Every grid point gets the refusal
    score; the generation judge runs only where the conclusions rest (``judge_at="decisive"``:
    baseline, the k that halves the score, the largest k, and their random controls). The
-   unablated baseline is measured once and shared by the three rankings.
-Writes results/refusal_circuit/{circuit,fragility_neuron,fragility_head,fragility_neuron_effect_size}/
+   unablated baseline is measured once and shared by the rankings.
+Writes results/refusal_circuit/{circuit,fragility_neuron,fragility_head[,fragility_neuron_effect_size]}/
 and summary.json, then prints a short text summary. Subsampling (aimed at under 15 min on 2 cores):
 N = 64 prompts per set, 2 random seeds (1 for the effect-size comparison), the generation judge reads
 12 new tokens; edges scored by EAP-IG on 8 screening pairs (faithfulness still measured on 16 held-out
@@ -16,6 +17,7 @@ pairs); plain-text cross-entropy measured with the judge (baseline and judged po
 ``bench/demo_profile.py`` times it by phase and kind of work.
 
 Usage: python experiments/refusal_circuit.py [--n 64] [--quick] [--model planted] [--store memory]
+       [--compare-effect-size]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from circuitlab.io.results import check_output_dir
 OUT = Path(__file__).resolve().parent.parent / "results" / "refusal_circuit"
 EDGES = OUT.parent / "refusal_edges" / "edge_attribution"  # experiments/refusal_edges.py: joined in the page if same model
 RUNS = ("fragility_neuron", "fragility_head", "fragility_neuron_effect_size")
+COMPARISON = "fragility_neuron_effect_size"  # run only with --compare-effect-size
 MEASURES = {"refusal_prob": "mean refusal-token probability (score)", "refusal_rate": "judged refusal rate",
             "refusal_score": "refusal score"}
 
@@ -109,8 +112,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--reuse-fragility", action="store_true",
                         help="reuse fragility runs already saved under --out; compute only the missing ones")
+    parser.add_argument("--compare-effect-size", action="store_true",
+                        help=f"also {COMPARISON}: neurons ranked by diff-ranking effect size (the committed results have it)")
     args = parser.parse_args(argv)
-    for sub in ("circuit", *RUNS):  # our own earlier run folders are replaced; anything else fails now, not after
+    runs = [r for r in RUNS if r != COMPARISON or args.compare_effect_size]
+    for sub in ("circuit", *runs):  # our own earlier run folders are replaced; anything else fails now, not after
         check_output_dir(args.out / sub, overwrite=True)
     t0 = time.time()
     with phase("load"):
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     common = dict(plan["ablation"], judge_at=args.judge_at)
     fragility, todo = {}, []
-    for name in RUNS:
+    for name in runs:
         saved = args.out / name / "config.json"
         if args.reuse_fragility and saved.is_file():
             fragility[name] = json.loads(saved.read_text())["summary"]

@@ -72,7 +72,7 @@ def test_profiler_counts_nested_calls_once():
     assert ("p", "generation prefill") not in table.index and 0.05 <= table.loc[("p", "other"), "seconds"] < 0.09
 
 
-DEMO_ARGS = ["--model", "planted", "--quick", "--n", "8"]
+DEMO_ARGS = ["--model", "planted", "--quick", "--n", "8", "--compare-effect-size"]
 
 
 @pytest.fixture(scope="module")
