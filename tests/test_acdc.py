@@ -48,13 +48,9 @@ def test_bad_input_fails_with_the_fix():
 
 
 def _conmy():
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("conmy_2023", Path(__file__).parent.parent / "experiments/conmy_2023.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("experiments/conmy_2023.py")
 
 
 def test_conmy_table_auc_is_one_for_a_perfect_scorer_and_half_for_random():

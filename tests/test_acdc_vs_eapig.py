@@ -3,22 +3,17 @@ counts, the full graph's held-out faithfulness is 1, and a bad option exits 2 be
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "acdc_vs_eapig.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("acdc_vs_eapig", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/acdc_vs_eapig.py")
 
 
 def test_tiny_run_measures_both_methods_at_the_same_edge_counts(script, tmp_path):

@@ -1,6 +1,5 @@
 """The demo script's text summary renders from real experiment summaries, and its profiler runs (planted, fast)."""
 
-import importlib.util
 import time
 from pathlib import Path
 
@@ -13,18 +12,13 @@ from circuitlab.experiments import get
 from circuitlab.models.planted import planted_prompts
 from circuitlab.io.results import OutputError
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(relative: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _script():
-    return _load("experiments/refusal_circuit.py", "refusal_circuit")
+    return load_script("experiments/refusal_circuit.py")
 
 
 def test_render_summary_from_planted_runs():
@@ -51,7 +45,7 @@ def test_render_reads_old_judge_everywhere_summaries():
 
 
 def test_profiler_counts_nested_calls_once():
-    prof = _load("bench/demo_profile.py", "demo_profile").Profiler()
+    prof = load_script("bench/demo_profile.py").Profiler()
 
     def inner():
         time.sleep(0.05)
@@ -80,7 +74,7 @@ def profiled_demo(tmp_path_factory):
     """One profiled demo run (planted, quick): the profile test reads its table, the rerun test reruns the demo
     into its folder (the profiler runs the demo's own main, so this is the demo's first run there)."""
     root = tmp_path_factory.mktemp("profiled_demo")
-    bench = _load("bench/demo_profile.py", "demo_profile")
+    bench = load_script("bench/demo_profile.py")
     original = metrics.kl_divergence
     table = bench.main(["--out", str(root / "profile.csv"), "--results", str(root / "demo"), *DEMO_ARGS])
     return root, table, original

@@ -1,18 +1,14 @@
 """bench/gpu.py runs end to end (tiny shape, CPU): every phase timed, engine equals TransformerLens."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pandas as pd
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
+from conftest import load_script
 
 
 def test_gpu_bench_tiny_on_cpu(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/gpu.py")
     csv = bench.main(["--shape", "tiny", "--device", "cpu", "--out", str(tmp_path), "--reps", "1"])
     assert csv == tmp_path / "gpu_cpu.csv"
     table = pd.read_csv(csv)

@@ -14,6 +14,7 @@ from circuitlab.monitor.request import (calibrate_across_sources, calibrate_thre
 from circuitlab.defence.tampering import apply_change
 from circuitlab.core.weights import canonical_parameters, component_slices, slice_masks, weights_restored
 from tests.conftest import HARMFUL, HARMLESS
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
@@ -228,16 +229,11 @@ def test_monitor_transfer_on_a_defended_tiny_model(tiny, tmp_path):
     (its parameters from run.json), the prompts it trained on leave every source, and bad pairs exit 2;
     the circuit-probe is among the monitors, and beside the direction-ablated TPR stands the TPR with
     the top attribution-ranked units mean-ablated."""
-    import importlib.util
     import json
-    from pathlib import Path
 
     import pandas as pd
 
-    script = Path(__file__).resolve().parent.parent / "experiments" / "monitor_transfer.py"
-    spec = importlib.util.spec_from_file_location("monitor_transfer", script)
-    mt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mt)
+    mt = load_script("experiments/monitor_transfer.py")
     run = tmp_path / "robust" / "seed_0"
     run.mkdir(parents=True)
     params = dict(steps=2, n_neurons=3, n_heads=1, modes=["plain", "recovery"], variants=["targeted"], n_train=4,
