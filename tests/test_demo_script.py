@@ -1,7 +1,6 @@
 """The demo script's text summary renders from real experiment summaries, and its profiler runs (planted, fast)."""
 
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,8 +12,6 @@ from circuitlab.models.planted import planted_prompts
 from circuitlab.io.results import OutputError
 
 from conftest import load_script
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _script():
