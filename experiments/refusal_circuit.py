@@ -5,13 +5,14 @@ One command, embedded model, shared activation store:
 2. ablation fragility curves for neurons and for heads: top-k ranked by attribution-estimated
    refusal drop vs layer-matched random-k, ranked on one half of the prompts and evaluated on the
    other half (``--compare-effect-size`` adds neurons ranked by diff-ranking effect size: the
-   comparison that shows why causal ranking matters, ~17 % of the run, so not in ``make demo``). Every grid point gets the refusal
-   score; the generation judge runs only where the conclusions rest (``judge_at="decisive"``:
-   baseline, the k that halves the score, the largest k, and their random controls). The
-   unablated baseline is measured once and shared by the rankings.
+   comparison that shows why causal ranking matters, ~17 % of the run, so not in ``make demo``).
+   Every grid point gets the refusal score; the generation judge runs only where the conclusions
+   rest (``judge_at="decisive"``: baseline, the k that halves the score, the largest k, and their
+   random controls). The unablated baseline is measured once and shared by the rankings.
 Writes results/refusal_circuit/{circuit,fragility_neuron,fragility_head[,fragility_neuron_effect_size]}/
 and summary.json, then prints a short text summary. Subsampling (aimed at under 15 min on 2 cores):
-N = 64 prompts per set, 2 random seeds (1 for the effect-size comparison), the generation judge reads
+N = 64 prompts per set, one random-control seed (the judge reads only the first seed's controls, and
+two seeds moved no conclusion: docs/results/first-contact.md), the generation judge reads
 12 new tokens; edges scored by EAP-IG on 8 screening pairs (faithfulness still measured on 16 held-out
 pairs); plain-text cross-entropy measured with the judge (baseline and judged points only).
 ``bench/demo_profile.py`` times it by phase and kind of work.
@@ -59,10 +60,9 @@ def settings(model_name: str, quick: bool) -> dict:
         ablation = dict(max_new_tokens=12)
     # Most safety-relevant first: units ranked by their attribution-estimated refusal drop; the
     # effect-size (diff-ranking) neuron ranking is the comparison that shows why causal ranking matters.
-    # The comparison run keeps one random seed (its top-k is the point; it would cost ~60 s more on 2 cores).
     runs = {"fragility_neuron": ("neuron", "attribution", neuron, {}), "fragility_head": ("head", "attribution", head, {}),
-            "fragility_neuron_effect_size": ("neuron", "effect_size", neuron + extra, {"random_seeds": 1})}
-    ablation.update(random_seeds=1 if quick else 2, method="mean")
+            "fragility_neuron_effect_size": ("neuron", "effect_size", neuron + extra, {})}
+    ablation.update(random_seeds=1, method="mean")
     return {"circuit": circuit, "runs": runs, "ablation": ablation}
 
 
