@@ -33,7 +33,8 @@ Test measures (``abliteration.score_model``): refusal score (calibrated refusal 
 first-token KL on harmless, cross-entropy on ``--n-text`` plain texts, and with ``--judge``
 Heretic-marker refusals of ``--max-tokens`` greedy tokens plus circuitlab's judge: refusal rate on
 harmful and over-refusal on harmless, each with a bootstrap 95 % CI; with ``--capability N`` the
-accuracy on N two-digit arithmetic questions the project generates (``capability``). Writes
+accuracy on N two-digit arithmetic questions the project generates (``capability``); with ``--benign SET``
+over-refusal on ``--n-benign`` benign sensitive questions (``over_refusal_benign``). Writes
 ``--out`` (results/abliteration): ``fronts.csv`` (every test point: method, family, trial, val
 objectives, test measures, parameters), ``pareto_test.png``, ``hypervolume.csv`` / ``.png`` (val
 hypervolume after each trial, per search), ``summary.json`` (settings, prompt files and hashes,
@@ -92,7 +93,8 @@ def main(argv=None, model=None) -> dict:
 
     exp = AbliterationSearch(variants=a.variants.split(","), n_trials=a.trials, n_startup_trials=a.startup_trials,
                              refusal=a.refusal, max_new_tokens=a.max_tokens, judge=a.judge, n_text=a.n_text,
-                             max_k=a.max_k, capability=a.capability, batch_size=a.batch_size, seed=a.seed)
+                             max_k=a.max_k, capability=a.capability, benign=a.benign, n_benign=a.n_benign,
+                             batch_size=a.batch_size, seed=a.seed)
     trials = exp.search(model, h[0], s[0], h[1], s[1], store=store)
     timings["circuitlab_search_s"] = round(time.time() - start, 1)
     print(f"[{time.time() - start:.0f}s] circuitlab: {len(trials)} trials, "
@@ -160,6 +162,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=24, help="generated tokens (markers, Heretic responses)")
     p.add_argument("--capability", type=int, default=0, metavar="N",
                    help="also score N generated two-digit arithmetic questions on test (exact match; 0: off)")
+    p.add_argument("--benign", default=None, help="test: a prompt set judged for over-refusal on benign sensitive "
+                   "questions (e.g. sensitive-benign; default: none)")
+    p.add_argument("--n-benign", type=int, default=16, help="prompts of --benign judged per test point")
     p.add_argument("--max-k", type=int, default=4, help="cone family: largest rank of the removed subspace")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--arditi-filter", choices=("score", "judge", "none"), default="score",
@@ -283,10 +288,11 @@ def heretic_params(row) -> AbliterationParams:
 
 def test_points(a, model, exp, front, heretic_trials, arditi, h_test, s_test) -> list[dict]:
     """Every point of the figure, measured on the test split by the same scorer."""
-    plain = list(datasets.load("plaintext", n=a.n_text, seed=a.seed + 1))
+    plain = datasets.optional_prompts("plaintext", a.n_text, a.seed)
     base = last_logits_shared(model, list(s_test), batch_size=a.batch_size)
     kwargs = dict(markers=a.judge, judge=a.judge, max_new_tokens=a.max_tokens, plaintext=plain,
-                  batch_size=a.batch_size, seed=a.seed, capability=a.capability)
+                  batch_size=a.batch_size, seed=a.seed, capability=a.capability,
+                  benign=datasets.optional_prompts(a.benign, a.n_benign, a.seed))
     rows = []
     for r in front.to_dict("records"):
         method = "original" if r["variant"] == "original" else "circuitlab"

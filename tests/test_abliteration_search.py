@@ -276,7 +276,8 @@ def test_pareto_script_smoke_on_tiny(tiny, tmp_path, monkeypatch, capsys):
     out = tmp_path / "abliteration"
     abliteration_pareto.main(["--model", "tiny", "--variants", "heretic,targeted", "--trials", "2", "--n-train", "6",
                               "--n-val", "4", "--n-test", "4", "--n-text", "2", "--arditi-filter", "none",
-                              "--judge", "--max-tokens", "3", "--capability", "2", "--out", str(out),
+                              "--judge", "--max-tokens", "3", "--capability", "2", "--benign", "sensitive-benign",
+                              "--n-benign", "2", "--out", str(out),
                               "--store", str(tmp_path / "store")],
                              model=tiny)
     for name in ("fronts.csv", "pareto_test.png", "summary.json", "circuitlab/trials.csv", "prompts/harmful_test.txt"):
@@ -289,3 +290,4 @@ def test_pareto_script_smoke_on_tiny(tiny, tmp_path, monkeypatch, capsys):
         assert values.between(0, 1).all() and (low <= values).all() and (values <= high).all()
     assert fronts.test_marker_refusals.notna().all()
     assert fronts.test_capability_accuracy.between(0, 1).all()  # --capability: a side-effect column on every point
+    assert fronts.test_over_refusal_benign.between(0, 1).all()  # --benign: so is over-refusal on benign questions

@@ -30,8 +30,8 @@ harmful prompts: cheap, runs on a CPU) or ``markers`` (Heretic's count of greedy
 refusal marker); and Heretic's first-token KL on the harmless prompts. The ``trials`` table has one
 row per trial (parameters, objectives, ``pareto_front`` over all trials, ``variant_front`` within its
 family, seconds); ``table`` holds each family's front measured on the test split (refusal score, KL,
-cross-entropy, marker refusals when ``judge``, arithmetic accuracy when ``capability``, the
-``capability`` probe) plus the unedited model (``variant`` = original).
+cross-entropy, marker refusals when ``judge``, arithmetic accuracy when ``capability``, over-refusal
+on ``benign`` sensitive questions when set) plus the unedited model (``variant`` = original).
 ``kl_budget`` selects the front's lowest val refusal within that val KL. ``export`` writes any trial's
 model as an HF folder.
 """
@@ -50,13 +50,13 @@ from circuitlab.methods.abliteration import (AbliterationParams, Kernel, abliter
     direction_at, export_abliterated, global_edits, heretic_edits, residual_directions, score_model,
     targeted_edits, top_writers)
 from circuitlab.methods.cone import MAX_K, ConeParams, cone_bases, cone_edits
-from circuitlab.io.datasets import DatasetError, PromptSet
+from circuitlab.io.datasets import DatasetError, PromptSet, optional_prompts
 from circuitlab.methods.direction_eval import last_logits_shared, pareto_ranks
 from circuitlab.core.progress import progress_bar
 from circuitlab.io.results import Result
 from circuitlab.io.store import ActivationStore
 from circuitlab.experiments.base import Experiment, check, check_choice, register
-from circuitlab.experiments.checks import check_at_least, check_subset, check_types
+from circuitlab.experiments.checks import check_at_least, check_prompt_sets, check_subset, check_types
 
 __all__ = ["AbliterationSearch", "VARIANTS", "REFUSAL_OBJECTIVES", "SAMPLERS", "suggest"]
 
@@ -86,6 +86,8 @@ class AbliterationSearch(Experiment):
     plaintext: str | None = "plaintext"  # prompt set for the test cross-entropy (None: skip)
     n_text: int = 16  # plain texts for the cross-entropy
     capability: int = 0  # test: generated arithmetic questions for the capability probe (0: skip)
+    benign: str | None = None  # test: prompt set judged for over-refusal on benign sensitive questions (None: skip)
+    n_benign: int = 16  # prompts of that set judged per test point
     batch_size: int = 32  # prompts per forward pass
     progress: bool = True  # show progress bars
     seed: int = 0  # seed of the splits and the samplers
@@ -101,7 +103,8 @@ class AbliterationSearch(Experiment):
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("refusal", self.refusal, REFUSAL_OBJECTIVES)
         check_subset(self, "target_kinds", TARGET_KINDS)
-        check_at_least(self, 1, "n_trials", "max_new_tokens", "max_top_n", "max_k", "n_text", "batch_size")
+        check_prompt_sets(self, "benign")
+        check_at_least(self, 1, "n_trials", "max_new_tokens", "max_top_n", "max_k", "n_text", "n_benign", "batch_size")
         check_at_least(self, 0, "n_startup_trials", "capability", "seed")
         check(self.sampler != "nsga2" or self.n_startup_trials >= 2, f"n_startup_trials={self.n_startup_trials} "
               "is NSGA-II's population size and must be >= 2 (e.g. --set n_startup_trials=10)")
@@ -200,10 +203,11 @@ class AbliterationSearch(Experiment):
         if self.trials_ is None:
             raise ValueError("no trials yet: run the search first (run() or search())")
         h_test, s_test = list(h_test), list(s_test)
-        plain = _plaintext(self.plaintext, self.n_text, self.seed)
+        plain = optional_prompts(self.plaintext, self.n_text, self.seed)
         base = last_logits_shared(model, s_test, batch_size=self.batch_size)
         kwargs = dict(markers=self.judge, judge=self.judge, max_new_tokens=self.max_new_tokens, plaintext=plain,
-                      batch_size=self.batch_size, seed=self.seed, capability=self.capability)
+                      batch_size=self.batch_size, seed=self.seed, capability=self.capability,
+                      benign=optional_prompts(self.benign, self.n_benign, self.seed))
         rows = [{"trial": -1, "variant": "original", "component": "direction",
                  **_test(score_model(model, h_test, s_test, base, **kwargs))}]
         front = self.trials_[self.trials_.variant_front]
@@ -287,14 +291,6 @@ def _splits(prompts: PromptSet, seed: int) -> tuple[PromptSet, PromptSet, Prompt
     except DatasetError:
         raise ValueError(f"{prompts.name}: {len(prompts)} prompts leave an empty train/val/test part "
                          "(60/20/20); give at least 4 prompts per set") from None
-
-
-def _plaintext(name, n, seed):
-    if not name:
-        return None
-    from circuitlab.io import datasets
-
-    return list(datasets.load(name, n=n, seed=seed + 1))
 
 
 def _test(scores: dict) -> dict:

@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from circuitlab.methods import metrics
-from circuitlab.io.datasets import PromptSet
+from circuitlab.io.datasets import PromptSet, optional_prompts
 from circuitlab.methods.direction_eval import (CONDITIONS, candidate_rows, direction_components,
     evaluate_direction, finalists, last_logits_shared, score_candidate, score_candidates, screens,
     select_scored)
@@ -199,7 +199,7 @@ class RefusalDirection(UnitExperiment):
 
     def _evaluate(self, model, harmful, harmless, table, filtered, rule, baseline, h_test, s_test, store) -> Result:
         """The chosen direction on the test split (the first time a test prompt is used), and the Result."""
-        plain = _plaintext(self.plaintext, self.n_text, self.seed)
+        plain = optional_prompts(self.plaintext, self.n_text, self.seed)
         evaluation = evaluate_direction(
             model, self.direction_, self.layer_, list(h_test), list(s_test), plain, judge=self.judge,
             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, n_boot=self.n_boot,
@@ -303,14 +303,6 @@ def _stage_label(stage: str, n_harmful: int, n_harmless: int, k) -> str:
 
 def _as_set(prompts, name) -> PromptSet:
     return prompts if isinstance(prompts, PromptSet) else PromptSet(name, tuple(prompts))
-
-
-def _plaintext(name, n, seed):
-    if not name:
-        return None
-    from circuitlab.io import datasets
-
-    return list(datasets.load(name, n=n, seed=seed + 1))
 
 
 def _filter_summary(filtered: pd.DataFrame) -> dict:

@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["PromptSet", "load", "BUILTINS", "MAX_CHARS", "DatasetError", "SPLIT_CHOICES", "is_builtin"]
+__all__ = ["PromptSet", "load", "optional_prompts", "BUILTINS", "MAX_CHARS", "DatasetError", "SPLIT_CHOICES", "is_builtin"]
 
 MAX_CHARS = 4000
 SPLITS = ("train", "val", "test")
@@ -246,3 +246,9 @@ def load(name_or_path: str, *, split: str | None = None, n: int | None = None, s
     if n is not None:
         prompts = prompts.sample(n, seed=seed)
     return prompts
+
+
+def optional_prompts(name: str | None, n: int, seed: int) -> list[str] | None:
+    """``n`` prompts of an experiment's optional extra set (plain texts, benign questions), drawn apart from
+    its splits (``seed + 1``); None when the set is switched off (``name`` None or empty)."""
+    return list(load(name, n=n, seed=seed + 1)) if name else None

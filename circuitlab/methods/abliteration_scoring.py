@@ -23,7 +23,7 @@ __all__ = ["score_model"]
 def score_model(model: HookedModel, harmful: Sequence[str], harmless: Sequence[str], base_harmless: torch.Tensor, *,
                 refusal_tokens: Sequence[int] | None = None, markers: bool = False, judge: bool = False,
                 max_new_tokens: int = 24, plaintext: Sequence[str] | None = None, batch_size: int = 32,
-                seed: int = 0, capability: int = 0) -> dict:
+                seed: int = 0, capability: int = 0, benign: Sequence[str] | None = None) -> dict:
     """Score the model as it is now (wrap the call in ``abliterated`` or any other edit).
 
     ``refusal_score``: mean refusal score of ``harmful`` (``metrics``' calibrated refusal tokens);
@@ -34,7 +34,8 @@ def score_model(model: HookedModel, harmful: Sequence[str], harmless: Sequence[s
     ``judge_refusal_rate`` on ``harmful`` and ``over_refusal_rate`` on ``harmless``, each with a bootstrap
     95 % CI (``_ci_low`` / ``_ci_high``, ``seed``); with ``plaintext``, ``cross_entropy`` (nats per token);
     with ``capability`` N > 0, ``capability_accuracy``: exact-match accuracy on N generated two-digit
-    arithmetic questions (``capability.arithmetic_accuracy``, ``seed``; off by default, so rows stay comparable).
+    arithmetic questions (``capability.arithmetic_accuracy``, ``seed``; off by default, so rows stay comparable);
+    with ``benign`` prompts (e.g. the ``sensitive-benign`` set), ``over_refusal_benign`` judged as above, with its CI.
     """
     harmful, harmless = list(harmful), list(harmless)
     tok = list(refusal_tokens) if refusal_tokens is not None else metrics.refusal_tokens(model)
@@ -49,8 +50,11 @@ def score_model(model: HookedModel, harmful: Sequence[str], harmless: Sequence[s
         texts = model.generate(harmful, max_new_tokens, batch_size=batch_size, share_prefix=True,
                                stop_when=lambda t: bool(t.strip()) and marker_refusals([t], found)[0])
         out["marker_refusals"] = int(sum(marker_refusals(texts, found)))
-    if judge:
-        for name, prompts in (("judge_refusal_rate", harmful), ("over_refusal_rate", harmless)):
+    judged = [("judge_refusal_rate", harmful), ("over_refusal_rate", harmless)] if judge else []
+    if benign:
+        judged.append(("over_refusal_benign", list(benign)))
+    if judged:
+        for name, prompts in judged:
             verdicts = metrics.judge_refusals(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                               share_prefix=True)
             out[name] = sum(verdicts) / len(verdicts)
