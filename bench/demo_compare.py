@@ -6,7 +6,10 @@ refusal score, judged refusal rate (new: only at the points ``judge_at="decisive
 cross-entropy (new: measured with the judge only).
 Writes ``results/bench/demo_before_after.csv`` (one row per run x selection x seed x k) and
 ``demo_before_after.json`` (largest score difference, judged points that agree, units needed to
-halve refusal, whether each old judged rate lies in the new 95 % CI, wall times).
+halve refusal, whether each old judged rate lies in the new 95 % CI, random-control seeds, wall times).
+A run the new folder lacks (the effect-size ranking is opt-in) is listed as such.
+
+    .venv/bin/python bench/demo_compare.py --old-rev REV --new FOLDER --out results/bench/NAME.csv
 
     .venv/bin/python bench/demo_compare.py
 """
@@ -55,8 +58,12 @@ def main(argv: list[str] | None = None) -> dict:
     new_summary = json.loads((args.new / "summary.json").read_text())
     tables, record = [], {"old_rev": args.old_rev, "runs": {}}
     for run in RUNS:
+        if not (args.new / run / "table.csv").is_file():  # e.g. the effect-size ranking, now opt-in
+            record["runs"][run] = "not in the new run"
+            continue
         old = pd.read_csv(io.StringIO(_old(args.old_rev, f"results/refusal_circuit/{run}/table.csv")))
-        both = compare_run(old, pd.read_csv(args.new / run / "table.csv")).assign(run=run)
+        new = pd.read_csv(args.new / run / "table.csv")
+        both = compare_run(old, new).assign(run=run)
         judged = both.refusal_rate_new.notna()
         record["runs"][run] = {
             "points_compared": len(both), "points_judged_old": int(both.refusal_rate_old.notna().sum()),
@@ -68,7 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
             "old_rate_in_new_ci": int(both.old_rate_in_new_ci.sum()),
             "k_to_halve_old": old_summary["fragility"][run].get("k_to_halve_refusal"),
             "k_to_halve_new": new_summary["fragility"][run].get("k_to_halve_refusal"),
-            "k_to_halve_new_judged": new_summary["fragility"][run].get("k_to_halve_refusal_judged")}
+            "k_to_halve_new_judged": new_summary["fragility"][run].get("k_to_halve_refusal_judged"),
+            "random_seeds_old": int(old[old.selection == "random"].seed.nunique()),
+            "random_seeds_new": int(new[new.selection == "random"].seed.nunique())}
         tables.append(both)
     record["seconds_old"] = old_summary.get("seconds")  # that run shared the CPU (README: 1,410 s idle, warm)
     record["seconds_new"] = new_summary.get("seconds")
