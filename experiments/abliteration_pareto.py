@@ -334,9 +334,12 @@ def test_points(a, model, exp, front, heretic_trials, arditi, h_test, s_test) ->
 
 
 def hypervolume_table(out: Path, heretic_folder: Path | None = None, n_val: int | None = None) -> pd.DataFrame:
-    """Val hypervolume after each trial (``heretic_scoring.hypervolume``, box refusal fraction 1 x KL 1)
-    of every circuitlab family (``circuitlab/trials.csv``) and of Heretic (its ``trials.csv``); writes
-    ``hypervolume.csv`` and ``hypervolume.png``. Marker counts are divided by the harmful val prompts."""
+    """Val hypervolume after each trial (``heretic_scoring.hypervolume``) of every circuitlab family
+    (``circuitlab/trials.csv``) and of Heretic (its ``trials.csv``); writes ``hypervolume.csv`` and
+    ``hypervolume.png``. Marker counts are divided by the harmful val prompts (box: refusal fraction 1 x
+    KL 1); a refusal-score objective is boxed at the unedited model's val score x KL 1, so only edits that
+    lower refusal add area (a score is a log-odds, not a fraction: a box at 1 would count some edits
+    that raise it and none of those between the baseline and 1)."""
     import matplotlib.pyplot as plt
 
     from circuitlab.methods.heretic_scoring import hypervolume_curve
@@ -347,9 +350,10 @@ def hypervolume_table(out: Path, heretic_folder: Path | None = None, n_val: int 
         g = g.sort_values("trial")
         markers = g.refusal_objective.iloc[0] == "markers"
         refusal = g.val_refusal / n_val if markers and n_val else g.val_refusal
-        for i, hv in enumerate(hypervolume_curve(refusal.tolist(), g.val_kl.tolist()), 1):
+        box = (1.0, 1.0) if markers else (float(g.val_baseline_refusal.iloc[0]), 1.0)
+        for i, hv in enumerate(hypervolume_curve(refusal.tolist(), g.val_kl.tolist(), ref=box), 1):
             rows.append({"method": "circuitlab", "variant": variant, "objective": g.refusal_objective.iloc[0],
-                         "trials": i, "hypervolume": hv})
+                         "trials": i, "hypervolume": hv, "box_refusal": box[0]})
     heretic_folder = heretic_folder or out / "heretic"
     if (heretic_folder / "trials.csv").exists():
         h = pd.read_csv(heretic_folder / "trials.csv")
@@ -357,7 +361,7 @@ def hypervolume_table(out: Path, heretic_folder: Path | None = None, n_val: int 
         n_harmful = h.n_harmful if "n_harmful" in h else n_val
         for i, hv in enumerate(hypervolume_curve((h.refusals / n_harmful).tolist(), h.kl.tolist()), 1):
             rows.append({"method": "heretic", "variant": "heretic", "objective": "markers", "trials": i,
-                         "hypervolume": hv})
+                         "hypervolume": hv, "box_refusal": 1.0})
     table = pd.DataFrame(rows)
     # the convergence check of issue 26: relative change over the last 20 % of trials
     for key, g in table.groupby(["method", "variant"]):
@@ -365,13 +369,15 @@ def hypervolume_table(out: Path, heretic_folder: Path | None = None, n_val: int 
         earlier = g.hypervolume.iloc[max(0, int(round(0.8 * n)) - 1)]
         table.loc[g.index, "change_last_20pct"] = (last - earlier) / last if last > 0 else float("nan")
     table.to_csv(out / "hypervolume.csv", index=False)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (method, variant), g in table.groupby(["method", "variant"]):
-        ax.plot(g.trials, g.hypervolume, "s--" if method == "heretic" else "o-", ms=3,
-                label=f"{method} {variant}" if method != "heretic" else "Heretic")
-    ax.set_xlabel("trials")
-    ax.set_ylabel("val hypervolume (refusal fraction x KL, box 1 x 1)")
-    ax.legend(fontsize=7)
+    objectives = list(dict.fromkeys(table.objective))  # one panel per objective: their areas are in other units
+    fig, axes = plt.subplots(1, len(objectives), figsize=(6 * len(objectives), 4), squeeze=False)
+    for ax, objective in zip(axes[0], objectives):
+        for (method, variant), g in table[table.objective == objective].groupby(["method", "variant"]):
+            ax.plot(g.trials, g.hypervolume, "s--" if method == "heretic" else "o-", ms=3,
+                    label=f"{method} {variant}" if method != "heretic" else "Heretic")
+        ax.set_xlabel("trials")
+        ax.set_ylabel(f"val hypervolume ({'refusal fraction' if objective == 'markers' else 'refusal score'} x KL)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "hypervolume.png", dpi=150)
     return table

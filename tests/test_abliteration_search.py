@@ -291,3 +291,27 @@ def test_pareto_script_smoke_on_tiny(tiny, tmp_path, monkeypatch, capsys):
     assert fronts.test_marker_refusals.notna().all()
     assert fronts.test_capability_accuracy.between(0, 1).all()  # --capability: a side-effect column on every point
     assert fronts.test_over_refusal_benign.between(0, 1).all()  # --benign: so is over-refusal on benign questions
+
+
+def test_hypervolume_of_a_score_search_is_boxed_at_the_unedited_score(tmp_path, monkeypatch):
+    """Refusal scores are log-odds: the box is the unedited model's val score x KL 1, so an edit that raises the
+    score adds nothing; marker counts stay fractions in the unit box; each curve's last-20 % change is recorded."""
+    import pandas as pd
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import abliteration_pareto
+
+    (tmp_path / "circuitlab").mkdir()
+    rows = [dict(trial=t, variant="global", refusal_objective="score", val_refusal=r, val_kl=k, val_baseline_refusal=2.0)
+            for t, (r, k) in enumerate([(3.0, 0.1), (1.0, 0.5), (-1.0, 0.5), (-1.0, 0.5), (-1.0, 0.5)])]
+    rows += [dict(trial=10 + t, variant="heretic", refusal_objective="markers", val_refusal=r, val_kl=0.5,
+                  val_baseline_refusal=8) for t, r in enumerate([8, 4])]
+    pd.DataFrame(rows).to_csv(tmp_path / "circuitlab" / "trials.csv", index=False)
+    table = abliteration_pareto.hypervolume_table(tmp_path, tmp_path / "no-heretic", n_val=16)
+    score = table[table.variant == "global"]
+    assert score.hypervolume.tolist() == pytest.approx([0.0, 0.5, 1.5, 1.5, 1.5]) and (score.box_refusal == 2.0).all()
+    assert score.change_last_20pct.iloc[0] == 0.0  # unchanged over the last 20 % of its trials
+    markers = table[table.variant == "heretic"]
+    assert markers.hypervolume.tolist() == pytest.approx([0.25, 0.375]) and (markers.box_refusal == 1.0).all()
+    assert (tmp_path / "hypervolume.png").is_file()
