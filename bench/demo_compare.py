@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     new_summary = json.loads((args.new / "summary.json").read_text())
     tables, record = [], {"old_rev": args.old_rev, "runs": {}}
     for run in RUNS:
-        if not (args.new / run / "table.csv").is_file():  # e.g. the effect-size ranking, now opt-in
+        if run not in new_summary["fragility"]:  # e.g. the effect-size ranking, now opt-in (a folder may be older)
             record["runs"][run] = "not in the new run"
             continue
         old = pd.read_csv(io.StringIO(_old(args.old_rev, f"results/refusal_circuit/{run}/table.csv")))
