@@ -23,7 +23,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["PromptSet", "load", "optional_prompts", "BUILTINS", "MAX_CHARS", "DatasetError", "SPLIT_CHOICES", "is_builtin"]
+__all__ = ["PromptSet", "load", "optional_prompts", "BUILTINS", "MAX_CHARS", "DatasetError", "SPLIT_CHOICES",
+           "is_builtin"]
 
 MAX_CHARS = 4000
 SPLITS = ("train", "val", "test")

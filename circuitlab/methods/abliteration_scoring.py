@@ -53,12 +53,11 @@ def score_model(model: HookedModel, harmful: Sequence[str], harmless: Sequence[s
     judged = [("judge_refusal_rate", harmful), ("over_refusal_rate", harmless)] if judge else []
     if benign:
         judged.append(("over_refusal_benign", list(benign)))
-    if judged:
-        for name, prompts in judged:
-            verdicts = metrics.judge_refusals(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                              share_prefix=True)
-            out[name] = sum(verdicts) / len(verdicts)
-            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_ci(verdicts, seed=seed)
+    for name, prompts in judged:
+        verdicts = metrics.judge_refusals(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                          share_prefix=True)
+        out[name] = sum(verdicts) / len(verdicts)
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_ci(verdicts, seed=seed)
     if plaintext:
         out["cross_entropy"] = metrics.cross_entropy(model, list(plaintext), batch_size=max(1, batch_size // 4))
     if capability:
