@@ -12,7 +12,7 @@ One command, embedded model, shared activation store:
 Writes results/refusal_circuit/{circuit,fragility_neuron,fragility_head[,fragility_neuron_effect_size]}/
 and summary.json, then prints a short text summary. Subsampling (aimed at under 15 min on 2 cores):
 N = 64 prompts per set, one random-control seed (the judge reads only the first seed's controls, and
-two seeds moved no conclusion: docs/results/first-contact.md), the generation judge reads
+two seeds moved no conclusion: docs/results/single-point-of-failure.md), the generation judge reads
 12 new tokens; edges scored by EAP-IG on 8 screening pairs (faithfulness still measured on 16 held-out
 pairs); plain-text cross-entropy measured with the judge (baseline and judged points only).
 ``bench/demo_profile.py`` times it by phase and kind of work.
