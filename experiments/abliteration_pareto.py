@@ -118,14 +118,15 @@ def main(argv=None, model=None) -> dict:
                                              orthogonalize=True)
     # --- the test split is read from here on ---
     front, search_summary = exp.evaluate(model, h[2], s[2])
+    # saved before the other test points: the search and its test measures survive a failure after them
+    Result(front, exp.config(model, **sets), tables={"trials": trials}, summary=search_summary).save(
+        out / "circuitlab", overwrite=True)
     t_test = time.time()
     rows = test_points(a, model, exp, front, heretic_trials, arditi, h[2], s[2])
     timings["test_points_s"] = round(time.time() - t_test, 1)
     fronts = pd.DataFrame(rows)
     fronts.to_csv(out / "fronts.csv", index=False)
     figure(fronts, model.name).savefig(out / "pareto_test.png", dpi=150)
-    Result(front, exp.config(model, **sets), tables={"trials": trials}, summary=search_summary).save(
-        out / "circuitlab", overwrite=True)
     summary = {"script": Path(__file__).name, "argv": vars(a),
                "model": {"id": model.name, "fingerprint": model.fingerprint},
                "prompts": files, "arditi": None if arditi is None else {"layer": arditi.layer_,
@@ -186,7 +187,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--store", default=None, help="activation store folder (default: circuitlab's cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/abliteration")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.heretic_export and not Path(a.heretic_export).is_dir():  # found out before the hours of search, not after
+        p.error(f"--heretic-export {a.heretic_export}: no such folder (Heretic's saved model stays where its menu "
+                "saved it; without it, --heretic-reapply chosen scores the same trial re-applied)")
+    return a
 
 
 # ---- Heretic ---------------------------------------------------------------------------------------
@@ -246,7 +251,11 @@ def reuse_heretic(a, files: dict) -> pd.DataFrame | None:
     a.heretic_defaults = not str(run.get("family", "")).startswith("plain")
     menu = run.get("menu") or {}
     if a.heretic_export is None and menu.get("saved"):
-        a.heretic_export = menu["export"]
+        if Path(menu["export"]).is_dir():
+            a.heretic_export = menu["export"]
+        else:  # exported models live outside the repository and may be gone: say so, score the re-applied trial
+            print(f"Heretic's exported model {menu['export']} no longer exists: only its chosen trial re-applied "
+                  "is scored (--heretic-reapply)", flush=True)
     trials = pd.read_csv(folder / "trials.csv")
     trials = trials[trials.state == "COMPLETE"].reset_index(drop=True)
     trials["pareto"] = trials.pareto.astype(bool)

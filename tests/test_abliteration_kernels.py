@@ -5,6 +5,7 @@ norm-preserving rows (``row_normalization="full"``) equal a direct computation o
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -170,3 +171,19 @@ def test_pareto_script_scores_a_heretic_export_as_it_is(tiny, tmp_path, monkeypa
     assert exported.test_kl > 0 and abs(exported.test_kl - reapplied.test_kl) < 1e-4
     assert abs(exported.test_refusal_score - reapplied.test_refusal_score) < 1e-4
     assert summary["heretic"]["family"] == "heretic defaults" and "matmul_peak_flops" in summary
+
+    # The export lives outside the repository and may be gone: the rerun says so and scores the re-applied trial
+    # (it crashed after the whole search before); a --heretic-export that does not exist fails before any work.
+    import shutil
+
+    shutil.rmtree(export)
+    again = ["--model", "tiny", "--variants", "heretic-defaults", "--trials", "2", "--startup-trials", "1",
+             "--n-train", "6", "--n-val", "4", "--n-test", "4", "--n-text", "2", "--no-arditi", "--max-tokens", "2",
+             "--batch-size", "8", "--heretic-run", str(run), "--heretic-reapply", "chosen",
+             "--store", str(tmp_path / "store")]
+    abliteration_pareto.main(again + ["--out", str(tmp_path / "out2")], model=tiny)
+    assert set(pd.read_csv(tmp_path / "out2" / "fronts.csv").variant) >= {"heretic (re-applied)"}
+    assert "heretic (exported)" not in set(pd.read_csv(tmp_path / "out2" / "fronts.csv").variant)
+    with pytest.raises(SystemExit) as stop:
+        abliteration_pareto.main(again + ["--out", str(tmp_path / "out3"), "--heretic-export", str(export)], model=tiny)
+    assert stop.value.code == 2 and not (tmp_path / "out3").exists()
