@@ -9,9 +9,8 @@ Writes ``results/bench/demo_before_after.csv`` (one row per run x selection x se
 halve refusal, whether each old judged rate lies in the new 95 % CI, random-control seeds, wall times).
 A run the new folder lacks (the effect-size ranking is opt-in) is listed as such.
 
+    .venv/bin/python bench/demo_compare.py      # defaults: --old-rev 7f66d58 --new results/refusal_circuit
     .venv/bin/python bench/demo_compare.py --old-rev REV --new FOLDER --out results/bench/NAME.csv
-
-    .venv/bin/python bench/demo_compare.py
 """
 
 from __future__ import annotations

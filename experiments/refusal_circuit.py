@@ -60,8 +60,8 @@ def settings(model_name: str, quick: bool) -> dict:
         ablation = dict(max_new_tokens=12)
     # Most safety-relevant first: units ranked by their attribution-estimated refusal drop; the
     # effect-size (diff-ranking) neuron ranking is the comparison that shows why causal ranking matters.
-    runs = {"fragility_neuron": ("neuron", "attribution", neuron, {}), "fragility_head": ("head", "attribution", head, {}),
-            "fragility_neuron_effect_size": ("neuron", "effect_size", neuron + extra, {})}
+    runs = {"fragility_neuron": ("neuron", "attribution", neuron), "fragility_head": ("head", "attribution", head),
+            "fragility_neuron_effect_size": ("neuron", "effect_size", neuron + extra)}
     ablation.update(random_seeds=1, method="mean")
     return {"circuit": circuit, "runs": runs, "ablation": ablation}
 
@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
         with phase("fragility baseline"):
             get("ablation")(**common).baseline(model, harmful, harmless, store=store, shared=shared)
     for name in todo:
-        kind, rank_by, grid, overrides = plan["runs"][name]
+        kind, rank_by, grid = plan["runs"][name]
         with phase(name):
-            result = get("ablation")(**{**common, "kind": kind, "k_grid": grid, "rank_by": rank_by, **overrides}).run(
+            result = get("ablation")(**{**common, "kind": kind, "k_grid": grid, "rank_by": rank_by}).run(
                 model, harmful, harmless, store=store, shared=shared)
             result.save(args.out / name, overwrite=True)
         fragility[name] = result.summary

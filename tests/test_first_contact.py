@@ -88,7 +88,7 @@ def test_view_and_monitor_are_circuitlab_commands_with_one_line_errors(capsys, a
                                     "robust_safety"])
 def test_scripts_take_set_through_the_one_parser(script, tmp_path, capsys, no_model_load):
     """Every single-experiment script takes --set KEY=VALUE; a bad key is a one-line error, exit 2, before loading."""
-    code, out, err = run_script(capsys, f"experiments/{script}.py", "--set", "no_such_parameter=1",
+    code, _, err = run_script(capsys, f"experiments/{script}.py", "--set", "no_such_parameter=1",
                                 "--out", str(tmp_path / "out"))
     errors = [line for line in err.splitlines() if "error:" in line]
     assert code == 2 and len(errors) == 1 and "no parameter 'no_such_parameter'" in errors[0], err

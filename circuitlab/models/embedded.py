@@ -69,8 +69,8 @@ def _one_gguf_parse():
     transformers builds a reader in each ``from_pretrained`` (tokenizer, config, weights), and each
     parses the 151k-entry vocabulary and merge lists again: ~13 s of the cold conversion per parse
     (measured on this model: three parses, 39 s of 79 s). The reader is memory-mapped and only read.
-    transformers imports the class when it loads, so replacing the module attribute reaches it; if a
-    later version binds it earlier, this does nothing and the conversion is only slower.
+    transformers imports the class inside each load call, so replacing the module attribute reaches it; if
+    a later version binds it at import time, this does nothing and the conversion is only slower.
     """
     import gguf
 
