@@ -41,6 +41,22 @@ def test_disk_cache_survives_a_new_store_and_matches_direct_run(tiny, harmful, t
         assert torch.allclose(got[n], direct[n], atol=1e-5)
 
 
+@pytest.mark.parametrize("memory", [True, False])
+def test_offsets_are_cut_from_stored_post_rows_without_a_forward(tiny, harmful, tmp_path, memory):
+    store = ActivationStore(tmp_path, memory=memory)
+    post = store.get(tiny, harmful, NAMES, "post")
+    batches = store.forward_batches
+    last = store.get(tiny, harmful, NAMES, "last")
+    pair = store.get(tiny, harmful, NAMES, [-2, -1])
+    assert store.forward_batches == batches and store.misses == len(NAMES) * len(harmful)
+    direct = tiny.run_with_cache(list(harmful), NAMES, "last")
+    for n in NAMES:
+        assert torch.equal(last[n], post[n][:, -1:]) and torch.equal(pair[n], post[n][:, -2:])
+        assert torch.allclose(last[n], direct[n], atol=1e-5)
+    store.get(tiny, harmful, NAMES, [-tiny.n_post - 1])  # before the post positions: only a forward has it
+    assert store.forward_batches > batches
+
+
 def test_only_missing_entries_are_computed(tiny, harmful, tmp_path):
     store = ActivationStore(tmp_path, memory=False)
     store.get(tiny, list(harmful)[:4], NAMES, "last")

@@ -17,6 +17,8 @@ Guarantees:
   complete file twice; readers see a whole file or none, and tolerate files vanishing. There
   is no fsync: a file cut short by a machine crash fails its checksum. Temp files a killed
   writer left behind are removed after a day.
+- A request for some post-instruction offsets (``'last'``, ``[-2, -1]``) is cut from ``'post'`` rows already
+  stored for the same prompts (one forward pass holds them all) before anything is recomputed.
 - Each batch is written as soon as it is computed: an interruption loses at most one batch.
 - A file's checksum is verified the first time this process reads it (memory hits skip it).
   A file that fails the check or does not parse is deleted and recomputed, never trusted, and
@@ -315,6 +317,8 @@ class ActivationStore:
                     found[(h, k)] = row
             if self.disk:
                 self._read_disk(ns / h, h, [k for k in unique if (h, k) not in found], found)
+        if chat and model.n_post > 0 and pos.offsets is not None and pos.spec != "post":
+            self._cut_from_post(model, names, unique, pos, found)
         self.hits += sum((h, k) in found for h in names for k in keys)
         self.misses += sum((h, k) not in found for h in names for k in keys)
         missing = list(dict.fromkeys(p for p, k in zip(prompts, keys) if any((h, k) not in found for h in names)))
@@ -327,6 +331,21 @@ class ActivationStore:
             for k in unique:
                 self._remember((ns, h, k), found[(h, k)])
         return {h: torch.stack([found[(h, k)] for k in keys]).float() for h in names}
+
+    def _cut_from_post(self, model: HookedModel, names: list[str], keys: list[str], pos, found: dict) -> None:
+        """Fill ``found`` for an offsets request (``'last'``, ``[-3, -1]``) from stored ``'post'`` rows, which
+        hold every post-instruction position of the same forward pass: the rows are sliced, not recomputed."""
+        post = resolve_positions("post", model.n_post)
+        if not set(pos.offsets) <= set(post.offsets):
+            return
+        index = [post.offsets.index(o) for o in pos.offsets]
+        ns = self._namespace(model, True, post.spec)
+        for h in names:
+            wanted = [k for k in keys if (h, k) not in found]
+            rows = {(h, k): r for k in wanted if (r := self._recall((ns, h, k)) if self.memory else None) is not None}
+            if self.disk:
+                self._read_disk(ns / h, h, [k for k in wanted if (h, k) not in rows], rows)
+            found.update((key, row[index].clone()) for key, row in rows.items())
 
     def _read_disk(self, hook_dir: Path, hook: str, wanted: list[str], found: dict) -> None:
         """Fill ``found`` from the files holding ``wanted`` keys; each file is read once."""
