@@ -413,6 +413,8 @@ def figure(fronts: pd.DataFrame, model_name: str):
         for method, marker, color, name in (("original", "*", "black", "original model"),
                                             ("arditi", "D", "tab:red", "Arditi direction (orthogonalized)")):
             point = fronts[fronts.method == method]
+            if point.empty:  # e.g. --no-arditi: no legend entry for a point not drawn
+                continue
             ax.scatter(point.test_kl, point[column], marker=marker, s=140, c=color, label=name)
         ax.set_xscale("symlog", linthresh=1e-3)
         ax.set_xlabel("first-token KL on harmless test prompts (nats)")
