@@ -94,7 +94,7 @@ def main(argv=None, model=None) -> dict:
     exp = AbliterationSearch(variants=a.variants.split(","), n_trials=a.trials, n_startup_trials=a.startup_trials,
                              refusal=a.refusal, max_new_tokens=a.max_tokens, judge=a.judge, n_text=a.n_text,
                              max_k=a.max_k, capability=a.capability, benign=a.benign, n_benign=a.n_benign,
-                             batch_size=a.batch_size, seed=a.seed)
+                             batch_size=a.batch_size, seed=a.seed, journal=a.journal)
     trials = exp.search(model, h[0], s[0], h[1], s[1], store=store)
     timings["circuitlab_search_s"] = round(time.time() - start, 1)
     print(f"[{time.time() - start:.0f}s] circuitlab: {len(trials)} trials, "
@@ -186,8 +186,14 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--no-arditi", action="store_true", help="skip the Arditi direction point")
     p.add_argument("--store", default=None, help="activation store folder (default: circuitlab's cache)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--journal", metavar="FILE", default=None,
+                   help="Optuna journal of circuitlab's studies: the same command again resumes a killed search, or "
+                        "with a larger --trials extends it (trials already scored are read back, not rerun)")
     p.add_argument("--out", default="results/abliteration")
     a = p.parse_args(argv)
+    if a.journal and not Path(a.journal).parent.is_dir():
+        p.error(f"--journal {a.journal}: the folder {Path(a.journal).parent} does not exist (create it, or give a file "
+                "in an existing folder)")
     if a.heretic_export and not Path(a.heretic_export).is_dir():  # found out before the hours of search, not after
         p.error(f"--heretic-export {a.heretic_export}: no such folder (Heretic's saved model stays where its menu "
                 "saved it; without it, --heretic-reapply chosen scores the same trial re-applied)")

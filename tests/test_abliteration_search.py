@@ -168,6 +168,31 @@ def test_same_seed_same_trials(tiny, harmful, harmless, tmp_path):
     assert not a.drop(columns=drop).equals(c.drop(columns=drop))
 
 
+def test_a_journal_resumes_the_search_without_rescoring(tiny, harmful, harmless, tmp_path, monkeypatch):
+    store, journal = ActivationStore(tmp_path / "store"), str(tmp_path / "search.journal")
+    kw = dict(variants=["heretic", "global"], journal=journal)
+    first, a = _search(tiny, harmful, harmless, store, n_trials=2, **kw)
+    scored = []
+    objectives = AbliterationSearch._objectives
+    monkeypatch.setattr(AbliterationSearch, "_objectives",
+                        lambda self, *args: scored.append(args[1]) or objectives(self, *args))
+    second, b = _search(tiny, harmful, harmless, store, n_trials=3, **kw)
+    assert len(b) == 6 and len(scored) == 1 + 2  # the unedited baseline, then one new trial per family
+    old = b[b.from_journal].reset_index(drop=True)
+    assert len(old) == 4 and not a.from_journal.any() and not b[~b.from_journal].empty
+    cols = ["variant", "study_trial", "val_refusal", "val_kl", "edits"]
+    assert old[cols].equals(a[cols])
+    replayed = (0, 1, 3, 4)  # each family's first two trials; 2 and 5 are new
+    assert [second.params_[i] for i in replayed] == [first.params_[i] for i in range(4)]  # exports stay possible
+    _, other = _search(tiny, harmful, harmless, store, n_trials=2, seed=1, **kw)  # other settings: a new study
+    assert not other.from_journal.any()
+
+
+def test_journal_in_a_missing_folder_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="journal"):
+        AbliterationSearch(**FAST, journal=str(tmp_path / "no" / "such.journal"))
+
+
 def test_search_never_sees_the_test_split(tiny, harmful, harmless, tmp_path, monkeypatch):
     """Every path to the model (format: forward, generate, store reads) is counted for TEST prompts."""
     exp = AbliterationSearch(**FAST, judge=True, max_new_tokens=2)
@@ -277,7 +302,7 @@ def test_pareto_script_smoke_on_tiny(tiny, tmp_path, monkeypatch, capsys):
     abliteration_pareto.main(["--model", "tiny", "--variants", "heretic,targeted", "--trials", "2", "--n-train", "6",
                               "--n-val", "4", "--n-test", "4", "--n-text", "2", "--arditi-filter", "none",
                               "--judge", "--max-tokens", "3", "--capability", "2", "--benign", "sensitive-benign",
-                              "--n-benign", "2", "--out", str(out),
+                              "--n-benign", "2", "--out", str(out), "--journal", str(tmp_path / "search.journal"),
                               "--store", str(tmp_path / "store")],
                              model=tiny)
     for name in ("fronts.csv", "pareto_test.png", "summary.json", "circuitlab/trials.csv", "prompts/harmful_test.txt"):
@@ -291,6 +316,10 @@ def test_pareto_script_smoke_on_tiny(tiny, tmp_path, monkeypatch, capsys):
     assert fronts.test_marker_refusals.notna().all()
     assert fronts.test_capability_accuracy.between(0, 1).all()  # --capability: a side-effect column on every point
     assert fronts.test_over_refusal_benign.between(0, 1).all()  # --benign: so is over-refusal on benign questions
+    assert (tmp_path / "search.journal").stat().st_size > 0  # --journal: the studies a rerun would resume
+    with pytest.raises(SystemExit) as exit_info:
+        abliteration_pareto.parse(["--journal", str(tmp_path / "missing" / "search.journal")])
+    assert exit_info.value.code == 2
 
 
 def test_hypervolume_of_a_score_search_is_boxed_at_the_unedited_score(tmp_path, monkeypatch):

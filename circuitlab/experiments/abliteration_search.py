@@ -34,6 +34,14 @@ cross-entropy, marker refusals when ``judge``, arithmetic accuracy when ``capabi
 on ``benign`` sensitive questions when set) plus the unedited model (``variant`` = original).
 ``kl_budget`` selects the front's lowest val refusal within that val KL. ``export`` writes any trial's
 model as an HF folder.
+
+``journal`` (a file path): every told trial is also written to an Optuna journal there, one study per
+family and settings (named by a digest of the model's weights, the four prompt lists, the family, its
+seed and every parameter the objectives depend on). A rerun with the same journal and settings reads
+the trials it finds back (objectives and durations as recorded, edits rebuilt from their parameters;
+``from_journal`` True in the trials table) and runs only the rest up to ``n_trials``: a search killed
+after hours resumes, and a converged-front run can add trials to an earlier one. The resumed sampler
+draws from a fresh seeded state, so its new trials are not the ones an uninterrupted run would draw.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -55,6 +64,7 @@ from circuitlab.methods.direction_eval import last_logits_shared, pareto_ranks
 from circuitlab.core.progress import progress_bar
 from circuitlab.io.results import Result
 from circuitlab.io.store import ActivationStore
+from circuitlab.io.unit_cache import digest
 from circuitlab.experiments.base import Experiment, check, check_choice, register
 from circuitlab.experiments.checks import check_at_least, check_prompt_sets, check_subset, check_types
 
@@ -91,6 +101,7 @@ class AbliterationSearch(Experiment):
     batch_size: int = 32  # prompts per forward pass
     progress: bool = True  # show progress bars
     seed: int = 0  # seed of the splits and the samplers
+    journal: str | None = None  # Optuna journal file: a rerun with the same settings resumes each family's study
     directions_: torch.Tensor | None = field(default=None, init=False, repr=False)  # learned: per-layer directions
     projected_: torch.Tensor | None = field(default=None, init=False, repr=False)  # learned: heretic-defaults'
     cones_: torch.Tensor | None = field(default=None, init=False, repr=False)  # learned: cone's per-layer bases
@@ -108,6 +119,8 @@ class AbliterationSearch(Experiment):
         check_at_least(self, 0, "n_startup_trials", "capability", "seed")
         check(self.sampler != "nsga2" or self.n_startup_trials >= 2, f"n_startup_trials={self.n_startup_trials} "
               "is NSGA-II's population size and must be >= 2 (e.g. --set n_startup_trials=10)")
+        check(self.journal is None or (Path(self.journal).parent.is_dir() and not Path(self.journal).is_dir()),
+              f"journal={self.journal!r} must be a file path in an existing folder (e.g. --set journal=out/search.journal)")
         check(self.kl_budget is None or self.kl_budget > 0,
               f"kl_budget={self.kl_budget} must be None or > 0 (e.g. --set kl_budget=0.1)")
 
@@ -144,8 +157,13 @@ class AbliterationSearch(Experiment):
         base_val = self._objectives(model, [])
         rows, self.params_ = [], {}
         for i, variant in enumerate(self.variants):
-            study = _study(self.sampler, self.n_startup_trials, self.seed + i)
-            for _ in progress_bar(range(self.n_trials), self.progress, total=self.n_trials, desc=f"{variant} trials"):
+            study = _study(self.sampler, self.n_startup_trials, self.seed + i, self.journal,
+                           self._study_name(model, variant, self.seed + i, (h_train, s_train, h_val, s_val)))
+            told = _complete_trials(study)[:self.n_trials]
+            for t in told:
+                rows.append(self._replayed(model, t, variant, len(rows)))
+            todo = self.n_trials - len(told)
+            for _ in progress_bar(range(todo), self.progress, total=todo, desc=f"{variant} trials"):
                 rows.append(self._trial(model, study, variant, len(rows)))
         trials = _flag_fronts(pd.DataFrame(rows))
         trials["val_baseline_refusal"], trials["val_baseline_kl"] = base_val
@@ -159,11 +177,30 @@ class AbliterationSearch(Experiment):
         edits = self.edits(model, variant, params)
         refusal, kl = self._objectives(model, edits)
         study.tell(trial, [refusal, kl])
+        return self._row(number, variant, trial.number, params, edits, refusal, kl, time.perf_counter() - start, False)
+
+    def _replayed(self, model, told, variant: str, number: int) -> dict:
+        """The row of a trial read back from the journal: its parameters replayed, its objectives as recorded."""
+        import optuna
+
+        params = suggest(optuna.trial.FixedTrial(told.params), variant, model.n_layers, self.max_top_n, self.max_k)
+        edits = self.edits(model, variant, params)
+        return self._row(number, variant, told.number, params, edits, *told.values, told.duration.total_seconds(), True)
+
+    def _row(self, number, variant, study_trial, params, edits, refusal, kl, seconds, from_journal) -> dict:
         self.params_[number] = (variant, params)
         flat = params.flat() if isinstance(params, (AbliterationParams, ConeParams)) else dict(params)
-        return {"trial": number, "variant": variant, "study_trial": trial.number, "component": "direction", **flat,
+        return {"trial": number, "variant": variant, "study_trial": study_trial, "component": "direction", **flat,
                 "n_edits": len(edits), "edits": describe_edits(edits), "refusal_objective": self.refusal,
-                "val_refusal": refusal, "val_kl": kl, "seconds": round(time.perf_counter() - start, 3)}
+                "val_refusal": float(refusal), "val_kl": float(kl), "seconds": round(seconds, 3),
+                "from_journal": from_journal}
+
+    def _study_name(self, model, variant: str, seed: int, prompts) -> str:
+        """One journal study per family and everything its objectives depend on (not n_trials: more may be added)."""
+        settings = {k: v for k, v in self.params().items() if k not in ("n_trials", "variants", "progress", "journal",
+                                                                         "judge", "kl_budget", "plaintext", "n_text",
+                                                                         "capability", "benign", "n_benign")}
+        return f"{variant}-seed{seed}-" + digest((model.fingerprint, variant, seed, settings, prompts))[:16]
 
     def _objectives(self, model, edits) -> tuple[float, float]:
         """(refusal, KL) on the val split with ``edits`` in the weights."""
@@ -264,8 +301,9 @@ def suggest(trial, variant: str, n_layers: int, max_top_n: int = 8, max_k: int =
     return params
 
 
-def _study(sampler: str, n_startup: int, seed: int):
-    """A seeded two-objective (refusal, KL) study, minimised, with Optuna's logging silenced."""
+def _study(sampler: str, n_startup: int, seed: int, journal: str | None = None, name: str | None = None):
+    """A seeded two-objective (refusal, KL) study, minimised, with Optuna's logging silenced; with ``journal``,
+    the study ``name`` in that journal file, created or loaded."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial otherwise
@@ -275,7 +313,20 @@ def _study(sampler: str, n_startup: int, seed: int):
             chosen = optuna.samplers.NSGAIISampler(population_size=n_startup, seed=seed)
         else:
             chosen = optuna.samplers.TPESampler(n_startup_trials=n_startup, multivariate=True, seed=seed)
-        return optuna.create_study(directions=["minimize", "minimize"], sampler=chosen)
+        storage = None
+        if journal is not None:
+            from optuna.storages.journal import JournalFileBackend
+
+            storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+        return optuna.create_study(directions=["minimize", "minimize"], sampler=chosen, storage=storage,
+                                   study_name=name if journal is not None else None, load_if_exists=True)
+
+
+def _complete_trials(study) -> list:
+    """The study's finished trials in order (a trial left running by a killed process is not one)."""
+    import optuna
+
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
