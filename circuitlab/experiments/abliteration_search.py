@@ -75,6 +75,9 @@ _HERETIC_FAMILIES = ("heretic", "heretic-defaults", "cone")  # Heretic's kernel 
 REFUSAL_OBJECTIVES = ("score", "markers")
 SAMPLERS = ("tpe", "nsga2")
 TARGET_KINDS = ("head", "mlp_out", "neuron")
+# parameters a trial's val objectives do not depend on (test-only measures, the budget, display, the journal)
+_NOT_IN_STUDY_NAME = ("n_trials", "variants", "progress", "journal", "judge", "kl_budget", "plaintext", "n_text",
+                      "capability", "benign", "n_benign")
 
 
 @register("abliteration-search")
@@ -197,9 +200,7 @@ class AbliterationSearch(Experiment):
 
     def _study_name(self, model, variant: str, seed: int, prompts) -> str:
         """One journal study per family and everything its objectives depend on (not n_trials: more may be added)."""
-        settings = {k: v for k, v in self.params().items() if k not in ("n_trials", "variants", "progress", "journal",
-                                                                         "judge", "kl_budget", "plaintext", "n_text",
-                                                                         "capability", "benign", "n_benign")}
+        settings = {k: v for k, v in self.params().items() if k not in _NOT_IN_STUDY_NAME}
         return f"{variant}-seed{seed}-" + digest((model.fingerprint, variant, seed, settings, prompts))[:16]
 
     def _objectives(self, model, edits) -> tuple[float, float]:
