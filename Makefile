@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/lint-imports
-	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(BIN)/mkdocs build --strict -q
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(BIN)/mkdocs build --strict
 	# two workers, one file each at a time: most tests are single-threaded Python on tiny models;
 	# files in collection order, which tests/conftest.py makes longest first (embedded model, Ray)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder

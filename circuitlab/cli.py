@@ -93,7 +93,7 @@ _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help
 def view(ctx: typer.Context) -> None:
     """Write (or serve) the interactive circuit explorer for a saved circuit-map / edge-attribution run.
 
-    circuitlab view RUN_DIR [--out page.html] [--serve PORT]   (circuitlab view --help for more)
+    circuitlab view RUN_DIR, optionally with --out page.html or --serve PORT (circuitlab view --help for more)
     """
     from circuitlab.viewer.cli import main as view_main
 
