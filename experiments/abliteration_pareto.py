@@ -66,6 +66,7 @@ from circuitlab.methods.abliteration import (AbliterationParams, Kernel, abliter
     residual_directions, score_model)
 from circuitlab.methods.direction_eval import last_logits_shared  # noqa: E402
 from circuitlab.experiments.abliteration_search import AbliterationSearch  # noqa: E402
+from circuitlab.experiments.base import ParameterError  # noqa: E402
 from circuitlab.experiments.direction import RefusalDirection  # noqa: E402
 from circuitlab.io.results import Result, check_output_dir  # noqa: E402
 
@@ -91,10 +92,7 @@ def main(argv=None, model=None) -> dict:
     s = [sets[f"harmless_{s}"] for s in ("train", "val", "test")]
     timings = {}
 
-    exp = AbliterationSearch(variants=a.variants.split(","), n_trials=a.trials, n_startup_trials=a.startup_trials,
-                             refusal=a.refusal, max_new_tokens=a.max_tokens, judge=a.judge, n_text=a.n_text,
-                             max_k=a.max_k, capability=a.capability, benign=a.benign, n_benign=a.n_benign,
-                             batch_size=a.batch_size, seed=a.seed, journal=a.journal)
+    exp = search_experiment(a)
     trials = exp.search(model, h[0], s[0], h[1], s[1], store=store)
     timings["circuitlab_search_s"] = round(time.time() - start, 1)
     print(f"[{time.time() - start:.0f}s] circuitlab: {len(trials)} trials, "
@@ -141,6 +139,14 @@ def main(argv=None, model=None) -> dict:
     hypervolume_table(out, Path(a.heretic_run) if a.heretic_run else None, a.n_val)
     print(f"[{time.time() - start:.0f}s] wrote {out}/fronts.csv, pareto_test.png, summary.json", flush=True)
     return summary
+
+
+def search_experiment(a: argparse.Namespace) -> AbliterationSearch:
+    """circuitlab's search as the arguments configure it (its constructor validates every parameter)."""
+    return AbliterationSearch(variants=a.variants.split(","), n_trials=a.trials, n_startup_trials=a.startup_trials,
+                              refusal=a.refusal, max_new_tokens=a.max_tokens, judge=a.judge, n_text=a.n_text,
+                              max_k=a.max_k, capability=a.capability, benign=a.benign, n_benign=a.n_benign,
+                              batch_size=a.batch_size, seed=a.seed, journal=a.journal)
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -191,9 +197,10 @@ def parse(argv=None) -> argparse.Namespace:
                         "with a larger --trials extends it (trials already scored are read back, not rerun)")
     p.add_argument("--out", default="results/abliteration")
     a = p.parse_args(argv)
-    if a.journal and not Path(a.journal).parent.is_dir():
-        p.error(f"--journal {a.journal}: the folder {Path(a.journal).parent} does not exist (create it, or give a file "
-                "in an existing folder)")
+    try:  # the search's own checks (families, journal folder, prompt sets): exit 2 before any work
+        search_experiment(a)
+    except ParameterError as err:
+        p.error(str(err))
     if a.heretic_export and not Path(a.heretic_export).is_dir():  # found out before the hours of search, not after
         p.error(f"--heretic-export {a.heretic_export}: no such folder (Heretic's saved model stays where its menu "
                 "saved it; without it, --heretic-reapply chosen scores the same trial re-applied)")
