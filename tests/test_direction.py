@@ -141,6 +141,28 @@ def test_scores_match_the_intervention_hooks_and_screening_keeps_whole_fronts(ti
     assert (t.n_val_harmful == 10).all() and (t.n_val_harmless == 10).all()
 
 
+@pytest.mark.parametrize("kl_budget", [None, 0.05])
+def test_induce_selectable_skips_only_scores_the_rule_cannot_read(tiny, harmful, harmless, tmp_path, kl_budget):
+    """induce="selectable" selects what "all" selects; its finalists lack an induce score exactly where
+    the rule reads none (KL at or above the threshold, or a KL budget)."""
+    dirs = candidate_directions(tiny, harmful, harmless, ActivationStore(tmp_path))
+    h, s = list(harmful), list(harmless)
+    kl_threshold = 0.4  # the tiny model's four finalists: KL 0.32-0.71, two on each side
+    kw = dict(screen_prompts=3, n_finalists=4, kl_threshold=kl_threshold, kl_budget=kl_budget, batch_size=4)
+    full, rule, _ = score_candidates(tiny, dirs, h, s, **kw)
+    lazy, lazy_rule, _ = score_candidates(tiny, dirs, h, s, induce="selectable", **kw)
+    fin = full[full.finalist]
+    read = (fin.kl < kl_threshold) & (kl_budget is None)
+    assert lazy_rule == rule and lazy.selected.equals(full.selected)
+    assert (read.sum(), (~read).sum()) == ((2, 2) if kl_budget is None else (0, 4))
+    assert lazy.loc[fin.index[read], "induce_score"].equals(fin.induce_score[read])
+    assert lazy.loc[fin.index[~read], "induce_score"].isna().all()
+    induced = ["induce_score", "passes_induce", "passes_induce_relative"]
+    pd.testing.assert_frame_equal(lazy.drop(columns=induced), full.drop(columns=induced))
+    with pytest.raises(ValueError, match="induce='some'"):
+        score_candidates(tiny, dirs, h, s, induce="some", **kw)
+
+
 def test_selection_never_sees_the_test_split(tiny, harmful, harmless, tmp_path, monkeypatch):
     """Every path to the model (format: forward, generate, store reads) is counted for TEST prompts."""
     exp = RefusalDirection(progress=False, max_new_tokens=2, plaintext=None, n_boot=20, min_kept=1)

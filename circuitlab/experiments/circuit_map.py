@@ -15,7 +15,7 @@ Screening half:
    chooses (``direction_eval.score_candidates``, Arditi et al. 2024 §2.4): the screening half is cut
    again into a train part (the candidates) and a val part (bypass score, KL and induce filters,
    first 80 % of layers; every candidate screened on ``direction_screen`` val prompts per side, the best
-   ``direction_finalists`` scored on all). Not the residual-stream attribution estimate, whose agreement with exact
+   ``direction_finalists`` scored on all, the induce score only where the rule can read it). Not the residual-stream attribution estimate, whose agreement with exact
    patching the project's bench measured at Pearson 0.22.
 3. **Candidates**: diff-ranking's best neurons / heads in those layers, plus the largest estimated
    refusal drops of attribution patching (Nanda 2023; Kramár et al. 2024) in any layer
@@ -310,7 +310,7 @@ class CircuitMap(Experiment):
                                                      batch_size=self.batch_size).items() if k[1] == -1}
         table, rule, _ = score_candidates(model, dirs, h_val, s_val, positions=[-1], prune_layer_frac=0.2,
                                           screen_prompts=self.direction_screen, n_finalists=self.direction_finalists,
-                                          batch_size=self.batch_size)
+                                          induce="selectable", batch_size=self.batch_size)
         best = table[table.selected].iloc[0]
         cols = {"bypass_score": "direction_bypass_score", "kl": "direction_kl", "induce_score": "direction_induce_score"}
         layers = layers.merge(table[list(cols) + ["layer"]].rename(columns=cols), on="layer", how="left")

@@ -33,10 +33,11 @@ from circuitlab.core.weights import writer_weight
 
 __all__ = ["evaluate_direction", "direction_components", "select_candidate", "score_candidates",
            "last_logits_shared", "pareto_ranks", "candidate_rows", "screens", "score_candidate", "finalists",
-           "select_scored", "CONDITIONS", "SELECTION_STEPS"]
+           "select_scored", "induce_score", "induce_needed", "CONDITIONS", "SELECTION_STEPS", "INDUCE"]
 
 CONDITIONS = ("baseline", "ablation", "orthogonalized", "addition")
 # the steps of select_candidate's rule, in the order they are tried (fallback_step names one)
+INDUCE = ("all", "selectable")  # score_candidates: which finalists get an induce score
 SELECTION_STEPS = ("paper", "induce_relative_to_baseline", "kl_only", "lowest_bypass", "kl_budget",
                    "kl_budget_unmet_lowest_kl")
 
@@ -278,10 +279,11 @@ def screens(screen_prompts: int | None, n_harmful: int, n_harmless: int, n_todo:
 
 def score_candidate(model: HookedModel, direction: torch.Tensor, layer: int, harmful: Sequence[str],
                     harmless: Sequence[str], base_harmless: torch.Tensor, *, screen_prompts: int | None = None,
-                    batch_size: int = 32) -> dict:
+                    induce: bool = True, batch_size: int = 32) -> dict:
     """One candidate's val measures. Screening (``screen_prompts`` k): ablation on the first k prompts per
     side (``screen_bypass_score``, ``screen_kl``). Otherwise ``bypass_score``, ``kl`` (against
-    ``base_harmless``, the unintervened logits of ``harmless``) and ``induce_score`` on every prompt."""
+    ``base_harmless``, the unintervened logits of ``harmless``) and, with ``induce``, ``induce_score`` on
+    every prompt."""
     harmful, harmless, tok = list(harmful), list(harmless), metrics.refusal_tokens(model)
     ablate = iv.directional_ablation_hooks(model, direction)
     if screen_prompts:
@@ -290,12 +292,25 @@ def score_candidate(model: HookedModel, direction: torch.Tensor, layer: int, har
         return {"screen_bypass_score": metrics.refusal_score_from_logits(logits[:k], tok).mean().item(),
                 "screen_kl": metrics.kl_divergence(base_harmless[:k], logits[k:]).mean().item()}
     ablated = last_logits_shared(model, harmful + harmless, ablate, batch_size=batch_size)
-    added = last_logits_shared(model, harmless, iv.activation_addition_hooks(model, direction, layer),
+    out = {"finalist": True,
+           "bypass_score": metrics.refusal_score_from_logits(ablated[:len(harmful)], tok).mean().item(),
+           "kl": metrics.kl_divergence(base_harmless, ablated[len(harmful):]).mean().item()}
+    if induce:
+        out["induce_score"] = induce_score(model, direction, layer, harmless, batch_size=batch_size)
+    return out
+
+
+def induce_score(model: HookedModel, direction: torch.Tensor, layer: int, harmless: Sequence[str], *,
+                 batch_size: int = 32) -> float:
+    """Mean refusal score of ``harmless`` with ``direction`` added at ``resid_pre(layer)``, every position."""
+    added = last_logits_shared(model, list(harmless), iv.activation_addition_hooks(model, direction, layer),
                                batch_size=batch_size)
-    return {"finalist": True,
-            "bypass_score": metrics.refusal_score_from_logits(ablated[:len(harmful)], tok).mean().item(),
-            "kl": metrics.kl_divergence(base_harmless, ablated[len(harmful):]).mean().item(),
-            "induce_score": metrics.refusal_score_from_logits(added, tok).mean().item()}
+    return metrics.refusal_score_from_logits(added, metrics.refusal_tokens(model)).mean().item()
+
+
+def induce_needed(kl: float, kl_threshold: float, kl_budget: float | None) -> bool:
+    """Whether ``select_candidate`` can read a candidate's induce score: only its KL-passing steps do."""
+    return kl_budget is None and kl < kl_threshold
 
 
 def finalists(rows: list[dict], screened: Sequence[int], n_finalists: int) -> list[int]:
@@ -318,8 +333,8 @@ def score_candidates(model: HookedModel, directions: dict, harmful: Sequence[str
                      layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
                      prune_layer_frac: float = 0.2, evaluate_excluded: bool = False, kl_threshold: float = 0.1,
                      induce_threshold: float | None = 0.0, kl_budget: float | None = None,
-                     screen_prompts: int | None = None, n_finalists: int = 12, batch_size: int = 32,
-                     progress: bool = False) -> tuple[pd.DataFrame, str, dict]:
+                     screen_prompts: int | None = None, n_finalists: int = 12, induce: str = "all",
+                     batch_size: int = 32, progress: bool = False) -> tuple[pd.DataFrame, str, dict]:
     """Bypass score, KL and induce score per candidate ``{(layer, offset): direction}`` on validation
     prompts, then ``select_candidate`` (Arditi et al. 2024, §2.4); returns (table, rule, baselines).
 
@@ -335,7 +350,13 @@ def score_candidates(model: HookedModel, directions: dict, harmful: Sequence[str
     (``finalist``), are then scored on all prompts and can be selected. A race, to fit a CPU: the
     selection itself rests on every prompt given. The pieces (``candidate_rows``, ``score_candidate``,
     ``finalists``, ``select_scored``) are public so a sharded run (refusal-direction's units) computes the same.
+
+    ``induce="selectable"`` measures the induce score only where the rule can read it (``induce_needed``:
+    no ``kl_budget`` and kl below ``kl_threshold``; NaN elsewhere): the same selection, a third fewer
+    forwards per rejected finalist. ``"all"`` measures it for every finalist (the paper's figures).
     """
+    if induce not in INDUCE:
+        raise ValueError(f"induce={induce!r} must be one of {INDUCE}")
     harmful, harmless = list(harmful), list(harmless)
     nh = len(harmful)
     base = last_logits_shared(model, harmful + harmless, batch_size=batch_size)
@@ -346,8 +367,12 @@ def score_candidates(model: HookedModel, directions: dict, harmful: Sequence[str
     keys = list(directions)
 
     def score(i: int, k: int | None) -> None:
+        lazy = k is None and induce == "selectable"
         rows[i].update(score_candidate(model, directions[keys[i]], keys[i][0], harmful, harmless, base[nh:],
-                                       screen_prompts=k, batch_size=batch_size))
+                                       screen_prompts=k, induce=not lazy, batch_size=batch_size))
+        if lazy and induce_needed(rows[i]["kl"], kl_threshold, kl_budget):
+            rows[i]["induce_score"] = induce_score(model, directions[keys[i]], keys[i][0], harmless,
+                                                   batch_size=batch_size)
 
     if screens(screen_prompts, nh, len(harmless), len(todo), n_finalists):
         k = screen_prompts
