@@ -56,6 +56,27 @@ def test_run_with_cache_positions_and_order(tiny, harmful):
         assert torch.allclose(alone[0], last[i], atol=1e-4)
 
 
+
+def test_run_with_cache_runs_a_batch_shared_prefix_once(tiny, harmful, harmless):
+    """End-relative positions: the chat template's system turn runs once at batch size 1, the rest on
+    its keys/values; the activations are the full forward's (fwd_hooks turn the sharing off)."""
+    prompts = list(harmful) + list(harmless)
+    names = [hooks.resid_pre(1), hooks.mlp_post(0), hooks.attn_z(1)]
+    ids, mask = tiny.tokenize(prompts)
+    widths = []
+    with tiny.hooks([(hooks.resid_pre(0), lambda act, hook: widths.append(tuple(act.shape[:2])))]):
+        shared = tiny.run_with_cache(prompts, names, "post", batch_size=len(prompts))
+    p = widths[0][1]
+    assert widths == [(1, p), (len(prompts), ids.shape[1] - p)] and p >= 3
+    full = tiny.run_with_cache(prompts, names, "post", batch_size=len(prompts),
+                               fwd_hooks=[(names[0], lambda act, hook: act)])
+    for n in names:
+        assert shared[n].shape == full[n].shape and torch.allclose(shared[n], full[n], atol=1e-4), n
+    # identical prompts share everything but the positions asked for, which stay in the rest
+    twice = tiny.run_with_cache([prompts[0]] * 2, names, "post", batch_size=2)
+    once = tiny.run_with_cache([prompts[0]], names, "post", batch_size=1)
+    assert all(torch.allclose(twice[n], once[n].expand_as(twice[n]), atol=1e-4) for n in names)
+
 def test_generate_is_greedy_and_batched(tiny, harmful):
     prompts = list(harmful)[:3]
     batch = tiny.generate(prompts, max_new_tokens=6, batch_size=3)

@@ -22,7 +22,7 @@ import torch
 
 from circuitlab.core.progress import progress_bar
 
-__all__ = ["generate", "decode_groups", "greedy_decode", "prefill", "common_prefix_length"]
+__all__ = ["generate", "decode_groups", "greedy_decode", "prefill", "common_prefix_length", "run_prefix"]
 
 StopWhen = Callable[[str], bool]
 Group = tuple[list, torch.Tensor, torch.Tensor]  # (keys, input_ids, attention_mask), left-padded
@@ -37,10 +37,10 @@ def _prefill_kwargs(bridge) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
-def common_prefix_length(ids: torch.Tensor, mask: torch.Tensor) -> int:
-    """Leading real tokens that every row of a left-padded batch shares (each row keeps >= 1 more)."""
+def common_prefix_length(ids: torch.Tensor, mask: torch.Tensor, keep: int = 1) -> int:
+    """Leading real tokens that every row of a left-padded batch shares (each row keeps >= ``keep`` more)."""
     starts = (mask == 0).sum(1, keepdim=True)
-    n = int(mask.sum(1).min()) - 1
+    n = int(mask.sum(1).min()) - keep
     if n < 1 or ids.shape[0] < 2:
         return 0
     aligned = ids.gather(1, starts + torch.arange(n, device=ids.device))
@@ -48,12 +48,26 @@ def common_prefix_length(ids: torch.Tensor, mask: torch.Tensor) -> int:
     return int(same.long().cumprod(0).sum())
 
 
+def run_prefix(bridge, ids: torch.Tensor, mask: torch.Tensor, p: int, **kwargs):
+    """The first ``p`` tokens every row shares, run once at batch size 1: ``(rest, rest_mask, mask, cache)``,
+    each row's tokens after them (still left-padded), their mask, the whole mask laid out as
+    ``[prefix | padding | rest]`` (positions come from it, so they are unchanged) and the prefix's
+    KV cache repeated per row. ``kwargs`` go to the prefix forward (e.g. ``stop_at_layer``)."""
+    starts = (mask == 0).sum(1, keepdim=True)
+    prefix = ids.gather(1, starts[:1] + torch.arange(p, device=ids.device))
+    _, cache = bridge(prefix, return_type="logits_and_cache", **kwargs)
+    cache.batch_repeat_interleave(ids.shape[0])
+    col = torch.arange(ids.shape[1] - p, device=ids.device).expand(ids.shape[0], -1)
+    rest_mask = (col >= starts).to(mask.dtype)
+    rest = ids.gather(1, torch.where(col >= starts, col + p, 0))
+    return rest, rest_mask, torch.cat([mask.new_ones(ids.shape[0], p), rest_mask], dim=1), cache
+
+
 def prefill(bridge, ids: torch.Tensor, mask: torch.Tensor, share_prefix: bool = False):
     """The prompt forward: ``(last-position logits [batch, 1, vocab], KV cache, attention mask)``.
 
     ``share_prefix`` computes the tokens common to all rows (the chat template's system turn)
-    once, at batch size 1, then every row's rest on top of that cache, laid out as
-    ``[prefix | padding | rest]`` (positions come from the mask, so they are unchanged).
+    once, at batch size 1, then every row's rest on top of that cache (``run_prefix``).
     Hooks then fire twice (prefix, then rest) on shorter inputs: use it only with hooks that
     act on every position and row alike (e.g. directional ablation), not with offset-addressed ones.
     """
@@ -62,15 +76,7 @@ def prefill(bridge, ids: torch.Tensor, mask: torch.Tensor, share_prefix: bool = 
     if p == 0:
         logits, cache = bridge(ids, attention_mask=mask, return_type="logits_and_cache", **kw)
         return logits, cache, mask
-    starts = (mask == 0).sum(1, keepdim=True)
-    prefix = ids.gather(1, starts[:1] + torch.arange(p, device=ids.device))
-    _, cache = bridge(prefix, return_type="logits_and_cache", **kw)
-    cache.batch_repeat_interleave(ids.shape[0])
-    # each row's tokens after the prefix, still left-padded (width shrinks by p)
-    col = torch.arange(ids.shape[1] - p, device=ids.device).expand(ids.shape[0], -1)
-    rest_mask = (col >= starts).to(mask.dtype)
-    rest = ids.gather(1, torch.where(col >= starts, col + p, 0))
-    mask = torch.cat([mask.new_ones(ids.shape[0], p), rest_mask], dim=1)
+    rest, _, mask, cache = run_prefix(bridge, ids, mask, p, **kw)
     logits, cache = bridge(rest, attention_mask=mask, past_key_values=cache,
                            return_type="logits_and_cache", **kw)
     return logits, cache, mask

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from circuitlab.core import hooks as hk
-from circuitlab.core.generation import generate
+from circuitlab.core.generation import common_prefix_length, generate, run_prefix
 from circuitlab.core.progress import progress_bar
 
 __all__ = ["HookedModel", "Positions", "resolve_positions"]
@@ -246,28 +246,39 @@ class HookedModel:
         """Activations at ``names`` for ``prompts``, only at the requested positions.
 
         Returns ``{name: tensor}`` with prompts in input order, shape ``[n_prompts, n_positions, ...]``
-        (``[n_prompts, ...]`` for ``positions='mean'``). Runs only the layers the names need.
+        (``[n_prompts, ...]`` for ``positions='mean'``). Runs only the layers the names need. For
+        end-relative positions without ``fwd_hooks``, the tokens a batch shares (the chat template's
+        system turn) run once and every prompt's rest on their keys/values (``generation.run_prefix``):
+        the same activations up to float rounding, for a fraction of the tokens.
         """
         names = self.check_hooks(names)
         pos = resolve_positions(positions, self.n_post if chat else 0)
         if any(n.endswith("hook_pattern") or n.endswith("hook_attn_scores") for n in names):
             raise ValueError("attention patterns have a ragged key dimension; read them with model.hooks()")
+        fwd_hooks = list(fwd_hooks)
         layers = [hk.layer_of(n) for n in names]
-        stop = None if any(l is None for l in layers) else max(layers) + 1
+        stop = None if any(l is None for l in layers) or max(layers) + 1 >= self.n_layers else max(layers) + 1
         results: dict[str, list] = {n: [None] * len(prompts) for n in names}
         current: dict = {}
 
         def make_saver(name):
             def save(act, hook):
-                current[name] = _select_positions(act, pos, current["mask"])
+                if current["mask"] is not None:  # None while a shared prefix runs: its positions are not asked for
+                    current[name] = _select_positions(act, pos, current["mask"])
             return save
 
         total = -(-len(prompts) // batch_size)
-        with torch.no_grad(), self.hooks(list(fwd_hooks) + [(n, make_saver(n)) for n in names]):
+        with torch.no_grad(), self.hooks(fwd_hooks + [(n, make_saver(n)) for n in names]):
             for idx, ids, mask in progress_bar(self.batches(prompts, batch_size, chat), progress,
                                                total=total, desc=desc):
-                current["mask"] = mask
-                self.forward(ids, mask, stop_at_layer=stop if stop is not None and stop < self.n_layers else None)
+                p = 0 if pos.is_mean or fwd_hooks else common_prefix_length(ids, mask, keep=-min(pos.offsets))
+                if p:
+                    current["mask"] = None
+                    rest, current["mask"], mask, cache = run_prefix(self.bridge, ids, mask, p)
+                    self.forward(rest, mask, past_key_values=cache, stop_at_layer=stop)
+                else:
+                    current["mask"] = mask
+                    self.forward(ids, mask, stop_at_layer=stop)
                 for n in names:
                     for row, i in enumerate(idx):
                         results[n][i] = current[n][row]
