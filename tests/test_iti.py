@@ -37,7 +37,8 @@ def test_alpha_zero_changes_nothing(tiny, harmful, tiny_shifts):
 def test_shift_is_exactly_alpha_sigma_theta_on_chosen_heads(tiny, harmful, tiny_shifts, positions):
     alpha, names = 2.5, [hk.attn_z(l) for l in range(tiny.n_layers)]
     prompts = list(harmful)[:4]
-    base = tiny.run_with_cache(prompts, names, [-3, -2, -1])
+    # whole rows, as the hooked run below computes them, so untouched heads compare bit for bit
+    base = tiny.run_with_cache(prompts, names, [-3, -2, -1], share_prefix=False)
     hooks = iti_hooks(tiny, tiny_shifts, alpha, positions)
     # read each layer's z right after that layer's shift and before anything downstream of it
     shifted = tiny.run_with_cache(prompts, names, [-3, -2, -1], fwd_hooks=hooks)

@@ -48,14 +48,21 @@ def common_prefix_length(ids: torch.Tensor, mask: torch.Tensor, keep: int = 1) -
     return int(same.long().cumprod(0).sum())
 
 
-def run_prefix(bridge, ids: torch.Tensor, mask: torch.Tensor, p: int, **kwargs):
+def run_prefix(bridge, ids: torch.Tensor, mask: torch.Tensor, p: int, stop_at_layer: int | None = None, **kwargs):
     """The first ``p`` tokens every row shares, run once at batch size 1: ``(rest, rest_mask, mask, cache)``,
     each row's tokens after them (still left-padded), their mask, the whole mask laid out as
     ``[prefix | padding | rest]`` (positions come from it, so they are unchanged) and the prefix's
-    KV cache repeated per row. ``kwargs`` go to the prefix forward (e.g. ``stop_at_layer``)."""
+    KV cache repeated per row (only the layers before ``stop_at_layer`` when it is set). ``kwargs`` go to
+    the prefix forward."""
     starts = (mask == 0).sum(1, keepdim=True)
     prefix = ids.gather(1, starts[:1] + torch.arange(p, device=ids.device))
-    _, cache = bridge(prefix, return_type="logits_and_cache", **kwargs)
+    if stop_at_layer is None:
+        _, cache = bridge(prefix, return_type="logits_and_cache", **kwargs)
+    else:  # a stopped forward returns the residual only, so the cache it fills is passed in
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        bridge(prefix, past_key_values=cache, use_cache=True, stop_at_layer=stop_at_layer, **kwargs)
     cache.batch_repeat_interleave(ids.shape[0])
     col = torch.arange(ids.shape[1] - p, device=ids.device).expand(ids.shape[0], -1)
     rest_mask = (col >= starts).to(mask.dtype)

@@ -242,14 +242,16 @@ class HookedModel:
 
     def run_with_cache(self, prompts: Sequence[str], names, positions="last", *, chat: bool = True,
                        batch_size: int = 16, progress: bool = False, desc: str = "activations",
-                       fwd_hooks: Iterable[tuple[str, HookFn]] = ()) -> dict[str, torch.Tensor]:
+                       fwd_hooks: Iterable[tuple[str, HookFn]] = (),
+                       share_prefix: bool = True) -> dict[str, torch.Tensor]:
         """Activations at ``names`` for ``prompts``, only at the requested positions.
 
         Returns ``{name: tensor}`` with prompts in input order, shape ``[n_prompts, n_positions, ...]``
-        (``[n_prompts, ...]`` for ``positions='mean'``). Runs only the layers the names need. For
-        end-relative positions without ``fwd_hooks``, the tokens a batch shares (the chat template's
-        system turn) run once and every prompt's rest on their keys/values (``generation.run_prefix``):
-        the same activations up to float rounding, for a fraction of the tokens.
+        (``[n_prompts, ...]`` for ``positions='mean'``). Runs only the layers the names need. With
+        ``share_prefix``, for end-relative positions without ``fwd_hooks``, the tokens a batch shares
+        (the chat template's system turn) run once and every prompt's rest on their keys/values
+        (``generation.run_prefix``): the same activations up to float rounding, for a fraction of the
+        tokens; ``share_prefix=False`` runs every row whole (bit-for-bit comparisons with hooked runs).
         """
         names = self.check_hooks(names)
         pos = resolve_positions(positions, self.n_post if chat else 0)
@@ -271,10 +273,11 @@ class HookedModel:
         with torch.no_grad(), self.hooks(fwd_hooks + [(n, make_saver(n)) for n in names]):
             for idx, ids, mask in progress_bar(self.batches(prompts, batch_size, chat), progress,
                                                total=total, desc=desc):
-                p = 0 if pos.is_mean or fwd_hooks else common_prefix_length(ids, mask, keep=-min(pos.offsets))
+                shared = share_prefix and not (pos.is_mean or fwd_hooks)
+                p = common_prefix_length(ids, mask, keep=-min(pos.offsets)) if shared else 0
                 if p:
                     current["mask"] = None
-                    rest, current["mask"], mask, cache = run_prefix(self.bridge, ids, mask, p)
+                    rest, current["mask"], mask, cache = run_prefix(self.bridge, ids, mask, p, stop_at_layer=stop)
                     self.forward(rest, mask, past_key_values=cache, stop_at_layer=stop)
                 else:
                     current["mask"] = mask

@@ -167,7 +167,8 @@ def kl_divergence(base_logits: torch.Tensor, other_logits: torch.Tensor) -> torc
     """Per-row KL(base || other) in nats between next-token distributions ``[n, vocab]``."""
     base = torch.log_softmax(base_logits.float(), -1)
     other = torch.log_softmax(other_logits.float(), -1)
-    return (base.exp() * (base - other)).sum(-1)
+    # KL >= 0: two runs of one distribution on different kernels (e.g. a shared prefix) can round below 0
+    return (base.exp() * (base - other)).sum(-1).clamp_min(0.0)
 
 
 def cross_entropy(model: HookedModel, texts: Sequence[str], *, fwd_hooks: Iterable = (),
