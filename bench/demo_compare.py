@@ -1,9 +1,10 @@
-"""The demo's conclusions before and after wave 2: every fragility grid point, old vs new.
+"""The demo's conclusions before and after a change: every fragility grid point, and the circuit map's, old vs new.
 
 The old tables are read from git (``--old-rev``, the last pre-wave-2 demo results, commit 7f66d58:
 judge at every point, full decoding); the new ones from ``results/refusal_circuit/``. Per point:
 refusal score, judged refusal rate (new: only at the points ``judge_at="decisive"`` judges), KL,
-cross-entropy (new: measured with the judge only).
+cross-entropy (new: measured with the judge only). The circuit map: its summary's conclusions (direction
+layer, verified counts by stage, the edge circuit), the verified units and the largest patch-effect difference.
 Writes ``results/bench/demo_before_after.csv`` (one row per run x selection x seed x k) and
 ``demo_before_after.json`` (largest score difference, judged points that agree, units needed to
 halve refusal, whether each old judged rate lies in the new 95 % CI, random-control seeds, wall times).
@@ -28,6 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("fragility_neuron", "fragility_head", "fragility_neuron_effect_size")
 KEYS = ["selection", "seed", "k"]
 MEASURES = ["refusal_score", "refusal_rate", "kl_harmless", "cross_entropy"]
+# the circuit map's summary entries that state a conclusion (the direction's layer, what verifies, the edge circuit)
+CIRCUIT_KEYS = ["direction_layer", "direction_fallback_step", "n_candidates", "n_verified", "verified_detection",
+                "verified_evaluation", "verified_decision", "verified_production", "edge_circuit_edges",
+                "edge_faithfulness", "staged_by_graph"]
+UNIT = ["layer", "component", "head", "neuron"]
 
 
 def _old(rev: str, path: str) -> str:
@@ -47,6 +53,19 @@ def compare_run(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     return both
 
 
+def compare_circuit(old_summary: dict, new_summary: dict, old: pd.DataFrame, new: pd.DataFrame) -> dict:
+    """The circuit map's conclusions old vs new: summary entries, the verified units, their patch effects."""
+    both = old[UNIT + ["patch_effect", "verified"]].merge(new[UNIT + ["patch_effect", "verified"]], on=UNIT,
+                                                         how="outer", suffixes=("_old", "_new"))
+    common = both.patch_effect_old.notna() & both.patch_effect_new.notna()
+    return {"summary": {k: {"old": old_summary["circuit"].get(k), "new": new_summary["circuit"].get(k)}
+                        for k in CIRCUIT_KEYS},
+            "candidates_in_both": int(common.sum()),
+            "max_abs_patch_effect_diff": float((both.patch_effect_old - both.patch_effect_new)[common].abs().max()),
+            "verified_same_units": bool((both.verified_old.fillna(False).astype(bool)
+                                         == both.verified_new.fillna(False).astype(bool)).all())}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--old-rev", default="7f66d58")
@@ -56,6 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     old_summary = json.loads(_old(args.old_rev, "results/refusal_circuit/summary.json"))
     new_summary = json.loads((args.new / "summary.json").read_text())
     tables, record = [], {"old_rev": args.old_rev, "runs": {}}
+    record["circuit"] = compare_circuit(
+        old_summary, new_summary, pd.read_csv(io.StringIO(_old(args.old_rev, "results/refusal_circuit/circuit/table.csv"))),
+        pd.read_csv(args.new / "circuit" / "table.csv"))
     for run in RUNS:
         if run not in new_summary["fragility"]:  # e.g. the effect-size ranking, now opt-in (a folder may be older)
             record["runs"][run] = "not in the new run"
