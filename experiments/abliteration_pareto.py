@@ -146,7 +146,7 @@ def search_experiment(a: argparse.Namespace) -> AbliterationSearch:
     return AbliterationSearch(variants=a.variants.split(","), n_trials=a.trials, n_startup_trials=a.startup_trials,
                               refusal=a.refusal, max_new_tokens=a.max_tokens, judge=a.judge, n_text=a.n_text,
                               max_k=a.max_k, capability=a.capability, benign=a.benign, n_benign=a.n_benign,
-                              batch_size=a.batch_size, seed=a.seed, journal=a.journal)
+                              batch_size=a.batch_size, seed=a.seed, journal=a.journal, test_front=a.test_front)
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -173,6 +173,8 @@ def parse(argv=None) -> argparse.Namespace:
                    "questions (e.g. sensitive-benign; default: none)")
     p.add_argument("--n-benign", type=int, default=16, help="prompts of --benign judged per test point")
     p.add_argument("--max-k", type=int, default=4, help="cone family: largest rank of the removed subspace")
+    p.add_argument("--test-front", choices=("variant", "pareto"), default="variant",
+                   help="val front measured on test: each family's own (variant) or all families' together (pareto)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--arditi-filter", choices=("score", "judge", "none"), default="score",
                    help="refusal-direction's train/val filter for the Arditi point")

@@ -156,6 +156,9 @@ def test_search_saves_a_non_dominated_front(tiny, harmful, harmless, tmp_path):
     out = result.save(tmp_path / "run")
     assert (out / "table.csv").is_file() and (out / "trials.csv").is_file() and (out / "front.png").is_file()
     assert "refusal score" in result.summary["refusal_objective"]
+    exp.test_front = "pareto"  # the front of all families together is measured instead
+    together, _ = exp.evaluate(tiny, list(harmful)[:4], list(harmless)[:4])
+    assert set(together[together.variant != "original"].trial) == set(trials[trials.pareto_front].trial)
 
 
 def test_same_seed_same_trials(tiny, harmful, harmless, tmp_path):
@@ -184,6 +187,8 @@ def test_a_journal_resumes_the_search_without_rescoring(tiny, harmful, harmless,
     assert old[cols].equals(a[cols])
     replayed = (0, 1, 3, 4)  # each family's first two trials; 2 and 5 are new
     assert [second.params_[i] for i in replayed] == [first.params_[i] for i in range(4)]  # exports stay possible
+    _, same = _search(tiny, harmful, harmless, store, n_trials=3, test_front="pareto", **kw)  # a test-only setting
+    assert same.from_journal.all()
     _, other = _search(tiny, harmful, harmless, store, n_trials=2, seed=1, **kw)  # other settings: a new study
     assert not other.from_journal.any()
 

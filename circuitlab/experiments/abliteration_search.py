@@ -68,16 +68,17 @@ from circuitlab.io.unit_cache import digest
 from circuitlab.experiments.base import Experiment, check, check_choice, register
 from circuitlab.experiments.checks import check_at_least, check_prompt_sets, check_subset, check_types
 
-__all__ = ["AbliterationSearch", "VARIANTS", "REFUSAL_OBJECTIVES", "SAMPLERS", "suggest"]
+__all__ = ["AbliterationSearch", "VARIANTS", "REFUSAL_OBJECTIVES", "SAMPLERS", "TEST_FRONTS", "suggest"]
 
 VARIANTS = ("heretic", "heretic-defaults", "targeted", "global", "cone")
 _HERETIC_FAMILIES = ("heretic", "heretic-defaults", "cone")  # Heretic's kernel parameters
 REFUSAL_OBJECTIVES = ("score", "markers")
 SAMPLERS = ("tpe", "nsga2")
+TEST_FRONTS = ("variant", "pareto")  # the val front measured on test: each family's own, or all families' together
 TARGET_KINDS = ("head", "mlp_out", "neuron")
 # parameters a trial's val objectives do not depend on (test-only measures, the budget, display, the journal)
 _NOT_IN_STUDY_NAME = ("n_trials", "variants", "progress", "journal", "judge", "kl_budget", "plaintext", "n_text",
-                      "capability", "benign", "n_benign")
+                      "capability", "benign", "n_benign", "test_front")
 
 
 @register("abliteration-search")
@@ -101,6 +102,7 @@ class AbliterationSearch(Experiment):
     capability: int = 0  # test: generated arithmetic questions for the capability probe (0: skip)
     benign: str | None = None  # test: prompt set judged for over-refusal on benign sensitive questions (None: skip)
     n_benign: int = 16  # prompts of that set judged per test point
+    test_front: str = "variant"  # val front measured on test: variant (each family's own) or pareto (all together)
     batch_size: int = 32  # prompts per forward pass
     progress: bool = True  # show progress bars
     seed: int = 0  # seed of the splits and the samplers
@@ -116,6 +118,7 @@ class AbliterationSearch(Experiment):
         check_subset(self, "variants", VARIANTS)
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("refusal", self.refusal, REFUSAL_OBJECTIVES)
+        check_choice("test_front", self.test_front, TEST_FRONTS)
         check_subset(self, "target_kinds", TARGET_KINDS)
         check_prompt_sets(self, "benign")
         check_at_least(self, 1, "n_trials", "max_new_tokens", "max_top_n", "max_k", "n_text", "n_benign", "batch_size")
@@ -237,7 +240,8 @@ class AbliterationSearch(Experiment):
     # ---- after the search ------------------------------------------------------------------------
 
     def evaluate(self, model, h_test, s_test) -> tuple[pd.DataFrame, dict]:
-        """Each family's val front, and the unedited model, measured on the test split; plus the summary."""
+        """The val front (each family's own, or with ``test_front="pareto"`` the front of all families together)
+        and the unedited model, measured on the test split; plus the summary."""
         if self.trials_ is None:
             raise ValueError("no trials yet: run the search first (run() or search())")
         h_test, s_test = list(h_test), list(s_test)
@@ -248,7 +252,7 @@ class AbliterationSearch(Experiment):
                       benign=optional_prompts(self.benign, self.n_benign, self.seed))
         rows = [{"trial": -1, "variant": "original", "component": "direction",
                  **_test(score_model(model, h_test, s_test, base, **kwargs))}]
-        front = self.trials_[self.trials_.variant_front]
+        front = self.trials_[self.trials_[f"{self.test_front}_front"]]
         for r in progress_bar(list(front.itertuples()), self.progress, total=len(front), desc="test split"):
             with abliterated(model, self.edits(model, *self.params_[r.trial])):
                 rows.append({"trial": r.trial, **_test(score_model(model, h_test, s_test, base, **kwargs))})
