@@ -65,7 +65,7 @@ from circuitlab.methods import metrics  # noqa: E402
 from circuitlab.methods.abliteration import (AbliterationParams, Kernel, abliterated, heretic_edits,  # noqa: E402
     residual_directions, score_model)
 from circuitlab.methods.direction_eval import last_logits_shared  # noqa: E402
-from circuitlab.experiments.abliteration_search import AbliterationSearch  # noqa: E402
+from circuitlab.experiments.abliteration_search import TEST_FRONTS, AbliterationSearch  # noqa: E402
 from circuitlab.experiments.base import ParameterError  # noqa: E402
 from circuitlab.experiments.direction import RefusalDirection  # noqa: E402
 from circuitlab.io.results import Result, check_output_dir  # noqa: E402
@@ -173,7 +173,7 @@ def parse(argv=None) -> argparse.Namespace:
                    "questions (e.g. sensitive-benign; default: none)")
     p.add_argument("--n-benign", type=int, default=16, help="prompts of --benign judged per test point")
     p.add_argument("--max-k", type=int, default=4, help="cone family: largest rank of the removed subspace")
-    p.add_argument("--test-front", choices=("variant", "pareto"), default="variant",
+    p.add_argument("--test-front", choices=TEST_FRONTS, default="variant",
                    help="val front measured on test: each family's own (variant) or all families' together (pareto)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--arditi-filter", choices=("score", "judge", "none"), default="score",

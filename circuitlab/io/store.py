@@ -341,13 +341,13 @@ class ActivationStore:
         index = [post.offsets.index(o) for o in pos.offsets]
         ns = self._namespace(model, True, post.spec)
         for h in names:
-            rows = {}
-            for k in (k for k in keys if (h, k) not in found):
+            wanted, rows = [k for k in keys if (h, k) not in found], {}
+            for k in wanted:
                 row = self._recall((ns, h, k)) if self.memory else None
                 if row is not None:
                     rows[(h, k)] = row
             if self.disk:
-                self._read_disk(ns / h, h, [k for k in keys if (h, k) not in found and (h, k) not in rows], rows)
+                self._read_disk(ns / h, h, [k for k in wanted if (h, k) not in rows], rows)
             found.update((key, row[index].clone()) for key, row in rows.items())
 
     def _read_disk(self, hook_dir: Path, hook: str, wanted: list[str], found: dict) -> None:
