@@ -11,7 +11,8 @@ files. Train gives the directions, val scores every trial of both searches, test
 both searches are done.
 
 1. circuitlab (``abliteration-search``): one seeded study per family (``--variants``), ``--trials``
-   each (``cone``: rank-k refusal cones, k up to ``--max-k``); objectives on val: ``--refusal``
+   each (``--converge SHARE``: more, until each family's val front grew by less than SHARE over its last 20 %
+   of trials, at most ``--max-trials``; ``cone``: rank-k refusal cones, k up to ``--max-k``); objectives on val: ``--refusal``
    (score: mean refusal score, default; markers: Heretic's marker count) and Heretic's first-token KL.
 2. Heretic 1.4.0 (``bench/peers/heretic.py``, its own venv, ``--heretic-trials``) on the same files,
    (or ``--heretic-run FOLDER``: a finished ``bench/peers/heretic.py`` search on the same prompt files,
@@ -65,7 +66,7 @@ from circuitlab.methods import metrics  # noqa: E402
 from circuitlab.methods.abliteration import (AbliterationParams, Kernel, abliterated, heretic_edits,  # noqa: E402
     residual_directions, score_model)
 from circuitlab.methods.direction_eval import last_logits_shared  # noqa: E402
-from circuitlab.experiments.abliteration_search import TEST_FRONTS, AbliterationSearch  # noqa: E402
+from circuitlab.experiments.abliteration_search import TEST_FRONTS, AbliterationSearch, hypervolume_box  # noqa: E402
 from circuitlab.experiments.base import ParameterError  # noqa: E402
 from circuitlab.experiments.direction import RefusalDirection  # noqa: E402
 from circuitlab.io.results import Result, check_output_dir  # noqa: E402
@@ -96,7 +97,7 @@ def main(argv=None, model=None) -> dict:
     trials = exp.search(model, h[0], s[0], h[1], s[1], store=store)
     timings["circuitlab_search_s"] = round(time.time() - start, 1)
     print(f"[{time.time() - start:.0f}s] circuitlab: {len(trials)} trials, "
-          f"{int(trials.pareto_front.sum())} on the front", flush=True)
+          f"{int(trials.pareto_front.sum())} on the front; {exp.convergence_}", flush=True)
 
     if a.no_heretic:
         heretic_trials = _skip("--no-heretic given")
@@ -129,7 +130,7 @@ def main(argv=None, model=None) -> dict:
                "model": {"id": model.name, "fingerprint": model.fingerprint},
                "prompts": files, "arditi": None if arditi is None else {"layer": arditi.layer_,
                                                                          "position": arditi.position_},
-               "search": search_summary, "heretic": "skipped" if heretic_trials is None else
+               "search": {**search_summary, "convergence": exp.convergence_}, "heretic": "skipped" if heretic_trials is None else
                {"trials": len(heretic_trials), "family": "heretic defaults" if a.heretic_defaults else "plain",
                 **({"run": heretic_trials.attrs.get("run")} if heretic_trials.attrs.get("run") else {})},
                "timings": {**timings, "total_s": round(time.time() - start, 1)},
@@ -143,7 +144,8 @@ def main(argv=None, model=None) -> dict:
 
 def search_experiment(a: argparse.Namespace) -> AbliterationSearch:
     """circuitlab's search as the arguments configure it (its constructor validates every parameter)."""
-    return AbliterationSearch(variants=a.variants.split(","), n_trials=a.trials, n_startup_trials=a.startup_trials,
+    return AbliterationSearch(variants=a.variants.split(","), n_trials=a.trials, converge=a.converge,
+                              max_trials=a.max_trials, n_startup_trials=a.startup_trials,
                               refusal=a.refusal, max_new_tokens=a.max_tokens, judge=a.judge, n_text=a.n_text,
                               max_k=a.max_k, capability=a.capability, benign=a.benign, n_benign=a.n_benign,
                               batch_size=a.batch_size, seed=a.seed, journal=a.journal, test_front=a.test_front)
@@ -154,7 +156,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="embedded", help="embedded, tiny, planted, a HF id or a local folder")
     p.add_argument("--variants", default="heretic,targeted,global",
                    help="circuitlab families, comma-separated: heretic, heretic-defaults, targeted, global, cone")
-    p.add_argument("--trials", type=int, default=60, help="circuitlab trials per family")
+    p.add_argument("--trials", type=int, default=60, help="circuitlab trials per family (with --converge: the fewest)")
+    p.add_argument("--converge", type=float, default=None, metavar="SHARE",
+                   help="add trials to each family until its val hypervolume grew by less than SHARE over its last "
+                        "20 %% of trials (e.g. 0.02), at most --max-trials")
+    p.add_argument("--max-trials", type=int, default=None, help="with --converge: most trials per family "
+                                                                "(default 4 x --trials)")
     p.add_argument("--heretic-trials", type=int, default=60, help="Heretic --n-trials")
     p.add_argument("--startup-trials", type=int, default=20, help="random start-up trials (both searches)")
     p.add_argument("--refusal", choices=("score", "markers"), default="score",
@@ -366,32 +373,29 @@ def hypervolume_table(out: Path, heretic_folder: Path | None = None, n_val: int 
     that raise it and none of those between the baseline and 1)."""
     import matplotlib.pyplot as plt
 
-    from circuitlab.methods.heretic_scoring import hypervolume_curve
+    from circuitlab.methods.heretic_scoring import hypervolume_change, hypervolume_curve
 
     rows = []
+
+    def add(method, variant, objective, refusal, kl, box):
+        change = hypervolume_change(refusal, kl, ref=box)  # the convergence check of issue 26
+        rows.extend({"method": method, "variant": variant, "objective": objective, "trials": i, "hypervolume": hv,
+                     "box_refusal": box[0], "change_last_20pct": change}
+                    for i, hv in enumerate(hypervolume_curve(refusal, kl, ref=box), 1))
+
     trials = pd.read_csv(out / "circuitlab" / "trials.csv")
     for variant, g in trials.groupby("variant", sort=False):
         g = g.sort_values("trial")
-        markers = g.refusal_objective.iloc[0] == "markers"
-        refusal = g.val_refusal / n_val if markers and n_val else g.val_refusal
-        box = (1.0, 1.0) if markers else (float(g.val_baseline_refusal.iloc[0]), 1.0)
-        for i, hv in enumerate(hypervolume_curve(refusal.tolist(), g.val_kl.tolist(), ref=box), 1):
-            rows.append({"method": "circuitlab", "variant": variant, "objective": g.refusal_objective.iloc[0],
-                         "trials": i, "hypervolume": hv, "box_refusal": box[0]})
+        refusal, box = hypervolume_box(g.refusal_objective.iloc[0], g.val_refusal.tolist(),
+                                       g.val_baseline_refusal.iloc[0], n_val)
+        add("circuitlab", variant, g.refusal_objective.iloc[0], refusal, g.val_kl.tolist(), box)
     heretic_folder = heretic_folder or out / "heretic"
     if (heretic_folder / "trials.csv").exists():
         h = pd.read_csv(heretic_folder / "trials.csv")
         h = h[h.state == "COMPLETE"].sort_values("trial")
         n_harmful = h.n_harmful if "n_harmful" in h else n_val
-        for i, hv in enumerate(hypervolume_curve((h.refusals / n_harmful).tolist(), h.kl.tolist()), 1):
-            rows.append({"method": "heretic", "variant": "heretic", "objective": "markers", "trials": i,
-                         "hypervolume": hv, "box_refusal": 1.0})
+        add("heretic", "heretic", "markers", (h.refusals / n_harmful).tolist(), h.kl.tolist(), (1.0, 1.0))
     table = pd.DataFrame(rows)
-    # the convergence check of issue 26: relative change over the last 20 % of trials
-    for key, g in table.groupby(["method", "variant"]):
-        last, n = g.hypervolume.iloc[-1], len(g)
-        earlier = g.hypervolume.iloc[max(0, int(round(0.8 * n)) - 1)]
-        table.loc[g.index, "change_last_20pct"] = (last - earlier) / last if last > 0 else float("nan")
     table.to_csv(out / "hypervolume.csv", index=False)
     objectives = list(dict.fromkeys(table.objective))  # one panel per objective: their areas are in other units
     fig, axes = plt.subplots(1, len(objectives), figsize=(6 * len(objectives), 4), squeeze=False)

@@ -193,6 +193,37 @@ def test_a_journal_resumes_the_search_without_rescoring(tiny, harmful, harmless,
     assert not other.from_journal.any()
 
 
+def test_converge_adds_trials_until_the_front_stops_growing(tiny, harmful, harmless, tmp_path, monkeypatch):
+    """With ``converge`` a family runs past ``n_trials`` until its val hypervolume grew by less than that share over
+    its last 20 % (at most ``max_trials``); a journal rerun reads back exactly the trials the rule kept."""
+    from circuitlab.methods.heretic_scoring import hypervolume_change
+    from circuitlab.experiments.abliteration_search import hypervolume_box
+
+    store, journal = ActivationStore(tmp_path / "store"), str(tmp_path / "search.journal")
+    kw = dict(variants=["global"], n_trials=3, journal=journal)
+    exp, trials = _search(tiny, harmful, harmless, store, converge=1e-9, max_trials=7, **kw)
+    info = exp.convergence_["global"]
+    points, box = hypervolume_box("score", trials.val_refusal.tolist(), trials.val_baseline_refusal.iloc[0],
+                                  None)
+    change = hypervolume_change(points, trials.val_kl.tolist(), ref=box)
+    assert 3 <= len(trials) <= 7 and info["trials"] == len(trials)
+    assert info["stopped_by"] == ("converge" if change < 1e-9 else "max_trials")
+    if len(trials) < 7:  # it stopped at the first count where the front had stopped growing
+        assert change < 1e-9 and info["converged"]
+        shorter = trials.iloc[:-1]
+        before = hypervolume_change(hypervolume_box("score", shorter.val_refusal.tolist(), box[0], None)[0],
+                                    shorter.val_kl.tolist(), ref=box)
+        assert len(shorter) < 3 or not before < 1e-9
+    again, replay = _search(tiny, harmful, harmless, store, converge=1e-9, max_trials=7, **kw)
+    assert replay.from_journal.all() and len(replay) == len(trials)
+    _, capped = _search(tiny, harmful, harmless, store, converge=0.5, max_trials=3, **kw)
+    assert len(capped) == 3  # max_trials = n_trials: the budget of a plain run
+    with pytest.raises(ValueError, match="max_trials"):
+        AbliterationSearch(**FAST, converge=0.02, max_trials=2)
+    with pytest.raises(ValueError, match="converge"):
+        AbliterationSearch(**FAST, converge=2.0)
+
+
 def test_journal_in_a_missing_folder_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="journal"):
         AbliterationSearch(**FAST, journal=str(tmp_path / "no" / "such.journal"))

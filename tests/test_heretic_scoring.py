@@ -170,3 +170,14 @@ def test_hypervolume_of_a_front_and_its_curve():
     assert hypervolume([0.2, 0.6, 0.7], [0.5, 0.1, 0.3]) == pytest.approx(0.56)  # a dominated point adds nothing
     assert hypervolume([1.0], [0.0]) == 0.0 and hypervolume([], []) == 0.0
     assert hypervolume_curve([0.6, 0.2], [0.1, 0.5]) == pytest.approx([0.36, 0.56])
+
+
+def test_hypervolume_change_is_the_growth_over_the_last_fifth():
+    from circuitlab.methods.heretic_scoring import hypervolume_change
+
+    # 5 trials: the last fifth is trial 5; the front had 0.36 after 4 and 0.56 after 5
+    assert hypervolume_change([0.6, 0.9, 0.9, 0.9, 0.2], [0.1, 0.9, 0.9, 0.9, 0.5]) == pytest.approx(0.2 / 0.56)
+    assert hypervolume_change([0.6, 0.9, 0.9, 0.9, 0.9], [0.1, 0.9, 0.9, 0.9, 0.9]) == 0.0  # converged
+    assert math.isnan(hypervolume_change([1.0, 1.0], [0.1, 0.1]))  # no area yet: not converged
+    with pytest.raises(ValueError, match="at least one trial"):
+        hypervolume_change([], [])

@@ -42,10 +42,16 @@ the trials it finds back (objectives and durations as recorded, edits rebuilt fr
 ``from_journal`` True in the trials table) and runs only the rest up to ``n_trials``: a search killed
 after hours resumes, and a converged-front run can add trials to an earlier one. The resumed sampler
 draws from a fresh seeded state, so its new trials are not the ones an uninterrupted run would draw.
+
+``converge`` (a share, e.g. 0.02): each family runs past ``n_trials`` until its val hypervolume
+(``hypervolume_box``, ``heretic_scoring.hypervolume_change``) grew by less than that share over its last
+20 % of trials, or ``max_trials`` is reached; ``convergence_`` records per family the trials, the change
+and what stopped it. Journal trials are read back under the same rule, so a rerun stops where it did.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -61,6 +67,7 @@ from circuitlab.methods.abliteration import (AbliterationParams, Kernel, abliter
 from circuitlab.methods.cone import MAX_K, ConeParams, cone_bases, cone_edits
 from circuitlab.io.datasets import DatasetError, PromptSet, optional_prompts
 from circuitlab.methods.direction_eval import last_logits_shared, pareto_ranks
+from circuitlab.methods.heretic_scoring import hypervolume_change
 from circuitlab.core.progress import progress_bar
 from circuitlab.io.results import Result
 from circuitlab.io.store import ActivationStore
@@ -68,7 +75,8 @@ from circuitlab.io.unit_cache import digest
 from circuitlab.experiments.base import Experiment, check, check_choice, register
 from circuitlab.experiments.checks import check_at_least, check_prompt_sets, check_subset, check_types
 
-__all__ = ["AbliterationSearch", "VARIANTS", "REFUSAL_OBJECTIVES", "SAMPLERS", "TEST_FRONTS", "suggest"]
+__all__ = ["AbliterationSearch", "VARIANTS", "REFUSAL_OBJECTIVES", "SAMPLERS", "TEST_FRONTS", "suggest",
+           "hypervolume_box"]
 
 VARIANTS = ("heretic", "heretic-defaults", "targeted", "global", "cone")
 _HERETIC_FAMILIES = ("heretic", "heretic-defaults", "cone")  # Heretic's kernel parameters
@@ -77,7 +85,7 @@ SAMPLERS = ("tpe", "nsga2")
 TEST_FRONTS = ("variant", "pareto")  # the val front measured on test: each family's own, or all families' together
 TARGET_KINDS = ("head", "mlp_out", "neuron")
 # parameters a trial's val objectives do not depend on (test-only measures, the budget, display, the journal)
-_NOT_IN_STUDY_NAME = ("n_trials", "variants", "progress", "journal", "judge", "kl_budget", "plaintext", "n_text",
+_NOT_IN_STUDY_NAME = ("n_trials", "converge", "max_trials", "variants", "progress", "journal", "judge", "kl_budget", "plaintext", "n_text",
                       "capability", "benign", "n_benign", "test_front")
 
 
@@ -87,7 +95,9 @@ class AbliterationSearch(Experiment):
     """Abliteration search (Optuna, refusal vs KL): Heretic's kernel family, top-writer targeting; front on test."""
 
     variants: list[str] = field(default_factory=lambda: ["heretic", "targeted"])  # families, any of VARIANTS
-    n_trials: int = 30  # Optuna trials per family
+    n_trials: int = 30  # Optuna trials per family (with converge: the fewest)
+    converge: float | None = None  # add trials to a family until its val front grew < this share over its last 20 %
+    max_trials: int | None = None  # with converge: most trials per family (None: 4 x n_trials)
     sampler: str = "tpe"  # multi-objective sampler: tpe (multivariate TPE, as Heretic) or nsga2 (NSGA-II)
     n_startup_trials: int = 10  # TPE: random trials before it models the front; NSGA-II: population size
     refusal: str = "score"  # val refusal objective: score (refusal score, cheap) or markers (Heretic, generates)
@@ -111,6 +121,7 @@ class AbliterationSearch(Experiment):
     projected_: torch.Tensor | None = field(default=None, init=False, repr=False)  # learned: heretic-defaults'
     cones_: torch.Tensor | None = field(default=None, init=False, repr=False)  # learned: cone's per-layer bases
     trials_: pd.DataFrame | None = field(default=None, init=False, repr=False)  # learned: one row per trial (val)
+    convergence_: dict = field(default_factory=dict, init=False, repr=False)  # learned: family -> trials, change
     params_: dict = field(default_factory=dict, init=False, repr=False)  # learned: trial -> (variant, parameters)
 
     def __post_init__(self):
@@ -127,6 +138,10 @@ class AbliterationSearch(Experiment):
               "is NSGA-II's population size and must be >= 2 (e.g. --set n_startup_trials=10)")
         check(self.journal is None or (Path(self.journal).parent.is_dir() and not Path(self.journal).is_dir()),
               f"journal={self.journal!r} must be a file path in an existing folder (e.g. --set journal=out/search.journal)")
+        check(self.converge is None or 0 < self.converge < 1,
+              f"converge={self.converge} must be None or in (0, 1) (e.g. --set converge=0.02: < 2 % growth)")
+        check(self.max_trials is None or self.max_trials >= self.n_trials,
+              f"max_trials={self.max_trials} must be None or >= n_trials={self.n_trials} (e.g. --set max_trials=144)")
         check(self.kl_budget is None or self.kl_budget > 0,
               f"kl_budget={self.kl_budget} must be None or > 0 (e.g. --set kl_budget=0.1)")
 
@@ -161,20 +176,41 @@ class AbliterationSearch(Experiment):
         tok = metrics.refusal_tokens(model)
         self._val = (h_val, s_val, last_logits_shared(model, s_val, batch_size=self.batch_size), tok)
         base_val = self._objectives(model, [])
-        rows, self.params_ = [], {}
+        rows, self.params_, self.convergence_ = [], {}, {}
         for i, variant in enumerate(self.variants):
             study = _study(self.sampler, self.n_startup_trials, self.seed + i, self.journal,
                            self._study_name(model, variant, self.seed + i, (h_train, s_train, h_val, s_val)))
-            told = _complete_trials(study)[:self.n_trials]
-            for t in told:
-                rows.append(self._replayed(model, t, variant, len(rows)))
-            todo = self.n_trials - len(told)
-            for _ in progress_bar(range(todo), self.progress, total=todo, desc=f"{variant} trials"):
-                rows.append(self._trial(model, study, variant, len(rows)))
+            told, family = _complete_trials(study), []
+            # journal trials are read back in order under the same stopping rule, so a rerun stops where this one did
+            for _ in progress_bar(itertools.count(), self.progress, total=self.n_trials, desc=f"{variant} trials"):
+                if self._enough(variant, family, base_val[0], len(h_val)):
+                    break
+                j = len(family)
+                row = (self._replayed(model, told[j], variant, len(rows)) if j < len(told)
+                       else self._trial(model, study, variant, len(rows)))
+                family.append(row)
+                rows.append(row)
         trials = _flag_fronts(pd.DataFrame(rows))
         trials["val_baseline_refusal"], trials["val_baseline_kl"] = base_val
         self.trials_ = trials
         return trials
+
+    def _enough(self, variant: str, family: list[dict], base_refusal: float, n_val: int) -> bool:
+        """Whether a family has its trials: ``n_trials``; with ``converge``, until its val front grew by less than
+        that over its last 20 % of trials (``heretic_scoring.hypervolume_change``), at most ``max_trials``."""
+        n = len(family)
+        if n < self.n_trials:
+            return False
+        change = None
+        if self.converge is not None:
+            points, box = hypervolume_box(self.refusal, [r["val_refusal"] for r in family], base_refusal, n_val)
+            change = hypervolume_change(points, [r["val_kl"] for r in family], ref=box)
+        converged = change is not None and change < self.converge  # NaN (no front area yet) is not converged
+        cap = self.max_trials or 4 * self.n_trials
+        self.convergence_[variant] = {"trials": n, "hypervolume_change_last_20pct": change, "converged": converged,
+                                      "stopped_by": "n_trials" if change is None else
+                                      "converge" if converged else "max_trials" if n >= cap else None}
+        return change is None or converged or n >= cap
 
     def _trial(self, model, study, variant: str, number: int) -> dict:
         start = time.perf_counter()
@@ -325,6 +361,16 @@ def _study(sampler: str, n_startup: int, seed: int, journal: str | None = None, 
             storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
         return optuna.create_study(directions=["minimize", "minimize"], sampler=chosen, storage=storage,
                                    study_name=name if journal is not None else None, load_if_exists=True)
+
+
+def hypervolume_box(refusal: str, val_refusal: list[float], baseline_refusal: float,
+                    n_val: int | None) -> tuple[list[float], tuple[float, float]]:
+    """A family's val points and the box its hypervolume is measured in: marker counts as fractions of the
+    ``n_val`` harmful prompts in (1, 1); a refusal score in (the unedited model's val score, 1), so only edits
+    that lower refusal add area (a score is a log-odds, not a fraction)."""
+    if refusal == "markers":
+        return [r / n_val if n_val else r for r in val_refusal], (1.0, 1.0)
+    return list(val_refusal), (float(baseline_refusal), 1.0)
 
 
 def _complete_trials(study) -> list:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["marker_refusals", "load_markers", "first_token_kl", "heretic_objective", "pareto_front",
-           "hypervolume", "hypervolume_curve", "DEFAULT_MARKERS_FILE"]
+           "hypervolume", "hypervolume_curve", "hypervolume_change", "DEFAULT_MARKERS_FILE"]
 
 DEFAULT_MARKERS_FILE = "heretic_markers.txt"  # in circuitlab/data/
 
@@ -149,3 +149,15 @@ def hypervolume_curve(refusals: Sequence[float], kls: Sequence[float],
                       ref: tuple[float, float] = (1.0, 1.0)) -> list[float]:
     """``hypervolume`` of the first 1, 2, ..., n trials (in the given order): how the front grows."""
     return [hypervolume(refusals[:i], kls[:i], ref) for i in range(1, len(refusals) + 1)]
+
+
+def hypervolume_change(refusals: Sequence[float], kls: Sequence[float], ref: tuple[float, float] = (1.0, 1.0),
+                       last: float = 0.2) -> float:
+    """How much the front of the trials (in the given order) grew over their last ``last`` share:
+    ``(hv(n) - hv(m)) / hv(n)`` with ``m = round((1 - last) n)`` trials, the convergence test of a
+    search (NaN while the front has no area inside ``ref``)."""
+    if not len(refusals):
+        raise ValueError("no trials: a front's change needs at least one trial")
+    final = hypervolume(refusals, kls, ref)
+    m = max(1, int(round((1 - last) * len(refusals))))
+    return (final - hypervolume(refusals[:m], kls[:m], ref)) / final if final > 0 else math.nan
