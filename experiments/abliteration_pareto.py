@@ -8,7 +8,8 @@ Pareto fronts measured on the test prompts, with the original model and the Ardi
 Prompts: ``bench/peers/heretic.write_prompts`` writes one file per set and split (circuitlab's
 deterministic 60/20/20 splits, ``--seed``, then ``--n-*`` prompts each); circuitlab reads those same
 files. Train gives the directions, val scores every trial of both searches, test is read only after
-both searches are done.
+both searches are done. ``--search-only`` stops before it (the val trials, the front, the hypervolume
+curves), so a search can be run to convergence (``--converge``) before the test split is read.
 
 1. circuitlab (``abliteration-search``): one seeded study per family (``--variants``), ``--trials``
    each (``--converge SHARE``: more, until each family's val front grew by less than SHARE over its last 20 %
@@ -98,6 +99,23 @@ def main(argv=None, model=None) -> dict:
     timings["circuitlab_search_s"] = round(time.time() - start, 1)
     print(f"[{time.time() - start:.0f}s] circuitlab: {len(trials)} trials, "
           f"{int(trials.pareto_front.sum())} on the front; {exp.convergence_}", flush=True)
+    if a.search_only:  # the val fronts and their convergence; the test split is not read
+        front = trials[trials[f"{a.test_front}_front"]].reset_index(drop=True)
+        Result(front, exp.config(model, **sets), tables={"trials": trials},
+               summary={"convergence": exp.convergence_, "test": "not read (--search-only)"}).save(
+            out / "circuitlab", overwrite=True)
+        summary = {"script": Path(__file__).name, "argv": vars(a),
+                   "model": {"id": model.name, "fingerprint": model.fingerprint}, "prompts": files,
+                   "search": {"convergence": exp.convergence_, "n_front": len(front), "test_front": a.test_front,
+                              "test": "not read (--search-only)",
+                              "front": front[["variant", "study_trial", "val_refusal", "val_kl", "edits"]].to_dict("records")},
+                   "timings": {**timings, "total_s": round(time.time() - start, 1)},
+                   "provenance": provenance.finish(record, model), "matmul_peak_flops": peak,
+                   "versions": provenance.versions()}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+        hypervolume_table(out, Path(a.heretic_run) if a.heretic_run else None, a.n_val)
+        print(f"[{time.time() - start:.0f}s] wrote {out}/circuitlab, hypervolume.csv, summary.json (no test)", flush=True)
+        return summary
 
     if a.no_heretic:
         heretic_trials = _skip("--no-heretic given")
@@ -204,6 +222,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--journal", metavar="FILE", default=None,
                    help="Optuna journal of circuitlab's studies: the same command again resumes a killed search, or "
                         "with a larger --trials extends it (trials already scored are read back, not rerun)")
+    p.add_argument("--search-only", action="store_true",
+                   help="only the val search: trials, the --test-front front, hypervolume curves; the test split is "
+                        "not read (check the fronts converged before measuring them)")
     p.add_argument("--out", default="results/abliteration")
     a = p.parse_args(argv)
     try:  # the search's own checks (families, journal folder, prompt sets): exit 2 before any work

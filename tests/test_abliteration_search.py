@@ -358,6 +358,38 @@ def test_pareto_script_smoke_on_tiny(tiny, tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 2
 
 
+def test_search_only_writes_the_converged_fronts_and_never_reads_test(tiny, tmp_path, monkeypatch):
+    """``--search-only --converge``: trials, the val front, hypervolume curves and the convergence record; no test
+    prompt reaches the model and no test measure is written."""
+    import json
+
+    import pandas as pd
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import abliteration_pareto
+
+    out = tmp_path / "abliteration"
+    argv = ["--model", "tiny", "--variants", "global", "--trials", "2", "--converge", "0.5", "--max-trials", "4",
+            "--n-train", "6", "--n-val", "4", "--n-test", "4", "--no-heretic", "--no-arditi", "--search-only",
+            "--test-front", "pareto", "--out", str(out), "--store", str(tmp_path / "store")]
+    test_prompts = []
+    forward = type(tiny).batches
+    monkeypatch.setattr(type(tiny), "batches", lambda self, prompts, *a, **k: test_prompts.extend(
+        p for p in prompts if p in set((out / "prompts" / "harmful_test.txt").read_text().splitlines()))
+        or forward(self, prompts, *a, **k))
+    summary = abliteration_pareto.main(argv, model=tiny)
+    assert not test_prompts and not (out / "fronts.csv").exists()
+    assert json.loads((out / "summary.json").read_text())["search"]["test"] == "not read (--search-only)"
+    trials = pd.read_csv(out / "circuitlab" / "trials.csv")
+    info = summary["search"]["convergence"]["global"]
+    assert 2 <= len(trials) <= 4 and info["trials"] == len(trials) and info["stopped_by"] in ("converge", "max_trials")
+    assert len(summary["search"]["front"]) == int(trials.pareto_front.sum())
+    hv = pd.read_csv(out / "hypervolume.csv")
+    assert hv.trials.max() == len(trials) and hv.change_last_20pct.iloc[-1] == pytest.approx(
+        info["hypervolume_change_last_20pct"], nan_ok=True)
+
+
 def test_hypervolume_of_a_score_search_is_boxed_at_the_unedited_score(tmp_path, monkeypatch):
     """Refusal scores are log-odds: the box is the unedited model's val score x KL 1, so an edit that raises the
     score adds nothing; marker counts stay fractions in the unit box; each curve's last-20 % change is recorded."""
