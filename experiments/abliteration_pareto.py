@@ -104,16 +104,10 @@ def main(argv=None, model=None) -> dict:
         Result(front, exp.config(model, **sets), tables={"trials": trials},
                summary={"convergence": exp.convergence_, "test": "not read (--search-only)"}).save(
             out / "circuitlab", overwrite=True)
-        summary = {"script": Path(__file__).name, "argv": vars(a),
-                   "model": {"id": model.name, "fingerprint": model.fingerprint}, "prompts": files,
-                   "search": {"convergence": exp.convergence_, "n_front": len(front), "test_front": a.test_front,
-                              "test": "not read (--search-only)",
-                              "front": front[["variant", "study_trial", "val_refusal", "val_kl", "edits"]].to_dict("records")},
-                   "timings": {**timings, "total_s": round(time.time() - start, 1)},
-                   "provenance": provenance.finish(record, model), "matmul_peak_flops": peak,
-                   "versions": provenance.versions()}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-        hypervolume_table(out, Path(a.heretic_run) if a.heretic_run else None, a.n_val)
+        search = {"convergence": exp.convergence_, "n_front": len(front), "test_front": a.test_front,
+                  "test": "not read (--search-only)",
+                  "front": front[["variant", "study_trial", "val_refusal", "val_kl", "edits"]].to_dict("records")}
+        summary = write_summary(a, out, model, files, {"search": search}, timings, record, peak, start)
         print(f"[{time.time() - start:.0f}s] wrote {out}/circuitlab, hypervolume.csv, summary.json (no test)", flush=True)
         return summary
 
@@ -144,19 +138,24 @@ def main(argv=None, model=None) -> dict:
     fronts = pd.DataFrame(rows)
     fronts.to_csv(out / "fronts.csv", index=False)
     figure(fronts, model.name).savefig(out / "pareto_test.png", dpi=150)
-    summary = {"script": Path(__file__).name, "argv": vars(a),
-               "model": {"id": model.name, "fingerprint": model.fingerprint},
-               "prompts": files, "arditi": None if arditi is None else {"layer": arditi.layer_,
-                                                                         "position": arditi.position_},
-               "search": {**search_summary, "convergence": exp.convergence_}, "heretic": "skipped" if heretic_trials is None else
-               {"trials": len(heretic_trials), "family": "heretic defaults" if a.heretic_defaults else "plain",
-                **({"run": heretic_trials.attrs.get("run")} if heretic_trials.attrs.get("run") else {})},
-               "timings": {**timings, "total_s": round(time.time() - start, 1)},
+    parts = {"arditi": None if arditi is None else {"layer": arditi.layer_, "position": arditi.position_},
+             "search": {**search_summary, "convergence": exp.convergence_}, "heretic": "skipped" if heretic_trials is None
+             else {"trials": len(heretic_trials), "family": "heretic defaults" if a.heretic_defaults else "plain",
+                   **({"run": heretic_trials.attrs.get("run")} if heretic_trials.attrs.get("run") else {})}}
+    summary = write_summary(a, out, model, files, parts, timings, record, peak, start)
+    print(f"[{time.time() - start:.0f}s] wrote {out}/fronts.csv, pareto_test.png, summary.json", flush=True)
+    return summary
+
+
+def write_summary(a, out: Path, model, files: dict, parts: dict, timings: dict, record, peak, start: float) -> dict:
+    """``summary.json`` (arguments, model, prompt files, ``parts``, timings, provenance, versions), then the
+    hypervolume table and figure; returns the summary."""
+    summary = {"script": Path(__file__).name, "argv": vars(a), "model": {"id": model.name, "fingerprint": model.fingerprint},
+               "prompts": files, **parts, "timings": {**timings, "total_s": round(time.time() - start, 1)},
                "provenance": provenance.finish(record, model), "matmul_peak_flops": peak,
                "versions": provenance.versions()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     hypervolume_table(out, Path(a.heretic_run) if a.heretic_run else None, a.n_val)
-    print(f"[{time.time() - start:.0f}s] wrote {out}/fronts.csv, pareto_test.png, summary.json", flush=True)
     return summary
 
 
