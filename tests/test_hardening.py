@@ -378,26 +378,29 @@ def test_robust_safety_merges_runs_whose_originals_agree(tmp_path, capsys):
     base = {"variant": "original", "mode": "none", "refusal_worst": 0.0, "worst_attack": "prefill",
             "over_refusal_rate": 0.0, "kl_from_original": 0.0}
 
-    def run_folder(name, mode, original=base, lr=0.00025):
+    def run_folder(name, mode, original=base, lr=0.00025, variant="targeted"):
         for seed in (0, 1):
             folder = tmp_path / name / f"seed_{seed}"
             folder.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame([original, {**base, "variant": "targeted", "mode": mode, "refusal_worst": 0.1 * (seed + 1),
+            pd.DataFrame([original, {**base, "variant": variant, "mode": mode, "refusal_worst": 0.1 * (seed + 1),
                                      "kl_from_original": 0.05}]).to_csv(folder / "comparison.csv", index=False)
-            (folder / "run.json").write_text(json.dumps({"params": {"lr": lr, "modes": [mode]},
+            (folder / "run.json").write_text(json.dumps({"params": {"lr": lr, "modes": [mode], "variants": [variant]},
                                                          "model": {"id": "embedded"}}))
     run_folder("a", "plain")
     run_folder("b", "redundant")
+    run_folder("e", "rerouting", variant="full")  # another defence: which parameters train may differ too
 
     def merge(*runs, out="merged"):
         return run_script(capsys, SCRIPT, "--merge", *[str(tmp_path / r) for r in runs], "--seeds", "0,1",
                           "--out", str(tmp_path / out))
-    code, _, err = merge("a", "b")
+    code, _, err = merge("a", "b", "e")
     assert code == 0, err
     by_seed = pd.read_csv(tmp_path / "merged" / "by_seed.csv")
-    assert sorted(by_seed["mode"]) == ["none", "none", "plain", "plain", "redundant", "redundant"]
-    assert json.loads((tmp_path / "merged" / "run.json").read_text())["merged"] == [str(tmp_path / "a"),
-                                                                                   str(tmp_path / "b")]
+    assert sorted(by_seed["mode"]) == ["none", "none", "plain", "plain", "redundant", "redundant", "rerouting",
+                                       "rerouting"]
+    assert sorted(by_seed[by_seed["mode"] == "rerouting"].variant) == ["full", "full"]
+    assert json.loads((tmp_path / "merged" / "run.json").read_text())["merged"] == [str(tmp_path / r)
+                                                                                   for r in ("a", "b", "e")]
     run_folder("c", "distributed", original={**base, "refusal_worst": 0.25})
     run_folder("d", "distributed", lr=0.001)
     for other, message in (("c", "original differs"), ("d", "differs from")):
