@@ -12,8 +12,9 @@ both searches are done. ``--search-only`` stops before it (the val trials, the f
 curves), so a search can be run to convergence (``--converge``) before the test split is read.
 
 1. circuitlab (``abliteration-search``): one seeded study per family (``--variants``), ``--trials``
-   each (``--converge SHARE``: more, until each family's val front grew by less than SHARE over its last 20 %
-   of trials, at most ``--max-trials``; ``cone``: rank-k refusal cones, k up to ``--max-k``); objectives on val: ``--refusal``
+   each (``--converge SHARE``: more, until each family's val front grew by less than SHARE over its last
+   20 % of trials, at most ``--max-trials``; ``cone``: rank-k refusal cones, k up to ``--max-k``);
+   objectives on val: ``--refusal``
    (score: mean refusal score, default; markers: Heretic's marker count) and Heretic's first-token KL.
 2. Heretic 1.4.0 (``bench/peers/heretic.py``, its own venv, ``--heretic-trials``) on the same files,
    (or ``--heretic-run FOLDER``: a finished ``bench/peers/heretic.py`` search on the same prompt files,
@@ -108,7 +109,8 @@ def main(argv=None, model=None) -> dict:
                   "test": "not read (--search-only)",
                   "front": front[["variant", "study_trial", "val_refusal", "val_kl", "edits"]].to_dict("records")}
         summary = write_summary(a, out, model, files, {"search": search}, timings, record, peak, start)
-        print(f"[{time.time() - start:.0f}s] wrote {out}/circuitlab, hypervolume.csv, summary.json (no test)", flush=True)
+        print(f"[{time.time() - start:.0f}s] wrote {out}/circuitlab, hypervolume.csv, summary.json (no test)",
+              flush=True)
         return summary
 
     if a.no_heretic:
@@ -138,10 +140,11 @@ def main(argv=None, model=None) -> dict:
     fronts = pd.DataFrame(rows)
     fronts.to_csv(out / "fronts.csv", index=False)
     figure(fronts, model.name).savefig(out / "pareto_test.png", dpi=150)
+    heretic_part = "skipped" if heretic_trials is None else {
+        "trials": len(heretic_trials), "family": "heretic defaults" if a.heretic_defaults else "plain",
+        **({"run": heretic_trials.attrs.get("run")} if heretic_trials.attrs.get("run") else {})}
     parts = {"arditi": None if arditi is None else {"layer": arditi.layer_, "position": arditi.position_},
-             "search": {**search_summary, "convergence": exp.convergence_}, "heretic": "skipped" if heretic_trials is None
-             else {"trials": len(heretic_trials), "family": "heretic defaults" if a.heretic_defaults else "plain",
-                   **({"run": heretic_trials.attrs.get("run")} if heretic_trials.attrs.get("run") else {})}}
+             "search": {**search_summary, "convergence": exp.convergence_}, "heretic": heretic_part}
     summary = write_summary(a, out, model, files, parts, timings, record, peak, start)
     print(f"[{time.time() - start:.0f}s] wrote {out}/fronts.csv, pareto_test.png, summary.json", flush=True)
     return summary
@@ -150,8 +153,9 @@ def main(argv=None, model=None) -> dict:
 def write_summary(a, out: Path, model, files: dict, parts: dict, timings: dict, record, peak, start: float) -> dict:
     """``summary.json`` (arguments, model, prompt files, ``parts``, timings, provenance, versions), then the
     hypervolume table and figure; returns the summary."""
-    summary = {"script": Path(__file__).name, "argv": vars(a), "model": {"id": model.name, "fingerprint": model.fingerprint},
-               "prompts": files, **parts, "timings": {**timings, "total_s": round(time.time() - start, 1)},
+    summary = {"script": Path(__file__).name, "argv": vars(a),
+               "model": {"id": model.name, "fingerprint": model.fingerprint}, "prompts": files, **parts,
+               "timings": {**timings, "total_s": round(time.time() - start, 1)},
                "provenance": provenance.finish(record, model), "matmul_peak_flops": peak,
                "versions": provenance.versions()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")

@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--combine", action="store_true",
                         help="only combine the seed_<s>/comparison.csv already under OUT (no model, no run)")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RUN",
-                        help="only merge the seed folders of RUNs made at the same settings and seeds with other modes or variants "
-                             "into OUT (no model, no run); their original rows must agree")
+                        help="only merge the seed folders of RUNs made at the same settings and seeds with other "
+                             "modes or variants into OUT (no model, no run); their original rows must agree")
     parser.add_argument("--choose", choices=CHOOSABLE, default=None,
                         help="only choose this setting from OUT/<setting>_<value>/seed_<s>/comparison.csv of eval_split=val "
                              "runs (no model, no run): writes OUT/selection.csv")
@@ -225,8 +225,8 @@ def merge_runs(runs: list[Path], seeds: list[int]) -> tuple[list[pd.DataFrame], 
     """Per seed, one comparison table from several runs made with the same settings and seeds but other
     defences (``DEFENCE_PARAMS``: the modes and which parameters train): the original's row is kept once, after
     checking every run measured the same numbers for it (same prompts, same attacks: it must agree to the last
-    digit). Other parameters that differ between the runs are refused; parameters only a later code version knows are noted. Returns the
-    tables and what the combined ``run.json`` adds (the model id, those parameters)."""
+    digit). Other parameters that differ between the runs are refused; parameters only a later code version
+    knows are noted. Returns the tables and what the combined ``run.json`` adds (the model id, those parameters)."""
     if len(runs) < 2:
         raise ValueError("--merge: give at least two run folders")
     comparisons, only_in, model = [], {}, None

@@ -85,8 +85,8 @@ SAMPLERS = ("tpe", "nsga2")
 TEST_FRONTS = ("variant", "pareto")  # the val front measured on test: each family's own, or all families' together
 TARGET_KINDS = ("head", "mlp_out", "neuron")
 # parameters a trial's val objectives do not depend on (test-only measures, the budget, display, the journal)
-_NOT_IN_STUDY_NAME = ("n_trials", "converge", "max_trials", "variants", "progress", "journal", "judge", "kl_budget", "plaintext", "n_text",
-                      "capability", "benign", "n_benign", "test_front")
+_NOT_IN_STUDY_NAME = ("n_trials", "converge", "max_trials", "variants", "progress", "journal", "judge", "kl_budget",
+                      "plaintext", "n_text", "capability", "benign", "n_benign", "test_front")
 
 
 @register("abliteration-search")
