@@ -408,15 +408,17 @@ def test_robust_safety_merges_runs_whose_originals_agree(tmp_path, capsys):
         assert code == 2 and message in err and not (tmp_path / f"merged_{other}" / "by_seed.csv").exists()
 
 
-def test_robust_safety_chooses_the_number_of_steps_by_the_same_rule(tmp_path, capsys):
+@pytest.mark.parametrize("setting, values", [("steps", (8, 32, 64)), ("full_lr", (1e-6, 3e-6, 1e-5))])
+def test_robust_safety_chooses_steps_and_the_full_rate_by_the_same_rule(tmp_path, capsys, setting, values):
     import pandas as pd
 
-    _write_val_runs(tmp_path, "steps", {8: (0.0, 0.03), 32: (0.25, 0.12), 64: (0.5, 0.4)}, mode="recovery",
-                    over_refusal=0.0, lr=0.00025)
-    code, _, err = run_script(capsys, SCRIPT, "--choose", "steps", "--out", str(tmp_path))
+    low, middle, high = values
+    _write_val_runs(tmp_path, setting, {low: (0.0, 0.03), middle: (0.25, 0.12), high: (0.5, 0.4)},
+                    mode="recovery", over_refusal=0.0, lr=0.00025)
+    code, _, err = run_script(capsys, SCRIPT, "--choose", setting, "--out", str(tmp_path))
     assert code == 0, err
-    chosen = pd.read_csv(tmp_path / "selection.csv").set_index("steps").chosen
-    assert chosen[32] and chosen.sum() == 1, "64 steps break the KL bar; 32 refuses most of the rest"
+    chosen = pd.read_csv(tmp_path / "selection.csv").set_index(setting).chosen
+    assert chosen[middle] and chosen.sum() == 1, f"{setting}={high} breaks the KL bar; {middle} refuses most of the rest"
 
 
 def test_defend_trains_the_defence_run_trains_and_names_its_prompts(tiny, harmful, harmless):
