@@ -37,6 +37,17 @@ def test_mechanism_adversary_ablates_every_mechanism_but_the_kept_one(planted, s
     assert set(kept) == {"top_units", "top_direction"} and adv.refreshes == [0, 3]
 
 
+def test_joint_adversary_ablates_every_mechanism_at_every_step(planted, sets):
+    """``keep=0`` (the joint mode): the unit and the direction hooks act together on every step, none kept."""
+    adv = MechanismAdversary(planted, sets["h"], sets["s"], [(2, -1)], n_units=2, keep=0, seed=0)
+    every = {n for hooks in adv.compute().values() for n, _ in hooks}
+    for step in range(3):
+        hooks, _ = adv(step, 4)
+        assert {n for n, _ in hooks} == every and adv.history[-1] == (step, None)
+    with pytest.raises(ValueError, match="keep"):
+        MechanismAdversary(planted, sets["h"], sets["s"], [(2, -1)], keep=2)
+
+
 def test_direction_mechanism_removes_the_current_direction_from_the_residual(planted, sets):
     adv = MechanismAdversary(planted, sets["h"], sets["s"], [(2, -1)], n_units=2, seed=0)
     direction = adv._direction.compute()[0]
@@ -69,6 +80,7 @@ def test_modes_combine_with_plus_and_refuse_bad_combinations():
     assert mode_parts("distributed+recovery") == ("distributed", "recovery")
     assert mode_parts("redundant") == ("redundant",)
     for bad, message in (("plain+recovery", "cannot be combined"), ("distributed+redundant", "one adversary"),
+                         ("joint+adversarial", "one adversary"),
                          ("recovery+recovery", "twice"), ("deep", "not one of")):
         with pytest.raises(ValueError, match=message):
             mode_parts(bad)
@@ -81,7 +93,8 @@ def test_modes_combine_with_plus_and_refuse_bad_combinations():
 def test_robust_hardening_trains_redundant_and_a_combined_mode(tiny, harmful, harmless, tmp_path):
     from circuitlab.experiments import get
 
-    exp = get("robust-hardening")(steps=2, n_neurons=3, n_heads=1, modes=["redundant", "distributed+recovery"],
+    exp = get("robust-hardening")(steps=2, n_neurons=3, n_heads=1,
+                                  modes=["redundant", "distributed+recovery", "joint+recovery"],
                                   recovery_prob=1.0, n_mechanism_units=2, n_train=2, batch_size=2, n_retain=2,
                                   retain_tokens=2, judge=False, n_text=1, n_eval=3, n_val=2, n_attack=4, n_adv=3,
                                   k_grid=[1], n_dirs=[1], n_boot=20, attack_layers=[1], attack_positions=[-1],
@@ -91,6 +104,7 @@ def test_robust_hardening_trains_redundant_and_a_combined_mode(tiny, harmful, ha
     assert training.loc["redundant", "ablated_rows"] > 0 and training.loc["redundant", "prefilled_rows"] == 0
     combined = training.loc["distributed+recovery"]
     assert combined.ablated_rows > 0 and combined.prefilled_rows == 4  # both remedies acted
-    assert {"redundant", "distributed+recovery"} <= set(result.tables["comparison"]["mode"])
+    assert training.loc["joint+recovery", "ablated_rows"] > 0 and training.loc["joint+recovery", "prefilled_rows"] == 4
+    assert {"redundant", "distributed+recovery", "joint+recovery"} <= set(result.tables["comparison"]["mode"])
     with pytest.raises(ValueError, match="one adversary"):
         get("robust-hardening")(modes=["adversarial+redundant"])

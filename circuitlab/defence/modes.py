@@ -8,6 +8,7 @@ decides which hooks act on a step):
 - ``adversarial``: ReFAT (Yu et al. 2024), ``adversaries.RefusalAblationAdversary``;
 - ``distributed``: DeepRefusal (arXiv 2509.15202), ``adversaries.RandomSubspaceAdversary``;
 - ``redundant``: all refusal mechanisms but one ablated per step, ``redundant.MechanismAdversary``;
+- ``joint``: every refusal mechanism ablated at once per step, ``redundant.MechanismAdversary(keep=0)``;
 - ``rerouting``: Circuit Breakers (Zou et al. 2024), ``rerouting.Rerouting``;
 - ``recovery``: refusal after a prefilled affirmative opener (Qi et al. 2025), ``finetune.prefill_openers``.
 """
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 __all__ = ["MODES", "ADVERSARY_MODES", "KEYED_ADVERSARY_MODES", "mode_parts", "check_modes"]
 
-MODES = ("plain", "adversarial", "distributed", "redundant", "rerouting", "recovery")
-ADVERSARY_MODES = ("adversarial", "distributed", "redundant")
-KEYED_ADVERSARY_MODES = ("adversarial", "redundant")  # their adversary starts from the best direction keys
+MODES = ("plain", "adversarial", "distributed", "redundant", "joint", "rerouting", "recovery")
+ADVERSARY_MODES = ("adversarial", "distributed", "redundant", "joint")
+KEYED_ADVERSARY_MODES = ("adversarial", "redundant", "joint")  # their adversary starts from the best direction keys
 
 
 def mode_parts(mode: str) -> tuple[str, ...]:

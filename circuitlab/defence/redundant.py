@@ -14,6 +14,10 @@ mechanisms the model has now, not the original's:
 
 With two mechanisms "all but one" is "one of the two". The test of the result is
 ``attacks.redundancy``: with all but one mechanism ablated, does that one alone keep refusal?
+
+``keep=0`` (the ``joint`` mode) ablates every mechanism at once at every step: ReFAT ablates the
+direction and, on this model, refusal moves into a few units the unit attack then finds
+(docs/results/robust-safety.md); with both gone together, refusal must be learnt beyond the two.
 Same call protocol as ``adversaries.RefusalAblationAdversary``: ``adversary(step, n_rows) -> (hooks, rows)``.
 """
 
@@ -36,22 +40,24 @@ MECHANISMS = ("top_units", "top_direction")
 
 
 class MechanismAdversary:
-    """Ablate all refusal mechanisms but one, drawn at random per step, on the hardening rows (each row
-    with chance ``prob``). ``history``: ``(step, kept mechanism)`` per step; ``refreshes``: the steps at
-    which the mechanisms were recomputed."""
+    """Ablate all refusal mechanisms but ``keep`` (1: one drawn at random per step; 0: none kept, every
+    mechanism ablated) on the hardening rows (each row with chance ``prob``). ``history``: ``(step, kept
+    mechanism or None)`` per step; ``refreshes``: the steps at which the mechanisms were recomputed."""
 
     def __init__(self, model, harmful: Sequence[str], harmless: Sequence[str], keys: Sequence[tuple[int, int]], *,
-                 n_units: int = 16, mechanisms: Sequence[str] = MECHANISMS, refresh_every: int = 4,
+                 n_units: int = 16, mechanisms: Sequence[str] = MECHANISMS, keep: int = 1, refresh_every: int = 4,
                  prob: float = 1.0, seed: int = 0, batch_size: int = 16):
         unknown = [m for m in mechanisms if m not in MECHANISMS]
         if unknown or len(set(mechanisms)) < 2:
             raise ValueError(f"mechanisms={list(mechanisms)}: give at least two distinct of {', '.join(MECHANISMS)}")
         if n_units < 1:
             raise ValueError(f"n_units={n_units} must be >= 1")
+        if keep not in (0, 1):
+            raise ValueError(f"keep={keep}: 1 keeps one mechanism per step (redundant), 0 ablates them all (joint)")
         # the direction mechanism is ReFAT's recomputed direction; its checks (keys, refresh, prob) are reused
         self._direction = RefusalAblationAdversary(model, harmful, harmless, keys, refresh_every=refresh_every,
                                                    prob=prob, seed=seed, batch_size=batch_size)
-        self.model, self.mechanisms, self.n_units = model, tuple(mechanisms), n_units
+        self.model, self.mechanisms, self.n_units, self.keep = model, tuple(mechanisms), n_units, keep
         self.refresh_every, self.prob, self.batch_size = refresh_every, prob, batch_size
         self.prompts = (list(harmful), list(harmless))
         self.rng, self.generator = random.Random(seed), torch.Generator().manual_seed(seed)
@@ -80,7 +86,7 @@ class MechanismAdversary:
         if self.hooks is None or step % self.refresh_every == 0:
             self.hooks = self.compute()
             self.refreshes.append(step)
-        kept = self.rng.choice(self.mechanisms)
+        kept = self.rng.choice(self.mechanisms) if self.keep else None
         self.history.append((step, kept))
         hooks = [h for name, hs in self.hooks.items() if name != kept for h in hs]
         return hooks, torch.rand(n_rows, generator=self.generator) < self.prob

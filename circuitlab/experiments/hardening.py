@@ -22,8 +22,9 @@ with one of the project's harmless affirmative openers (``finetune.prefill_opene
 after it; the prefill attack's opener is held out of that list, so the attack stays a test.
 A sixth, ``redundant`` (redundant circuits): every step ablates all refusal mechanisms but one (the top
 ``n_mechanism_units`` attribution-ranked units, the recomputed top direction), the kept one drawn at
-random, so each must carry refusal alone (``defence.redundant.MechanismAdversary``). Remedies combine
-with ``+`` (``distributed+recovery``: one adversary at most; ``defence.modes``).
+random, so each must carry refusal alone (``defence.redundant.MechanismAdversary``). A seventh, ``joint``:
+the same two mechanisms ablated together at every step, so refusal must be learnt beyond both. Remedies
+combine with ``+`` (``distributed+recovery``: one adversary at most; ``defence.modes``).
 
 Every model then faces the attack suite of ``circuitlab.defence.attacks`` (``suite``; see that module:
 strongest direction, rank-k subspace ablation for k in ``n_dirs``, optimised abliteration with
@@ -89,12 +90,12 @@ class RobustHardening(Experiment):
     n_neurons: int = 16  # located neurons (diff-ranking on the train split)
     n_heads: int = 4  # located heads (random control: fewer if the key/value groups do not allow it, noted)
     variants: list[str] = field(default_factory=lambda: ["targeted"])  # any of targeted, random, full
-    modes: list[str] = field(default_factory=lambda: list(MODES))  # plain, adversarial (ReFAT), distributed (DeepRefusal), redundant (all mechanisms but one ablated), rerouting (Circuit Breakers), recovery (Qi et al. 2025); combine with + (e.g. distributed+recovery)
+    modes: list[str] = field(default_factory=lambda: list(MODES))  # plain, adversarial (ReFAT), distributed (DeepRefusal), redundant (all mechanisms but one ablated), joint (all ablated), rerouting (Circuit Breakers), recovery (Qi et al. 2025); combine with + (e.g. distributed+recovery)
     targets: str = "short"  # hardening targets: short refusals or extended (multi-sentence) refusals
     suite: list[str] = field(default_factory=lambda: list(SUITE))  # attacks every model faces (defence.attacks)
     abliteration_trials: int = 4  # optimised abliteration: Optuna trials (Heretic's kernel family, seeded; CPU-sized)
     max_k: int = 8  # distributed: most directions ablated together per step
-    n_mechanism_units: int = 16  # redundant: top attribution-ranked units that form the unit mechanism
+    n_mechanism_units: int = 16  # redundant, joint: top attribution-ranked units that form the unit mechanism
     reroute_layers: list[int] | None = None  # rerouting: resid_pre layers (None: 1/3 and 2/3 depth, as the paper's 10, 20 of 32)
     reroute_alpha: float = 10.0  # rerouting: the loss weight alpha of the paper's schedule
     recovery_prob: float = 0.5  # recovery: chance a hardening row starts with an affirmative opener before its refusal
@@ -288,8 +289,9 @@ class RobustHardening(Experiment):
             return RefusalAblationAdversary(model, harmful, harmless, keys, **common)
         if "distributed" in parts:
             return RandomSubspaceAdversary(model, harmful, harmless, max_k=self.max_k, **common)
-        if "redundant" in parts:
-            return MechanismAdversary(model, harmful, harmless, keys, n_units=self.n_mechanism_units, **common)
+        if "redundant" in parts or "joint" in parts:
+            return MechanismAdversary(model, harmful, harmless, keys, n_units=self.n_mechanism_units,
+                                      keep=int("redundant" in parts), **common)
         return None
 
     def _eval_prompts(self, sp, k: str) -> list[str]:
