@@ -29,10 +29,9 @@ worst attack >= 0.5, over-refusal within 5 points of that seed's original, KL <=
 over-refusal, the original marked). ``--merge RUN RUN ... --out OUT``: one such table from runs made at the
 same settings and seeds with other modes or variants (their original rows must agree to the last digit).
 
-``--choose lr`` (or ``--choose-lr``; ``--choose steps`` and ``--choose full_lr``, the every-parameter variant's rate,
-likewise): the learning rate (training steps) chosen on
-validation prompts only, from runs made with ``--set eval_split=val --set lr=<lr> --out OUT/lr_<lr>``
-(``choose_setting`` states the rule) → ``OUT/selection.csv``.
+``--choose lr`` (or ``--choose-lr``; likewise ``--choose steps`` and ``--choose full_lr``, the every-parameter
+variant's rate): that setting chosen on validation prompts only, from runs made with ``--set eval_split=val
+--set <setting>=<value> --out OUT/<setting>_<value>`` (``choose_setting`` states the rule) → ``OUT/selection.csv``.
 
 ``--suite-quick`` (for this CPU, the whole suite): targeted components, the five modes (plain,
 adversarial, distributed, rerouting = Circuit Breakers, recovery), extended
