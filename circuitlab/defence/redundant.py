@@ -18,6 +18,7 @@ With two mechanisms "all but one" is "one of the two". The test of the result is
 ``keep=0`` (the ``joint`` mode) ablates every mechanism at once at every step: ReFAT ablates the
 direction and, on this model, refusal moves into a few units the unit attack then finds
 (docs/results/robust-safety.md); with both gone together, refusal must be learnt beyond the two.
+
 Same call protocol as ``adversaries.RefusalAblationAdversary``: ``adversary(step, n_rows) -> (hooks, rows)``.
 """
 
