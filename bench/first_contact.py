@@ -6,6 +6,8 @@
 
 Each command runs as a user would type it, in a subprocess; the machine's fp32 matmul peak (2 threads)
 and the load average are recorded beside every time, since machines of this kind differ about 2x.
+On a faster machine, ``bash bench/throttled.sh FRACTION python bench/first_contact.py ...`` emulates a
+slower one (a CPU-quota cgroup; ``cpu_quota`` records the share of each core, null when unthrottled).
 Writes ``results/bench/first_contact.json`` (or ``--out``).
 """
 
@@ -73,6 +75,25 @@ def fresh_clone_runs(demo: bool, logs: Path, keep_demo: Path | None = None) -> d
     return out
 
 
+def cpu_quota() -> float | None:
+    """This process's CPU-quota cgroup share of each core (``bench/throttled.sh``), or None when unthrottled."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):  # cgroup v1
+            base = Path("/sys/fs/cgroup/cpu") / path.lstrip("/")
+            quota, period = (base / "cpu.cfs_quota_us"), (base / "cpu.cfs_period_us")
+            text = f"{quota.read_text()} {period.read_text()}" if quota.is_file() and period.is_file() else ""
+        elif controllers == "":  # cgroup v2
+            limit = Path("/sys/fs/cgroup") / path.lstrip("/") / "cpu.max"
+            text = limit.read_text() if limit.is_file() else ""
+        else:
+            continue
+        parts = text.split()
+        if len(parts) == 2 and parts[0] not in ("max", "-1"):
+            return round(int(parts[0]) / int(parts[1]) / os.cpu_count(), 3)
+    return None
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--make-test", action="store_true", help="also time `make test` on a fresh clone, cold cache")
@@ -81,7 +102,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(ROOT / "results" / "bench" / "first_contact.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    record = {"matmul_peak_gflops": round(matmul_peak() / 1e9, 1), "cpus": os.cpu_count(),
+    record = {"matmul_peak_gflops": round(matmul_peak() / 1e9, 1), "cpus": os.cpu_count(), "cpu_quota": cpu_quota(),
               "git": git_state(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with tempfile.TemporaryDirectory() as cache:  # a cold catalog cache, as on a fresh machine
         record["cli"] = cli_timings(dict(os.environ, CIRCUITLAB_CACHE=cache))
