@@ -12,7 +12,8 @@ One command, embedded model, shared activation store:
 Writes results/refusal_circuit/{circuit,fragility_neuron,fragility_head[,fragility_neuron_effect_size]}/
 and summary.json, then prints a short text summary. Subsampling (aimed at under 15 min on 2 cores):
 N = 64 prompts per set, one random-control seed (the judge reads only the first seed's controls, and
-two seeds moved no conclusion: docs/results/single-point-of-failure.md), the generation judge reads
+two seeds moved no conclusion: docs/results/single-point-of-failure.md) drawn only at the decisive k
+(``random_at="decisive"``: the halving k and the largest k), the generation judge reads
 12 new tokens; edges scored by EAP-IG on 8 screening pairs (faithfulness still measured on 16 held-out
 pairs); plain-text cross-entropy measured with the judge (baseline and judged points only).
 ``bench/demo_profile.py`` times it by phase and kind of work.
@@ -65,7 +66,8 @@ def settings(model_name: str, quick: bool) -> dict:
     # effect-size (diff-ranking) neuron ranking is the comparison that shows why causal ranking matters.
     runs = {"fragility_neuron": ("neuron", "attribution", neuron), "fragility_head": ("head", "attribution", head),
             "fragility_neuron_effect_size": ("neuron", "effect_size", neuron + extra)}
-    ablation.update(random_seeds=1, method="mean")
+    # random controls where the conclusions rest (the halving k and the largest k), scored and judged there
+    ablation.update(random_seeds=1, random_at="decisive", method="mean")
     return {"circuit": circuit, "runs": runs, "ablation": ablation}
 
 

@@ -133,6 +133,26 @@ def test_judge_at_all_and_none(planted, planted_sets):
     assert not t.judged.any() and t.refusal_rate.isna().all()
 
 
+def test_random_controls_at_the_decisive_k_equal_those_of_the_full_grid(planted, planted_sets):
+    harmful, harmless = planted_sets
+    kw = dict(k_grid=[1, 2, 4], method="zero", random_seeds=2, max_new_tokens=2, n_text=4)
+    full = get("ablation")(**kw).run(planted, harmful, harmless)
+    short = get("ablation")(random_at="decisive", **kw).run(planted, harmful, harmless)
+    f, t = full.table, short.table
+    assert full.summary["k_to_halve_refusal"] == 1  # decisive k: 1 (halving) and 4 (largest)
+    assert set(zip(t[t.selection == "random"].seed, t[t.selection == "random"].k)) == {(0, 1), (1, 1), (0, 4), (1, 4)}
+    # the same draws, the same hooks: every row the short run has equals the full run's, judged rows included
+    both = t.merge(f, on=["selection", "seed", "k"], suffixes=("", "_full"))
+    assert len(both) == len(t) == len(f) - 2
+    for col in ("refusal_score", "refusal_prob", "kl_harmless", "refusal_rate", "cross_entropy"):
+        assert ((both[col] - both[f"{col}_full"]).abs().max() < 1e-6) or both[col].isna().all(), col
+    assert (both.judged == both.judged_full).all() and t.k.is_monotonic_increasing
+    assert short.summary["random2_refusal_prob"] is None
+    assert short.summary["random4_refusal_rate"] == full.summary["random4_refusal_rate"]
+    with pytest.raises(ValueError, match="random_at"):
+        get("ablation")(random_at="some")
+
+
 def test_cross_entropy_is_measured_with_the_judge_and_equals_the_every_point_value(planted, planted_sets, monkeypatch):
     harmful, harmless = planted_sets
     kw = dict(k_grid=[1, 2, 4], method="zero", random_seeds=1, max_new_tokens=2, n_text=4, judge_harmless=False)

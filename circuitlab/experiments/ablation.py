@@ -3,14 +3,17 @@
 The fragility curve answers "if I ablate the 50 most safety-relevant neurons, what happens?" with
 its control: for each k, the top-k units of a ranking (computed on a held-apart half of the
 prompts, or read from a ranking csv) are ablated, and so are k random units of the same kind
-drawn with the same per-layer counts (``random_seeds`` draws).
+drawn with the same per-layer counts (``random_seeds`` draws). ``random_at="decisive"`` draws the
+random controls only at the k the conclusions rest on (``decisive_ks``: the halving k and the largest
+k, known once the top-k curve is scored): a shorter run whose figure has fewer random points.
 
 **Scored everywhere.** Every condition (baseline, and each k for top-k and every random draw) gets
 the measures that cost one forward pass of the prompts: the refusal score (log-odds that the next
 token opens a refusal, ``metrics.refusal_score``; it ranks prompts like the generation judge, AUROC
 0.95 on the embedded model) on harmful prompts and its ``refusal_prob`` = mean over prompts of
 sigmoid(score), the refusal-token probability; the same score on harmless prompts; KL of the
-harmless next-token distributions against the unablated model.
+harmless next-token distributions against the unablated model. (Under ``random_at="decisive"``
+the random controls exist at the decisive k only.)
 
 **Judged where it decides.** The generation judge (greedy decoding + refusal phrases:
 ``refusal_rate`` on harmful prompts, ``over_refusal_rate`` on harmless ones) costs a decoding per
@@ -47,7 +50,8 @@ forward passes compute the chat-template prefix a batch shares once
 **Units** (``UnitExperiment``, so ``--ray`` spreads them): ``plan`` computes the ranking, the ablation
 reference and the baseline once (shared state); round one scores one grid point (``GridPoint``: top-k
 or one random draw at one k) per unit; round two (``next_plan``) judges the points the score curve
-made decisive, one per unit; ``merge`` fills the verdicts in. ``run`` is the same rounds in one process.
+made decisive, one per unit, and under ``random_at="decisive"`` scores (and judges) the random draws at
+those k; ``merge`` fills the verdicts in and adds those rows. ``run`` is the same rounds in one process.
 """
 
 from __future__ import annotations
@@ -76,12 +80,13 @@ from circuitlab.io.unit_cache import digest
 from circuitlab.experiments.base import Plan, UnitExperiment, check, check_choice, register
 from circuitlab.experiments.checks import check_at_least, check_files, check_types
 
-__all__ = ["Ablation", "GridPoint", "attribution_ranking", "halve_split", "halving_k", "matched_random", "KINDS",
-           "RANK_BY", "JUDGE_AT", "CROSS_ENTROPY_AT"]
+__all__ = ["Ablation", "GridPoint", "attribution_ranking", "decisive_ks", "halve_split", "halving_k", "matched_random",
+           "KINDS", "RANK_BY", "JUDGE_AT", "RANDOM_AT", "CROSS_ENTROPY_AT"]
 
 KINDS = ("neuron", "head")
 RANK_BY = ("effect_size", "attribution")
 JUDGE_AT = ("decisive", "all", "none")
+RANDOM_AT = ("all", "decisive")
 CROSS_ENTROPY_AT = ("judged", "all")
 _JUDGE_COLUMNS = ["refusal_rate", "refusal_rate_ci_low", "refusal_rate_ci_high", "over_refusal_rate", "judged"]
 
@@ -147,6 +152,11 @@ def attribution_ranking(model, harmful, harmless, kind: str, store, batch_size: 
     return table.sort_values("rank").reset_index(drop=True)
 
 
+def decisive_ks(grid: list[int], k_half: int | None) -> list[int]:
+    """The k the conclusions rest on: the largest k of the grid and the k that halves the score (if any)."""
+    return sorted({grid[-1]} | ({k_half} if k_half is not None else set()))
+
+
 def halving_k(table: pd.DataFrame) -> int | None:
     """The score-curve halving rule: the smallest top-k whose ``refusal_prob`` is at most half the baseline's."""
     base = float(table.loc[table.selection == "baseline", "refusal_prob"].iloc[0])
@@ -158,7 +168,8 @@ def halving_k(table: pd.DataFrame) -> int | None:
 @dataclass(frozen=True)
 class GridPoint:
     """One point of the fragility curve: ``selection`` (top | random) with its draw ``seed`` (-1 for top),
-    ``k`` and the units ablated; ``judge`` marks a judge unit (second round) instead of a scored one."""
+    ``k`` and the units ablated; ``judge`` marks a judge unit (second round) instead of a scored one;
+    ``score`` a second-round unit that is also scored (a random control placed at a decisive k)."""
 
     selection: str
     seed: int
@@ -166,6 +177,7 @@ class GridPoint:
     components: tuple[Component, ...]
     judge: bool = False
     judge_harmless: bool = False  # judge units: also judge over-refusal on the harmless prompts
+    score: bool = False  # second-round units: also the scored measures (random_at="decisive")
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -181,6 +193,7 @@ class Ablation(UnitExperiment):
     k_grid: list[int] = field(default_factory=lambda: [1, 5, 10, 50])  # numbers of top units ablated
     method: str = "mean"  # zero | mean | resample (reference = the ranking half of both sets)
     random_seeds: int = 3  # random control sets per k
+    random_at: str = "all"  # random controls at every k (all), or only at the judge's decisive k (decisive)
     ranking: str | None = None  # csv of a ranking table; None: rank on the held-apart half (rank_by)
     rank_by: str = "effect_size"  # effect_size (diff-ranking's Cohen's d) | attribution (AtP refusal drop)
     judge_at: str = "decisive"  # generation judge: decisive (baseline, k that halves the score, largest k) | all | none
@@ -198,6 +211,7 @@ class Ablation(UnitExperiment):
         check_choice("rank_by", self.rank_by, RANK_BY)
         check_choice("judge_at", self.judge_at, JUDGE_AT)
         check_choice("cross_entropy_at", self.cross_entropy_at, CROSS_ENTROPY_AT)
+        check_choice("random_at", self.random_at, RANDOM_AT)
         check(len(self.k_grid) > 0 and all(k >= 1 for k in self.k_grid),
               f"k_grid={self.k_grid!r} must be a non-empty list of ints >= 1 (e.g. --set k_grid=1,5,10,50)")
         check_at_least(self, 0, "random_seeds", "seed")
@@ -221,48 +235,66 @@ class Ablation(UnitExperiment):
         ranking = self._ranking(model, rank_h, rank_b, grid[-1], store, shared)
         reference = None if self.method == "zero" else self._reference(model, rank_h + rank_b, store)
         base = self.baseline(model, harmful, harmless, store=store, shared=shared)
-        points = []
-        for k in grid:
-            top = top_components(ranking, self.kind, k)
-            points.append(GridPoint("top", -1, k, tuple(top)))
-            for s in range(self.random_seeds):
-                draw = matched_random(top, width, model.n_layers, self.seed * 1000 + s)
-                points.append(GridPoint("random", s, k, tuple(draw)))
+        points = [GridPoint("top", -1, k, tuple(top_components(ranking, self.kind, k))) for k in grid]
+        if self.random_at == "all":
+            points += self._random_points(model, ranking, grid)
         state = {"reference": reference, "harmful": eval_h, "harmless": eval_b, "texts": self._texts(),
                  "base_logits": base["harmless_logits"]}
         return Plan(points, state, {"grid": grid, "ranking": ranking, "base_row": base["row"]},
                     label=f"scoring {self.kind} ablations")
 
+    def _random_points(self, model, ranking: pd.DataFrame, ks) -> list[GridPoint]:
+        """Layer-matched random draws (``random_seeds`` per k) beside the top-k units at each of ``ks``."""
+        width = model.d_mlp if self.kind == "neuron" else model.n_heads
+        return [GridPoint("random", s, k, tuple(matched_random(top_components(ranking, self.kind, k), width,
+                                                               model.n_layers, self.seed * 1000 + s)))
+                for k in ks for s in range(self.random_seeds)]
+
     def run_unit(self, model, state: dict, unit: "GridPoint") -> dict:
-        """A scored row (first round) or the judge's verdicts (second round) at one grid point."""
+        """A scored row (first round), the judge's verdicts (second round), or both (``unit.score``)."""
         hooks = ablation_hooks(model, list(unit.components), self.method, reference=state["reference"],
                                seed=self.seed)
+        out = {}
+        if unit.score or not unit.judge:
+            texts = state["texts"] if self.cross_entropy_at == "all" else None
+            out = self._score(model, hooks, state["harmful"], state["harmless"], texts, state["base_logits"])
         if unit.judge:
-            verdicts = self._judge(model, hooks, state["harmful"], state["harmless"] if unit.judge_harmless else None)
+            out.update(self._judge(model, hooks, state["harmful"], state["harmless"] if unit.judge_harmless else None))
             if self.cross_entropy_at == "judged":
-                verdicts["cross_entropy"] = self._cross_entropy(model, hooks, state["texts"])
-            return verdicts
-        texts = state["texts"] if self.cross_entropy_at == "all" else None
-        return self._score(model, hooks, state["harmful"], state["harmless"], texts, state["base_logits"])
+                out["cross_entropy"] = self._cross_entropy(model, hooks, state["texts"])
+        return out
 
     def next_plan(self, model, harmful, harmless, plan: Plan, outputs: list) -> Plan | None:
-        """After scoring: judge the points the score curve makes decisive (``judge_at``); after judging: done."""
+        """After scoring: judge the points the score curve makes decisive (``judge_at``), with the random
+        controls there scored too under ``random_at="decisive"``; after judging: done."""
         if "table" in plan.context:
             return None
         rows = [dict(selection="baseline", seed=-1, k=0, **plan.context["base_row"])]
         rows += [dict(selection=p.selection, seed=p.seed, k=p.k, **row) for p, row in zip(plan.units, outputs)]
         table = pd.DataFrame(rows)
-        on_harmful, on_harmless = self._judged_points(plan.context["grid"], halving_k(table))
-        judged = [dataclasses.replace(p, judge=True, judge_harmless=p.key in on_harmless)
+        grid, k_half = plan.context["grid"], halving_k(table)
+        on_harmful, on_harmless = self._judged_points(grid, k_half)
+        second = [dataclasses.replace(p, judge=True, judge_harmless=p.key in on_harmless)
                   for p in plan.units if p.key in on_harmful]
-        return Plan(judged, plan.state, {**plan.context, "table": table}, label=f"judging {self.kind} ablations")
+        if self.random_at == "decisive":
+            ks = decisive_ks(grid, k_half)
+            second += [dataclasses.replace(p, score=True, judge=p.key in on_harmful)
+                       for p in self._random_points(model, plan.context["ranking"], ks)]
+        return Plan(second, plan.state, {**plan.context, "table": table}, label=f"judging {self.kind} ablations")
 
     def merge(self, model, harmful, harmless, plan: Plan, outputs: list) -> Result:
         table = plan.context["table"].copy()
+        added = []
         for point, verdicts in zip(plan.units, outputs):
+            if point.score:  # a random control scored in this round: a new row
+                added.append(dict(selection=point.selection, seed=point.seed, k=point.k, **verdicts))
+                continue
             at = (table.selection == point.selection) & (table.seed == point.seed) & (table.k == point.k)
             for col, value in verdicts.items():
                 table.loc[at, col] = value
+        if added:  # each k's random rows after its top row, as random_at="all" orders them
+            table = pd.concat([table, pd.DataFrame(added)], ignore_index=True).sort_values("k", kind="stable")
+            table = table.reset_index(drop=True)
         table.insert(0, "component", self.kind)
         summary = _summary(table, self.kind, self.judge_at)
         return Result(table, self.config(model, harmful=harmful, harmless=harmless),
@@ -325,7 +357,7 @@ class Ablation(UnitExperiment):
         """(selection, seed, k) of the conditions judged on harmful prompts, and on harmless prompts."""
         if self.judge_at == "none":
             return set(), set()
-        ks = grid if self.judge_at == "all" else sorted({grid[-1]} | ({k_half} if k_half is not None else set()))
+        ks = grid if self.judge_at == "all" else decisive_ks(grid, k_half)
         top = {("top", -1, k) for k in ks}
         controls = {("random", 0, k) for k in ks} if self.random_seeds else set()
         return top | controls, (top if self.judge_harmless else set())
