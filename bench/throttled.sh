@@ -21,21 +21,21 @@ if [ -d /sys/fs/cgroup/cpu ] && [ -w /sys/fs/cgroup/cpu ]; then  # cgroup v1
     mkdir "$dir"
     echo $period > "$dir/cpu.cfs_period_us"
     echo "$quota" > "$dir/cpu.cfs_quota_us"
-    tasks="$dir/tasks"
+    tasks=tasks
 elif [ -f /sys/fs/cgroup/cgroup.controllers ] && [ -w /sys/fs/cgroup ]; then  # cgroup v2
     dir=/sys/fs/cgroup/$name
     mkdir "$dir"
     echo "$quota $period" > "$dir/cpu.max"
-    tasks="$dir/cgroup.procs"
+    tasks=cgroup.procs
 else
     echo "no writable cgroup cpu controller here (needs root); run the command unthrottled and scale by peak" >&2
     exit 2
 fi
 echo "throttled: $fraction of each of $(nproc) cores (quota $quota us per $period us) in $dir" >&2
-echo $$ > "$tasks"
+echo $$ > "$dir/$tasks"
 set +e
 "$@"
 rc=$?
-echo $$ > "$(dirname "$dir")/$( [ "$tasks" = "$dir/tasks" ] && echo tasks || echo cgroup.procs)"
+echo $$ > "$(dirname "$dir")/$tasks"  # back to the parent group, so this one can be removed
 rmdir "$dir" 2>/dev/null || true  # stays while a child lives on; empty cgroups are harmless
 exit $rc

@@ -226,7 +226,7 @@ class Ablation(UnitExperiment):
     def plan(self, model, harmful, harmless, *, store=None, shared: dict | None = None) -> Plan:
         """Ranking, ablation reference and baseline once; units: one grid point (top-k or a random draw) each."""
         grid = sorted(set(self.k_grid))
-        width = model.d_mlp if self.kind == "neuron" else model.n_heads
+        width = self._units_per_layer(model)
         if grid[-1] > width * model.n_layers:
             raise ValueError(f"k_grid must hold ints in 1..{width * model.n_layers} for {self.kind}s, got {self.k_grid}")
         store = store if store is not None else ActivationStore()
@@ -235,20 +235,25 @@ class Ablation(UnitExperiment):
         ranking = self._ranking(model, rank_h, rank_b, grid[-1], store, shared)
         reference = None if self.method == "zero" else self._reference(model, rank_h + rank_b, store)
         base = self.baseline(model, harmful, harmless, store=store, shared=shared)
-        points = [GridPoint("top", -1, k, tuple(top_components(ranking, self.kind, k))) for k in grid]
-        if self.random_at == "all":
-            points += self._random_points(model, ranking, grid)
+        points = []
+        for k in grid:  # each k's top-k point, then (random_at="all") its random controls
+            top = GridPoint("top", -1, k, tuple(top_components(ranking, self.kind, k)))
+            points += [top] + (self._random_points(model, [top]) if self.random_at == "all" else [])
         state = {"reference": reference, "harmful": eval_h, "harmless": eval_b, "texts": self._texts(),
                  "base_logits": base["harmless_logits"]}
         return Plan(points, state, {"grid": grid, "ranking": ranking, "base_row": base["row"]},
                     label=f"scoring {self.kind} ablations")
 
-    def _random_points(self, model, ranking: pd.DataFrame, ks) -> list[GridPoint]:
-        """Layer-matched random draws (``random_seeds`` per k) beside the top-k units at each of ``ks``."""
-        width = model.d_mlp if self.kind == "neuron" else model.n_heads
-        return [GridPoint("random", s, k, tuple(matched_random(top_components(ranking, self.kind, k), width,
-                                                               model.n_layers, self.seed * 1000 + s)))
-                for k in ks for s in range(self.random_seeds)]
+    def _units_per_layer(self, model) -> int:
+        """Neurons per MLP layer or heads per attention layer: the width random draws are made in."""
+        return model.d_mlp if self.kind == "neuron" else model.n_heads
+
+    def _random_points(self, model, tops: list[GridPoint]) -> list[GridPoint]:
+        """Layer-matched random draws (``random_seeds`` each) beside each of the top-k points ``tops``."""
+        width = self._units_per_layer(model)
+        return [GridPoint("random", s, top.k, tuple(matched_random(list(top.components), width, model.n_layers,
+                                                                   self.seed * 1000 + s)))
+                for top in tops for s in range(self.random_seeds)]
 
     def run_unit(self, model, state: dict, unit: "GridPoint") -> dict:
         """A scored row (first round), the judge's verdicts (second round), or both (``unit.score``)."""
@@ -278,8 +283,9 @@ class Ablation(UnitExperiment):
                   for p in plan.units if p.key in on_harmful]
         if self.random_at == "decisive":
             ks = decisive_ks(grid, k_half)
+            tops = [p for p in plan.units if p.selection == "top" and p.k in ks]
             second += [dataclasses.replace(p, score=True, judge=p.key in on_harmful)
-                       for p in self._random_points(model, plan.context["ranking"], ks)]
+                       for p in self._random_points(model, tops)]
         return Plan(second, plan.state, {**plan.context, "table": table}, label=f"judging {self.kind} ablations")
 
     def merge(self, model, harmful, harmless, plan: Plan, outputs: list) -> Result:
